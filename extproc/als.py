@@ -1,0 +1,43 @@
+"""Envoy's gRPC access-log service, used as the "request finished" signal for in-flight counts.
+
+Envoy closes the ext_proc stream when it expects no more messages, which is long before a
+streamed LLM response ends; piping every response chunk through ext_proc would add a round trip per
+token. Envoy's access log instead fires exactly once per request, after the response (or reset),
+and is streamed here in batches off the request path. Each entry carries the ticket header the
+service set on the request, which releases that request's in-flight count.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from . import logs, metrics
+from .director import Director
+from .handlers import TICKET_HEADER
+
+log = logs.get("prefix_router.als")
+
+
+class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+    def __init__(self, director: Director) -> None:
+        self.director = director
+
+    async def StreamAccessLogs(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+    ) -> als_pb2.StreamAccessLogsResponse:
+        try:
+            async for msg in request_iterator:
+                if not msg.HasField("http_logs"):
+                    continue
+                for entry in msg.http_logs.log_entry:
+                    ticket = entry.request.request_headers.get(TICKET_HEADER)
+                    if ticket:
+                        self.director.finished(ticket)
+        except Exception:
+            metrics.STREAM_ERRORS.labels("access_log").inc()
+            log.exception("access_log_stream_failed")
+            raise
+        return als_pb2.StreamAccessLogsResponse()

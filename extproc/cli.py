@@ -1,0 +1,115 @@
+"""``prefix-router``: the command line.
+
+Subcommands: ``serve`` (the ext_proc service), ``config`` (print the effective configuration).
+Bad values exit with status 2 and one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import NoReturn, Sequence
+
+import orjson
+
+from .config import Config, ConfigError, build
+
+DESCRIPTION = """\
+Envoy ext_proc service that pins each LLM request to the SGLang router whose workers most likely
+hold the prompt's prefix in their KV cache. Envoy streams each request here; the service answers
+with an x-upstream-host: IP:PORT header that Envoy's ORIGINAL_DST cluster connects to.
+
+Settings come from flags, then PREFIX_ROUTER_<NAME> environment variables (for example
+PREFIX_ROUTER_UPSTREAMS=10.0.0.1:30000,10.0.0.2:30000), then --config FILE (TOML or YAML, keys
+spelt like the flags), then defaults. The policy flags keep sglang-router's names and defaults.
+"""
+
+EXAMPLE = """\
+example:
+  prefix-router serve --upstream 127.0.0.1:30001 --upstream 127.0.0.1:30002
+  then point Envoy at it with envoy/duplex.yaml (see README.md)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, status 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("service")
+    g.add_argument("--grpc-listen", metavar="HOST:PORT", default=S, help="gRPC listen address for Envoy (default 0.0.0.0:50051)")
+    g.add_argument(
+        "--upstream", dest="upstreams", metavar="HOST:PORT", action="append", default=S,
+        help="an SGLang router instance; repeat for each (or PREFIX_ROUTER_UPSTREAMS=a,b). "
+        "Hostnames are resolved at start: the header always carries an IP literal",
+    )
+    g.add_argument("--header-name", metavar="NAME", default=S, help="header Envoy's ORIGINAL_DST cluster reads (default x-upstream-host)")
+    g.add_argument("--config", metavar="FILE", default=S, help="TOML (.toml) or YAML config file")
+    g.add_argument("--drain-timeout-secs", type=str, metavar="S", default=S, help="on SIGTERM, how long streams in flight may take (default 20)")
+    g.add_argument(
+        "--inflight-timeout-secs", metavar="S", default=S,
+        help="release an in-flight count whose finish report never came after this long (default 900)",
+    )
+    g = p.add_argument_group("policy (sglang-router's cache_aware names and 0.3.2 defaults)")
+    g.add_argument("--cache-threshold", metavar="X", default=S, help="route to a prefix holder when matched/text length is above this (default 0.3)")
+    g.add_argument("--balance-abs-threshold", metavar="N", default=S, help="imbalance when max-min in-flight is above this... (default 64)")
+    g.add_argument("--balance-rel-threshold", metavar="X", default=S, help="...and max is above min times this: go to the least loaded (default 1.5)")
+    g.add_argument("--eviction-interval-secs", metavar="S", default=S, help="how often the tree is trimmed to --max-tree-size (default 60)")
+    g.add_argument("--max-tree-size", metavar="CHARS", default=S, help="characters the tree may hold per upstream (default 67108864)")
+    g.add_argument("--hit-choice", metavar="creator|least_loaded", default=S, help="on a hit, the upstream that created the matched node (sglang-router) or the least loaded holder (default creator)")
+    g.add_argument("--tie-break", metavar="random|first", default=S, help="among equally loaded upstreams (default random; sglang-router 0.3.2 takes the first)")
+    g = p.add_argument_group("payload")
+    g.add_argument("--routing-text", metavar="sglang|template", default=S, help="what the tree matches on (default sglang, as sglang-router)")
+    g.add_argument("--max-routing-chars", metavar="N", default=S, help="only this many leading characters of a prompt are matched (default 1048576)")
+    g.add_argument("--max-body-bytes", metavar="N", default=S, help="bodies (after decompression) larger than this are routed by load only (default 67108864)")
+    g = p.add_argument_group("logs")
+    g.add_argument("--log-level", metavar="LEVEL", default=S, help="debug, info, warning or error (default info; debug logs each decision)")
+    g.add_argument("--log-format", metavar="FMT", default=S, help="json, console, or auto: console on a terminal (default auto)")
+    g.add_argument("--log-prompts", action="store_const", const=True, default=S, help="include routing text in debug logs (off: prompts are private)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="prefix-router", description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    serve = sub.add_parser("serve", help="run the ext_proc gRPC service", description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_serve_flags(serve)
+    show = sub.add_parser("config", help="print the effective configuration as JSON and exit")
+    _add_serve_flags(show)
+    return p
+
+
+def load(argv: Sequence[str] | None = None) -> tuple[str, Config]:
+    args = vars(parser().parse_args(argv))
+    command = args.pop("command")
+    try:
+        return command, build(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"prefix-router: error: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    command, cfg = load(argv)
+    if command == "config":
+        sys.stdout.write(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    from . import logs
+    from .pool import AddressError
+    from .server import serve
+
+    if not cfg.upstreams:
+        sys.stderr.write("prefix-router: error: --upstream: at least one upstream is required (or PREFIX_ROUTER_UPSTREAMS)\n")
+        return 2
+    logs.configure(cfg.log_level, cfg.log_format)
+    try:
+        return asyncio.run(serve(cfg))
+    except AddressError as exc:
+        sys.stderr.write(f"prefix-router: error: --upstream: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"prefix-router: error: --grpc-listen: {exc}\n")
+        return 2

@@ -1,0 +1,155 @@
+"""The request lifecycle, free of gRPC: headers in, body in, a routing decision out, then a finish.
+
+The handler (``handlers.py``) turns ext_proc messages into calls here; the director asks the payload
+parser for the routing text, the policy for the upstream, and the pool for the in-flight count.
+Nothing in here raises into the stream: a failure in parsing or deciding still yields a healthy
+upstream (the least loaded), counted and logged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from dataclasses import dataclass
+
+from . import logs, metrics
+from .config import Config
+from .payload import routing_input
+from .policy import Decision, decide, least_loaded
+from .pool import Pool
+from .tree import RadixTree
+
+log = logs.get("prefix_router.director")
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the director keeps of one request between its headers and its decision."""
+
+    path: str = ""
+    method: str = ""
+    content_encoding: str | None = None
+    request_id: str = ""
+    ticket: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A decision as the handler needs it: an address to set, or ``None`` for a 503."""
+
+    address: str | None
+    reason: str
+    matched: int = 0
+    text_len: int = 0
+
+
+class Director:
+    def __init__(self, cfg: Config, pool: Pool, tree: RadixTree | None = None, seed: int | None = None) -> None:
+        self.cfg = cfg
+        self.policy = cfg.policy()
+        self.pool = pool
+        self.tree = tree or RadixTree()
+        self.rng = random.Random(seed)
+        # Tickets tie a decision to Envoy's access-log report of the finished request. They are
+        # unique per process start, and the client cannot forge one that collides.
+        self._ticket_prefix = f"{os.getpid():x}-{int(time.time() * 1000):x}-"
+        self._ticket_seq = itertools.count(1)
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.policy = cfg.policy()
+
+    def begin(self, headers: dict[str, str]) -> RequestInfo:
+        return RequestInfo(
+            path=headers.get(":path", ""),
+            method=headers.get(":method", ""),
+            content_encoding=headers.get("content-encoding"),
+            request_id=headers.get("x-request-id", ""),
+            ticket=self._ticket_prefix + str(next(self._ticket_seq)),
+        )
+
+    def route(self, info: RequestInfo, body: bytes | None, *, body_too_large: bool = False) -> Routed:
+        """Decide for one request and count it in flight on the chosen upstream."""
+        started = time.perf_counter()
+        loads = self.pool.loads()
+        if not loads:
+            metrics.NO_UPSTREAM.inc()
+            log.warning("no_healthy_upstream", request_id=info.request_id)
+            return Routed(None, "no_healthy_upstream")
+        try:
+            decision = self._decide(info, body, loads, body_too_large)
+        except Exception:  # a bug must not cost the request: fall back to load balancing
+            metrics.STREAM_ERRORS.labels("decision_error").inc()
+            log.exception("decision_failed", request_id=info.request_id)
+            decision = Decision(least_loaded(loads, self.policy.tie_break, self.rng), "fallback")
+        self.pool.acquire(info.ticket, decision.upstream)
+        elapsed = time.perf_counter() - started
+        metrics.DECISIONS.labels(decision.reason).inc()
+        metrics.DECISION_SECONDS.observe(elapsed)
+        if decision.text_len:
+            metrics.MATCH_RATE.observe(decision.matched / decision.text_len)
+        log.debug(
+            "decision",
+            request_id=info.request_id,
+            upstream=decision.upstream,
+            reason=decision.reason,
+            matched=decision.matched,
+            text_len=decision.text_len,
+            decision_us=round(elapsed * 1e6, 1),
+        )
+        return Routed(decision.upstream, decision.reason, decision.matched, decision.text_len)
+
+    def _decide(self, info: RequestInfo, body: bytes | None, loads: dict[str, int], body_too_large: bool) -> Decision:
+        if body_too_large:
+            parsed_reason, partition, text = "body_too_large", "", ""
+        else:
+            ri = routing_input(
+                info.path,
+                body,
+                content_encoding=info.content_encoding,
+                form=self.cfg.routing_text,
+                max_routing_chars=self.cfg.max_routing_chars,
+                max_body_bytes=self.cfg.max_body_bytes,
+            )
+            parsed_reason, partition, text = ri.reason, ri.partition, ri.text
+        if parsed_reason is not None and parsed_reason not in ("no_routing_endpoint", "empty_body"):
+            metrics.BAD_INPUT.labels(parsed_reason).inc()
+            log.warning("no_routing_text", request_id=info.request_id, reason=parsed_reason, path=info.path)
+        elif self.cfg.log_prompts and text:
+            log.debug("routing_text", request_id=info.request_id, text=text)
+        return decide(self.tree, loads, partition, text, time.monotonic(), self.policy, self.rng)
+
+    # -- the end of a request --------------------------------------------------------------------
+
+    def finished(self, ticket: str) -> bool:
+        """Envoy reported the request finished (any outcome)."""
+        return self.pool.release(ticket)
+
+    def abandoned(self, info: RequestInfo) -> None:
+        """The stream ended before the decision reached Envoy: no finish report will come."""
+        self.pool.release(info.ticket)
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    def evict(self) -> None:
+        """Evict each tenant down to ``max_tree_size``; forget tenants no longer in the pool."""
+        for tenant in list(self.tree.tenant_chars()):
+            if tenant not in self.pool:
+                self.tree.remove_tenant(tenant)
+                continue
+            removed = self.tree.evict(tenant, self.cfg.max_tree_size)
+            if removed:
+                metrics.EVICTED_CHARS.inc(removed)
+        for tenant, chars in self.tree.tenant_chars().items():
+            metrics.TREE_CHARS.labels(tenant).set(chars)
+
+    def expire(self) -> None:
+        """Release in-flight entries whose finish report never came."""
+        expired = self.pool.expire()
+        if expired:
+            metrics.EXPIRED_TICKETS.inc(expired)
+            log.warning("inflight_expired", count=expired)
+        for addr, up in self.pool.upstreams.items():
+            metrics.INFLIGHT.labels(addr).set(up.inflight)

@@ -1,0 +1,88 @@
+"""The cache-aware routing policy: SGLang's ``cache_aware`` semantics, one layer up.
+
+Per request (load = in-flight requests per upstream):
+
+1. Imbalance: if ``max_load - min_load > balance_abs_threshold`` and
+   ``max_load > min_load * balance_rel_threshold`` (both strict), the least-loaded upstream.
+2. Else longest-prefix match; ``match_rate = matched / len(text)``. If ``match_rate >
+   cache_threshold``, an upstream holding the deepest match (``hit_choice``: the node's creator as
+   sglang-router does, or the least loaded of all holders).
+3. Else the least-loaded upstream (``tie_break``: first in registry order as sglang-router 0.3.2, or
+   random, its later fix).
+4. The text is inserted for the chosen upstream.
+
+Pure decisions over the tree and a load snapshot; the tree knows nothing of this module.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .tree import RadixTree
+
+HIT_CHOICES = ("creator", "least_loaded")
+TIE_BREAKS = ("random", "first")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    hit_choice: str = "creator"
+    tie_break: str = "random"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    upstream: str
+    reason: str  # cache_hit | cache_miss | imbalance | no_routing_text
+    matched: int = 0
+    text_len: int = 0
+
+
+def least_loaded(loads: dict[str, int], tie_break: str, rng: random.Random) -> str:
+    """The upstream with the fewest in-flight requests; ``loads`` must not be empty."""
+    low = min(loads.values())
+    if tie_break == "first":
+        return next(a for a, n in loads.items() if n == low)
+    return rng.choice([a for a, n in loads.items() if n == low])
+
+
+def is_imbalanced(loads: dict[str, int], cfg: PolicyConfig) -> bool:
+    hi, lo = max(loads.values()), min(loads.values())
+    return hi - lo > cfg.balance_abs_threshold and hi > lo * cfg.balance_rel_threshold
+
+
+def decide(
+    tree: RadixTree,
+    loads: dict[str, int],
+    partition: str,
+    text: str,
+    now: float,
+    cfg: PolicyConfig,
+    rng: random.Random,
+    *,
+    insert: bool = True,
+) -> Decision:
+    """Choose an upstream among ``loads`` (healthy upstreams, registry order) for one request."""
+    if not text:
+        return Decision(least_loaded(loads, cfg.tie_break, rng), "no_routing_text")
+    if is_imbalanced(loads, cfg):
+        choice, reason, matched = least_loaded(loads, cfg.tie_break, rng), "imbalance", 0
+    else:
+        m = tree.match(partition, text)
+        matched = m.matched
+        holders = [t for t in m.deepest if t in loads]
+        if holders and matched / len(text) > cfg.cache_threshold:
+            reason = "cache_hit"
+            if cfg.hit_choice == "creator":
+                choice = holders[0]
+            else:
+                choice = least_loaded({t: loads[t] for t in holders}, cfg.tie_break, rng)
+        else:
+            choice, reason = least_loaded(loads, cfg.tie_break, rng), "cache_miss"
+    if insert:
+        tree.insert(partition, text, choice, now)
+    return Decision(choice, reason, matched, len(text))

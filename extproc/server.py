@@ -1,0 +1,103 @@
+"""The gRPC server: ext_proc, the access-log receiver, grpc.health.v1 and reflection on one port.
+
+Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING (Envoy's health check stops sending new
+streams), the server stops accepting, streams in flight get ``drain_timeout_secs`` to finish, and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import logs
+from .als import AccessLogReceiver
+from .config import Config
+from .director import Director
+from .handlers import ExternalProcessor
+from .pool import Pool, resolve_upstream
+
+log = logs.get("prefix_router.server")
+
+EXT_PROC_SERVICE = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+ALS_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
+
+
+def build_director(cfg: Config) -> Director:
+    pool = Pool.from_addresses([resolve_upstream(u) for u in cfg.upstreams], cfg.inflight_timeout_secs)
+    return Director(cfg, pool)
+
+
+async def start(cfg: Config, director: Director | None = None) -> tuple[grpc.aio.Server, Director, health.HealthServicer, int]:
+    """Build and start the server; returns it with the bound port (useful with port 0)."""
+    director = director or build_director(cfg)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(director, cfg.header_name), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(director), server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (EXT_PROC_SERVICE, ALS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(cfg.grpc_listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {cfg.grpc_listen}")
+    await server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
+        await _set_health(health_servicer, name, serving)
+    return server, director, health_servicer, port
+
+
+async def _set_health(servicer, name: str, status) -> None:
+    result = servicer.set(name, status)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+async def _every(interval: float, fn) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        fn()
+
+
+async def serve(cfg: Config) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status."""
+    server, director, health_servicer, port = await start(cfg)
+    log.info(
+        "serving",
+        grpc_listen=cfg.grpc_listen,
+        port=port,
+        upstreams=list(director.pool.upstreams),
+        routing_text=cfg.routing_text,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [
+        asyncio.create_task(_every(cfg.eviction_interval_secs, director.evict)),
+        # Expiring lost in-flight entries must not wait a full eviction interval.
+        asyncio.create_task(_every(1.0, director.expire)),
+    ]
+    await stop.wait()
+    log.info("draining", timeout_secs=cfg.drain_timeout_secs)
+    for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
+        await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    for t in tasks:
+        t.cancel()
+    await server.stop(grace=cfg.drain_timeout_secs)
+    log.info("stopped")
+    return 0

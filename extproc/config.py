@@ -96,6 +96,14 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     return conv
 
 
+def _listen(v: Any) -> str:
+    try:
+        parse_hostport(str(v), allow_zero=True)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+    return str(v).strip()
+
+
 def _hostport(v: Any) -> str:
     try:
         parse_hostport(str(v))
@@ -131,7 +139,7 @@ def _bool(v: Any) -> bool:
 
 
 CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "grpc_listen": _hostport,
+    "grpc_listen": _listen,
     "upstreams": _upstreams,
     "header_name": _header,
     "cache_threshold": _number(float, 0.0, 1.0),

@@ -19,8 +19,8 @@ class AddressError(ValueError):
     """An upstream address that cannot be turned into the IP:PORT literal ORIGINAL_DST needs."""
 
 
-def parse_hostport(value: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` / ``[V6]:PORT``; validates the port."""
+def parse_hostport(value: str, allow_zero: bool = False) -> tuple[str, int]:
+    """Split ``HOST:PORT`` / ``[V6]:PORT``; validates the port (0 only for a listen address)."""
     value = value.strip()
     if value.startswith("["):
         host, sep, port = value[1:].partition("]:")
@@ -30,8 +30,8 @@ def parse_hostport(value: str) -> tuple[str, int]:
         host, sep, port = value.rpartition(":")
         if not sep or not host:
             raise AddressError(f"{value!r} is not HOST:PORT")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise AddressError(f"{value!r} has no valid port (1-65535)")
+    if not port.isdigit() or not (0 if allow_zero else 1) <= int(port) < 65536:
+        raise AddressError(f"{value!r} has no valid port ({0 if allow_zero else 1}-65535)")
     return host, int(port)
 
 

@@ -1,0 +1,178 @@
+"""The ext_proc protocol against the real grpc.aio server, in process, on a free port."""
+
+import asyncio
+
+import grpc
+import orjson
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc import metrics
+from extproc.config import build
+from extproc.handlers import CHUNK, TICKET_HEADER
+from extproc.server import start
+
+POOL = ["127.0.0.1:30001", "127.0.0.1:30002"]
+MODE = processing_mode_pb2.ProcessingMode.BodySendMode
+
+
+@pytest.fixture
+async def service():
+    cfg = build({"grpc_listen": "127.0.0.1:0", "upstreams": POOL}, env={})
+    server, director, _, port = await start(cfg)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield director, channel
+    await channel.close()
+    await server.stop(None)
+
+
+def headers(path="/v1/chat/completions", method="POST", eos=False, mode="BUFFERED", extra=()):
+    hs = [(":path", path), (":method", method), ("x-request-id", "rid-1"), *extra]
+    return pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in hs]),
+            end_of_stream=eos,
+        ),
+        protocol_config=pb.ProtocolConfiguration(request_body_mode=MODE.Value(mode)),
+    )
+
+
+def body(data: bytes, eos: bool):
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=eos))
+
+
+def chat(text="hello"):
+    return orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
+
+
+def mutation(common: pb.CommonResponse) -> dict[str, str]:
+    return {h.header.key: (h.header.raw_value or h.header.value.encode()).decode() for h in common.header_mutation.set_headers}
+
+
+async def exchange(channel, requests):
+    stub = pb_grpc.ExternalProcessorStub(channel)
+    call = stub.Process(iter(requests))
+    return [r async for r in call]
+
+
+async def test_buffered_decides_in_the_body_response(service):
+    director, ch = service
+    out = await exchange(ch, [headers(extra=[("x-upstream-host", "127.0.0.1:9901")]), body(chat(), True)])
+    assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body"]
+    assert not out[0].request_headers.response.header_mutation.set_headers
+    common = out[1].request_body.response
+    assert common.clear_route_cache
+    m = mutation(common)
+    assert m["x-upstream-host"] in POOL  # overwrites whatever the client sent
+    assert m[TICKET_HEADER]
+    assert sum(director.pool.loads().values()) == 1
+
+
+async def test_duplex_holds_headers_then_streams_the_body_back(service):
+    _, ch = service
+    payload = chat("x" * (3 * CHUNK))
+    parts = [payload[: CHUNK // 2], payload[CHUNK // 2 : 2 * CHUNK], payload[2 * CHUNK :]]
+    reqs = [headers(mode="FULL_DUPLEX_STREAMED")] + [body(p, i == 2) for i, p in enumerate(parts)]
+    out = await exchange(ch, reqs)
+    assert out[0].WhichOneof("response") == "request_headers"
+    assert mutation(out[0].request_headers.response)["x-upstream-host"] in POOL
+    assert out[0].request_headers.response.clear_route_cache
+    streamed = [r.request_body.response.body_mutation.streamed_response for r in out[1:]]
+    assert b"".join(s.body for s in streamed) == payload
+    assert all(len(s.body) <= CHUNK for s in streamed)
+    assert [s.end_of_stream for s in streamed] == [False] * (len(streamed) - 1) + [True]
+
+
+async def test_duplex_with_trailers(service):
+    _, ch = service
+    reqs = [headers(mode="FULL_DUPLEX_STREAMED"), body(chat(), False), pb.ProcessingRequest(request_trailers=pb.HttpTrailers())]
+    out = await exchange(ch, reqs)
+    kinds = [r.WhichOneof("response") for r in out]
+    assert kinds == ["request_headers", "request_body", "request_trailers"]
+    assert out[1].request_body.response.body_mutation.streamed_response.body == chat()
+    assert not out[1].request_body.response.body_mutation.streamed_response.end_of_stream
+
+
+async def test_duplex_body_over_the_cap_is_routed_early_and_streamed(service):
+    director, ch = service
+    director.cfg = build({"upstreams": POOL, "max_body_bytes": "1000"}, env={})
+    before = metrics.BAD_INPUT.labels("body_too_large")._value.get()
+    reqs = [headers(mode="FULL_DUPLEX_STREAMED"), body(b"a" * 600, False), body(b"b" * 600, False), body(b"c" * 10, True)]
+    out = await exchange(ch, reqs)
+    assert out[0].WhichOneof("response") == "request_headers"
+    data = b"".join(r.request_body.response.body_mutation.streamed_response.body for r in out[1:])
+    assert data == b"a" * 600 + b"b" * 600 + b"c" * 10
+    assert out[-1].request_body.response.body_mutation.streamed_response.end_of_stream
+    assert metrics.BAD_INPUT.labels("body_too_large")._value.get() == before + 1
+
+
+@pytest.mark.parametrize("mode", ["BUFFERED", "FULL_DUPLEX_STREAMED"])
+async def test_no_body_is_decided_on_the_headers(service, mode):
+    _, ch = service
+    out = await exchange(ch, [headers(path="/v1/models", method="GET", eos=True, mode=mode)])
+    assert len(out) == 1 and mutation(out[0].request_headers.response)["x-upstream-host"] in POOL
+
+
+@pytest.mark.parametrize("bad", [b"{nope", b"\xff\xfe", b"[]", b'{"messages": 5}', b"[" * 100000])
+async def test_bad_body_still_routes_and_is_counted(service, bad):
+    _, ch = service
+    out = await exchange(ch, [headers(), body(bad, True)])
+    assert mutation(out[1].request_body.response)["x-upstream-host"] in POOL
+
+
+async def test_no_healthy_upstream_is_an_openai_style_503(service):
+    director, ch = service
+    for u in director.pool.upstreams.values():
+        u.healthy = False
+    out = await exchange(ch, [headers(), body(chat(), True)])
+    imm = out[-1].immediate_response
+    assert imm.status.code == 503
+    assert orjson.loads(imm.body)["error"]["code"] == 503
+
+
+async def test_conversation_sticks_and_access_log_releases_inflight(service):
+    director, ch = service
+    first = await exchange(ch, [headers(), body(chat("a long shared prompt " * 20), True)])
+    second = await exchange(ch, [headers(), body(chat("a long shared prompt " * 20 + "and more"), True)])
+    m1, m2 = mutation(first[1].request_body.response), mutation(second[1].request_body.response)
+    assert m1["x-upstream-host"] == m2["x-upstream-host"]
+    assert sum(director.pool.loads().values()) == 2
+
+    async def entries():
+        msg = als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+            log_entry=[accesslog_pb2.HTTPAccessLogEntry(request=accesslog_pb2.HTTPRequestProperties(request_headers={TICKET_HEADER: m[TICKET_HEADER]})) for m in (m1, m2)]
+        ))
+        yield msg
+
+    await als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs(entries())
+    assert sum(director.pool.loads().values()) == 0
+
+
+async def test_stream_closed_before_the_decision_releases_nothing_held(service):
+    director, ch = service
+    stub = pb_grpc.ExternalProcessorStub(ch)
+
+    async def reqs():
+        yield headers(mode="FULL_DUPLEX_STREAMED")
+        yield body(b"partial", False)
+        await asyncio.sleep(0.05)
+        raise asyncio.CancelledError
+
+    call = stub.Process(reqs())
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+        async for _ in call:
+            pass
+    await asyncio.sleep(0.1)
+    assert sum(director.pool.loads().values()) == 0 and director.pool.outstanding() == 0
+
+
+async def test_health_service(service):
+    _, ch = service
+    r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"))
+    assert r.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,159 @@
+"""The routing text of every request shape, both forms, and bad input."""
+
+import gzip
+import zlib
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.payload import classify_path, render_chat_template, routing_input
+
+
+def ri(path, doc, **kw):
+    body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return routing_input(path, body, **kw)
+
+
+def test_paths_with_prefixes_and_queries():
+    assert classify_path("/v1/chat/completions") == "chat"
+    assert classify_path("/openai/v1/chat/completions?api-version=1") == "chat"
+    assert classify_path("/v1/completions/") == "completions"
+    assert classify_path("/generate") == "generate"
+    assert classify_path("/v1/responses") == "responses"
+    assert classify_path("/v1/messages") == "messages"
+    assert classify_path("/v1/embeddings") == "embeddings"
+    assert classify_path("/v1/rerank") == "rerank"
+    assert classify_path("/v1/models") == "other"
+    assert classify_path("/health") == "other"
+
+
+def test_chat_sglang_form_matches_generate_text():
+    chat = ri("/v1/chat/completions", {"model": "m", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]})
+    gen = ri("/generate", {"model": "m", "text": "S U"})
+    assert chat.text == "S U" == gen.text
+
+
+def test_chat_sglang_form_parts_reasoning_tools():
+    doc = {
+        "model": "m",
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "c", "reasoning_content": "r", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "1", "content": "t"},
+        ],
+    }
+    assert ri("/v1/chat/completions", doc).text == "a b c r t"
+
+
+def test_template_form_has_roles_tools_and_calls_in_canonical_order():
+    doc = {
+        "model": "m",
+        "tools": [{"type": "function", "function": {"name": "lookup"}}],
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "U"},
+            {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "lookup", "arguments": "{\"q\":1}"}}]},
+        ],
+    }
+    text = ri("/v1/chat/completions", doc, form="template").text
+    assert text.index("system\nS") < text.index("lookup") < text.index("user\nU") < text.index("<tool_call>lookup")
+    no_tools = ri("/v1/chat/completions", {**doc, "tools": []}, form="template").text
+    assert no_tools != text
+
+
+def test_completions_prompt_shapes():
+    assert ri("/v1/completions", {"prompt": "p"}).text == "p"
+    assert ri("/v1/completions", {"prompt": ["a", "b"]}).text == "a b"
+    assert ri("/v1/completions", {"prompt": [1, 2, 3]}).text == "1 2 3"
+    assert ri("/v1/completions", {"prompt": [[1, 2], [3]]}).text == "1 2 3"
+
+
+def test_generate_input_ids_and_text_list():
+    assert ri("/generate", {"input_ids": [5, 6]}).text == "5 6"
+    assert ri("/generate", {"text": ["x", "y"]}).text == "x y"
+
+
+def test_responses_anthropic_embeddings_rerank():
+    assert ri("/v1/responses", {"instructions": "I", "input": "hello"}).text == "I hello"
+    assert ri("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "q"}]}]}).text == "q"
+    doc = {"system": [{"type": "text", "text": "S"}], "messages": [{"role": "user", "content": [{"type": "text", "text": "U"}]},
+           {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "1", "content": "R"}]}]}
+    assert ri("/v1/messages", doc).text == "S U R"
+    assert ri("/v1/embeddings", {"input": ["a", "b"]}).text == "a b"
+    assert ri("/v1/rerank", {"query": "q", "documents": ["d1", {"text": "d2"}]}).text == "q d1 d2"
+
+
+def test_partition_by_model_lora_and_salt():
+    base = {"messages": [{"role": "user", "content": "x"}]}
+    keys = {ri("/v1/chat/completions", {**base, **extra}).partition for extra in (
+        {"model": "a"}, {"model": "b"}, {"model": "a", "lora_path": "l"}, {"model": "a", "cache_salt": "s"}, {"model": "a", "extra_key": "k"})}
+    assert len(keys) == 5
+
+
+def test_gzip_and_deflate_bodies():
+    body = orjson.dumps({"prompt": "zipped"})
+    assert routing_input("/v1/completions", gzip.compress(body), content_encoding="gzip").text == "zipped"
+    assert routing_input("/v1/completions", zlib.compress(body), content_encoding="deflate").text == "zipped"
+    raw = zlib.compressobj(wbits=-15)
+    deflated = raw.compress(body) + raw.flush()
+    assert routing_input("/v1/completions", deflated, content_encoding="deflate").text == "zipped"
+
+
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        (b"", "empty_body"),
+        (b"{not json", "invalid_json"),
+        (b"[1,2]", "not_an_object"),
+        (b"\xff\xfe{}", "invalid_json"),
+        (b'{"prompt": "\\ud800"}', "invalid_json"),
+        (b"[" * 10000 + b"]" * 10000, "invalid_json"),
+        (b'{"prompt": ' + b"9" * 1_000_000 + b"}", "invalid_json"),
+        (b'{"prompt": 12}', "no_text"),
+        (b'{"prompt": {"a": [null, true]}}', "no_text"),
+    ],
+)
+def test_bad_input_is_a_reason_never_an_exception(body, reason):
+    r = routing_input("/v1/completions", body)
+    assert r.text == "" and r.reason == reason
+
+
+def test_gzip_bomb_is_capped():
+    bomb = gzip.compress(b" " * (50 * 1024 * 1024))
+    r = routing_input("/v1/completions", bomb, content_encoding="gzip", max_body_bytes=1024 * 1024)
+    assert r.reason == "body_too_large"
+
+
+def test_duplicate_keys_take_the_last():
+    assert routing_input("/v1/completions", b'{"prompt": "a", "prompt": "b"}').text == "b"
+
+
+def test_routing_text_is_capped():
+    assert len(ri("/v1/completions", {"prompt": "x" * 5000}, max_routing_chars=100).text) == 100
+
+
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "tool"]), "content": st.one_of(st.text(max_size=30), st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)}), max_size=3))}
+    ),
+    min_size=0,
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(system=st.text(max_size=40), first=messages, more=messages, form=st.sampled_from(["sglang", "template"]))
+def test_appending_turns_only_appends_to_the_text(system, first, more, form):
+    head = [{"role": "system", "content": system}] + first
+    a = ri("/v1/chat/completions", {"model": "m", "messages": head}, form=form).text
+    b = ri("/v1/chat/completions", {"model": "m", "messages": head + more}, form=form).text
+    assert b.startswith(a)
+
+
+def test_render_chat_template_is_deterministic_with_sorted_tool_json():
+    t1 = render_chat_template([{"role": "user", "content": "u"}], [{"b": 1, "a": 2}])
+    t2 = render_chat_template([{"role": "user", "content": "u"}], [{"a": 2, "b": 1}])
+    assert t1 == t2

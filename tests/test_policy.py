@@ -1,0 +1,86 @@
+"""Every branch of the cache-aware policy, SGLang's strict inequalities included."""
+
+import random
+
+from extproc.policy import PolicyConfig, decide, is_imbalanced, least_loaded
+from extproc.tree import RadixTree
+
+CFG = PolicyConfig()
+
+
+def run(tree, loads, text, cfg=CFG, seed=0):
+    return decide(tree, loads, "m", text, 1.0, cfg, random.Random(seed))
+
+
+def test_imbalance_needs_both_strict_inequalities():
+    cfg = PolicyConfig(balance_abs_threshold=64, balance_rel_threshold=1.5)
+    assert not is_imbalanced({"a": 64, "b": 0}, cfg)  # 64 - 0 is not > 64
+    assert is_imbalanced({"a": 65, "b": 0}, cfg)
+    assert not is_imbalanced({"a": 195, "b": 130}, cfg)  # 195 is not > 130 * 1.5
+    assert is_imbalanced({"a": 196, "b": 130}, cfg)
+
+
+def test_imbalance_routes_to_least_loaded_and_still_inserts():
+    tree = RadixTree()
+    tree.insert("m", "prompt", "a", 0)
+    d = run(tree, {"a": 100, "b": 1}, "prompt")
+    assert (d.upstream, d.reason) == ("b", "imbalance")
+    assert "b" in tree.match("m", "prompt").deepest
+
+
+def test_hit_above_threshold_goes_to_the_creator():
+    tree = RadixTree()
+    tree.insert("m", "system prompt shared", "a", 0)
+    tree.insert("m", "system prompt shared", "b", 0)
+    d = run(tree, {"a": 5, "b": 0}, "system prompt shared + question")
+    assert (d.upstream, d.reason) == ("a", "cache_hit")
+    assert d.matched == len("system prompt shared")
+
+
+def test_hit_least_loaded_holder_when_asked():
+    tree = RadixTree()
+    tree.insert("m", "system prompt shared", "a", 0)
+    tree.insert("m", "system prompt shared", "b", 0)
+    cfg = PolicyConfig(hit_choice="least_loaded")
+    d = run(tree, {"a": 5, "b": 0, "c": 0}, "system prompt shared + question", cfg)
+    assert (d.upstream, d.reason) == ("b", "cache_hit")
+
+
+def test_threshold_is_strict():
+    tree = RadixTree()
+    tree.insert("m", "abc", "a", 0)
+    # 3 of 10 characters match: 0.3 is not > 0.3, so a miss to the least loaded
+    d = run(tree, {"a": 1, "b": 0}, "abcdefghij")
+    assert (d.upstream, d.reason) == ("b", "cache_miss")
+    d = run(RadixTree(), {"a": 1, "b": 0}, "abcd")
+    tree2 = RadixTree()
+    tree2.insert("m", "abcd", "a", 0)
+    d = run(tree2, {"a": 1, "b": 0}, "abcdefghij")  # 0.4 > 0.3
+    assert (d.upstream, d.reason) == ("a", "cache_hit")
+
+
+def test_hit_on_unhealthy_holder_is_a_miss():
+    tree = RadixTree()
+    tree.insert("m", "abcdef", "gone", 0)
+    d = run(tree, {"a": 0}, "abcdef")
+    assert (d.upstream, d.reason) == ("a", "cache_miss")
+
+
+def test_no_text_balances_by_load_and_inserts_nothing():
+    tree = RadixTree()
+    d = run(tree, {"a": 3, "b": 1}, "")
+    assert (d.upstream, d.reason) == ("b", "no_routing_text")
+    assert tree.node_count() == 0
+
+
+def test_tie_breaks():
+    loads = {"a": 0, "b": 0, "c": 0}
+    assert least_loaded(loads, "first", random.Random(0)) == "a"
+    seen = {least_loaded(loads, "random", random.Random(s)) for s in range(50)}
+    assert seen == {"a", "b", "c"}
+
+
+def test_dry_run_does_not_insert():
+    tree = RadixTree()
+    decide(tree, {"a": 0}, "m", "text", 0, CFG, random.Random(0), insert=False)
+    assert tree.node_count() == 0

@@ -1,0 +1,155 @@
+"""The radix tree against a brute-force model, plus the cases that matter by hand."""
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from extproc.tree import RadixTree, common_prefix_len
+
+
+def held_by(tree: RadixTree, tenant: str) -> int:
+    """Characters on the nodes a tenant holds, counted by walking the tree."""
+    total = 0
+    stack = list(tree._roots.values())
+    while stack:
+        n = stack.pop()
+        if tenant in n.tenants:
+            total += len(n.text)
+        stack.extend(n.children.values())
+    return total
+
+
+def lcp(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_common_prefix_len():
+    assert common_prefix_len("abcdef", "xxabcxx", 2) == 3
+    assert common_prefix_len("abc", "abc", 0) == 3
+    assert common_prefix_len("abc", "ab", 0) == 2
+    assert common_prefix_len("a" * 1000 + "b", "a" * 1000 + "c", 0) == 1000
+
+
+def test_match_reports_each_tenant_and_the_creator_first():
+    t = RadixTree()
+    t.insert("m", "hello world", "A", 1)
+    t.insert("m", "hello there", "B", 2)
+    t.insert("m", "hello world!", "C", 3)
+    m = t.match("m", "hello world, again")
+    assert m.matched == len("hello world")
+    assert m.deepest == ["A", "C"]
+    assert m.tenants == {"A": 11, "B": 6, "C": 11}
+    assert t.match("other-model", "hello world").matched == 0
+
+
+def test_counts_share_nothing_across_tenants_and_split_keeps_counts():
+    t = RadixTree()
+    t.insert("", "abcdef", "A", 1)
+    t.insert("", "abcxyz", "A", 2)
+    t.insert("", "abc", "B", 3)
+    assert t.tenant_chars() == {"A": 9, "B": 3}
+    assert t.total_chars() == 9
+
+
+def test_evict_drops_least_recently_used_leaves_first():
+    t = RadixTree()
+    t.insert("", "old-branch-xxxxxxxx", "A", 1)
+    t.insert("", "new-branch-yyyyyyyy", "A", 5)
+    t.evict("A", 25)
+    assert t.match("", "new-branch-yyyyyyyy").matched == 19
+    assert t.match("", "old-branch-xxxxxxxx").matched <= 1
+    assert t.tenant_chars()["A"] <= 25
+
+
+def test_remove_tenant_keeps_others():
+    t = RadixTree()
+    t.insert("", "shared prefix A", "A", 1)
+    t.insert("", "shared prefix B", "B", 1)
+    t.remove_tenant("A")
+    assert "A" not in t.tenant_chars()
+    m = t.match("", "shared prefix A")
+    assert m.deepest == ["B"] and m.matched == len("shared prefix ")
+    t.remove_tenant("B")
+    assert t.node_count() == 0
+
+
+TEXTS = st.text(alphabet="abc", min_size=1, max_size=8)
+TENANTS = st.sampled_from(["A", "B", "C"])
+PARTS = st.sampled_from(["", "m2"])
+
+
+class TreeMachine(RuleBasedStateMachine):
+    """Random interleavings of insert, match, evict and remove against a list of inserts."""
+
+    def __init__(self):
+        super().__init__()
+        self.tree = RadixTree()
+        self.model: list[tuple[str, str, str, int]] = []  # (partition, text, tenant, time)
+        self.evicted: set[str] = set()  # tenants whose exact contents the model no longer knows
+        self.clock = 0
+
+    @rule(part=PARTS, text=TEXTS, tenant=TENANTS)
+    def insert(self, part, text, tenant):
+        self.clock += 1
+        self.tree.insert(part, text, tenant, self.clock)
+        self.model.append((part, text, tenant, self.clock))
+
+    @rule(part=PARTS, text=TEXTS)
+    def match(self, part, text):
+        m = self.tree.match(part, text)
+        best: dict[str, int] = {}
+        for p, s, t, _ in self.model:
+            if p == part:
+                best[t] = max(best.get(t, 0), lcp(s, text))
+        for t in ("A", "B", "C"):
+            want, got = best.get(t, 0), m.tenants.get(t, 0)
+            if t in self.evicted:
+                assert got <= want
+            else:
+                assert got == want, (t, got, want)
+        if not self.evicted:
+            top = max(best.values(), default=0)
+            assert m.matched == top
+            assert set(m.deepest) == ({t for t, n in best.items() if n == top} if top else set())
+
+    @rule(tenant=TENANTS, budget=st.integers(0, 12))
+    def evict(self, tenant, budget):
+        self.tree.evict(tenant, budget)
+        assert self.tree.tenant_chars().get(tenant, 0) <= budget
+        self.evicted.add(tenant)
+
+    @rule(tenant=TENANTS)
+    def remove(self, tenant):
+        self.tree.remove_tenant(tenant)
+        self.model = [e for e in self.model if e[2] != tenant]
+        self.evicted.discard(tenant)
+
+    @invariant()
+    def counts_match_the_structure(self):
+        chars = self.tree.tenant_chars()
+        for t in ("A", "B", "C"):
+            assert chars.get(t, 0) == held_by(self.tree, t)
+            if t not in self.evicted:
+                prefixes = {(p, s[:i]) for p, s, tt, _ in self.model if tt == t for i in range(1, len(s) + 1)}
+                assert chars.get(t, 0) == len(prefixes)
+
+    @invariant()
+    def tenants_are_closed_upwards(self):
+        stack = list(self.tree._roots.values())
+        while stack:
+            n = stack.pop()
+            for c in n.children.values():
+                assert c.parent is n and c.text and n.children[c.text[0]] is c
+                if n.parent is not None:
+                    assert set(c.tenants) <= set(n.tenants)
+                assert c.tenants, "a node without tenants must be unlinked"
+                stack.append(c)
+
+
+TreeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_tree_against_model = TreeMachine.TestCase

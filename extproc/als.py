@@ -9,6 +9,7 @@ service set on the request, which releases that request's in-flight count.
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 import grpc
@@ -22,22 +23,42 @@ log = logs.get("prefix_router.als")
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
+    """Releases in-flight counts as Envoy reports finished requests.
+
+    Envoy keeps one access-log stream open for as long as the service lives, so a graceful stop
+    must end these streams itself (:meth:`close`), or the drain would wait out its whole timeout.
+    Envoy reopens the stream to whichever replica is serving.
+    """
+
     def __init__(self, director: Director) -> None:
         self.director = director
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        self._closing.set()
 
     async def StreamAccessLogs(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
     ) -> als_pb2.StreamAccessLogsResponse:
+        consumer = asyncio.ensure_future(self._consume(request_iterator))
+        closing = asyncio.ensure_future(self._closing.wait())
         try:
-            async for msg in request_iterator:
-                if not msg.HasField("http_logs"):
-                    continue
-                for entry in msg.http_logs.log_entry:
-                    ticket = entry.request.request_headers.get(TICKET_HEADER)
-                    if ticket:
-                        self.director.finished(ticket)
-        except Exception:
+            await asyncio.wait((consumer, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not consumer.done():
+                consumer.cancel()
+        if consumer.done() and not consumer.cancelled() and consumer.exception() is not None:
             metrics.STREAM_ERRORS.labels("access_log").inc()
-            log.exception("access_log_stream_failed")
-            raise
+            log.error("access_log_stream_failed", error=repr(consumer.exception()))
         return als_pb2.StreamAccessLogsResponse()
+
+    async def _consume(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage]) -> None:
+        finished = self.director.finished
+        async for msg in request_iterator:
+            if not msg.HasField("http_logs"):
+                continue
+            for entry in msg.http_logs.log_entry:
+                ticket = entry.request.request_headers.get(TICKET_HEADER)
+                if ticket:
+                    finished(ticket)

@@ -50,6 +50,11 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="FILE", default=S, help="TOML (.toml) or YAML config file")
     g.add_argument("--drain-timeout-secs", type=str, metavar="S", default=S, help="on SIGTERM, how long streams in flight may take (default 20)")
     g.add_argument(
+        "--shutdown-delay-secs", metavar="S", default=S,
+        help="on SIGTERM, keep serving this long while reporting NOT_SERVING, so Envoy's health check "
+        "moves new requests away first (default 2; Envoy's shipped check runs every 1 s)",
+    )
+    g.add_argument(
         "--inflight-timeout-secs", metavar="S", default=S,
         help="release an in-flight count whose finish report never came after this long (default 900)",
     )

@@ -44,6 +44,7 @@ class Config:
     max_body_bytes: int = 64 * 1024 * 1024
     inflight_timeout_secs: float = 900.0
     drain_timeout_secs: float = 20.0
+    shutdown_delay_secs: float = 2.0
     log_level: str = "info"
     log_format: str = "auto"
     log_prompts: bool = False
@@ -154,6 +155,7 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "max_body_bytes": _number(int, 1),
     "inflight_timeout_secs": _number(float, 0.0, lo_open=True),
     "drain_timeout_secs": _number(float, 0.0),
+    "shutdown_delay_secs": _number(float, 0.0),
     "log_level": _choice(("debug", "info", "warning", "error")),
     "log_format": _choice(("auto", "json", "console")),
     "log_prompts": _bool,

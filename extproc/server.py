@@ -1,8 +1,8 @@
 """The gRPC server: ext_proc, the access-log receiver, grpc.health.v1 and reflection on one port.
 
-Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING (Envoy's health check stops sending new
-streams), the server stops accepting, streams in flight get ``drain_timeout_secs`` to finish, and
-the process exits 0.
+Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING and the service keeps serving for
+``shutdown_delay_secs`` (Envoy's health check moves new streams away), then stops accepting; streams
+in flight get ``drain_timeout_secs`` to finish, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ async def start(cfg: Config, director: Director | None = None) -> tuple[grpc.aio
         ]
     )
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(director, cfg.header_name), server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(director), server)
+    receiver = AccessLogReceiver(director)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(receiver, server)
+    server.prefix_router_receiver = receiver  # type: ignore[attr-defined]  # closed on drain
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -93,11 +95,15 @@ async def serve(cfg: Config) -> int:
         asyncio.create_task(_every(1.0, director.expire)),
     ]
     await stop.wait()
-    log.info("draining", timeout_secs=cfg.drain_timeout_secs)
+    log.info("draining", delay_secs=cfg.shutdown_delay_secs, timeout_secs=cfg.drain_timeout_secs)
     for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
         await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # Keep answering while Envoy's health check notices; a stream refused mid-body in duplex mode
+    # could not fail open.
+    await asyncio.sleep(cfg.shutdown_delay_secs)
     for t in tasks:
         t.cancel()
+    server.prefix_router_receiver.close()
     await server.stop(grace=cfg.drain_timeout_secs)
     log.info("stopped")
     return 0

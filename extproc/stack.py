@@ -242,12 +242,42 @@ class Stack:
     def stop_service(self, index: int = 0) -> int | None:
         return self._stop(f"service-{index}", timeout=30)
 
+    def kill_service(self, index: int = 0) -> None:
+        """SIGKILL: the crash case, no drain."""
+        proc = self.procs.pop(f"service-{index}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def envoy_access_log(self) -> list[dict]:
+        """Envoy's per-request JSON access-log lines (stdout), oldest first."""
+        import json
+
+        out = []
+        for line in self.log("envoy").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def wait_access_log(self, mark: int, count: int, timeout: float = 5.0) -> list[dict]:
+        """The ``count`` access-log entries after the first ``mark`` ones, once they are flushed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.envoy_access_log()[mark:]
+            if len(entries) >= count or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.05)
+
     def start_envoy(self) -> None:
         rendered = self.workdir / f"envoy-{self.envoy_config.stem}.yaml"
         rendered.write_text(yaml.safe_dump(render_envoy_config(self.envoy_config, self.ports), sort_keys=False))
         proc = self._spawn(
             "envoy",
-            [find_envoy(), "-c", str(rendered), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"],
+            [find_envoy(), "-c", str(rendered), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2",
+             # access-log lines reach the log file within 100 ms (the tests read them)
+             "--file-flush-interval-msec", "100"],
         )
         wait_until(lambda: http_get(f"{self.admin_url}/ready")[1].strip() == b"LIVE", 30, "envoy", proc)
         # The service's cluster must be healthy before traffic, or the first requests fail open.

@@ -195,25 +195,44 @@ class Stack:
                 proc.wait(5)
         return proc.returncode
 
+    # -- the command of each part (docker-compose.yml runs the same ones; a test compares them) --
+
+    def worker_argv(self, r: int, w: int) -> list[str]:
+        port = self.ports.workers[r][w]
+        return ["-m", "extproc.fakeworker", "--host", HOST, "--port", str(port), "--name", f"worker-{r}-{w}", *self.worker_args]
+
+    def router_argv(self, r: int) -> list[str]:
+        return [
+            "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(self.ports.routers[r]),
+            "--worker-urls", *self.worker_urls(r), "--policy", "cache_aware",
+            "--prometheus-host", HOST, "--prometheus-port", str(self.ports.prometheus[r]), "--log-level", "warn",
+        ]
+
+    def service_argv(self, index: int) -> list[str]:
+        argv = ["-m", "extproc", "serve", "--grpc-listen", f"{HOST}:{self.ports.services[index]}", "--log-format", "json"]
+        for a in self.router_addresses:
+            argv += ["--upstream", a]
+        return argv + self.service_args
+
+    @staticmethod
+    def envoy_argv(config_path: str) -> list[str]:
+        return [
+            "-c", config_path, "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2",
+            # access-log lines reach the log file within 100 ms (the tests read them)
+            "--file-flush-interval-msec", "100",
+        ]
+
     def start_workers(self) -> None:
         for r, ports in enumerate(self.ports.workers):
             for w, port in enumerate(ports):
-                name = f"worker-{r}-{w}"
-                self._spawn(name, [self.python, "-m", "extproc.fakeworker", "--host", HOST, "--port", str(port), "--name", name, *self.worker_args])
+                self._spawn(f"worker-{r}-{w}", [self.python, *self.worker_argv(r, w)])
         for r, ports in enumerate(self.ports.workers):
             for w, port in enumerate(ports):
                 wait_until(lambda: http_get(f"http://{HOST}:{port}/health")[0] == 200, 20, f"worker-{r}-{w}", self.procs[f"worker-{r}-{w}"])
 
     def start_router(self, r: int) -> None:
         name = f"router-{r}"
-        proc = self._spawn(
-            name,
-            [
-                self.python, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(self.ports.routers[r]),
-                "--worker-urls", *self.worker_urls(r), "--policy", "cache_aware",
-                "--prometheus-host", HOST, "--prometheus-port", str(self.ports.prometheus[r]), "--log-level", "warn",
-            ],
-        )
+        proc = self._spawn(name, [self.python, *self.router_argv(r)])
         want = len(self.ports.workers[r])
 
         def ready() -> bool:
@@ -227,10 +246,7 @@ class Stack:
 
     def start_service(self, index: int = 0, extra: list[str] | None = None) -> None:
         name = f"service-{index}"
-        argv = [self.python, "-m", "extproc", "serve", "--grpc-listen", f"{HOST}:{self.ports.services[index]}", "--log-format", "json"]
-        for a in self.router_addresses:
-            argv += ["--upstream", a]
-        proc = self._spawn(name, argv + self.service_args + (extra or []))
+        proc = self._spawn(name, [self.python, *self.service_argv(index), *(extra or [])])
         port = self.ports.services[index]
 
         def listening() -> bool:
@@ -273,12 +289,7 @@ class Stack:
     def start_envoy(self) -> None:
         rendered = self.workdir / f"envoy-{self.envoy_config.stem}.yaml"
         rendered.write_text(yaml.safe_dump(render_envoy_config(self.envoy_config, self.ports), sort_keys=False))
-        proc = self._spawn(
-            "envoy",
-            [find_envoy(), "-c", str(rendered), "--disable-hot-restart", "--log-level", "warn", "--concurrency", "2",
-             # access-log lines reach the log file within 100 ms (the tests read them)
-             "--file-flush-interval-msec", "100"],
-        )
+        proc = self._spawn("envoy", [find_envoy(), *self.envoy_argv(str(rendered))])
         wait_until(lambda: http_get(f"{self.admin_url}/ready")[1].strip() == b"LIVE", 30, "envoy", proc)
         # The service's cluster must be healthy before traffic, or the first requests fail open.
         if self.procs.get("service-0"):

@@ -1,0 +1,11 @@
+# One image for the service, the fake SGLang workers and sglang-router (docker-compose.yml).
+# Its entrypoint is python: each compose service runs `python -m <module> ...`, the same commands
+# the local stack (extproc/stack.py) runs as processes.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY extproc ./extproc
+RUN pip install --no-cache-dir '.[stack]'
+USER nobody
+ENTRYPOINT ["python"]
+CMD ["-m", "extproc", "serve", "--help"]

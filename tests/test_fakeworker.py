@@ -1,0 +1,71 @@
+"""The fake SGLang worker: its prefix cache, and its API as SGLang and OpenAI clients see it."""
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from extproc.fakeworker import BLOCK_CHARS, BLOCK_TOKENS, FakeWorker, PrefixCache
+
+
+def test_cache_reports_the_leading_cached_run_only():
+    c = PrefixCache(capacity_tokens=10_000)
+    a = "A" * (BLOCK_CHARS * 4)
+    assert c.lookup_and_insert(a) == (BLOCK_TOKENS * 4, 0)
+    assert c.lookup_and_insert(a + "tail" * 40)[1] == BLOCK_TOKENS * 4
+    # a change in the first block invalidates everything after it
+    assert c.lookup_and_insert("B" + a[1:])[1] == 0
+
+
+def test_cache_is_bounded_and_least_recently_used():
+    c = PrefixCache(capacity_tokens=BLOCK_TOKENS * 4)
+    x, y = "x" * (BLOCK_CHARS * 3), "y" * (BLOCK_CHARS * 3)
+    c.lookup_and_insert(x)
+    c.lookup_and_insert(y)  # pushes x's oldest blocks out
+    assert c.lookup_and_insert(x)[1] == 0
+    assert len(c._blocks) <= 4
+
+
+@pytest.fixture
+async def worker():
+    w = FakeWorker("w0", output_tokens=3)
+    client = TestClient(TestServer(w.app()))
+    await client.start_server()
+    yield w, client
+    await client.close()
+
+
+async def test_chat_reports_cached_tokens_on_the_second_turn(worker):
+    w, client = worker
+    msgs = [{"role": "system", "content": "s" * 400}, {"role": "user", "content": "hi"}]
+    r1 = await (await client.post("/v1/chat/completions", json={"model": "m", "messages": msgs})).json()
+    assert r1["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert r1["choices"][0]["message"]["role"] == "assistant" and r1["system_fingerprint"] == "w0"
+    msgs += [r1["choices"][0]["message"], {"role": "user", "content": "more"}]
+    r2 = await (await client.post("/v1/chat/completions", json={"model": "m", "messages": msgs})).json()
+    assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+async def test_streaming_with_usage(worker):
+    _, client = worker
+    resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": {"include_usage": True}})
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    events = [l[6:] for l in (await resp.text()).splitlines() if l.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == " tok0 tok1 tok2"
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+async def test_generate_completions_and_info(worker):
+    _, client = worker
+    g = await (await client.post("/generate", json={"text": "t" * 200, "sampling_params": {"max_new_tokens": 2}})).json()
+    assert g["meta_info"]["prompt_tokens"] == 50 and g["meta_info"]["completion_tokens"] == 2
+    g = await (await client.post("/generate", json={"text": "t" * 200})).json()
+    assert g["meta_info"]["cached_tokens"] == 48
+    c = await (await client.post("/v1/completions", json={"prompt": "p", "max_tokens": 1})).json()
+    assert c["choices"][0]["text"] == " tok0"
+    assert (await client.get("/health")).status == 200
+    info = await (await client.get("/get_server_info")).json()
+    assert "model_path" not in info and "model_path" not in await (await client.get("/get_model_info")).json()
+    assert (await (await client.get("/v1/models")).json())["data"][0]["id"] == "fake-model"
+    assert (await client.post("/v1/chat/completions", data=b"{bad")).status == 400

@@ -49,7 +49,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
             if not consumer.done():
                 consumer.cancel()
         if consumer.done() and not consumer.cancelled() and consumer.exception() is not None:
-            metrics.STREAM_ERRORS.labels("access_log").inc()
+            metrics.STREAM_ERRORS.labels("UNKNOWN").inc()
             log.error("access_log_stream_failed", error=repr(consumer.exception()))
         return als_pb2.StreamAccessLogsResponse()
 

@@ -41,6 +41,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
     g = p.add_argument_group("service")
     g.add_argument("--grpc-listen", metavar="HOST:PORT", default=S, help="gRPC listen address for Envoy (default 0.0.0.0:50051)")
+    g.add_argument("--admin-listen", metavar="HOST:PORT", default=S, help="HTTP /metrics, /healthz, /readyz (default 127.0.0.1:9464)")
     g.add_argument(
         "--upstream", dest="upstreams", metavar="HOST:PORT", action="append", default=S,
         help="an SGLang router instance; repeat for each (or PREFIX_ROUTER_UPSTREAMS=a,b). "
@@ -87,18 +88,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def load(argv: Sequence[str] | None = None) -> tuple[str, Config]:
+def load(argv: Sequence[str] | None = None) -> tuple[str, Config, dict]:
     args = vars(parser().parse_args(argv))
     command = args.pop("command")
     try:
-        return command, build(args)
+        return command, build(args), args
     except ConfigError as exc:
         sys.stderr.write(f"prefix-router: error: {exc}\n")
         raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    command, cfg = load(argv)
+    command, cfg, flags = load(argv)
     if command == "config":
         sys.stdout.write(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
@@ -111,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.configure(cfg.log_level, cfg.log_format)
     try:
-        return asyncio.run(serve(cfg))
+        # A reload re-reads the environment and the config file under the same flags.
+        return asyncio.run(serve(cfg, reload=lambda: build(flags)))
     except AddressError as exc:
         sys.stderr.write(f"prefix-router: error: --upstream: {exc}\n")
         return 2

@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config:
     grpc_listen: str = "0.0.0.0:50051"
+    admin_listen: str = "127.0.0.1:9464"
     upstreams: tuple[str, ...] = ()
     header_name: str = "x-upstream-host"
     cache_threshold: float = 0.3
@@ -58,6 +59,9 @@ class Config:
             hit_choice=self.hit_choice,
             tie_break=self.tie_break,
         )
+
+    # Settings a reload cannot change (the listeners are bound once).
+    FIXED = ("grpc_listen", "admin_listen")
 
     def as_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -141,6 +145,7 @@ def _bool(v: Any) -> bool:
 
 CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "grpc_listen": _listen,
+    "admin_listen": _listen,
     "upstreams": _upstreams,
     "header_name": _header,
     "cache_threshold": _number(float, 0.0, 1.0),

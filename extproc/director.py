@@ -81,7 +81,7 @@ class Director:
         try:
             decision = self._decide(info, body, loads, body_too_large)
         except Exception:  # a bug must not cost the request: fall back to load balancing
-            metrics.STREAM_ERRORS.labels("decision_error").inc()
+            metrics.DECISION_ERRORS.inc()
             log.exception("decision_failed", request_id=info.request_id)
             decision = Decision(least_loaded(loads, self.policy.tie_break, self.rng), "fallback")
         self.pool.acquire(info.ticket, decision.upstream)
@@ -142,8 +142,6 @@ class Director:
             removed = self.tree.evict(tenant, self.cfg.max_tree_size)
             if removed:
                 metrics.EVICTED_CHARS.inc(removed)
-        for tenant, chars in self.tree.tenant_chars().items():
-            metrics.TREE_CHARS.labels(tenant).set(chars)
 
     def expire(self) -> None:
         """Release in-flight entries whose finish report never came."""
@@ -151,5 +149,3 @@ class Director:
         if expired:
             metrics.EXPIRED_TICKETS.inc(expired)
             log.warning("inflight_expired", count=expired)
-        for addr, up in self.pool.upstreams.items():
-            metrics.INFLIGHT.labels(addr).set(up.inflight)

@@ -127,7 +127,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         yield _CONTINUE_HEADERS
                 elif kind == "request_body":
                     if info is None:  # a body before headers breaks the protocol
-                        metrics.STREAM_ERRORS.labels("protocol").inc()
+                        metrics.STREAM_ERRORS.labels("INVALID_ARGUMENT").inc()
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_body before request_headers")
                         return
                     body = req.request_body
@@ -167,10 +167,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 elif kind == "response_trailers":
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
         except asyncio.CancelledError:
-            metrics.STREAM_ERRORS.labels("cancelled").inc()
+            metrics.STREAM_ERRORS.labels("CANCELLED").inc()
             raise
         except Exception:
-            metrics.STREAM_ERRORS.labels("internal").inc()
+            metrics.STREAM_ERRORS.labels("INTERNAL").inc()
             log.exception("stream_failed", request_id=info.request_id if info else "")
             raise
         finally:

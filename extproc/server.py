@@ -16,12 +16,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import logs
+import os
+from typing import Callable
+
+from . import logs, metrics
+from .admin import Admin
 from .als import AccessLogReceiver
-from .config import Config
+from .config import Config, ConfigError
 from .director import Director
 from .handlers import ExternalProcessor
-from .pool import Pool, resolve_upstream
+from .pool import AddressError, Pool, resolve_upstream
 
 log = logs.get("prefix_router.server")
 
@@ -69,19 +73,73 @@ async def _set_health(servicer, name: str, status) -> None:
         await result
 
 
-async def _every(interval: float, fn) -> None:
+async def _every(interval: float | Callable[[], float], fn: Callable[[], object]) -> None:
+    """Call ``fn`` forever, ``interval`` seconds apart (a callable interval is re-read each time)."""
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(interval() if callable(interval) else interval)
         fn()
 
 
-async def serve(cfg: Config) -> int:
+def apply_config(director: Director, new: Config) -> None:
+    """Take a reloaded configuration: thresholds and the pool change, the tree and in-flight
+    requests stay. Raises AddressError (nothing is changed then)."""
+    addresses = [resolve_upstream(u) for u in new.upstreams]
+    if not addresses:
+        raise AddressError("the new configuration has no upstream")
+    for key in Config.FIXED:
+        if getattr(new, key) != getattr(director.cfg, key):
+            log.warning("reload_ignores", setting=key, running=getattr(director.cfg, key), configured=getattr(new, key))
+    removed = director.pool.set_addresses(addresses)
+    for tenant in removed:
+        director.tree.remove_tenant(tenant)
+    director.reconfigure(new)
+    log.info("reloaded", upstreams=addresses, removed=removed)
+
+
+class Reloader:
+    """SIGHUP, or a change of the config file's modification time, reloads the configuration."""
+
+    def __init__(self, director: Director, load: Callable[[], Config]) -> None:
+        self.director = director
+        self.load = load
+        self._mtime = self._stat()
+
+    def _stat(self) -> float | None:
+        path = self.director.cfg.config
+        try:
+            return os.stat(path).st_mtime if path else None
+        except OSError:
+            return None
+
+    def reload(self) -> bool:
+        try:
+            apply_config(self.director, self.load())
+        except (ConfigError, AddressError) as exc:
+            metrics.RELOADS.labels("failed").inc()
+            log.error("reload_failed", error=str(exc))
+            return False
+        metrics.RELOADS.labels("ok").inc()
+        return True
+
+    def poll(self) -> None:
+        mtime = self._stat()
+        if mtime != self._mtime:
+            self._mtime = mtime
+            if mtime is not None:
+                self.reload()
+
+
+async def serve(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
     server, director, health_servicer, port = await start(cfg)
+    metrics.register_state(director)
+    admin = Admin(director)
+    admin_port = await admin.start(cfg.admin_listen)
     log.info(
         "serving",
         grpc_listen=cfg.grpc_listen,
         port=port,
+        admin_port=admin_port,
         upstreams=list(director.pool.upstreams),
         routing_text=cfg.routing_text,
     )
@@ -90,11 +148,16 @@ async def serve(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [
-        asyncio.create_task(_every(cfg.eviction_interval_secs, director.evict)),
+        asyncio.create_task(_every(lambda: director.cfg.eviction_interval_secs, director.evict)),
         # Expiring lost in-flight entries must not wait a full eviction interval.
         asyncio.create_task(_every(1.0, director.expire)),
     ]
+    if reload is not None:
+        reloader = Reloader(director, reload)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+        tasks.append(asyncio.create_task(_every(1.0, reloader.poll)))
     await stop.wait()
+    admin.draining = True
     log.info("draining", delay_secs=cfg.shutdown_delay_secs, timeout_secs=cfg.drain_timeout_secs)
     for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
         await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -105,5 +168,6 @@ async def serve(cfg: Config) -> int:
         t.cancel()
     server.prefix_router_receiver.close()
     await server.stop(grace=cfg.drain_timeout_secs)
+    await admin.stop()
     log.info("stopped")
     return 0

@@ -35,6 +35,7 @@ DEFAULT_PORTS = {
     "envoy": 10000,
     "admin": 9901,
     "services": [50051],
+    "service_admin": [9464],
     "routers": [30001, 30002],
     "prometheus": [29001, 29002],
     "workers": [[31001, 31002], [31003, 31004]],
@@ -71,6 +72,7 @@ class Ports:
     envoy: int
     admin: int
     services: list[int]
+    service_admin: list[int]
     routers: list[int]
     prometheus: list[int]
     workers: list[list[int]]
@@ -85,6 +87,7 @@ class Ports:
             envoy=free_port(),
             admin=free_port(),
             services=[free_port() for _ in range(services)],
+            service_admin=[free_port() for _ in range(services)],
             routers=[free_port() for _ in range(routers)],
             prometheus=[free_port() for _ in range(routers)],
             workers=[[free_port() for _ in range(workers_per_router)] for _ in range(routers)],
@@ -136,6 +139,7 @@ class Stack:
     ports: Ports
     envoy_config: Path = ENVOY_DIR / "duplex.yaml"
     service_args: list[str] = field(default_factory=list)
+    upstream_flags: bool = True  # False: the service takes its upstreams from --config or the environment
     worker_args: list[str] = field(default_factory=list)
     workdir: Path | None = None
     python: str = sys.executable
@@ -209,9 +213,13 @@ class Stack:
         ]
 
     def service_argv(self, index: int) -> list[str]:
-        argv = ["-m", "extproc", "serve", "--grpc-listen", f"{HOST}:{self.ports.services[index]}", "--log-format", "json"]
-        for a in self.router_addresses:
-            argv += ["--upstream", a]
+        argv = [
+            "-m", "extproc", "serve", "--grpc-listen", f"{HOST}:{self.ports.services[index]}",
+            "--admin-listen", f"{HOST}:{self.ports.service_admin[index]}", "--log-format", "json",
+        ]
+        if self.upstream_flags:
+            for a in self.router_addresses:
+                argv += ["--upstream", a]
         return argv + self.service_args
 
     @staticmethod
@@ -254,6 +262,9 @@ class Stack:
                 return True
 
         wait_until(listening, 30, name, proc)
+
+    def service_admin_url(self, index: int = 0) -> str:
+        return f"http://{HOST}:{self.ports.service_admin[index]}"
 
     def stop_service(self, index: int = 0) -> int | None:
         return self._stop(f"service-{index}", timeout=30)

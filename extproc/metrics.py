@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .director import Director
+
+# The *_created series double the exposition for no use here.
+disable_created_metrics()
 
 DECISIONS = Counter("prefix_router_decisions", "Routing decisions by reason", ["reason"])
 BAD_INPUT = Counter("prefix_router_bad_input", "Requests whose body gave no routing text, by reason", ["reason"])

@@ -1,0 +1,1 @@
+"""Benchmarks: reproducible commands writing JSON results to bench/results/ (never timed assertions)."""

@@ -13,6 +13,7 @@ import asyncio
 from typing import AsyncIterator
 
 import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from . import logs, metrics
@@ -20,6 +21,19 @@ from .director import Director
 from .handlers import TICKET_HEADER
 
 log = logs.get("prefix_router.als")
+
+
+# Gateway errors from a router mean it cannot serve (its workers are gone, it is overloaded):
+# like a refused or broken connection, they eject it for a while.
+_GATEWAY_ERRORS = frozenset((502, 503, 504))
+
+
+def upstream_failed(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
+    """Did the upstream refuse or break this request (as opposed to the client going away)?"""
+    f = entry.common_properties.response_flags
+    if f.upstream_connection_failure or f.upstream_connection_termination or f.upstream_remote_reset:
+        return True
+    return entry.response.response_code.value in _GATEWAY_ERRORS
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
@@ -55,10 +69,12 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
 
     async def _consume(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage]) -> None:
         finished = self.director.finished
+        header = self.director.cfg.header_name
         async for msg in request_iterator:
             if not msg.HasField("http_logs"):
                 continue
             for entry in msg.http_logs.log_entry:
-                ticket = entry.request.request_headers.get(TICKET_HEADER)
+                headers = entry.request.request_headers
+                ticket = headers.get(TICKET_HEADER)
                 if ticket:
-                    finished(ticket)
+                    finished(ticket, upstream_failed(entry), headers.get(header, ""))

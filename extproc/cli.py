@@ -59,6 +59,17 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--inflight-timeout-secs", metavar="S", default=S,
         help="release an in-flight count whose finish report never came after this long (default 900)",
     )
+    g = p.add_argument_group("upstream health")
+    g.add_argument("--health-interval-secs", metavar="S", default=S, help="GET /health on each upstream this often (default 2)")
+    g.add_argument("--health-check-timeout-secs", metavar="S", default=S, help="timeout of one check (default 5, as sglang-router)")
+    g.add_argument("--health-failure-threshold", metavar="N", default=S, help="failed checks in a row that take an upstream out (default 3, as sglang-router)")
+    g.add_argument("--health-success-threshold", metavar="N", default=S, help="good checks in a row that bring it back (default 2, as sglang-router)")
+    g.add_argument("--health-check-endpoint", metavar="PATH", default=S, help="the path checked (default /health)")
+    g.add_argument(
+        "--ejection-base-secs", metavar="S", default=S,
+        help="a refused connection or 502/503/504 seen on real traffic ejects the upstream this long, doubling on repeats (default 2)",
+    )
+    g.add_argument("--ejection-max-secs", metavar="S", default=S, help="the longest ejection (default 60)")
     g = p.add_argument_group("policy (sglang-router's cache_aware names and 0.3.2 defaults)")
     g.add_argument("--cache-threshold", metavar="X", default=S, help="route to a prefix holder when matched/text length is above this (default 0.3)")
     g.add_argument("--balance-abs-threshold", metavar="N", default=S, help="imbalance when max-min in-flight is above this... (default 64)")

@@ -44,6 +44,13 @@ class Config:
     max_routing_chars: int = 1 << 20
     max_body_bytes: int = 64 * 1024 * 1024
     inflight_timeout_secs: float = 900.0
+    health_interval_secs: float = 2.0
+    health_check_timeout_secs: float = 5.0
+    health_failure_threshold: int = 3
+    health_success_threshold: int = 2
+    health_check_endpoint: str = "/health"
+    ejection_base_secs: float = 2.0
+    ejection_max_secs: float = 60.0
     drain_timeout_secs: float = 20.0
     shutdown_delay_secs: float = 2.0
     log_level: str = "info"
@@ -132,6 +139,13 @@ def _header(v: Any) -> str:
     return s
 
 
+def _path(v: Any) -> str:
+    s = str(v).strip()
+    if not s.startswith("/") or any(c.isspace() for c in s):
+        raise ValueError(f"must be an absolute URL path like /health, got {v!r}")
+    return s
+
+
 def _bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -159,6 +173,13 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "max_routing_chars": _number(int, 1),
     "max_body_bytes": _number(int, 1),
     "inflight_timeout_secs": _number(float, 0.0, lo_open=True),
+    "health_interval_secs": _number(float, 0.0, lo_open=True),
+    "health_check_timeout_secs": _number(float, 0.0, lo_open=True),
+    "health_failure_threshold": _number(int, 1),
+    "health_success_threshold": _number(int, 1),
+    "health_check_endpoint": _path,
+    "ejection_base_secs": _number(float, 0.0),
+    "ejection_max_secs": _number(float, 0.0),
     "drain_timeout_secs": _number(float, 0.0),
     "shutdown_delay_secs": _number(float, 0.0),
     "log_level": _choice(("debug", "info", "warning", "error")),

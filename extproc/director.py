@@ -123,9 +123,24 @@ class Director:
 
     # -- the end of a request --------------------------------------------------------------------
 
-    def finished(self, ticket: str) -> bool:
-        """Envoy reported the request finished (any outcome)."""
-        return self.pool.release(ticket)
+    def finished(self, ticket: str, failed: bool = False, upstream: str = "") -> bool:
+        """Envoy reported a request finished; ``failed``: the upstream refused or broke it.
+
+        The ticket releases this replica's in-flight count if it owns it. The outcome counts for
+        the upstream's health whichever replica routed the request (each replica receives every
+        report when several run).
+        """
+        address = self.pool.release(ticket) or upstream
+        if address not in self.pool:
+            return False
+        if failed:
+            length = self.pool.eject(address, self.cfg.ejection_base_secs, self.cfg.ejection_max_secs)
+            if length:
+                metrics.EJECTIONS.labels(address).inc()
+                log.warning("upstream_ejected", upstream=address, seconds=length)
+        else:
+            self.pool.succeeded(address)
+        return True
 
     def abandoned(self, info: RequestInfo) -> None:
         """The stream ended before the decision reached Envoy: no finish report will come."""

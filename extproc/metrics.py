@@ -37,6 +37,8 @@ EVICTED_CHARS = Counter("prefix_router_evicted_characters", "Characters evicted 
 EXPIRED_TICKETS = Counter(
     "prefix_router_inflight_expired", "In-flight entries released by timeout because no finish report came"
 )
+EJECTIONS = Counter("prefix_router_upstream_ejections", "Passive ejections after failures seen on real traffic", ["upstream"])
+HEALTH_CHECK_FAILURES = Counter("prefix_router_health_check_failures", "Failed active health checks", ["upstream"])
 RELOADS = Counter("prefix_router_config_reloads", "Configuration reloads by result", ["result"])
 
 

@@ -51,9 +51,26 @@ def resolve_upstream(value: str) -> str:
 
 @dataclass(slots=True)
 class Upstream:
+    """One SGLang router. It takes traffic while the active check says up and it is not ejected."""
+
     address: str
-    healthy: bool = True
     inflight: int = 0
+    active_ok: bool = True  # the active checker's verdict
+    failures: int = 0  # consecutive failed active checks
+    successes: int = 0  # consecutive good active checks while down
+    ejected: bool = False  # passive ejection: out until a good active check after ejected_until
+    ejected_until: float = 0.0  # monotonic clock
+    ejections: int = 0  # consecutive ejections: the back-off doubles with each
+
+    @property
+    def healthy(self) -> bool:
+        return self.active_ok and not self.ejected
+
+    @healthy.setter
+    def healthy(self, value: bool) -> None:
+        self.active_ok = value
+        if value:
+            self.ejected = False
 
 
 @dataclass
@@ -82,7 +99,59 @@ class Pool:
 
     def loads(self) -> dict[str, int]:
         """In-flight per healthy upstream, in registry order."""
-        return {a: u.inflight for a, u in self.upstreams.items() if u.healthy}
+        return {a: u.inflight for a, u in self.upstreams.items() if u.active_ok and not u.ejected}
+
+    # -- health ----------------------------------------------------------------------------------
+
+    def record_check(
+        self, address: str, ok: bool, failure_threshold: int, success_threshold: int, now: float | None = None
+    ) -> bool | None:
+        """An active check's result; returns the new state when it changed (True up, False down).
+
+        An ejected upstream returns only on a good check once its back-off has passed, so a dead
+        router stays out until the checks take it out for good.
+        """
+        up = self.upstreams.get(address)
+        if up is None:
+            return None
+        if ok:
+            up.failures = 0
+            if up.ejected and (time.monotonic() if now is None else now) >= up.ejected_until:
+                up.ejected = False
+                if up.active_ok:
+                    return True
+            if up.active_ok:
+                return None
+            up.successes += 1
+            if up.successes >= success_threshold:
+                up.active_ok, up.successes = True, 0
+                return True
+            return None
+        up.successes = 0
+        up.failures += 1
+        if up.active_ok and up.failures >= failure_threshold:
+            up.active_ok = False
+            return False
+        return None
+
+    def eject(self, address: str, base: float, cap: float, now: float | None = None) -> float:
+        """Passive ejection after a failure seen on real traffic; returns its length in seconds."""
+        up = self.upstreams.get(address)
+        if up is None:
+            return 0.0
+        if up.ejected:  # already out: failures of requests sent before do not extend it
+            return 0.0
+        now = time.monotonic() if now is None else now
+        length = min(cap, base * (2 ** up.ejections))
+        up.ejections += 1
+        up.ejected, up.ejected_until = True, now + length
+        return length
+
+    def succeeded(self, address: str) -> None:
+        """A request finished well: the next ejection starts from the base back-off again."""
+        up = self.upstreams.get(address)
+        if up is not None and up.ejections and not up.ejected:
+            up.ejections = 0
 
     # -- in-flight tickets -----------------------------------------------------------------------
 
@@ -93,15 +162,15 @@ class Pool:
         up.inflight += 1
         self._tickets[ticket] = (address, time.monotonic() if now is None else now)
 
-    def release(self, ticket: str) -> bool:
-        """Finish a ticket; unknown or already released tickets are ignored (returns False)."""
+    def release(self, ticket: str) -> str | None:
+        """Finish a ticket; returns its upstream, or None for an unknown or already released one."""
         entry = self._tickets.pop(ticket, None)
         if entry is None:
-            return False
+            return None
         up = self.upstreams.get(entry[0])
         if up is not None and up.inflight > 0:
             up.inflight -= 1
-        return True
+        return entry[0]
 
     def expire(self, now: float | None = None) -> int:
         """Release tickets older than ``inflight_timeout``; returns how many."""

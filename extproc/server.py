@@ -25,6 +25,7 @@ from .als import AccessLogReceiver
 from .config import Config, ConfigError
 from .director import Director
 from .handlers import ExternalProcessor
+from .health import HealthChecker
 from .pool import AddressError, Pool, resolve_upstream
 
 log = logs.get("prefix_router.server")
@@ -151,6 +152,7 @@ async def serve(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
         asyncio.create_task(_every(lambda: director.cfg.eviction_interval_secs, director.evict)),
         # Expiring lost in-flight entries must not wait a full eviction interval.
         asyncio.create_task(_every(1.0, director.expire)),
+        asyncio.create_task(HealthChecker(director).run()),
     ]
     if reload is not None:
         reloader = Reloader(director, reload)

@@ -11,6 +11,7 @@ The topology is the one ``docker-compose.yml`` describes (a test keeps the two i
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import os
 import shutil
@@ -101,13 +102,41 @@ def render_envoy_config(source: Path, ports: Ports) -> dict:
     for listener in cfg["static_resources"]["listeners"]:
         if listener["name"] == "ingress":
             listener["address"]["socket_address"]["port_value"] = ports.envoy
-    for cluster in cfg["static_resources"]["clusters"]:
+    clusters = cfg["static_resources"]["clusters"]
+    for cluster in clusters:
         targets = {"prefix_router": ports.services, "sglang_routers_fallback": ports.routers}.get(cluster["name"])
         if targets is not None:
-            cluster["load_assignment"]["endpoints"] = [
-                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": HOST, "port_value": p}}}} for p in targets]}
-            ]
+            cluster["load_assignment"]["endpoints"] = [_endpoints(targets)]
+    if len(ports.services) > 1:
+        _access_log_to_every_replica(cfg, ports.services)
     return cfg
+
+
+def _endpoints(port_list: list[int]) -> dict:
+    return {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": HOST, "port_value": p}}}} for p in port_list]}
+
+
+def _access_log_to_every_replica(cfg: dict, services: list[int]) -> None:
+    """With several service replicas each must see every finished request (README: replicas):
+    one gRPC access logger per replica, each to a cluster of that replica alone."""
+    clusters = cfg["static_resources"]["clusters"]
+    base = next(c for c in clusters if c["name"] == "prefix_router")
+    for listener in cfg["static_resources"]["listeners"]:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        loggers = hcm["access_log"]
+        grpc_logger = next(l for l in loggers if l["name"] == "envoy.access_loggers.http_grpc")
+        loggers.remove(grpc_logger)
+        for i, port in enumerate(services):
+            logger = copy.deepcopy(grpc_logger)
+            common = logger["typed_config"]["common_config"]
+            common["grpc_service"]["envoy_grpc"]["cluster_name"] = f"prefix_router_{i}"
+            common["log_name"] = f"prefix_router_{i}"
+            loggers.append(logger)
+    for i, port in enumerate(services):
+        replica = {k: copy.deepcopy(v) for k, v in base.items() if k not in ("outlier_detection", "common_lb_config")}
+        replica["name"] = f"prefix_router_{i}"
+        replica["load_assignment"] = {"cluster_name": f"prefix_router_{i}", "endpoints": [_endpoints([port])]}
+        clusters.append(replica)
 
 
 def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
@@ -251,6 +280,12 @@ class Stack:
 
     def stop_router(self, r: int) -> int | None:
         return self._stop(f"router-{r}")
+
+    def kill_router(self, r: int) -> None:
+        """SIGKILL: the crash case."""
+        proc = self.procs.pop(f"router-{r}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
     def start_service(self, index: int = 0, extra: list[str] | None = None) -> None:
         name = f"service-{index}"

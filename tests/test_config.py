@@ -104,3 +104,29 @@ def test_pool_inflight_tickets():
     assert pool.expire(now=16) == 1 and pool.loads() == {"a:1": 0, "b:1": 0}
     pool.acquire("t3", "zzz:1")  # not in the pool: ignored
     assert pool.outstanding() == 0
+
+
+def test_active_checks_take_out_and_bring_back():
+    pool = Pool.from_addresses(["a:1"])
+    assert pool.record_check("a:1", False, 3, 2) is None
+    assert pool.record_check("a:1", False, 3, 2) is None
+    assert pool.record_check("a:1", False, 3, 2) is False and pool.loads() == {}
+    assert pool.record_check("a:1", True, 3, 2) is None and pool.loads() == {}
+    assert pool.record_check("a:1", True, 3, 2) is True and pool.loads() == {"a:1": 0}
+
+
+def test_passive_ejection_backs_off_and_needs_a_good_check():
+    pool = Pool.from_addresses(["a:1", "b:1"])
+    assert pool.eject("a:1", base=2, cap=5, now=100) == 2
+    assert pool.eject("a:1", base=2, cap=5, now=100.5) == 0  # already out
+    assert list(pool.loads()) == ["b:1"]
+    pool.record_check("a:1", True, 3, 2, now=101)  # too early: stays out
+    assert list(pool.loads()) == ["b:1"]
+    assert pool.record_check("a:1", True, 3, 2, now=102.1) is True
+    assert list(pool.loads()) == ["a:1", "b:1"]
+    assert pool.eject("a:1", base=2, cap=5, now=200) == 4  # repeated: doubled
+    pool.record_check("a:1", True, 3, 2, now=205)
+    assert pool.eject("a:1", base=2, cap=5, now=300) == 5  # capped
+    pool.record_check("a:1", True, 3, 2, now=306)
+    pool.succeeded("a:1")
+    assert pool.eject("a:1", base=2, cap=5, now=400) == 2  # a success resets the back-off

@@ -33,14 +33,22 @@ def test_both_body_modes_are_shipped():
     assert modes["buffered"] == "BUFFERED" and modes["duplex"] == "FULL_DUPLEX_STREAMED"
 
 
+def test_fail_closed_differs_from_duplex_only_in_failure_mode():
+    closed = yaml.safe_load((ENVOY_DIR / "duplex-fail-closed.yaml").read_text())
+    duplex = yaml.safe_load((ENVOY_DIR / "duplex.yaml").read_text())
+    assert ext_proc(closed).pop("failure_mode_allow") is False
+    assert ext_proc(duplex).pop("failure_mode_allow") is True
+    assert closed == duplex
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_no_open_proxy_and_fail_open(path):
+def test_no_open_proxy(path):
     cfg = yaml.safe_load(path.read_text())
     h = hcm(cfg)
     removed = {m["remove"] for e in h["early_header_mutation_extensions"] for m in e["typed_config"]["mutations"]}
     assert "x-upstream-host" in removed
     ep = ext_proc(cfg)
-    assert ep["failure_mode_allow"] is True
+    assert ep["failure_mode_allow"] is (path.stem != "duplex-fail-closed")
     assert float(ep["message_timeout"].rstrip("s")) >= 60
     routes = h["route_config"]["virtual_hosts"][0]["routes"]
     assert routes[0]["match"]["headers"][0] == {"name": "x-upstream-host", "present_match": True}

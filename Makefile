@@ -42,3 +42,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+# Regenerate extproc/api from protos/ (tests/test_protos.py fails when they differ).
+protos: install
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/extproc/api/v1/admin.proto

@@ -47,6 +47,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="an SGLang router instance; repeat for each (or PREFIX_ROUTER_UPSTREAMS=a,b). "
         "Hostnames are resolved at start: the header always carries an IP literal",
     )
+    g.add_argument("--upstreams-file", metavar="FILE", default=S, help="a YAML or JSON list of HOST:PORT, re-read when it changes")
+    g.add_argument("--dns-refresh-secs", metavar="S", default=S, help="re-resolve upstream names this often (default 30); a name gives all its addresses")
+    g.add_argument("--admin-grpc-listen", metavar="HOST:PORT", default=S, help="the admin gRPC API (default 127.0.0.1:9465)")
     g.add_argument("--header-name", metavar="NAME", default=S, help="header Envoy's ORIGINAL_DST cluster reads (default x-upstream-host)")
     g.add_argument("--config", metavar="FILE", default=S, help="TOML (.toml) or YAML config file")
     g.add_argument("--drain-timeout-secs", type=str, metavar="S", default=S, help="on SIGTERM, how long streams in flight may take (default 20)")
@@ -96,7 +99,50 @@ def parser() -> argparse.ArgumentParser:
     _add_serve_flags(serve)
     show = sub.add_parser("config", help="print the effective configuration as JSON and exit")
     _add_serve_flags(show)
+    admin_help = "the running service's admin gRPC address (default 127.0.0.1:9465)"
+    ups = sub.add_parser("upstreams", help="list the running service's upstreams (or replace them with --set)")
+    ups.add_argument("--admin-grpc", metavar="HOST:PORT", default="127.0.0.1:9465", help=admin_help)
+    ups.add_argument("--set", metavar="HOST:PORT,...", help="replace the configured upstreams until the next reload")
+    exp = sub.add_parser("explain", help="show the decision the running service would make for a request body (dry run)")
+    exp.add_argument("file", metavar="FILE.json", help="the request body ('-' for standard input)")
+    exp.add_argument("--path", default="/v1/chat/completions", help="the request path (default /v1/chat/completions)")
+    exp.add_argument("--admin-grpc", metavar="HOST:PORT", default="127.0.0.1:9465", help=admin_help)
+    tree = sub.add_parser("tree", help="show the running service's tree size")
+    tree.add_argument("--admin-grpc", metavar="HOST:PORT", default="127.0.0.1:9465", help=admin_help)
     return p
+
+
+def admin_call(args: dict) -> int:
+    """``upstreams``, ``explain`` and ``tree``: one admin gRPC call, printed as JSON."""
+    import grpc
+    from google.protobuf import json_format
+
+    from .api.v1 import admin_pb2 as pb
+    from .api.v1 import admin_pb2_grpc as pb_grpc
+
+    command = args["command"]
+    if command == "explain":
+        try:
+            body = sys.stdin.buffer.read() if args["file"] == "-" else open(args["file"], "rb").read()
+        except OSError as exc:
+            sys.stderr.write(f"prefix-router: error: {args['file']}: {exc.strerror}\n")
+            return 2
+    with grpc.insecure_channel(args["admin_grpc"]) as channel:
+        stub = pb_grpc.AdminStub(channel)
+        try:
+            if command == "upstreams" and args.get("set"):
+                reply = stub.SetUpstreams(pb.SetUpstreamsRequest(upstreams=args["set"].split(",")), timeout=10)
+            elif command == "upstreams":
+                reply = stub.ListUpstreams(pb.ListUpstreamsRequest(), timeout=10)
+            elif command == "explain":
+                reply = stub.Explain(pb.ExplainRequest(path=args["path"], body=body), timeout=10)
+            else:
+                reply = stub.TreeStats(pb.TreeStatsRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            sys.stderr.write(f"prefix-router: error: {args['admin_grpc']}: {exc.code().name}: {exc.details()}\n")
+            return 1
+    sys.stdout.write(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True, preserving_proto_field_name=True) + "\n")
+    return 0
 
 
 def load(argv: Sequence[str] | None = None) -> tuple[str, Config, dict]:
@@ -110,6 +156,9 @@ def load(argv: Sequence[str] | None = None) -> tuple[str, Config, dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(parser().parse_args(argv))
+    if args["command"] in ("upstreams", "explain", "tree"):
+        return admin_call(args)
     command, cfg, flags = load(argv)
     if command == "config":
         sys.stdout.write(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -118,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .pool import AddressError
     from .server import serve
 
-    if not cfg.upstreams:
-        sys.stderr.write("prefix-router: error: --upstream: at least one upstream is required (or PREFIX_ROUTER_UPSTREAMS)\n")
+    if not cfg.upstreams and not cfg.upstreams_file:
+        sys.stderr.write("prefix-router: error: --upstream: at least one upstream is required (or PREFIX_ROUTER_UPSTREAMS, or --upstreams-file)\n")
         return 2
     logs.configure(cfg.log_level, cfg.log_format)
     try:
@@ -129,5 +178,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"prefix-router: error: --upstream: {exc}\n")
         return 2
     except OSError as exc:
-        sys.stderr.write(f"prefix-router: error: --grpc-listen: {exc}\n")
+        sys.stderr.write(f"prefix-router: error: {exc}\n")
         return 2

@@ -31,7 +31,10 @@ class ConfigError(ValueError):
 class Config:
     grpc_listen: str = "0.0.0.0:50051"
     admin_listen: str = "127.0.0.1:9464"
+    admin_grpc_listen: str = "127.0.0.1:9465"
     upstreams: tuple[str, ...] = ()
+    upstreams_file: str | None = None
+    dns_refresh_secs: float = 30.0
     header_name: str = "x-upstream-host"
     cache_threshold: float = 0.3
     balance_abs_threshold: int = 64
@@ -68,7 +71,7 @@ class Config:
         )
 
     # Settings a reload cannot change (the listeners are bound once).
-    FIXED = ("grpc_listen", "admin_listen")
+    FIXED = ("grpc_listen", "admin_listen", "admin_grpc_listen")
 
     def as_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -160,6 +163,9 @@ def _bool(v: Any) -> bool:
 CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "grpc_listen": _listen,
     "admin_listen": _listen,
+    "admin_grpc_listen": _listen,
+    "upstreams_file": str,
+    "dns_refresh_secs": _number(float, 0.0, lo_open=True),
     "upstreams": _upstreams,
     "header_name": _header,
     "cache_threshold": _number(float, 0.0, 1.0),

@@ -121,6 +121,34 @@ class Director:
             log.debug("routing_text", request_id=info.request_id, text=text)
         return decide(self.tree, loads, partition, text, time.monotonic(), self.policy, self.rng)
 
+    def explain(self, path: str, body: bytes | None, content_encoding: str | None = None) -> dict:
+        """The decision this request would get now, with every upstream's match; inserts nothing."""
+        ri = routing_input(
+            path, body, content_encoding=content_encoding, form=self.cfg.routing_text,
+            max_routing_chars=self.cfg.max_routing_chars, max_body_bytes=self.cfg.max_body_bytes,
+        )
+        m = self.tree.match(ri.partition, ri.text)
+        loads = self.pool.loads()
+        if loads:
+            d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, random.Random(0), insert=False)
+            upstream, reason = d.upstream, d.reason
+        else:
+            upstream, reason = None, "no_healthy_upstream"
+        return {
+            "upstream": upstream,
+            "reason": reason,
+            "partition": ri.partition,
+            "text_characters": len(ri.text),
+            "matched_characters": m.matched,
+            "match_rate": m.matched / len(ri.text) if ri.text else 0.0,
+            "upstreams": [
+                {"address": a, "matched_characters": m.tenants.get(a, 0), "inflight": u.inflight, "healthy": u.healthy}
+                for a, u in self.pool.upstreams.items()
+            ],
+            "no_text_reason": ri.reason,
+            "routing_text_head": ri.text[:200],  # the caller sent the body: no privacy to keep
+        }
+
     # -- the end of a request --------------------------------------------------------------------
 
     def finished(self, ticket: str, failed: bool = False, upstream: str = "") -> bool:

@@ -1,4 +1,10 @@
-"""The gRPC server: ext_proc, the access-log receiver, grpc.health.v1 and reflection on one port.
+"""The running service: its listeners, its background tasks, its shutdown.
+
+- gRPC on ``--grpc-listen`` (faces Envoy): ext_proc, the access-log receiver, grpc.health.v1 and
+  reflection.
+- HTTP on ``--admin-listen`` (127.0.0.1): /metrics, /healthz, /readyz.
+- gRPC on ``--admin-grpc-listen`` (127.0.0.1): the project's admin API (protos/).
+- Tasks: tree eviction, in-flight expiry, active health checks, upstream discovery, reloads.
 
 Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING and the service keeps serving for
 ``shutdown_delay_secs`` (Envoy's health check moves new streams away), then stops accepting; streams
@@ -8,7 +14,9 @@ in flight get ``drain_timeout_secs`` to finish, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+from typing import Callable
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
@@ -16,62 +24,26 @@ from envoy.service.ext_proc.v3 import external_processor_pb2, external_processor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-import os
-from typing import Callable
-
 from . import logs, metrics
 from .admin import Admin
+from .adminapi import ADMIN_SERVICE, AdminApi, add_admin_api
 from .als import AccessLogReceiver
 from .config import Config, ConfigError
 from .director import Director
+from .discovery import Discovery
 from .handlers import ExternalProcessor
 from .health import HealthChecker
-from .pool import AddressError, Pool, resolve_upstream
+from .pool import AddressError, Pool
 
 log = logs.get("prefix_router.server")
 
 EXT_PROC_SERVICE = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 ALS_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
-
-
-def build_director(cfg: Config) -> Director:
-    pool = Pool.from_addresses([resolve_upstream(u) for u in cfg.upstreams], cfg.inflight_timeout_secs)
-    return Director(cfg, pool)
-
-
-async def start(cfg: Config, director: Director | None = None) -> tuple[grpc.aio.Server, Director, health.HealthServicer, int]:
-    """Build and start the server; returns it with the bound port (useful with port 0)."""
-    director = director or build_director(cfg)
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ]
-    )
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(director, cfg.header_name), server)
-    receiver = AccessLogReceiver(director)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(receiver, server)
-    server.prefix_router_receiver = receiver  # type: ignore[attr-defined]  # closed on drain
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (EXT_PROC_SERVICE, ALS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    port = server.add_insecure_port(cfg.grpc_listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {cfg.grpc_listen}")
-    await server.start()
-    serving = health_pb2.HealthCheckResponse.SERVING
-    for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
-        await _set_health(health_servicer, name, serving)
-    return server, director, health_servicer, port
-
-
-async def _set_health(servicer, name: str, status) -> None:
-    result = servicer.set(name, status)
-    if asyncio.iscoroutine(result):
-        await result
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
 
 
 async def _every(interval: float | Callable[[], float], fn: Callable[[], object]) -> None:
@@ -81,95 +53,141 @@ async def _every(interval: float | Callable[[], float], fn: Callable[[], object]
         fn()
 
 
-def apply_config(director: Director, new: Config) -> None:
-    """Take a reloaded configuration: thresholds and the pool change, the tree and in-flight
-    requests stay. Raises AddressError (nothing is changed then)."""
-    addresses = [resolve_upstream(u) for u in new.upstreams]
-    if not addresses:
-        raise AddressError("the new configuration has no upstream")
-    for key in Config.FIXED:
-        if getattr(new, key) != getattr(director.cfg, key):
-            log.warning("reload_ignores", setting=key, running=getattr(director.cfg, key), configured=getattr(new, key))
-    removed = director.pool.set_addresses(addresses)
-    for tenant in removed:
-        director.tree.remove_tenant(tenant)
-    director.reconfigure(new)
-    log.info("reloaded", upstreams=addresses, removed=removed)
+class Service:
+    """Everything one ``prefix-router serve`` process runs."""
 
+    def __init__(self, cfg: Config, reload: Callable[[], Config] | None = None) -> None:
+        self.director = Director(cfg, Pool(inflight_timeout=cfg.inflight_timeout_secs))
+        self.discovery = Discovery(self.director)
+        self.reload_source = reload
+        self.admin = Admin(self.director)
+        self.receiver = AccessLogReceiver(self.director)
+        self.health = health.aio.HealthServicer()
+        self.grpc: grpc.aio.Server | None = None
+        self.admin_grpc: grpc.aio.Server | None = None
+        self.ports: dict[str, int] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._config_mtime: float | None = None
 
-class Reloader:
-    """SIGHUP, or a change of the config file's modification time, reloads the configuration."""
+    @property
+    def cfg(self) -> Config:
+        return self.director.cfg
 
-    def __init__(self, director: Director, load: Callable[[], Config]) -> None:
-        self.director = director
-        self.load = load
-        self._mtime = self._stat()
+    # -- start -----------------------------------------------------------------------------------
 
-    def _stat(self) -> float | None:
-        path = self.director.cfg.config
+    async def start(self) -> None:
+        """Resolve the pool, bind every listener, start the background tasks. Raises AddressError
+        when no upstream resolves and OSError when a listener cannot bind."""
+        self.discovery.refresh_sync()
+        if not self.director.pool.upstreams:
+            raise AddressError("no upstream: give --upstream or --upstreams-file")
+        cfg = self.cfg
+        self.grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.director, cfg.header_name), self.grpc)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.receiver, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((EXT_PROC_SERVICE, ALS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.grpc)
+        self.ports["grpc"] = self._bind(self.grpc, cfg.grpc_listen, "--grpc-listen")
+        self.admin_grpc = grpc.aio.server()
+        add_admin_api(AdminApi(self.director, self.discovery), self.admin_grpc)
+        reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), self.admin_grpc)
+        self.ports["admin_grpc"] = self._bind(self.admin_grpc, cfg.admin_grpc_listen, "--admin-grpc-listen")
+        await self.grpc.start()
+        await self.admin_grpc.start()
+        self.ports["admin"] = await self.admin.start(cfg.admin_listen)
+        for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        metrics.register_state(self.director)
+        self._config_mtime = self._stat_config()
+        self._tasks = [
+            asyncio.create_task(_every(lambda: self.cfg.eviction_interval_secs, self.director.evict)),
+            # Expiring lost in-flight entries must not wait a full eviction interval.
+            asyncio.create_task(_every(1.0, self.director.expire)),
+            asyncio.create_task(HealthChecker(self.director).run()),
+            asyncio.create_task(self.discovery.run()),
+        ]
+        if self.reload_source is not None:
+            self._tasks.append(asyncio.create_task(_every(1.0, self.poll_config)))
+
+    @staticmethod
+    def _bind(server: grpc.aio.Server, listen: str, flag: str) -> int:
         try:
-            return os.stat(path).st_mtime if path else None
-        except OSError:
-            return None
+            port = server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise OSError(f"{flag}: cannot listen on {listen} ({exc})") from None
+        if port == 0:
+            raise OSError(f"{flag}: cannot listen on {listen}")
+        return port
+
+    # -- reload ----------------------------------------------------------------------------------
 
     def reload(self) -> bool:
+        """Re-read flags/env/file: thresholds and the pool change; the tree and in-flight stay."""
+        if self.reload_source is None:
+            return False
         try:
-            apply_config(self.director, self.load())
-        except (ConfigError, AddressError) as exc:
+            new = self.reload_source()
+            if not new.upstreams and not new.upstreams_file:
+                raise ConfigError("--upstream: the new configuration has no upstream")
+        except ConfigError as exc:
             metrics.RELOADS.labels("failed").inc()
             log.error("reload_failed", error=str(exc))
             return False
+        for key in Config.FIXED:
+            if getattr(new, key) != getattr(self.cfg, key):
+                log.warning("reload_ignores", setting=key, running=getattr(self.cfg, key), configured=getattr(new, key))
+        self.director.reconfigure(new)
+        self.discovery.override = None
+        self.discovery.refresh_sync()
         metrics.RELOADS.labels("ok").inc()
+        log.info("reloaded", upstreams=list(self.director.pool.upstreams))
         return True
 
-    def poll(self) -> None:
-        mtime = self._stat()
-        if mtime != self._mtime:
-            self._mtime = mtime
+    def _stat_config(self) -> float | None:
+        try:
+            return os.stat(self.cfg.config).st_mtime if self.cfg.config else None
+        except OSError:
+            return None
+
+    def poll_config(self) -> None:
+        mtime = self._stat_config()
+        if mtime != self._config_mtime:
+            self._config_mtime = mtime
             if mtime is not None:
                 self.reload()
+
+    # -- stop ------------------------------------------------------------------------------------
+
+    async def stop(self, delay: float | None = None) -> None:
+        cfg = self.cfg
+        self.admin.draining = True
+        log.info("draining", delay_secs=cfg.shutdown_delay_secs, timeout_secs=cfg.drain_timeout_secs)
+        for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Keep answering while Envoy's health check notices; a stream refused mid-body in duplex
+        # mode could not fail open.
+        await asyncio.sleep(cfg.shutdown_delay_secs if delay is None else delay)
+        for t in self._tasks:
+            t.cancel()
+        self.receiver.close()
+        if self.grpc is not None:
+            await self.grpc.stop(grace=cfg.drain_timeout_secs)
+        if self.admin_grpc is not None:
+            await self.admin_grpc.stop(grace=1.0)
+        await self.admin.stop()
+        log.info("stopped")
 
 
 async def serve(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
-    server, director, health_servicer, port = await start(cfg)
-    metrics.register_state(director)
-    admin = Admin(director)
-    admin_port = await admin.start(cfg.admin_listen)
-    log.info(
-        "serving",
-        grpc_listen=cfg.grpc_listen,
-        port=port,
-        admin_port=admin_port,
-        upstreams=list(director.pool.upstreams),
-        routing_text=cfg.routing_text,
-    )
+    service = Service(cfg, reload)
+    await service.start()
+    log.info("serving", ports=service.ports, upstreams=list(service.director.pool.upstreams), routing_text=cfg.routing_text)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [
-        asyncio.create_task(_every(lambda: director.cfg.eviction_interval_secs, director.evict)),
-        # Expiring lost in-flight entries must not wait a full eviction interval.
-        asyncio.create_task(_every(1.0, director.expire)),
-        asyncio.create_task(HealthChecker(director).run()),
-    ]
-    if reload is not None:
-        reloader = Reloader(director, reload)
-        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
-        tasks.append(asyncio.create_task(_every(1.0, reloader.poll)))
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
     await stop.wait()
-    admin.draining = True
-    log.info("draining", delay_secs=cfg.shutdown_delay_secs, timeout_secs=cfg.drain_timeout_secs)
-    for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
-        await _set_health(health_servicer, name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    # Keep answering while Envoy's health check notices; a stream refused mid-body in duplex mode
-    # could not fail open.
-    await asyncio.sleep(cfg.shutdown_delay_secs)
-    for t in tasks:
-        t.cancel()
-    server.prefix_router_receiver.close()
-    await server.stop(grace=cfg.drain_timeout_secs)
-    await admin.stop()
-    log.info("stopped")
+    await service.stop()
     return 0

@@ -37,6 +37,7 @@ DEFAULT_PORTS = {
     "admin": 9901,
     "services": [50051],
     "service_admin": [9464],
+    "service_admin_grpc": [9465],
     "routers": [30001, 30002],
     "prometheus": [29001, 29002],
     "workers": [[31001, 31002], [31003, 31004]],
@@ -74,6 +75,7 @@ class Ports:
     admin: int
     services: list[int]
     service_admin: list[int]
+    service_admin_grpc: list[int]
     routers: list[int]
     prometheus: list[int]
     workers: list[list[int]]
@@ -89,6 +91,7 @@ class Ports:
             admin=free_port(),
             services=[free_port() for _ in range(services)],
             service_admin=[free_port() for _ in range(services)],
+            service_admin_grpc=[free_port() for _ in range(services)],
             routers=[free_port() for _ in range(routers)],
             prometheus=[free_port() for _ in range(routers)],
             workers=[[free_port() for _ in range(workers_per_router)] for _ in range(routers)],
@@ -244,7 +247,8 @@ class Stack:
     def service_argv(self, index: int) -> list[str]:
         argv = [
             "-m", "extproc", "serve", "--grpc-listen", f"{HOST}:{self.ports.services[index]}",
-            "--admin-listen", f"{HOST}:{self.ports.service_admin[index]}", "--log-format", "json",
+            "--admin-listen", f"{HOST}:{self.ports.service_admin[index]}",
+            "--admin-grpc-listen", f"{HOST}:{self.ports.service_admin_grpc[index]}", "--log-format", "json",
         ]
         if self.upstream_flags:
             for a in self.router_addresses:

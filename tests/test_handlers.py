@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc import metrics
 from extproc.config import build
 from extproc.handlers import CHUNK, TICKET_HEADER
-from extproc.server import start
+from extproc.server import Service
 
 POOL = ["127.0.0.1:30001", "127.0.0.1:30002"]
 MODE = processing_mode_pb2.ProcessingMode.BodySendMode
@@ -24,12 +24,15 @@ MODE = processing_mode_pb2.ProcessingMode.BodySendMode
 
 @pytest.fixture
 async def service():
-    cfg = build({"grpc_listen": "127.0.0.1:0", "upstreams": POOL}, env={})
-    server, director, _, port = await start(cfg)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield director, channel
+    cfg = build({"grpc_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "admin_grpc_listen": "127.0.0.1:0", "upstreams": POOL}, env={})
+    svc = Service(cfg)
+    await svc.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['grpc']}")
+    svc.channel_admin = grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['admin_grpc']}")
+    yield svc.director, channel
     await channel.close()
-    await server.stop(None)
+    await svc.channel_admin.close()
+    await svc.stop(delay=0)
 
 
 def headers(path="/v1/chat/completions", method="POST", eos=False, mode="BUFFERED", extra=()):

@@ -1,50 +1,113 @@
-"""Reload and the admin listener, in process."""
+"""The service in process: reload, discovery, the admin listener and the admin gRPC API."""
 
+import os
+import signal
+
+import grpc
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc import metrics
 from extproc.admin import Admin
-from extproc.config import ConfigError, build
-from extproc.director import Director, RequestInfo
-from extproc.pool import Pool
-from extproc.server import Reloader, apply_config
+from extproc.api.v1 import admin_pb2 as apb
+from extproc.api.v1 import admin_pb2_grpc as apb_grpc
+from extproc.config import build
+from extproc.director import RequestInfo
+from extproc.discovery import read_upstreams_file, resolve_all
+from extproc.pool import AddressError
+from extproc.server import Service
+
+LISTEN = {"grpc_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "admin_grpc_listen": "127.0.0.1:0"}
 
 
-def director(upstreams=("127.0.0.1:1", "127.0.0.1:2")) -> Director:
-    cfg = build({"upstreams": list(upstreams)}, env={})
-    return Director(cfg, Pool.from_addresses(list(upstreams)), seed=1)
+def make(flags=None, env=None) -> Service:
+    flags = {**LISTEN, **(flags or {})}
+    return Service(build(flags, env=env or {}), reload=lambda: build(flags, env=env or {}))
 
 
-def test_apply_config_changes_pool_and_thresholds_keeps_the_rest():
-    d = director()
+@pytest.fixture
+async def svc(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:2]\n")
+    s = make({"config": str(cfg)})
+    await s.start()
+    s.config_path = cfg
+    yield s
+    await s.stop(delay=0)
+
+
+async def test_reload_changes_pool_and_thresholds_keeps_tree_and_inflight(svc):
+    d = svc.director
     d.tree.insert("", "kept text", "127.0.0.1:1", 0)
     d.tree.insert("", "dropped text", "127.0.0.1:2", 0)
     d.pool.acquire("t", "127.0.0.1:1")
-    apply_config(d, build({"upstreams": ["127.0.0.1:1", "127.0.0.1:3"], "cache_threshold": "0.9"}, env={}))
+    svc.config_path.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:3]\ncache_threshold: 0.9\n")
+    assert svc.reload()
     assert list(d.pool.upstreams) == ["127.0.0.1:1", "127.0.0.1:3"]
     assert d.policy.cache_threshold == 0.9
     assert d.tree.tenant_chars() == {"127.0.0.1:1": len("kept text")}
     assert d.pool.loads()["127.0.0.1:1"] == 1  # in flight survives
 
 
-def test_failed_reload_keeps_the_running_config():
-    d = director()
-
-    def bad():
-        raise ConfigError("--cache-threshold: must be <= 1.0, got '7'")
-
+async def test_failed_reload_keeps_the_running_config(svc):
     before = metrics.RELOADS.labels("failed")._value.get()
-    assert not Reloader(d, bad).reload()
-    assert metrics.RELOADS.labels("failed")._value.get() == before + 1
-    assert not Reloader(d, lambda: build({"upstreams": []}, env={})).reload()
-    assert list(d.pool.upstreams) == ["127.0.0.1:1", "127.0.0.1:2"]
+    svc.config_path.write_text("cache_threshold: 7\nupstreams: [127.0.0.1:9]\n")
+    assert not svc.reload()
+    svc.config_path.write_text("upstreams: []\n")
+    assert not svc.reload()
+    assert metrics.RELOADS.labels("failed")._value.get() == before + 2
+    assert list(svc.director.pool.upstreams) == ["127.0.0.1:1", "127.0.0.1:2"]
 
 
-async def test_admin_endpoints():
-    d = director()
-    metrics.register_state(d)
+async def test_upstreams_file_and_names(tmp_path):
+    f = tmp_path / "ups.json"
+    f.write_text('["localhost:7001", "127.0.0.1:7002"]')
+    assert read_upstreams_file(str(f)) == ["localhost:7001", "127.0.0.1:7002"]
+    assert set(resolve_all("localhost:7001")) <= {"127.0.0.1:7001", "[::1]:7001"}
+    s = make({"upstreams_file": str(f)})
+    await s.start()
+    try:
+        assert "127.0.0.1:7002" in s.director.pool
+        f.write_text("- 127.0.0.1:7003\n")
+        await s.discovery.refresh()
+        assert list(s.director.pool.upstreams) == ["127.0.0.1:7003"]
+        f.write_text("{broken")  # an unreadable file keeps the pool
+        await s.discovery.refresh()
+        assert list(s.director.pool.upstreams) == ["127.0.0.1:7003"]
+    finally:
+        await s.stop(delay=0)
+    with pytest.raises(AddressError):
+        resolve_all("no-such-host.invalid:1")
+
+
+async def test_admin_grpc_api(svc):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['admin_grpc']}") as ch:
+        stub = apb_grpc.AdminStub(ch)
+        ups = await stub.ListUpstreams(apb.ListUpstreamsRequest())
+        assert [u.address for u in ups.upstreams] == ["127.0.0.1:1", "127.0.0.1:2"] and all(u.healthy for u in ups.upstreams)
+        body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "explain this prompt please"}]})
+        svc.director.route(RequestInfo(path="/v1/chat/completions", ticket="x"), body)
+        e = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=body))
+        assert e.reason == "cache_hit" and e.match_rate == 1.0 and e.routing_text_head == "explain this prompt please"
+        assert {u.address: u.matched_characters for u in e.upstreams}[e.upstream] == len("explain this prompt please")
+        chars_before = svc.director.tree.total_chars()
+        await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=b'{"messages":[{"role":"user","content":"new"}]}'))
+        assert svc.director.tree.total_chars() == chars_before  # a dry run
+        bad = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=b"{nope"))
+        assert bad.no_text_reason == "invalid_json" and bad.reason == "no_routing_text"
+        t = await stub.TreeStats(apb.TreeStatsRequest())
+        assert t.stored_characters == chars_before and t.max_tree_size == 67108864
+        ups = await stub.SetUpstreams(apb.SetUpstreamsRequest(upstreams=["127.0.0.1:2", "127.0.0.1:5"]))
+        assert [u.address for u in ups.upstreams] == ["127.0.0.1:2", "127.0.0.1:5"]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SetUpstreams(apb.SetUpstreamsRequest(upstreams=["nope"]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_admin_endpoints(svc):
+    d = svc.director
     d.route(RequestInfo(path="/v1/completions", ticket="t1"), orjson.dumps({"prompt": "hello"}))
     client = TestClient(TestServer(Admin(d).app()))
     await client.start_server()
@@ -61,3 +124,9 @@ async def test_admin_endpoints():
         assert r.status == 503 and (await r.json())["healthy"] == 0
     finally:
         await client.close()
+
+
+async def test_listen_errors_name_the_flag():
+    s = make({"upstreams": ["127.0.0.1:1"], "admin_grpc_listen": "256.1.1.1:1"})
+    with pytest.raises(OSError, match="--admin-grpc-listen"):
+        await s.start()

@@ -150,3 +150,23 @@ def test_reload_under_traffic_keeps_tree_and_requests(tmp_path_factory):
         samples = scrape(s)
         assert samples[("prefix_router_config_reloads_total", (("result", "ok"),))] >= 2
         assert other in {dict(l)["upstream"] for (n, l), v in samples.items() if n == "prefix_router_upstream_healthy"}
+
+
+def test_admin_cli_commands(stack, tmp_path):
+    import subprocess
+    import sys
+
+    addr = f"{HOST}:{stack.ports.service_admin_grpc[0]}"
+    r = subprocess.run([sys.executable, "-m", "extproc", "upstreams", "--admin-grpc", addr], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert [u["address"] for u in json.loads(r.stdout)["upstreams"]] == stack.router_addresses
+    body = tmp_path / "req.json"
+    body.write_text(json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "metrics 0 " * 50}]}))
+    r = subprocess.run([sys.executable, "-m", "extproc", "explain", str(body), "--admin-grpc", addr], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    e = json.loads(r.stdout)
+    assert e["reason"] == "cache_hit" and e["upstream"] in stack.router_addresses and e["match_rate"] > 0.9
+    r = subprocess.run([sys.executable, "-m", "extproc", "tree", "--admin-grpc", addr], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and int(json.loads(r.stdout)["stored_characters"]) > 0
+    r = subprocess.run([sys.executable, "-m", "extproc", "upstreams", "--admin-grpc", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "UNAVAILABLE" in r.stderr

@@ -1,0 +1,78 @@
+"""The admin gRPC API (protos/extproc/api/v1/admin.proto): the pool, dry-run decisions, tree size."""
+
+from __future__ import annotations
+
+import grpc
+
+from . import logs
+from .api.v1 import admin_pb2 as pb
+from .api.v1 import admin_pb2_grpc as pb_grpc
+from .director import Director
+from .discovery import Discovery
+from .pool import AddressError, parse_hostport
+
+log = logs.get("prefix_router.adminapi")
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+
+
+def add_admin_api(api: "AdminApi", server: grpc.aio.Server) -> None:
+    pb_grpc.add_AdminServicer_to_server(api, server)
+
+
+class AdminApi(pb_grpc.AdminServicer):
+    def __init__(self, director: Director, discovery: Discovery) -> None:
+        self.director = director
+        self.discovery = discovery
+
+    def _list(self) -> pb.ListUpstreamsResponse:
+        chars = self.director.tree.tenant_chars()
+        return pb.ListUpstreamsResponse(
+            upstreams=[
+                pb.Upstream(address=a, healthy=u.healthy, active_ok=u.active_ok, ejected=u.ejected, inflight=u.inflight, tree_characters=chars.get(a, 0))
+                for a, u in self.director.pool.upstreams.items()
+            ],
+            configured=self.discovery.entries(),
+        )
+
+    async def ListUpstreams(self, request: pb.ListUpstreamsRequest, context: grpc.aio.ServicerContext) -> pb.ListUpstreamsResponse:  # noqa: N802
+        return self._list()
+
+    async def SetUpstreams(self, request: pb.SetUpstreamsRequest, context: grpc.aio.ServicerContext) -> pb.ListUpstreamsResponse:  # noqa: N802
+        entries = [e.strip() for e in request.upstreams if e.strip()]
+        if not entries:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "at least one upstream is required")
+        try:
+            for e in entries:
+                parse_hostport(e)
+        except AddressError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        resolved = self.discovery.resolve(entries)
+        if not resolved:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"none of {entries} resolves")
+        self.discovery.override = entries
+        self.discovery.apply(resolved)
+        log.info("upstreams_set", entries=entries, upstreams=resolved)
+        return self._list()
+
+    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:  # noqa: N802
+        e = self.director.explain(request.path or "/v1/chat/completions", request.body, request.content_encoding or None)
+        return pb.ExplainResponse(
+            upstream=e["upstream"] or "",
+            reason=e["reason"],
+            partition=e["partition"],
+            text_characters=e["text_characters"],
+            matched_characters=e["matched_characters"],
+            match_rate=e["match_rate"],
+            upstreams=[pb.UpstreamMatch(**u) for u in e["upstreams"]],
+            no_text_reason=e["no_text_reason"] or "",
+            routing_text_head=e["routing_text_head"],
+        )
+
+    async def TreeStats(self, request: pb.TreeStatsRequest, context: grpc.aio.ServicerContext) -> pb.TreeStatsResponse:  # noqa: N802
+        tree = self.director.tree
+        return pb.TreeStatsResponse(
+            stored_characters=tree.total_chars(),
+            nodes=tree.node_count(),
+            characters_per_upstream=tree.tenant_chars(),
+            max_tree_size=self.director.cfg.max_tree_size,
+        )

@@ -1,0 +1,1 @@
+"""Generated code of the project's own gRPC API (protos/extproc/api); `make protos` regenerates it."""

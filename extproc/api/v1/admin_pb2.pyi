@@ -1,0 +1,108 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Upstream(_message.Message):
+    __slots__ = ("address", "healthy", "active_ok", "ejected", "inflight", "tree_characters")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_OK_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TREE_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    healthy: bool
+    active_ok: bool
+    ejected: bool
+    inflight: int
+    tree_characters: int
+    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., active_ok: _Optional[bool] = ..., ejected: _Optional[bool] = ..., inflight: _Optional[int] = ..., tree_characters: _Optional[int] = ...) -> None: ...
+
+class ListUpstreamsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListUpstreamsResponse(_message.Message):
+    __slots__ = ("upstreams", "configured")
+    UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
+    CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    upstreams: _containers.RepeatedCompositeFieldContainer[Upstream]
+    configured: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., configured: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetUpstreamsRequest(_message.Message):
+    __slots__ = ("upstreams",)
+    UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
+    upstreams: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, upstreams: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("path", "body", "content_encoding")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    body: bytes
+    content_encoding: str
+    def __init__(self, path: _Optional[str] = ..., body: _Optional[bytes] = ..., content_encoding: _Optional[str] = ...) -> None: ...
+
+class UpstreamMatch(_message.Message):
+    __slots__ = ("address", "matched_characters", "inflight", "healthy")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    matched_characters: int
+    inflight: int
+    healthy: bool
+    def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head")
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    TEXT_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    MATCH_RATE_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
+    NO_TEXT_REASON_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_TEXT_HEAD_FIELD_NUMBER: _ClassVar[int]
+    upstream: str
+    reason: str
+    partition: str
+    text_characters: int
+    matched_characters: int
+    match_rate: float
+    upstreams: _containers.RepeatedCompositeFieldContainer[UpstreamMatch]
+    no_text_reason: str
+    routing_text_head: str
+    def __init__(self, upstream: _Optional[str] = ..., reason: _Optional[str] = ..., partition: _Optional[str] = ..., text_characters: _Optional[int] = ..., matched_characters: _Optional[int] = ..., match_rate: _Optional[float] = ..., upstreams: _Optional[_Iterable[_Union[UpstreamMatch, _Mapping]]] = ..., no_text_reason: _Optional[str] = ..., routing_text_head: _Optional[str] = ...) -> None: ...
+
+class TreeStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TreeStatsResponse(_message.Message):
+    __slots__ = ("stored_characters", "nodes", "characters_per_upstream", "max_tree_size")
+    class CharactersPerUpstreamEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    STORED_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    CHARACTERS_PER_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    stored_characters: int
+    nodes: int
+    characters_per_upstream: _containers.ScalarMap[str, int]
+    max_tree_size: int
+    def __init__(self, stored_characters: _Optional[int] = ..., nodes: _Optional[int] = ..., characters_per_upstream: _Optional[_Mapping[str, int]] = ..., max_tree_size: _Optional[int] = ...) -> None: ...

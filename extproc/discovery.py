@@ -1,0 +1,141 @@
+"""Where the pool comes from: static entries, DNS names re-resolved, a watched file, the admin API.
+
+Every entry is ``HOST:PORT``. A name resolves to every address it has (a Kubernetes headless
+Service name gives every router pod) and is resolved again every ``--dns-refresh-secs``; the header
+always carries an ``IP:PORT`` literal, the only form ORIGINAL_DST accepts. ``--upstreams-file`` is a
+YAML or JSON list of entries, re-read when it changes. The admin API's SetUpstreams replaces the
+configured entries until the next configuration reload. A name that fails to resolve keeps the
+addresses it had, so a DNS hiccup never empties the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+
+import yaml
+
+from . import logs
+from .director import Director
+from .pool import AddressError, parse_hostport
+
+log = logs.get("prefix_router.discovery")
+
+
+def resolve_all(entry: str) -> list[str]:
+    """Every ``IP:PORT`` literal of one ``HOST:PORT`` entry, sorted; raises AddressError."""
+    host, port = parse_hostport(entry)
+    try:
+        ips = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise AddressError(f"{entry!r}: cannot resolve {host!r} ({exc.strerror or exc})") from None
+        ips = sorted({ipaddress.ip_address(i[4][0]) for i in infos}, key=lambda ip: (ip.version, ip))
+    return [f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}" for ip in ips]
+
+
+def read_upstreams_file(path: str) -> list[str]:
+    """A YAML (or JSON, which YAML reads) list of HOST:PORT entries; raises AddressError."""
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise AddressError(f"--upstreams-file {path!r}: {exc}") from None
+    if data is None:
+        return []
+    if isinstance(data, dict) and "upstreams" in data:
+        data = data["upstreams"]
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        raise AddressError(f"--upstreams-file {path!r}: must be a list of HOST:PORT strings")
+    for entry in data:
+        parse_hostport(entry)
+    return data
+
+
+class Discovery:
+    """Keeps the director's pool equal to the resolved configured entries."""
+
+    def __init__(self, director: Director) -> None:
+        self.director = director
+        self.override: list[str] | None = None
+        self._known: dict[str, list[str]] = {}
+        self._file_mtime: float | None = None
+
+    def entries(self) -> list[str]:
+        """The configured entries: the admin override, else flags/env/config plus the file."""
+        if self.override is not None:
+            return list(self.override)
+        cfg = self.director.cfg
+        entries = list(cfg.upstreams)
+        if cfg.upstreams_file:
+            try:
+                entries += read_upstreams_file(cfg.upstreams_file)
+            except AddressError as exc:
+                log.error("upstreams_file_unreadable", error=str(exc))
+                entries += self._known.get("\0file", [])
+            else:
+                self._known["\0file"] = entries[len(cfg.upstreams):]
+        return entries
+
+    def resolve(self, entries: list[str]) -> list[str]:
+        addresses: list[str] = []
+        for entry in entries:
+            try:
+                found = resolve_all(entry)
+                self._known[entry] = found
+            except AddressError as exc:
+                found = self._known.get(entry, [])
+                log.warning("resolve_failed", entry=entry, error=str(exc), keeping=found)
+            addresses += [a for a in found if a not in addresses]
+        return addresses
+
+    def apply(self, addresses: list[str]) -> None:
+        pool = self.director.pool
+        if list(pool.upstreams) == addresses:
+            return
+        added = [a for a in addresses if a not in pool]
+        removed = pool.set_addresses(addresses)
+        for tenant in removed:
+            self.director.tree.remove_tenant(tenant)
+        log.info("pool_changed", upstreams=addresses, added=added, removed=removed)
+
+    def refresh_sync(self) -> list[str]:
+        """Resolve and apply now (at start, and from reloads)."""
+        addresses = self.resolve(self.entries())
+        if addresses:
+            self.apply(addresses)
+        else:
+            log.error("no_upstream_resolved", keeping=list(self.director.pool.upstreams))
+        return addresses
+
+    async def refresh(self) -> list[str]:
+        # getaddrinfo blocks: resolve in a thread so that decisions never wait for DNS
+        addresses = await asyncio.to_thread(self.resolve, self.entries())
+        if addresses:
+            self.apply(addresses)
+        return addresses
+
+    def file_changed(self) -> bool:
+        path = self.director.cfg.upstreams_file
+        try:
+            mtime = os.stat(path).st_mtime if path else None
+        except OSError:
+            mtime = None
+        changed = mtime != self._file_mtime
+        self._file_mtime = mtime
+        return changed
+
+    async def run(self) -> None:
+        """Re-resolve every ``dns_refresh_secs``; re-read the file within a second of a change."""
+        since = 0.0
+        self.file_changed()
+        while True:
+            await asyncio.sleep(1.0)
+            since += 1.0
+            if since >= self.director.cfg.dns_refresh_secs or self.file_changed():
+                since = 0.0
+                await self.refresh()

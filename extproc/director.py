@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from typing import Iterator
 import random
 import time
 from dataclasses import dataclass
@@ -177,14 +178,27 @@ class Director:
     # -- housekeeping ----------------------------------------------------------------------------
 
     def evict(self) -> None:
-        """Evict each tenant down to ``max_tree_size``; forget tenants no longer in the pool."""
+        """Evict each tenant down to ``max_tree_size`` at once (tests; the service uses
+        :meth:`evict_slices`); forget tenants no longer in the pool."""
+        for _ in self.evict_slices():
+            pass
+
+    def evict_slices(self, slice_secs: float = 0.002) -> Iterator[None]:
+        """The eviction sweep cut into slices of about ``slice_secs``: the caller yields to the
+        event loop between them, so a sweep never holds up a decision for long."""
+        deadline = time.perf_counter() + slice_secs
         for tenant in list(self.tree.tenant_chars()):
             if tenant not in self.pool:
                 self.tree.remove_tenant(tenant)
                 continue
-            removed = self.tree.evict(tenant, self.cfg.max_tree_size)
+            removed = 0
+            for removed in self.tree.evict_steps(tenant, self.cfg.max_tree_size):
+                if time.perf_counter() >= deadline:
+                    yield
+                    deadline = time.perf_counter() + slice_secs
             if removed:
                 metrics.EVICTED_CHARS.inc(removed)
+                log.info("evicted", upstream=tenant, characters=removed)
 
     def expire(self) -> None:
         """Release in-flight entries whose finish report never came."""

@@ -100,7 +100,7 @@ class Service:
         metrics.register_state(self.director)
         self._config_mtime = self._stat_config()
         self._tasks = [
-            asyncio.create_task(_every(lambda: self.cfg.eviction_interval_secs, self.director.evict)),
+            asyncio.create_task(self._evict_forever()),
             # Expiring lost in-flight entries must not wait a full eviction interval.
             asyncio.create_task(_every(1.0, self.director.expire)),
             asyncio.create_task(HealthChecker(self.director).run()),
@@ -108,6 +108,12 @@ class Service:
         ]
         if self.reload_source is not None:
             self._tasks.append(asyncio.create_task(_every(1.0, self.poll_config)))
+
+    async def _evict_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.eviction_interval_secs)
+            for _ in self.director.evict_slices():
+                await asyncio.sleep(0)  # let decisions run between slices
 
     @staticmethod
     def _bind(server: grpc.aio.Server, listen: str, flag: str) -> int:

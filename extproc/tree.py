@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import Iterator
 
 
 class Node:
@@ -185,14 +186,28 @@ class RadixTree:
         """Drop ``tenant``'s least-recently-used leaves until it holds at most ``max_chars``.
 
         Returns the characters removed. Cost: one walk of the tenant's nodes plus a heap pop per
-        evicted node.
+        evicted node. The service runs :meth:`evict_steps` instead, in slices between decisions.
         """
-        held = self._chars.get(tenant, 0)
-        if held <= max_chars:
-            return 0
+        removed = 0
+        for removed in self.evict_steps(tenant, max_chars):
+            pass
+        return removed
+
+    def evict_steps(self, tenant: str, max_chars: int, step: int = 256) -> Iterator[int]:
+        """:meth:`evict` in slices: yields (characters removed so far) after every ``step`` nodes
+        visited, so that the caller can let decisions run in between.
+
+        The tree may change between slices (inserts, other evictions): a leaf taken from the heap
+        is checked again before it goes, and one touched since it was collected goes back in with
+        its new time.
+        """
+        chars = self._chars
+        if chars.get(tenant, 0) <= max_chars:
+            return
         heap: list[tuple[float, int, Node]] = []
         seq = 0
-        for root in self._roots.values():
+        work = 0
+        for root in list(self._roots.values()):
             stack = [c for c in root.children.values() if tenant in c.tenants]
             while stack:
                 n = stack.pop()
@@ -202,12 +217,26 @@ class RadixTree:
                 else:
                     heap.append((n.tenants[tenant], seq, n))
                     seq += 1
+                work += 1
+                if work % step == 0:
+                    yield 0
         heapq.heapify(heap)
         removed = 0
-        while heap and held - removed > max_chars:
-            _, _, n = heapq.heappop(heap)
+        while heap and chars.get(tenant, 0) > max_chars:
+            stamp, _, n = heapq.heappop(heap)
+            work += 1
+            if work % step == 0:
+                yield removed
+            when = n.tenants.get(tenant)
+            if when is None or not self._linked(n) or any(tenant in c.tenants for c in n.children.values()):
+                continue  # gone or no longer a leaf of this tenant since it was collected
+            if when != stamp:  # used since: back in the queue at its new place
+                heapq.heappush(heap, (when, seq, n))
+                seq += 1
+                continue
             del n.tenants[tenant]
             removed += len(n.text)
+            chars[tenant] -= len(n.text)
             parent = n.parent
             if not n.tenants:
                 self._unlink(n)
@@ -219,9 +248,13 @@ class RadixTree:
             ):
                 heapq.heappush(heap, (parent.tenants[tenant], seq, parent))
                 seq += 1
-        self._chars[tenant] = held - removed
-        if not self._chars[tenant]:
-            del self._chars[tenant]
+        if chars.get(tenant) == 0:
+            del chars[tenant]
         for partition in [p for p, r in self._roots.items() if not r.children]:
             del self._roots[partition]
-        return removed
+        yield removed
+
+    @staticmethod
+    def _linked(n: Node) -> bool:
+        parent = n.parent
+        return parent is not None and parent.children.get(n.text[0]) is n

@@ -123,6 +123,19 @@ class TreeMachine(RuleBasedStateMachine):
         assert self.tree.tenant_chars().get(tenant, 0) <= budget
         self.evicted.add(tenant)
 
+    @rule(tenant=TENANTS, budget=st.integers(0, 12), steps=st.integers(0, 6), part=PARTS, text=TEXTS, other=TENANTS)
+    def evict_in_slices_while_inserting(self, tenant, budget, steps, part, text, other):
+        """The sweep is sliced; an insert lands between slices, as a decision would."""
+        gen = self.tree.evict_steps(tenant, budget, step=1)
+        for _ in range(steps):
+            next(gen, None)
+        self.clock += 1
+        self.tree.insert(part, text, other, self.clock)
+        self.model.append((part, text, other, self.clock))
+        for _ in gen:
+            pass
+        self.evicted.add(tenant)
+
     @rule(tenant=TENANTS)
     def remove(self, tenant):
         self.tree.remove_tenant(tenant)

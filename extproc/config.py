@@ -41,7 +41,7 @@ class Config:
     balance_rel_threshold: float = 1.5
     eviction_interval_secs: float = 60.0
     max_tree_size: int = 67108864
-    hit_choice: str = "creator"
+    hit_choice: str = "balanced"
     tie_break: str = "random"
     routing_text: str = "sglang"
     max_routing_chars: int = 1 << 20

@@ -53,19 +53,28 @@ class PrefixCache:
             keys.append(h.copy().digest())
         return keys
 
-    def lookup_and_insert(self, text: str) -> tuple[int, int]:
-        """Serve one prompt: returns (prompt tokens, cached tokens), then caches the prompt."""
-        keys = self.block_keys(text)
+    def cached_blocks(self, keys: list[bytes]) -> int:
+        """How many leading blocks are cached (no side effect: the simulator's oracle peeks)."""
         hit = 0
         for k in keys:
             if k not in self._blocks:
                 break
             hit += 1
+        return hit
+
+    def insert(self, keys: list[bytes]) -> None:
+        blocks = self._blocks
         for k in keys:
-            self._blocks[k] = None
-            self._blocks.move_to_end(k)
-        while len(self._blocks) > self.capacity_blocks:
-            self._blocks.popitem(last=False)
+            blocks[k] = None
+            blocks.move_to_end(k)
+        while len(blocks) > self.capacity_blocks:
+            blocks.popitem(last=False)
+
+    def lookup_and_insert(self, text: str) -> tuple[int, int]:
+        """Serve one prompt: returns (prompt tokens, cached tokens), then caches the prompt."""
+        keys = self.block_keys(text)
+        hit = self.cached_blocks(keys)
+        self.insert(keys)
         prompt = token_count(text)
         return prompt, min(hit * BLOCK_TOKENS, prompt)
 

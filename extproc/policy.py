@@ -7,6 +7,12 @@ Per request (load = in-flight requests per upstream):
 2. Else longest-prefix match; ``match_rate = matched / len(text)``. If ``match_rate >
    cache_threshold``, an upstream holding the deepest match (``hit_choice``: the node's creator as
    sglang-router does, or the least loaded of all holders).
+   ``hit_choice = balanced`` first keeps only the upstreams not running hot (load at most the mean
+   plus the larger of one standard deviation and a tolerance that grows with the length of the
+   matched prefix: see ``BALANCE_CHARS_PER_REQUEST``), then takes the one with the longest match
+   of its own (ties to the least loaded); below the threshold, the least loaded of them. A prefix everyone shares, such as a long system prompt, then no
+   longer pins every session to the upstream that saw it first: once that upstream runs hotter than
+   the rest, new sessions go where the load is, and their later turns follow them there.
 3. Else the least-loaded upstream (``tie_break``: first in registry order as sglang-router 0.3.2, or
    random, its later fix).
 4. The text is inserted for the chosen upstream.
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 
 from .tree import RadixTree
 
-HIT_CHOICES = ("creator", "least_loaded")
+HIT_CHOICES = ("creator", "least_loaded", "balanced")
 TIE_BREAKS = ("random", "first")
 
 
@@ -30,7 +36,7 @@ class PolicyConfig:
     cache_threshold: float = 0.3
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
-    hit_choice: str = "creator"
+    hit_choice: str = "balanced"
     tie_break: str = "random"
 
 
@@ -71,6 +77,8 @@ def decide(
         return Decision(least_loaded(loads, cfg.tie_break, rng), "no_routing_text")
     if is_imbalanced(loads, cfg):
         choice, reason, matched = least_loaded(loads, cfg.tie_break, rng), "imbalance", 0
+    elif cfg.hit_choice == "balanced":
+        choice, reason, matched = _balanced(tree.match(partition, text).tenants, loads, len(text), cfg, rng)
     else:
         m = tree.match(partition, text)
         matched = m.matched
@@ -86,3 +94,26 @@ def decide(
     if insert:
         tree.insert(partition, text, choice, now)
     return Decision(choice, reason, matched, len(text))
+
+
+# How many more in-flight requests than the mean an upstream may carry and still be preferred for
+# its cached prefix: one, plus one per BALANCE_CHARS_PER_REQUEST characters of the prefix it would
+# save. Recomputing a long prefix costs more than waiting behind a few requests; a short one does
+# not. 4,096 characters (~1,000 tokens) a request was the best of the values tried by the
+# simulator (python -m bench.eval; README "Choosing the defaults").
+BALANCE_CHARS_PER_REQUEST = 4096
+
+
+def _balanced(matches: dict[str, int], loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random) -> tuple[str, str, int]:
+    """The upstreams not running hot, then the longest own match among them (see module doc)."""
+    values = list(loads.values())
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    deepest = max(matches.values(), default=0)
+    cutoff = mean + max(std, 1.0 + deepest / BALANCE_CHARS_PER_REQUEST)
+    cool = {t: n for t, n in loads.items() if n <= cutoff}
+    best = max((matches.get(t, 0) for t in cool), default=0)
+    if best and best / length > cfg.cache_threshold:
+        holders = {t: n for t, n in cool.items() if matches.get(t, 0) == best}
+        return least_loaded(holders, cfg.tie_break, rng), "cache_hit", best
+    return least_loaded(cool, cfg.tie_break, rng), "cache_miss", best

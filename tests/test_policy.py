@@ -32,7 +32,7 @@ def test_hit_above_threshold_goes_to_the_creator():
     tree = RadixTree()
     tree.insert("m", "system prompt shared", "a", 0)
     tree.insert("m", "system prompt shared", "b", 0)
-    d = run(tree, {"a": 5, "b": 0}, "system prompt shared + question")
+    d = run(tree, {"a": 5, "b": 0}, "system prompt shared + question", PolicyConfig(hit_choice="creator"))
     assert (d.upstream, d.reason) == ("a", "cache_hit")
     assert d.matched == len("system prompt shared")
 
@@ -44,6 +44,38 @@ def test_hit_least_loaded_holder_when_asked():
     cfg = PolicyConfig(hit_choice="least_loaded")
     d = run(tree, {"a": 5, "b": 0, "c": 0}, "system prompt shared + question", cfg)
     assert (d.upstream, d.reason) == ("b", "cache_hit")
+
+
+def test_balanced_skips_a_hot_holder_of_a_short_shared_prefix():
+    tree = RadixTree()
+    tree.insert("m", "short shared system prompt", "a", 0)
+    cfg = PolicyConfig(hit_choice="balanced")
+    # equal loads: the holder wins
+    d = run(tree, {"a": 1, "b": 1, "c": 1}, "short shared system prompt, question 1", cfg)
+    assert (d.upstream, d.reason) == ("a", "cache_hit")
+    # a runs hot (4 > mean 1.33 + max(std 1.9, 1 + 26/4096)): the cool ones, by load
+    d = run(tree, {"a": 4, "b": 0, "c": 0}, "short shared system prompt, question 2", cfg)
+    assert d.upstream in ("b", "c") and d.reason == "cache_miss"
+
+
+def test_balanced_tolerates_more_load_for_a_longer_prefix():
+    tree = RadixTree()
+    doc = "long document " * 2000  # 28,000 characters: ~7.8 requests of tolerance
+    tree.insert("m", doc, "a", 0)
+    cfg = PolicyConfig(hit_choice="balanced")
+    assert run(tree, {"a": 6, "b": 0, "c": 0}, doc + "question", cfg).upstream == "a"
+    assert run(tree, {"a": 12, "b": 0, "c": 0}, doc + "question", cfg).upstream in ("b", "c")
+
+
+def test_balanced_prefers_the_longest_own_match_among_cool_upstreams():
+    tree = RadixTree()
+    tree.insert("m", "shared prefix / session one", "a", 0)
+    tree.insert("m", "shared prefix", "b", 0)
+    cfg = PolicyConfig(hit_choice="balanced")
+    d = run(tree, {"a": 1, "b": 0}, "shared prefix / session one / turn 2", cfg)
+    assert (d.upstream, d.reason, d.matched) == ("a", "cache_hit", len("shared prefix / session one"))
+    d = run(tree, {"a": 0, "b": 0}, "unrelated text entirely", cfg)
+    assert d.reason == "cache_miss"
 
 
 def test_threshold_is_strict():

@@ -1,0 +1,1 @@
+"""The routing simulator used by `python -m bench.eval`."""

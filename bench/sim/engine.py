@@ -1,0 +1,183 @@
+"""A discrete-event simulator of the two-layer topology: an upper policy over N SGLang routers,
+each balancing W workers with SGLang's cache_aware semantics, each worker with a bounded prefix
+cache and a service model.
+
+Worker: at most ``batch`` requests at once, the rest wait in FIFO order. A request's prefill takes
+``prefill_base + uncached tokens x prefill_per_token`` and its decode ``output tokens x
+decode_per_token``; its time to first token is the queueing plus the prefill. The cache is the fake
+worker's own (16-token blocks over the ChatML rendering, least recently used first), looked up and
+filled when the request starts. Load is in-flight requests, at both layers, from the decision to
+the end of the response: what prefix-router and sglang-router count.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import statistics
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import orjson
+
+from extproc.fakeworker import BLOCK_TOKENS, PrefixCache, token_count
+from extproc.payload import render_chat_template, routing_input
+from extproc.policy import PolicyConfig, decide
+from extproc.tree import RadixTree
+
+from .workloads import Req
+
+
+@dataclass(frozen=True)
+class Topology:
+    routers: int = 4
+    workers: int = 2  # per router
+    batch: int = 8
+    capacity_tokens: int = 1 << 20  # per worker
+
+
+@dataclass(frozen=True)
+class ServiceModel:
+    prefill_base: float = 0.010
+    prefill_per_token: float = 0.00008  # ~12.5K uncached tokens/s per worker
+    decode_per_token: float = 0.015
+
+
+@dataclass
+class Prepared:
+    """What the simulation needs of a request, computed once per workload."""
+
+    req: Req
+    body: bytes
+    keys: list[bytes]  # the worker-side cache blocks of its rendering
+    prompt_tokens: int
+    sglang_text: str
+    partition: str
+    texts: dict[str, str] = field(default_factory=dict)
+
+
+def prepare(workload: list[Req]) -> list[Prepared]:
+    out = []
+    for r in workload:
+        body = orjson.dumps(r.request_body())
+        rendering = render_chat_template(r.messages, r.tools)
+        ri = routing_input("/v1/chat/completions", body, form="sglang")
+        out.append(Prepared(r, body, PrefixCache.block_keys(rendering), token_count(rendering), ri.text, ri.partition))
+    return out
+
+
+class Worker:
+    def __init__(self, topo: Topology) -> None:
+        self.cache = PrefixCache(topo.capacity_tokens)
+        self.free = topo.batch
+        self.queue: deque = deque()
+        self.inflight = 0
+
+
+class SglangRouter:
+    """sglang-router 0.3.2's cache_aware over its own workers (creator on a hit, first on ties)."""
+
+    CFG = PolicyConfig(hit_choice="creator", tie_break="first")
+
+    def __init__(self, workers: list[int]) -> None:
+        self.workers = workers
+        self.tree = RadixTree()
+        self.inflight = 0
+
+    def choose(self, p: Prepared, sim: "Sim") -> int:
+        loads = {str(w): sim.workers[w].inflight for w in self.workers}
+        d = decide(self.tree, loads, p.partition, p.sglang_text, sim.now, self.CFG, sim.rng)
+        return int(d.upstream)
+
+
+class Sim:
+    def __init__(self, prepared: list[Prepared], upper, topo: Topology, model: ServiceModel, seed: int = 0, rate_scale: float = 1.0) -> None:
+        self.topo, self.model, self.upper = topo, model, upper
+        self.rng = random.Random(seed)
+        self.workers = [Worker(topo) for _ in range(topo.routers * topo.workers)]
+        self.routers = [SglangRouter(list(range(r * topo.workers, (r + 1) * topo.workers))) for r in range(topo.routers)]
+        self.now = 0.0
+        self.events: list = []
+        self.seq = itertools.count()
+        self.sessions: dict[str, deque[Prepared]] = {}
+        for p in prepared:
+            self.sessions.setdefault(p.req.session, deque()).append(p)
+        for q in self.sessions.values():
+            self._push(q[0].req.start / rate_scale, "arrive", q[0])
+        self.records: list[tuple[float, float, int, int, int]] = []  # (ttft, finish, prompt, cached, output)
+        self.imbalance: list[float] = []
+        self.reasons: Counter = Counter()
+        self.rate_scale = rate_scale
+
+    def _push(self, t: float, kind: str, payload) -> None:
+        heapq.heappush(self.events, (t, next(self.seq), kind, payload))
+
+    def run(self) -> dict:
+        while self.events:
+            self.now, _, kind, payload = heapq.heappop(self.events)
+            if kind == "arrive":
+                self._arrive(payload)
+            else:
+                self._finish(*payload)
+        return self.summary()
+
+    def _arrive(self, p: Prepared) -> None:
+        loads = [r.inflight for r in self.routers]
+        mean = sum(loads) / len(loads)
+        if mean > 0:
+            self.imbalance.append(max(loads) / mean)
+        r = self.upper.choose(p, self)
+        self.reasons[getattr(self.upper, "last_reason", "-")] += 1
+        router = self.routers[r]
+        router.inflight += 1
+        w = router.choose(p, self)
+        worker = self.workers[w]
+        worker.inflight += 1
+        worker.queue.append((p, r, self.now))
+        self._start(w)
+
+    def _start(self, w: int) -> None:
+        worker = self.workers[w]
+        while worker.free and worker.queue:
+            p, r, arrived = worker.queue.popleft()
+            worker.free -= 1
+            hit = min(worker.cache.cached_blocks(p.keys) * BLOCK_TOKENS, p.prompt_tokens)
+            worker.cache.insert(p.keys)
+            m = self.model
+            prefill = m.prefill_base + (p.prompt_tokens - hit) * m.prefill_per_token
+            out = p.req.output_tokens
+            ttft = self.now - arrived + prefill
+            self._push(self.now + prefill + out * m.decode_per_token, "finish", (w, r, p, ttft, hit))
+
+    def _finish(self, w: int, r: int, p: Prepared, ttft: float, hit: int) -> None:
+        worker = self.workers[w]
+        worker.free += 1
+        worker.inflight -= 1
+        self.routers[r].inflight -= 1
+        self.records.append((ttft, self.now, p.prompt_tokens, hit, p.req.output_tokens))
+        finished = getattr(self.upper, "finished", None)
+        if finished:
+            finished(p, r, self)
+        q = self.sessions[p.req.session]
+        q.popleft()
+        if q:
+            self._push(self.now + q[0].req.after, "arrive", q[0])
+        self._start(w)
+
+    def summary(self) -> dict:
+        ttfts = sorted(t for t, *_ in self.records)
+        prompt = sum(r[2] for r in self.records)
+        cached = sum(r[3] for r in self.records)
+        span = max(r[1] for r in self.records)
+        n = len(ttfts)
+        return {
+            "requests": n,
+            "hit_ratio": cached / prompt if prompt else 0.0,
+            "ttft_p50_s": ttfts[n // 2],
+            "ttft_p90_s": ttfts[min(n - 1, int(n * 0.9))],
+            "throughput_rps": n / span,
+            "output_tokens_per_s": sum(r[4] for r in self.records) / span,
+            "imbalance_max_over_mean": statistics.mean(self.imbalance) if self.imbalance else 1.0,
+            "reasons": {k: v / n for k, v in self.reasons.items()},
+        }

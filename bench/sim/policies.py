@@ -1,0 +1,149 @@
+"""Upper-layer policies compared by the evaluation: which SGLang router gets a request.
+
+``PrefixRouter`` is this project's real code (payload parser, radix tree, policy) in process; the
+others are what operators run today or what the alternatives do, as FIELD-NOTES describes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import orjson
+
+from extproc.fakeworker import BLOCK_TOKENS, CHARS_PER_TOKEN
+from extproc.payload import routing_input
+from extproc.policy import BALANCE_CHARS_PER_REQUEST, PolicyConfig, decide, least_loaded
+from extproc.tree import RadixTree
+
+
+def _loads(sim) -> dict[str, int]:
+    return {str(i): r.inflight for i, r in enumerate(sim.routers)}
+
+
+class PrefixRouter:
+    def __init__(self, cfg: PolicyConfig = PolicyConfig(), form: str = "sglang") -> None:
+        self.cfg, self.form = cfg, form
+        self.tree = RadixTree()
+        self.last_reason = ""
+
+    def choose(self, p, sim) -> int:
+        text = p.sglang_text if self.form == "sglang" else p.texts.get(self.form)
+        if text is None:
+            text = p.texts[self.form] = routing_input("/v1/chat/completions", p.body, form=self.form).text
+        d = decide(self.tree, _loads(sim), p.partition, text, sim.now, self.cfg, sim.rng)
+        self.last_reason = d.reason
+        return int(d.upstream)
+
+
+class RoundRobin:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def choose(self, p, sim) -> int:
+        self.n += 1
+        return self.n % len(sim.routers)
+
+
+class Random:
+    def choose(self, p, sim) -> int:
+        return sim.rng.randrange(len(sim.routers))
+
+
+class LeastLoaded:
+    def choose(self, p, sim) -> int:
+        return int(least_loaded(_loads(sim), "random", sim.rng))
+
+
+class ConsistentHash:
+    """Hash of the routing text's first ``k`` characters (a common gateway option)."""
+
+    def __init__(self, k: int = 2048) -> None:
+        self.k = k
+
+    def choose(self, p, sim) -> int:
+        h = hashlib.blake2b(p.sglang_text[: self.k].encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return int.from_bytes(h, "big") % len(sim.routers)
+
+
+class LiteLLM:
+    """LiteLLM v1 prompt-caching routing: SHA-256 of the canonical JSON of ``{"messages": ...}``,
+    stored after a successful response when the prompt has >= 1024 tokens (TTL 300 s, 200 items);
+    a lookup tries the whole list, then without its last 1, 2 and 3 messages; else random."""
+
+    def __init__(self, ttl: float = 300.0, size: int = 200, min_tokens: int = 1024) -> None:
+        self.ttl, self.size, self.min_tokens = ttl, size, min_tokens
+        self.store: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.last_reason = ""
+
+    @staticmethod
+    def key(messages: list) -> str:
+        return hashlib.sha256(orjson.dumps({"messages": messages}, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    def choose(self, p, sim) -> int:
+        msgs = p.req.messages
+        for drop in range(0, 4):
+            if drop >= len(msgs):
+                break
+            hit = self.store.get(self.key(msgs[: len(msgs) - drop]))
+            if hit is not None and sim.now - hit[1] <= self.ttl:
+                self.last_reason = "cache_hit"
+                return hit[0]
+        self.last_reason = "random"
+        return sim.rng.randrange(len(sim.routers))
+
+    def finished(self, p, r: int, sim) -> None:
+        if p.prompt_tokens < self.min_tokens:
+            return
+        k = self.key(p.req.messages)
+        self.store[k] = (r, sim.now)
+        self.store.move_to_end(k)
+        while len(self.store) > self.size:
+            self.store.popitem(last=False)
+
+
+class Oracle:
+    """Knows every worker's cache. ``greedy``: the router whose best worker holds the longest
+    cached prefix of this very prompt (ties to the least loaded). Otherwise the same, but only
+    among routers not running hot, with the balanced policy's tolerance computed from the true
+    cached length instead of the tree's guess."""
+
+    def __init__(self, greedy: bool = False) -> None:
+        self.greedy = greedy
+
+    def choose(self, p, sim) -> int:
+        loads = [r.inflight for r in sim.routers]
+        cached = [max(sim.workers[w].cache.cached_blocks(p.keys) for w in r.workers) for r in sim.routers]
+        mean = sum(loads) / len(loads)
+        std = (sum((v - mean) ** 2 for v in loads) / len(loads)) ** 0.5
+        chars = max(cached) * BLOCK_TOKENS * CHARS_PER_TOKEN
+        cutoff = float("inf") if self.greedy else mean + max(std, 1.0 + chars / BALANCE_CHARS_PER_REQUEST)
+        cool = [i for i in range(len(loads)) if loads[i] <= cutoff]
+        best = max(cached[i] for i in cool)
+        return int(least_loaded({str(i): loads[i] for i in cool if cached[i] == best}, "random", sim.rng))
+
+
+class Single:
+    """The one-layer reference: a single sglang-router over all N x W workers (topology of 1 router)."""
+
+    def choose(self, p, sim) -> int:
+        return 0
+
+
+def upper_policies() -> dict[str, object]:
+    """Fresh instances, keyed by the names the report uses. ``prefix-router`` is the shipped
+    default; the ``prefix-router/...`` variants are its alternatives, kept selectable."""
+    return {
+        "prefix-router": PrefixRouter(),
+        "prefix-router/template": PrefixRouter(form="template"),
+        "prefix-router/creator": PrefixRouter(PolicyConfig(hit_choice="creator")),
+        "prefix-router/least-loaded-hit": PrefixRouter(PolicyConfig(hit_choice="least_loaded")),
+        "prefix-router/sglang-0.3.2": PrefixRouter(PolicyConfig(hit_choice="creator", tie_break="first")),
+        "round-robin": RoundRobin(),
+        "random": Random(),
+        "least-loaded": LeastLoaded(),
+        "consistent-hash": ConsistentHash(),
+        "litellm-v1": LiteLLM(),
+        "oracle": Oracle(),
+        "oracle-greedy": Oracle(greedy=True),
+    }

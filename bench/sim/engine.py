@@ -109,6 +109,7 @@ class Sim:
         self.imbalance: list[float] = []
         self.reasons: Counter = Counter()
         self.rate_scale = rate_scale
+        self.order: list[Prepared] = []  # arrival order (the end-to-end replay sends in this order)
 
     def _push(self, t: float, kind: str, payload) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
@@ -123,6 +124,7 @@ class Sim:
         return self.summary()
 
     def _arrive(self, p: Prepared) -> None:
+        self.order.append(p)
         loads = [r.inflight for r in self.routers]
         mean = sum(loads) / len(loads)
         if mean > 0:

@@ -37,7 +37,10 @@ FUZZ_EXAMPLES ?= 34000
 fuzz: install
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_payload_fuzz.py
 
+# Every benchmark; JSON in bench/results/, the routing report in bench/results/REPORT.md.
+# The overhead benchmark drives Envoy with wrk (Debian's package).
 bench: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench
 
 clean:

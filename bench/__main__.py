@@ -1,8 +1,18 @@
-"""`make bench`: every benchmark in turn; each writes its JSON to bench/results/."""
+"""`make bench`: every benchmark in turn; each writes its JSON to bench/results/.
 
+Single ones: python -m bench.payload | bench.tree | bench.inflight | bench.eval | bench.e2e | bench.overhead
+"""
+
+from . import e2e, inflight, overhead, payload, tree
 from . import eval as routing_eval
-from . import inflight, payload, tree
 
-for bench in (payload, tree, inflight, routing_eval):
-    print(f"== {bench.__name__}", flush=True)
-    bench.main([]) if bench in (tree, routing_eval) else bench.main()
+for name, run in (
+    ("payload", payload.main),
+    ("tree", lambda: tree.main([])),
+    ("inflight", inflight.main),
+    ("eval", lambda: routing_eval.main([])),
+    ("e2e", e2e.main),
+    ("overhead", overhead.main),
+):
+    print(f"== {name}", flush=True)
+    run()

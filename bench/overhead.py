@@ -1,0 +1,141 @@
+"""What the service adds to a request's latency and costs in throughput, through real Envoy.
+
+    .venv/bin/python -m bench.overhead      → bench/results/overhead.json   (needs wrk: apt-get install wrk)
+
+The upstreams are made fast enough never to be the bottleneck: two listeners of a separate Envoy
+answering every request directly. In the same run, wrk (one thread, 10 s each, --latency) drives:
+
+- ``envoy-direct``: Envoy routing straight to the two upstreams (round robin): the baseline;
+- ``envoy+prefix-router duplex`` / ``buffered``: the shipped configs with the service deciding;
+- ``sglang-router``: one sglang-router (cache_aware) over the same two upstreams, the single-layer
+  alternative.
+
+at 1 connection (added latency) and 16 connections (throughput). The body is a 2 KB chat request.
+Targets ([eval]): added p50 latency <= 1 ms, throughput >= 60% of envoy-direct.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import orjson
+import yaml
+
+from extproc.stack import ENVOY_DIR, HOST, Ports, Stack, find_envoy, free_port, http_get, wait_until
+
+from .common import write
+
+BODY = orjson.dumps({"model": "fake-model", "messages": [
+    {"role": "system", "content": "You are a helpful assistant. " * 40},
+    {"role": "user", "content": "What is the weather like on the coast today? " * 18},
+]})
+ANSWER = '{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}'
+
+
+def _hcm(route: dict) -> dict:
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "bench", "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}
+
+
+def upstream_config(admin: int, ports: list[int]) -> dict:
+    """A separate Envoy whose listeners answer every request at once: upstreams that cost ~nothing."""
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": ANSWER}}}
+    return {"admin": {"address": {"socket_address": {"address": HOST, "port_value": admin}}},
+            "static_resources": {"listeners": [{"name": f"u{i}", "address": {"socket_address": {"address": HOST, "port_value": p}},
+                                                "filter_chains": [{"filters": [_hcm(route)]}]} for i, p in enumerate(ports)]}}
+
+
+def direct_config(admin: int, listen: int, upstreams: list[int]) -> dict:
+    """Envoy routing straight to the upstreams: the baseline without prefix-router."""
+    return {"admin": {"address": {"socket_address": {"address": HOST, "port_value": admin}}},
+            "static_resources": {
+                "listeners": [{"name": "ingress", "address": {"socket_address": {"address": HOST, "port_value": listen}},
+                               "filter_chains": [{"filters": [_hcm({"match": {"prefix": "/"}, "route": {"cluster": "direct"}})]}]}],
+                "clusters": [{"name": "direct", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {"cluster_name": "direct", "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": HOST, "port_value": p}}}} for p in upstreams]}]}}]}}
+
+
+def wrk(url: str, connections: int, seconds: int, script: Path) -> dict:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 30).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {"connections": connections, "rps": rps, "p50_ms": ms("50"), "p90_ms": ms("90"), "p99_ms": ms("99"),
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+
+
+def main(seconds: int = 10) -> dict:
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    script = work / "post.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {orjson.dumps(BODY.decode()).decode()}\n')
+    ups = [free_port(), free_port()]
+    procs: list[subprocess.Popen] = []
+
+    def envoy(name: str, cfg: dict, admin: int) -> None:
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        procs.append(subprocess.Popen([find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "error", "--concurrency", "1"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_until(lambda: http_get(f"http://{HOST}:{admin}/ready")[1].strip() == b"LIVE", 30, name)
+
+    rows = []
+    try:
+        ua = free_port()
+        envoy("upstreams", upstream_config(ua, ups), ua)
+        da, dl = free_port(), free_port()
+        envoy("direct", direct_config(da, dl, ups), da)
+        variants = {"envoy-direct": f"http://{HOST}:{dl}/v1/chat/completions"}
+        stacks = []
+        for mode in ("duplex", "buffered"):
+            ports = Ports.free(2, 0)
+            ports.routers = ups
+            s = Stack(ports, envoy_config=ENVOY_DIR / f"{mode}.yaml", workdir=work / mode, service_args=["--health-interval-secs", "5"])
+            s.start_service()
+            s.start_envoy()
+            stacks.append(s)
+            variants[f"envoy+prefix-router {mode}"] = f"{s.base_url}/chat/completions"
+        router_port = free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(router_port),
+             "--worker-urls", *[f"http://{HOST}:{p}" for p in ups], "--policy", "cache_aware", "--prometheus-host", HOST,
+             "--prometheus-port", str(free_port()), "--log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_until(lambda: http_get(f"http://{HOST}:{router_port}/get_loads")[1].count(b'"worker"') >= 2, 60, "sglang-router")
+        variants["sglang-router"] = f"http://{HOST}:{router_port}/v1/chat/completions"
+        for connections in (1, 16):
+            for name, url in variants.items():
+                wrk(url, connections, 2, script)  # warm up
+                rows.append({"path": name, **wrk(url, connections, seconds, script)})
+                print(f"{name:32s} c={connections:<3d} {rows[-1]['rps']:8.0f} req/s  p50 {rows[-1]['p50_ms']:.2f} ms  p99 {rows[-1]['p99_ms']:.2f} ms  non-2xx {rows[-1]['non_2xx']}", flush=True)
+    finally:
+        for s in locals().get("stacks", []):
+            s.stop()
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+    base = {r["connections"]: r for r in rows if r["path"] == "envoy-direct"}
+    for r in rows:
+        r["added_p50_ms"] = r["p50_ms"] - base[r["connections"]]["p50_ms"]
+        r["throughput_vs_direct"] = r["rps"] / base[r["connections"]]["rps"]
+    result = {"benchmark": "overhead", "seconds": seconds, "body_bytes": len(BODY), "rows": rows,
+              "targets": {"added_p50_ms_max": 1.0, "throughput_vs_direct_min": 0.6}}
+    print(f"wrote {write('overhead', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -130,3 +130,34 @@ async def test_listen_errors_name_the_flag():
     s = make({"upstreams": ["127.0.0.1:1"], "admin_grpc_listen": "256.1.1.1:1"})
     with pytest.raises(OSError, match="--admin-grpc-listen"):
         await s.start()
+
+
+async def test_dns_names_are_re_resolved_and_keep_their_last_addresses(monkeypatch):
+    """A name giving every router pod: new pods join, gone pods leave, a failed lookup keeps the pool."""
+    import socket
+
+    import extproc.discovery as discovery
+
+    # loopback addresses only: the health checker really connects to them
+    answers = [["127.0.1.1", "127.0.1.2"], ["127.0.1.2", "127.0.1.3"], OSError("temporary failure")]
+
+    def fake_getaddrinfo(host, port, *a, **kw):
+        assert host == "routers.llm.svc"
+        answer = answers[0] if len(answers) == 1 else answers.pop(0)
+        if isinstance(answer, Exception):
+            raise socket.gaierror(answer.args[0])
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
+
+    monkeypatch.setattr(discovery.socket, "getaddrinfo", fake_getaddrinfo)
+    s = make({"upstreams": ["routers.llm.svc:30000"]})
+    await s.start()
+    try:
+        assert list(s.director.pool.upstreams) == ["127.0.1.1:30000", "127.0.1.2:30000"]
+        s.director.tree.insert("", "held by the pod that goes away", "127.0.1.1:30000", 0)
+        await s.discovery.refresh()
+        assert list(s.director.pool.upstreams) == ["127.0.1.2:30000", "127.0.1.3:30000"]
+        assert "127.0.1.1:30000" not in s.director.tree.tenant_chars()
+        await s.discovery.refresh()  # the lookup fails: the pool stays
+        assert list(s.director.pool.upstreams) == ["127.0.1.2:30000", "127.0.1.3:30000"]
+    finally:
+        await s.stop(delay=0)

@@ -141,7 +141,7 @@ def loogle(rng: random.Random, questions_per_doc: int = 12, rate: float = 2.0) -
     return _spread(sessions, rate, rng)
 
 
-def mooncake(rng: random.Random, limit: int = 400, time_scale: float = 1.0) -> list[Req]:
+def mooncake(rng: random.Random, limit: int = 1000, time_scale: float = 1.0) -> list[Req]:
     """Mooncake's request trace: each 512-token hash block becomes a fixed 2,048-character chunk."""
     chunks: dict[int, str] = {}
 

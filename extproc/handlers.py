@@ -121,7 +121,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     info = director.begin(headers_dict(req.request_headers))
                     if req.request_headers.end_of_stream:
                         routed = director.route(info, None)
-                        yield self._headers_answer(routed, info)
+                        yield self._answer("headers", routed, info)
                         delivered = True
                     elif not duplex:
                         yield _CONTINUE_HEADERS
@@ -140,7 +140,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         continue
                     if not duplex:
                         routed = director.route(info, body.body)
-                        yield self._body_answer(routed, info)
+                        yield self._answer("body", routed, info)
                         delivered = True
                         continue
                     chunks.append(body.body)
@@ -182,22 +182,20 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     ) -> AsyncIterator[pb.ProcessingResponse]:
         body = b"".join(chunks) if not too_large else None
         routed = self.director.route(info, body, body_too_large=too_large)
+        yield self._answer("headers", routed, info)
         if routed.address is None:
-            yield unavailable()
             return
-        yield pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=decision_mutation(self.header_name, routed, info.ticket)))
         for r in _body_chunks(chunks, end_of_stream):
             yield r
 
-    def _headers_answer(self, routed: Routed, info: RequestInfo) -> pb.ProcessingResponse:
+    def _answer(self, phase: str, routed: Routed, info: RequestInfo) -> pb.ProcessingResponse:
+        """The decision as the answer to ``phase`` (request headers or request body), or the 503."""
         if routed.address is None:
             return unavailable()
-        return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=decision_mutation(self.header_name, routed, info.ticket)))
-
-    def _body_answer(self, routed: Routed, info: RequestInfo) -> pb.ProcessingResponse:
-        if routed.address is None:
-            return unavailable()
-        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=decision_mutation(self.header_name, routed, info.ticket)))
+        common = decision_mutation(self.header_name, routed, info.ticket)
+        if phase == "headers":
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
 
 def _body_chunks(chunks: list[bytes], end_of_stream: bool) -> list[pb.ProcessingResponse]:

@@ -14,6 +14,7 @@ import argparse
 import copy
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,10 +45,39 @@ DEFAULT_PORTS = {
 }
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range, never handed out twice by this process.
+
+    Port 0 would give a port from the ephemeral range, which outgoing connections (Envoy to its
+    upstreams, the test clients) also draw from: one of them could take it before the server that
+    was meant to bind it does.
+    """
+    lo, _ = _ephemeral_range()
+    low, high = (20000, lo) if lo > 21000 else (lo + 10000, 65000)
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError("no free port found")
 
 
 def _die_with_parent() -> None:

@@ -105,12 +105,12 @@ def report(result: dict) -> str:
         lines.append(f"| {r['workload']} | {r['capacity']} | x{r['rate']:g} | {r['hit_ratio']:.3f} | {s['hit_ratio']:.3f} | {o['hit_ratio']:.3f} | "
                      f"{'yes' if ok1 else 'NO'} | {'yes' if ok2 else 'NO'} | {best} |")
     lines += ["", f"Hit-ratio targets missed: {missed} of {2 * sum(1 for r in rows if r['policy'] == 'prefix-router')}.", "",
-              "Why targets are missed, where they are: the balanced rule moves a request off a router that runs hot, trading "
-              "some hits for queueing time. The one-layer reference and the creator rule keep every request that shares a "
+              "Why targets are missed, where they are: the cost rule moves a request off a router whose queue costs more "
+              "than recomputing the prefix elsewhere, trading some hits for queueing time. The one-layer reference and the creator rule keep every request that shares a "
               "system prompt on the first worker that saw it, which wins hit ratio when that worker's cache still holds "
               "everything and loses it (and TTFT) when it does not; the TTFT column shows the price. LiteLLM v1's exact "
               "message hashing never moves an append-only session, which wins on agent traces when caches are tight. The "
-              "oracle here is the balanced rule with perfect knowledge of every cache, not an upper bound on every metric.", "",
+              "oracle here is the cost rule with perfect knowledge of every cache, not an upper bound on every metric.", "",
               "Plots: `eval-hit-ratio.png` (hit ratio against capacity, rate x1), `eval-ttft.png` (TTFT p90 against rate, capacity `eighth`), "
               "`eval-imbalance.png` (mean max/mean in-flight across routers, capacity `eighth`).", ""]
     return "\n".join(lines)

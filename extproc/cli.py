@@ -79,7 +79,14 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--balance-rel-threshold", metavar="X", default=S, help="...and max is above min times this: go to the least loaded (default 1.5)")
     g.add_argument("--eviction-interval-secs", metavar="S", default=S, help="how often the tree is trimmed to --max-tree-size (default 60)")
     g.add_argument("--max-tree-size", metavar="CHARS", default=S, help="characters the tree may hold per upstream (default 67108864)")
-    g.add_argument("--hit-choice", metavar="creator|least_loaded", default=S, help="on a hit, the upstream that created the matched node (sglang-router) or the least loaded holder (default creator)")
+    g.add_argument(
+        "--hit-choice", metavar="cost|balanced|creator|least_loaded", default=S,
+        help="how a prefix match and load combine (default cost: least recompute-plus-queue cost; creator is sglang-router's rule; see README)",
+    )
+    g.add_argument(
+        "--inflight-cost-chars", metavar="N", default=S,
+        help="with --hit-choice cost: characters of prefix recompute that one in-flight request is worth (default 1024)",
+    )
     g.add_argument("--tie-break", metavar="random|first", default=S, help="among equally loaded upstreams (default random; sglang-router 0.3.2 takes the first)")
     g = p.add_argument_group("payload")
     g.add_argument("--routing-text", metavar="sglang|template", default=S, help="what the tree matches on (default sglang, as sglang-router)")

@@ -41,7 +41,8 @@ class Config:
     balance_rel_threshold: float = 1.5
     eviction_interval_secs: float = 60.0
     max_tree_size: int = 67108864
-    hit_choice: str = "balanced"
+    hit_choice: str = "cost"
+    inflight_cost_chars: int = 1024
     tie_break: str = "random"
     routing_text: str = "sglang"
     max_routing_chars: int = 1 << 20
@@ -68,6 +69,7 @@ class Config:
             balance_rel_threshold=self.balance_rel_threshold,
             hit_choice=self.hit_choice,
             tie_break=self.tie_break,
+            inflight_cost_chars=self.inflight_cost_chars,
         )
 
     # Settings a reload cannot change (the listeners are bound once).
@@ -174,6 +176,7 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "eviction_interval_secs": _number(float, 0.0, lo_open=True),
     "max_tree_size": _number(int, 1),
     "hit_choice": _choice(HIT_CHOICES),
+    "inflight_cost_chars": _number(int, 1),
     "tie_break": _choice(TIE_BREAKS),
     "routing_text": _choice(FORMS),
     "max_routing_chars": _number(int, 1),

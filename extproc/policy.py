@@ -7,6 +7,12 @@ Per request (load = in-flight requests per upstream):
 2. Else longest-prefix match; ``match_rate = matched / len(text)``. If ``match_rate >
    cache_threshold``, an upstream holding the deepest match (``hit_choice``: the node's creator as
    sglang-router does, or the least loaded of all holders).
+   ``hit_choice = cost`` (the default) instead gives every upstream a cost: the characters it would
+   have to recompute that the best-placed upstream would not (deepest match minus its own match)
+   plus ``inflight_cost_chars`` for each request it has in flight; the cheapest wins (ties at
+   random). A long prefix of its own keeps a conversation home through a burst; a prefix that any
+   upstream could rebuild cheaply (a shared system prompt) no longer pins everyone to the first
+   upstream that saw it. The threshold then only names the outcome (a hit or a miss).
    ``hit_choice = balanced`` first keeps only the upstreams not running hot (load at most the mean
    plus the larger of one standard deviation and a tolerance that grows with the length of the
    matched prefix: see ``BALANCE_CHARS_PER_REQUEST``), then takes the one with the longest match
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 
 from .tree import RadixTree
 
-HIT_CHOICES = ("creator", "least_loaded", "balanced")
+HIT_CHOICES = ("cost", "balanced", "creator", "least_loaded")
 TIE_BREAKS = ("random", "first")
 
 
@@ -36,8 +42,9 @@ class PolicyConfig:
     cache_threshold: float = 0.3
     balance_abs_threshold: int = 64
     balance_rel_threshold: float = 1.5
-    hit_choice: str = "balanced"
+    hit_choice: str = "cost"
     tie_break: str = "random"
+    inflight_cost_chars: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,8 @@ def decide(
         return Decision(least_loaded(loads, cfg.tie_break, rng), "no_routing_text")
     if is_imbalanced(loads, cfg):
         choice, reason, matched = least_loaded(loads, cfg.tie_break, rng), "imbalance", 0
+    elif cfg.hit_choice == "cost":
+        choice, reason, matched = _cheapest(tree.match(partition, text).tenants, loads, len(text), cfg, rng)
     elif cfg.hit_choice == "balanced":
         choice, reason, matched = _balanced(tree.match(partition, text).tenants, loads, len(text), cfg, rng)
     else:
@@ -94,6 +103,23 @@ def decide(
     if insert:
         tree.insert(partition, text, choice, now)
     return Decision(choice, reason, matched, len(text))
+
+
+def _cheapest(matches: dict[str, int], loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random) -> tuple[str, str, int]:
+    """The upstream with the lowest recompute-plus-queue cost (see module doc)."""
+    deepest = max(matches.values(), default=0)
+    per_request = cfg.inflight_cost_chars
+    best = None
+    cheapest: list[str] = []
+    for t, n in loads.items():
+        cost = deepest - matches.get(t, 0) + per_request * n
+        if best is None or cost < best:
+            best, cheapest = cost, [t]
+        elif cost == best:
+            cheapest.append(t)
+    choice = cheapest[0] if cfg.tie_break == "first" else rng.choice(cheapest)
+    own = matches.get(choice, 0)
+    return choice, "cache_hit" if own / length > cfg.cache_threshold else "cache_miss", own
 
 
 # How many more in-flight requests than the mean an upstream may carry and still be preferred for

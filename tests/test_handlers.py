@@ -141,19 +141,25 @@ async def test_no_healthy_upstream_is_an_openai_style_503(service):
 
 async def test_conversation_sticks_and_access_log_releases_inflight(service):
     director, ch = service
+
+    async def finish(*mutations):
+        async def entries():
+            yield als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+                log_entry=[accesslog_pb2.HTTPAccessLogEntry(request=accesslog_pb2.HTTPRequestProperties(request_headers={TICKET_HEADER: m[TICKET_HEADER]})) for m in mutations]
+            ))
+
+        await als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs(entries())
+
     first = await exchange(ch, [headers(), body(chat("a long shared prompt " * 20), True)])
+    m1 = mutation(first[1].request_body.response)
+    assert sum(director.pool.loads().values()) == 1
+    await finish(m1)  # the first turn's response ends, as Envoy reports it
+    assert sum(director.pool.loads().values()) == 0
     second = await exchange(ch, [headers(), body(chat("a long shared prompt " * 20 + "and more"), True)])
-    m1, m2 = mutation(first[1].request_body.response), mutation(second[1].request_body.response)
+    m2 = mutation(second[1].request_body.response)
     assert m1["x-upstream-host"] == m2["x-upstream-host"]
-    assert sum(director.pool.loads().values()) == 2
-
-    async def entries():
-        msg = als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
-            log_entry=[accesslog_pb2.HTTPAccessLogEntry(request=accesslog_pb2.HTTPRequestProperties(request_headers={TICKET_HEADER: m[TICKET_HEADER]})) for m in (m1, m2)]
-        ))
-        yield msg
-
-    await als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs(entries())
+    assert sum(director.pool.loads().values()) == 1
+    await finish(m2, m2)  # a duplicate report releases nothing twice
     assert sum(director.pool.loads().values()) == 0
 
 

@@ -79,16 +79,42 @@ def test_balanced_prefers_the_longest_own_match_among_cool_upstreams():
 
 
 def test_threshold_is_strict():
+    creator = PolicyConfig(hit_choice="creator")
     tree = RadixTree()
     tree.insert("m", "abc", "a", 0)
     # 3 of 10 characters match: 0.3 is not > 0.3, so a miss to the least loaded
-    d = run(tree, {"a": 1, "b": 0}, "abcdefghij")
+    d = run(tree, {"a": 1, "b": 0}, "abcdefghij", creator)
     assert (d.upstream, d.reason) == ("b", "cache_miss")
-    d = run(RadixTree(), {"a": 1, "b": 0}, "abcd")
     tree2 = RadixTree()
     tree2.insert("m", "abcd", "a", 0)
-    d = run(tree2, {"a": 1, "b": 0}, "abcdefghij")  # 0.4 > 0.3
+    d = run(tree2, {"a": 1, "b": 0}, "abcdefghij", creator)  # 0.4 > 0.3
     assert (d.upstream, d.reason) == ("a", "cache_hit")
+
+
+def test_cost_weighs_the_prefix_to_recompute_against_the_queue():
+    cfg = PolicyConfig(hit_choice="cost", inflight_cost_chars=1000)
+    tree = RadixTree()
+    history = "a conversation of its own " * 200  # 5,200 characters only "a" holds
+    tree.insert("m", history, "a", 0)
+    # a is 5 requests busier: 5,000 < 5,200 characters to recompute elsewhere, so it stays home
+    d = run(tree, {"a": 5, "b": 0}, history + "next turn", cfg)
+    assert (d.upstream, d.reason, d.matched) == ("a", "cache_hit", len(history))
+    # 6 busier: waiting costs more than recomputing, so the cheapest is b (a miss there)
+    d = run(tree, {"a": 6, "b": 0, "c": 0}, history + "next turn", cfg)
+    assert d.upstream in ("b", "c") and d.reason == "cache_miss"
+
+
+def test_cost_spreads_sessions_that_share_only_a_short_prefix():
+    cfg = PolicyConfig(hit_choice="cost", inflight_cost_chars=2048)
+    tree = RadixTree()
+    system = "You are a helpful airline agent. " * 30  # ~1,000 characters
+    tree.insert("m", system + "session 1", "a", 0)
+    d = run(tree, {"a": 1, "b": 0}, system + "session 2", cfg)
+    assert d.upstream == "b"  # rebuilding 1,000 characters beats queueing behind a request
+    fresh = RadixTree()
+    fresh.insert("m", system + "session 1", "a", 0)
+    d = run(fresh, {"a": 0, "b": 0}, system + "session 3", cfg)
+    assert (d.upstream, d.reason) == ("a", "cache_hit")  # equal load: the prefix decides
 
 
 def test_hit_on_unhealthy_holder_is_a_miss():

@@ -89,6 +89,7 @@ async def test_admin_grpc_api(svc):
         assert [u.address for u in ups.upstreams] == ["127.0.0.1:1", "127.0.0.1:2"] and all(u.healthy for u in ups.upstreams)
         body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "explain this prompt please"}]})
         svc.director.route(RequestInfo(path="/v1/chat/completions", ticket="x"), body)
+        svc.director.finished("x")
         e = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=body))
         assert e.reason == "cache_hit" and e.match_rate == 1.0 and e.routing_text_head == "explain this prompt please"
         assert {u.address: u.matched_characters for u in e.upstreams}[e.upstream] == len("explain this prompt please")

@@ -13,7 +13,7 @@ import orjson
 
 from extproc.fakeworker import BLOCK_TOKENS, CHARS_PER_TOKEN
 from extproc.payload import routing_input
-from extproc.policy import BALANCE_CHARS_PER_REQUEST, PolicyConfig, decide, least_loaded
+from extproc.policy import PolicyConfig, decide, least_loaded
 from extproc.tree import RadixTree
 
 
@@ -104,23 +104,23 @@ class LiteLLM:
 
 class Oracle:
     """Knows every worker's cache. ``greedy``: the router whose best worker holds the longest
-    cached prefix of this very prompt (ties to the least loaded). Otherwise the same, but only
-    among routers not running hot, with the balanced policy's tolerance computed from the true
-    cached length instead of the tree's guess."""
+    cached prefix of this very prompt (ties to the least loaded). Otherwise the default policy's
+    cost rule (recompute plus queue) computed from the true cached lengths instead of the tree's
+    guess."""
 
     def __init__(self, greedy: bool = False) -> None:
         self.greedy = greedy
 
     def choose(self, p, sim) -> int:
         loads = [r.inflight for r in sim.routers]
-        cached = [max(sim.workers[w].cache.cached_blocks(p.keys) for w in r.workers) for r in sim.routers]
-        mean = sum(loads) / len(loads)
-        std = (sum((v - mean) ** 2 for v in loads) / len(loads)) ** 0.5
-        chars = max(cached) * BLOCK_TOKENS * CHARS_PER_TOKEN
-        cutoff = float("inf") if self.greedy else mean + max(std, 1.0 + chars / BALANCE_CHARS_PER_REQUEST)
-        cool = [i for i in range(len(loads)) if loads[i] <= cutoff]
-        best = max(cached[i] for i in cool)
-        return int(least_loaded({str(i): loads[i] for i in cool if cached[i] == best}, "random", sim.rng))
+        chars = [max(sim.workers[w].cache.cached_blocks(p.keys) for w in r.workers) * BLOCK_TOKENS * CHARS_PER_TOKEN for r in sim.routers]
+        if self.greedy:
+            best = max(chars)
+            return int(least_loaded({str(i): loads[i] for i in range(len(loads)) if chars[i] == best}, "random", sim.rng))
+        per_request = PolicyConfig().inflight_cost_chars
+        costs = [max(chars) - chars[i] + per_request * loads[i] for i in range(len(loads))]
+        low = min(costs)
+        return sim.rng.choice([i for i, c in enumerate(costs) if c == low])
 
 
 class Single:
@@ -136,6 +136,7 @@ def upper_policies() -> dict[str, object]:
     return {
         "prefix-router": PrefixRouter(),
         "prefix-router/template": PrefixRouter(form="template"),
+        "prefix-router/balanced": PrefixRouter(PolicyConfig(hit_choice="balanced")),
         "prefix-router/creator": PrefixRouter(PolicyConfig(hit_choice="creator")),
         "prefix-router/least-loaded-hit": PrefixRouter(PolicyConfig(hit_choice="least_loaded")),
         "prefix-router/sglang-0.3.2": PrefixRouter(PolicyConfig(hit_choice="creator", tie_break="first")),

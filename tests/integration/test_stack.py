@@ -92,7 +92,14 @@ def test_six_turn_conversation_stays_on_one_router_and_hits_the_cache(stack, str
 
 def test_twenty_conversations_sharing_a_system_prompt_stick_to_their_router(stack):
     async def conversation(ac: openai.AsyncOpenAI, i: int) -> list[tuple[str, int]]:
-        messages = [{"role": "system", "content": SYSTEM + " Shared by all."}]
+        # Each conversation opens with its own 12K-character document, as a customer pasting an
+        # itinerary would. Under the default cost rule a conversation leaves its router only when
+        # that router's queue costs more than recomputing the conversation's own history elsewhere
+        # (1,024 characters per request in flight): with 12K characters of its own, that takes
+        # 12 more requests in flight there than elsewhere, which 20 conversations over two routers
+        # never reach. A conversation whose own history is short may move, and should.
+        messages = [{"role": "system", "content": SYSTEM + " Shared by all."},
+                    {"role": "user", "content": f"Customer {i} itinerary: " + f"leg {i} booked, seat {i}A; " * 600}]
         seen = []
         for turn in range(3):
             messages.append({"role": "user", "content": f"I am customer {i}, request {turn}: " + f"details {i} " * 40})

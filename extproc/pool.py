@@ -9,8 +9,6 @@ forever.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -33,20 +31,6 @@ def parse_hostport(value: str, allow_zero: bool = False) -> tuple[str, int]:
     if not port.isdigit() or not (0 if allow_zero else 1) <= int(port) < 65536:
         raise AddressError(f"{value!r} has no valid port ({0 if allow_zero else 1}-65535)")
     return host, int(port)
-
-
-def resolve_upstream(value: str) -> str:
-    """The ``IP:PORT`` literal for an upstream given as ``HOST:PORT`` (hostnames resolved once)."""
-    host, port = parse_hostport(value)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise AddressError(f"{value!r}: cannot resolve {host!r} ({exc.strerror or exc})") from None
-        ip = ipaddress.ip_address(infos[0][4][0])
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 @dataclass(slots=True)

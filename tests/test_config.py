@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from extproc.config import ConfigError, build
-from extproc.pool import AddressError, Pool, parse_hostport, resolve_upstream
+from extproc.discovery import resolve_all
+from extproc.pool import AddressError, Pool, parse_hostport
 
 
 def test_defaults_follow_sglang_router():
@@ -88,10 +89,10 @@ def test_cli_help_and_config():
 
 def test_addresses():
     assert parse_hostport("[::1]:80") == ("::1", 80)
-    assert resolve_upstream("localhost:80") in ("127.0.0.1:80", "[::1]:80")
-    assert resolve_upstream("[::1]:80") == "[::1]:80"
+    assert set(resolve_all("localhost:80")) <= {"127.0.0.1:80", "[::1]:80"}
+    assert resolve_all("[::1]:80") == ["[::1]:80"]
     with pytest.raises(AddressError):
-        resolve_upstream("no-such-host.invalid:80")
+        resolve_all("no-such-host.invalid:80")
 
 
 def test_pool_inflight_tickets():

@@ -1,7 +1,5 @@
 """The service in process: reload, discovery, the admin listener and the admin gRPC API."""
 
-import os
-import signal
 
 import grpc
 import orjson

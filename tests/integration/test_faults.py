@@ -4,7 +4,6 @@ import concurrent.futures
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import orjson
 import pytest

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import openai
-import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -1,9 +1,9 @@
 """`make bench`: every benchmark in turn; each writes its JSON to bench/results/.
 
-Single ones: python -m bench.payload | bench.tree | bench.inflight | bench.eval | bench.e2e | bench.overhead
+Single ones: python -m bench.payload | bench.tree | bench.inflight | bench.eval | bench.sweep | bench.e2e | bench.overhead
 """
 
-from . import e2e, inflight, overhead, payload, tree
+from . import e2e, inflight, overhead, payload, sweep, tree
 from . import eval as routing_eval
 
 for name, run in (
@@ -11,6 +11,7 @@ for name, run in (
     ("tree", lambda: tree.main([])),
     ("inflight", inflight.main),
     ("eval", lambda: routing_eval.main([])),
+    ("sweep", sweep.main),
     ("e2e", e2e.main),
     ("overhead", overhead.main),
 ):

@@ -9,7 +9,7 @@ from bench.sim.workloads import WORKLOADS, Req
 
 
 def test_every_benchmark_module_imports():
-    for name in ("payload", "tree", "inflight", "eval", "e2e", "overhead"):
+    for name in ("payload", "tree", "inflight", "eval", "sweep", "e2e", "overhead"):
         importlib.import_module(f"bench.{name}")
 
 

@@ -122,11 +122,10 @@ def _cheapest(matches: dict[str, int], loads: dict[str, int], length: int, cfg: 
     return choice, "cache_hit" if own / length > cfg.cache_threshold else "cache_miss", own
 
 
-# How many more in-flight requests than the mean an upstream may carry and still be preferred for
-# its cached prefix: one, plus one per BALANCE_CHARS_PER_REQUEST characters of the prefix it would
-# save. Recomputing a long prefix costs more than waiting behind a few requests; a short one does
-# not. 4,096 characters (~1,000 tokens) a request was the best of the values tried by the
-# simulator (python -m bench.eval; README "Choosing the defaults").
+# ``balanced`` only: how many more in-flight requests than the mean an upstream may carry and still
+# be preferred for its cached prefix is one, plus one per BALANCE_CHARS_PER_REQUEST characters of the
+# prefix it would save. 4,096 did best of the few values tried while this rule was the default;
+# the cost rule has since replaced it (README "Choosing the defaults").
 BALANCE_CHARS_PER_REQUEST = 4096
 
 

@@ -177,12 +177,6 @@ class Director:
 
     # -- housekeeping ----------------------------------------------------------------------------
 
-    def evict(self) -> None:
-        """Evict each tenant down to ``max_tree_size`` at once (tests; the service uses
-        :meth:`evict_slices`); forget tenants no longer in the pool."""
-        for _ in self.evict_slices():
-            pass
-
     def evict_slices(self, slice_secs: float = 0.002) -> Iterator[None]:
         """The eviction sweep cut into slices of about ``slice_secs``: the caller yields to the
         event loop between them, so a sweep never holds up a decision for long."""

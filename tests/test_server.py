@@ -160,3 +160,19 @@ async def test_dns_names_are_re_resolved_and_keep_their_last_addresses(monkeypat
         assert list(s.director.pool.upstreams) == ["127.0.1.2:30000", "127.0.1.3:30000"]
     finally:
         await s.stop(delay=0)
+
+
+def test_eviction_slices_trim_each_upstream_and_forget_removed_ones():
+    from extproc.director import Director
+    from extproc.pool import Pool
+
+    d = Director(build({"upstreams": ["127.0.0.1:1"], "max_tree_size": "1000"}, env={}), Pool.from_addresses(["127.0.0.1:1"]))
+    for i in range(600):
+        d.tree.insert("", f"conversation {i} " + "x" * 200, "127.0.0.1:1", float(i))
+    d.tree.insert("", "an upstream that left the pool", "127.0.0.1:9", 0.0)
+    slices = sum(1 for _ in d.evict_slices(slice_secs=0.0))  # yield as often as it can
+    assert slices > 1
+    assert d.tree.tenant_chars() == {"127.0.0.1:1": d.tree.tenant_chars()["127.0.0.1:1"]}
+    assert d.tree.tenant_chars()["127.0.0.1:1"] <= 1000
+    assert d.tree.match("", "conversation 599 " + "x" * 200).matched > 200  # the newest stay
+    assert d.tree.match("", "conversation 0 " + "x" * 200).matched < 20  # the oldest went

@@ -22,7 +22,8 @@ with an x-upstream-host: IP:PORT header that Envoy's ORIGINAL_DST cluster connec
 
 Settings come from flags, then PREFIX_ROUTER_<NAME> environment variables (for example
 PREFIX_ROUTER_UPSTREAMS=10.0.0.1:30000,10.0.0.2:30000), then --config FILE (TOML or YAML, keys
-spelt like the flags), then defaults. The policy flags keep sglang-router's names and defaults.
+spelt like the flags), then defaults. Flags shared with sglang-router keep its names and defaults;
+--hit-choice and --tie-break default to the rules measured best here (README).
 """
 
 EXAMPLE = """\
@@ -45,7 +46,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--upstream", dest="upstreams", metavar="HOST:PORT", action="append", default=S,
         help="an SGLang router instance; repeat for each (or PREFIX_ROUTER_UPSTREAMS=a,b). "
-        "Hostnames are resolved at start: the header always carries an IP literal",
+        "A name gives all its addresses, re-resolved every --dns-refresh-secs: the header always carries an IP literal",
     )
     g.add_argument("--upstreams-file", metavar="FILE", default=S, help="a YAML or JSON list of HOST:PORT, re-read when it changes")
     g.add_argument("--dns-refresh-secs", metavar="S", default=S, help="re-resolve upstream names this often (default 30); a name gives all its addresses")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from . import logs, metrics
 from .config import Config
-from .payload import routing_input
+from .payload import RoutingInput, routing_input
 from .policy import Decision, decide, least_loaded
 from .pool import Pool
 from .tree import RadixTree
@@ -102,18 +102,19 @@ class Director:
         )
         return Routed(decision.upstream, decision.reason, decision.matched, decision.text_len)
 
+    def _routing_input(self, path: str, body: bytes | None, content_encoding: str | None) -> RoutingInput:
+        """The payload parser under this configuration's form and caps."""
+        cfg = self.cfg
+        return routing_input(
+            path, body, content_encoding=content_encoding, form=cfg.routing_text,
+            max_routing_chars=cfg.max_routing_chars, max_body_bytes=cfg.max_body_bytes,
+        )
+
     def _decide(self, info: RequestInfo, body: bytes | None, loads: dict[str, int], body_too_large: bool) -> Decision:
         if body_too_large:
             parsed_reason, partition, text = "body_too_large", "", ""
         else:
-            ri = routing_input(
-                info.path,
-                body,
-                content_encoding=info.content_encoding,
-                form=self.cfg.routing_text,
-                max_routing_chars=self.cfg.max_routing_chars,
-                max_body_bytes=self.cfg.max_body_bytes,
-            )
+            ri = self._routing_input(info.path, body, info.content_encoding)
             parsed_reason, partition, text = ri.reason, ri.partition, ri.text
         if parsed_reason is not None and parsed_reason not in ("no_routing_endpoint", "empty_body"):
             metrics.BAD_INPUT.labels(parsed_reason).inc()
@@ -124,10 +125,7 @@ class Director:
 
     def explain(self, path: str, body: bytes | None, content_encoding: str | None = None) -> dict:
         """The decision this request would get now, with every upstream's match; inserts nothing."""
-        ri = routing_input(
-            path, body, content_encoding=content_encoding, form=self.cfg.routing_text,
-            max_routing_chars=self.cfg.max_routing_chars, max_body_bytes=self.cfg.max_body_bytes,
-        )
+        ri = self._routing_input(path, body, content_encoding)
         m = self.tree.match(ri.partition, ri.text)
         loads = self.pool.loads()
         if loads:

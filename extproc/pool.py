@@ -83,7 +83,7 @@ class Pool:
 
     def loads(self) -> dict[str, int]:
         """In-flight per healthy upstream, in registry order."""
-        return {a: u.inflight for a, u in self.upstreams.items() if u.active_ok and not u.ejected}
+        return {a: u.inflight for a, u in self.upstreams.items() if u.healthy}
 
     # -- health ----------------------------------------------------------------------------------
 

@@ -315,11 +315,14 @@ class Stack:
     def stop_router(self, r: int) -> int | None:
         return self._stop(f"router-{r}")
 
-    def kill_router(self, r: int) -> None:
-        """SIGKILL: the crash case."""
-        proc = self.procs.pop(f"router-{r}")
+    def _kill(self, name: str) -> None:
+        """SIGKILL: the crash case, no drain."""
+        proc = self.procs.pop(name)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+    def kill_router(self, r: int) -> None:
+        self._kill(f"router-{r}")
 
     def start_service(self, index: int = 0, extra: list[str] | None = None) -> None:
         name = f"service-{index}"
@@ -339,10 +342,7 @@ class Stack:
         return self._stop(f"service-{index}", timeout=30)
 
     def kill_service(self, index: int = 0) -> None:
-        """SIGKILL: the crash case, no drain."""
-        proc = self.procs.pop(f"service-{index}")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        self._kill(f"service-{index}")
 
     def envoy_access_log(self) -> list[dict]:
         """Envoy's per-request JSON access-log lines (stdout), oldest first."""

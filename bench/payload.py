@@ -11,6 +11,7 @@ import random
 
 import orjson
 
+from extproc.config import DEFAULTS
 from extproc.payload import routing_input
 
 from .common import per_call, write
@@ -38,7 +39,7 @@ def main() -> dict:
         base = per_call(lambda: orjson.loads(body))
         row = {"body": label, "bytes": len(body), "orjson_loads_us": base["median_s"] * 1e6}
         for form in ("sglang", "template"):
-            t = per_call(lambda: routing_input("/v1/chat/completions", body, form=form))
+            t = per_call(lambda: routing_input("/v1/chat/completions", body, **{**DEFAULTS.parse_options(), "form": form}))
             row[f"{form}_us"] = t["median_s"] * 1e6
             row[f"{form}_ratio"] = t["median_s"] / base["median_s"]
         rows.append(row)

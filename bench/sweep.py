@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import statistics
 
-from extproc.policy import PolicyConfig
+from extproc.config import policy_config
 
 from .common import write
 from .eval import SEED, capacities
@@ -28,7 +28,7 @@ def main() -> dict:
         for cap_name, cap in capacities(prepared, quick=False).items():
             for rate in (1.0, 2.0, 4.0):
                 for w in WEIGHTS:
-                    s = Sim(prepared, PrefixRouter(PolicyConfig(inflight_cost_chars=w)), Topology(capacity_tokens=cap), ServiceModel(), seed=SEED, rate_scale=rate).run()
+                    s = Sim(prepared, PrefixRouter(policy_config(inflight_cost_chars=w)), Topology(capacity_tokens=cap), ServiceModel(), seed=SEED, rate_scale=rate).run()
                     cells.append({"workload": name, "capacity": cap_name, "rate": rate, "inflight_cost_chars": w,
                                   "hit_ratio": s["hit_ratio"], "ttft_p90_s": s["ttft_p90_s"], "throughput_rps": s["throughput_rps"]})
     summary = []

@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from .director import Director
-from .pool import parse_hostport
+from .addresses import parse_hostport
 
 
 class Admin:
@@ -34,10 +34,10 @@ class Admin:
         return web.json_response({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        pool = self.director.pool
-        healthy = sum(1 for u in pool.upstreams.values() if u.healthy)
+        ups = self.director.upstreams()
+        healthy = sum(1 for u in ups if u.healthy)
         ready = healthy > 0 and not self.draining
-        body = {"ready": ready, "upstreams": len(pool.upstreams), "healthy": healthy, "draining": self.draining}
+        body = {"ready": ready, "upstreams": len(ups), "healthy": healthy, "draining": self.draining}
         return web.json_response(body, status=200 if ready else 503)
 
     async def start(self, listen: str) -> int:

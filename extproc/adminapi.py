@@ -1,15 +1,20 @@
-"""The admin gRPC API (protos/extproc/api/v1/admin.proto): the pool, dry-run decisions, tree size."""
+"""The admin gRPC API (protos/extproc/api/v1/admin.proto): the pool, dry-run decisions, tree size,
+the running configuration."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import grpc
+import orjson
 
 from . import logs
 from .api.v1 import admin_pb2 as pb
 from .api.v1 import admin_pb2_grpc as pb_grpc
+from .config import Config
 from .director import Director
 from .discovery import Discovery
-from .pool import AddressError, parse_hostport
+from .addresses import AddressError, parse_hostport
 
 log = logs.get("prefix_router.adminapi")
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -20,16 +25,16 @@ def add_admin_api(api: "AdminApi", server: grpc.aio.Server) -> None:
 
 
 class AdminApi(pb_grpc.AdminServicer):
-    def __init__(self, director: Director, discovery: Discovery) -> None:
+    def __init__(self, director: Director, discovery: Discovery, config: Callable[[], Config]) -> None:
         self.director = director
         self.discovery = discovery
+        self.config = config
 
     def _list(self) -> pb.ListUpstreamsResponse:
-        chars = self.director.tree.tenant_chars()
         return pb.ListUpstreamsResponse(
             upstreams=[
-                pb.Upstream(address=a, healthy=u.healthy, active_ok=u.active_ok, ejected=u.ejected, inflight=u.inflight, tree_characters=chars.get(a, 0))
-                for a, u in self.director.pool.upstreams.items()
+                pb.Upstream(address=u.address, healthy=u.healthy, active_ok=u.active_ok, ejected=u.ejected, inflight=u.inflight, tree_characters=u.tree_characters)
+                for u in self.director.upstreams()
             ],
             configured=self.discovery.entries(),
         )
@@ -69,10 +74,13 @@ class AdminApi(pb_grpc.AdminServicer):
         )
 
     async def TreeStats(self, request: pb.TreeStatsRequest, context: grpc.aio.ServicerContext) -> pb.TreeStatsResponse:  # noqa: N802
-        tree = self.director.tree
+        t = self.director.tree_stats()
         return pb.TreeStatsResponse(
-            stored_characters=tree.total_chars(),
-            nodes=tree.node_count(),
-            characters_per_upstream=tree.tenant_chars(),
-            max_tree_size=self.director.cfg.max_tree_size,
+            stored_characters=t.stored_characters,
+            nodes=t.nodes,
+            characters_per_upstream=t.characters_per_upstream,
+            max_tree_size=t.max_tree_size,
         )
+
+    async def GetConfig(self, request: pb.GetConfigRequest, context: grpc.aio.ServicerContext) -> pb.GetConfigResponse:  # noqa: N802
+        return pb.GetConfigResponse(config_json=orjson.dumps(self.config().as_dict()).decode())

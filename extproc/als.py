@@ -4,7 +4,8 @@ Envoy closes the ext_proc stream when it expects no more messages, which is long
 streamed LLM response ends; piping every response chunk through ext_proc would add a round trip per
 token. Envoy's access log instead fires exactly once per request, after the response (or reset),
 and is streamed here in batches off the request path. Each entry carries the ticket header the
-service set on the request, which releases that request's in-flight count.
+service set on the request, which releases that request's in-flight count. Only the ticket acts: an
+entry with a ticket this service does not hold changes nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from . import logs, metrics
-from .director import Director
-from .handlers import TICKET_HEADER
+from .director import TICKET_HEADER, Director
 
 log = logs.get("prefix_router.als")
 
@@ -69,12 +69,10 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
 
     async def _consume(self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage]) -> None:
         finished = self.director.finished
-        header = self.director.cfg.header_name
         async for msg in request_iterator:
             if not msg.HasField("http_logs"):
                 continue
             for entry in msg.http_logs.log_entry:
-                headers = entry.request.request_headers
-                ticket = headers.get(TICKET_HEADER)
+                ticket = entry.request.request_headers.get(TICKET_HEADER)
                 if ticket:
-                    finished(ticket, upstream_failed(entry), headers.get(header, ""))
+                    finished(ticket, upstream_failed(entry))

@@ -1,7 +1,9 @@
 """``prefix-router``: the command line.
 
-Subcommands: ``serve`` (the ext_proc service), ``config`` (print the effective configuration).
-Bad values exit with status 2 and one line naming the flag.
+``serve`` runs the ext_proc service (``--print-config`` prints what its flags, environment and file
+give, and exits). ``upstreams``, ``explain``, ``tree`` and ``config`` ask the running service through
+its admin gRPC API and print a table, or JSON with ``--json``. Every flag of ``serve`` is generated
+from the options in :mod:`extproc.config`. Bad values exit with status 2 and one line naming the flag.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 import orjson
 
-from .config import Config, ConfigError, build
+from .config import LOGS, OPTIONS, PAYLOAD, POLICY, SERVICE, HEALTH, Config, ConfigError, build, flag_name, help_text
 
 DESCRIPTION = """\
 Envoy ext_proc service that pins each LLM request to the SGLang router whose workers most likely
@@ -32,6 +34,15 @@ example:
   then point Envoy at it with envoy/duplex.yaml (see README.md)
 """
 
+ADMIN_DEFAULT = OPTIONS["admin_grpc_listen"].default
+GROUP_TITLES = {
+    SERVICE: "service",
+    HEALTH: "upstream health",
+    POLICY: "policy (flags marked 'as sglang-router' share its cache_aware names and 0.3.2 defaults)",
+    PAYLOAD: "payload",
+    LOGS: "logs",
+}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, status 2
@@ -39,64 +50,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
-    S = argparse.SUPPRESS
-    g = p.add_argument_group("service")
-    g.add_argument("--grpc-listen", metavar="HOST:PORT", default=S, help="gRPC listen address for Envoy (default 0.0.0.0:50051)")
-    g.add_argument("--admin-listen", metavar="HOST:PORT", default=S, help="HTTP /metrics, /healthz, /readyz (default 127.0.0.1:9464)")
-    g.add_argument(
-        "--upstream", dest="upstreams", metavar="HOST:PORT", action="append", default=S,
-        help="an SGLang router instance; repeat for each (or PREFIX_ROUTER_UPSTREAMS=a,b). "
-        "A name gives all its addresses, re-resolved every --dns-refresh-secs: the header always carries an IP literal",
-    )
-    g.add_argument("--upstreams-file", metavar="FILE", default=S, help="a YAML or JSON list of HOST:PORT, re-read when it changes")
-    g.add_argument("--dns-refresh-secs", metavar="S", default=S, help="re-resolve upstream names this often (default 30); a name gives all its addresses")
-    g.add_argument("--admin-grpc-listen", metavar="HOST:PORT", default=S, help="the admin gRPC API (default 127.0.0.1:9465)")
-    g.add_argument("--header-name", metavar="NAME", default=S, help="header Envoy's ORIGINAL_DST cluster reads (default x-upstream-host)")
-    g.add_argument("--config", metavar="FILE", default=S, help="TOML (.toml) or YAML config file")
-    g.add_argument("--drain-timeout-secs", type=str, metavar="S", default=S, help="on SIGTERM, how long streams in flight may take (default 20)")
-    g.add_argument(
-        "--shutdown-delay-secs", metavar="S", default=S,
-        help="on SIGTERM, keep serving this long while reporting NOT_SERVING, so Envoy's health check "
-        "moves new requests away first (default 2; Envoy's shipped check runs every 1 s)",
-    )
-    g.add_argument(
-        "--inflight-timeout-secs", metavar="S", default=S,
-        help="release an in-flight count whose finish report never came after this long (default 900)",
-    )
-    g = p.add_argument_group("upstream health")
-    g.add_argument("--health-interval-secs", metavar="S", default=S, help="GET /health on each upstream this often (default 2)")
-    g.add_argument("--health-check-timeout-secs", metavar="S", default=S, help="timeout of one check (default 5, as sglang-router)")
-    g.add_argument("--health-failure-threshold", metavar="N", default=S, help="failed checks in a row that take an upstream out (default 3, as sglang-router)")
-    g.add_argument("--health-success-threshold", metavar="N", default=S, help="good checks in a row that bring it back (default 2, as sglang-router)")
-    g.add_argument("--health-check-endpoint", metavar="PATH", default=S, help="the path checked (default /health)")
-    g.add_argument(
-        "--ejection-base-secs", metavar="S", default=S,
-        help="a refused connection or 502/503/504 seen on real traffic ejects the upstream this long, doubling on repeats (default 2)",
-    )
-    g.add_argument("--ejection-max-secs", metavar="S", default=S, help="the longest ejection (default 60)")
-    g = p.add_argument_group("policy (sglang-router's cache_aware names and 0.3.2 defaults)")
-    g.add_argument("--cache-threshold", metavar="X", default=S, help="route to a prefix holder when matched/text length is above this (default 0.3)")
-    g.add_argument("--balance-abs-threshold", metavar="N", default=S, help="imbalance when max-min in-flight is above this... (default 64)")
-    g.add_argument("--balance-rel-threshold", metavar="X", default=S, help="...and max is above min times this: go to the least loaded (default 1.5)")
-    g.add_argument("--eviction-interval-secs", metavar="S", default=S, help="how often the tree is trimmed to --max-tree-size (default 60)")
-    g.add_argument("--max-tree-size", metavar="CHARS", default=S, help="characters the tree may hold per upstream (default 67108864)")
-    g.add_argument(
-        "--hit-choice", metavar="cost|balanced|creator|least_loaded", default=S,
-        help="how a prefix match and load combine (default cost: least recompute-plus-queue cost; creator is sglang-router's rule; see README)",
-    )
-    g.add_argument(
-        "--inflight-cost-chars", metavar="N", default=S,
-        help="with --hit-choice cost: characters of prefix recompute that one in-flight request is worth (default 1024)",
-    )
-    g.add_argument("--tie-break", metavar="random|first", default=S, help="among equally loaded upstreams (default random; sglang-router 0.3.2 takes the first)")
-    g = p.add_argument_group("payload")
-    g.add_argument("--routing-text", metavar="sglang|template", default=S, help="what the tree matches on (default sglang, as sglang-router)")
-    g.add_argument("--max-routing-chars", metavar="N", default=S, help="only this many leading characters of a prompt are matched (default 1048576)")
-    g.add_argument("--max-body-bytes", metavar="N", default=S, help="bodies (after decompression) larger than this are routed by load only (default 67108864)")
-    g = p.add_argument_group("logs")
-    g.add_argument("--log-level", metavar="LEVEL", default=S, help="debug, info, warning or error (default info; debug logs each decision)")
-    g.add_argument("--log-format", metavar="FMT", default=S, help="json, console, or auto: console on a terminal (default auto)")
-    g.add_argument("--log-prompts", action="store_const", const=True, default=S, help="include routing text in debug logs (off: prompts are private)")
+    """One flag per option, in the options' order and groups; unset flags stay out of the result
+    (argparse.SUPPRESS) so that the environment and the config file can fill them."""
+    groups = {key: p.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    for name, f in OPTIONS.items():
+        meta = f.metadata
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text(name)}
+        if f.type in (bool, "bool"):
+            kw.update(action="store_const", const=True)
+        else:
+            kw["metavar"] = meta["metavar"]
+            if name == "upstreams":
+                kw["action"] = "append"
+        groups[meta["group"]].add_argument(flag_name(name), **kw)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -104,26 +70,93 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     serve = sub.add_parser("serve", help="run the ext_proc gRPC service", description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--print-config", action="store_true", help="print the configuration these flags, the environment and the file give, as JSON, and exit")
     _add_serve_flags(serve)
-    show = sub.add_parser("config", help="print the effective configuration as JSON and exit")
-    _add_serve_flags(show)
-    admin_help = "the running service's admin gRPC address (default 127.0.0.1:9465)"
-    ups = sub.add_parser("upstreams", help="list the running service's upstreams (or replace them with --set)")
-    ups.add_argument("--admin-grpc", metavar="HOST:PORT", default="127.0.0.1:9465", help=admin_help)
+
+    def admin_command(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("--admin-grpc", metavar="HOST:PORT", default=ADMIN_DEFAULT, help=f"the running service's admin gRPC address (default {ADMIN_DEFAULT})")
+        c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        return c
+
+    ups = admin_command("upstreams", "list the running service's upstreams (or replace them with --set)")
     ups.add_argument("--set", metavar="HOST:PORT,...", help="replace the configured upstreams until the next reload")
-    exp = sub.add_parser("explain", help="show the decision the running service would make for a request body (dry run)")
+    exp = admin_command("explain", "show the decision the running service would make for a request body (dry run)")
     exp.add_argument("file", metavar="FILE.json", help="the request body ('-' for standard input)")
     exp.add_argument("--path", default="/v1/chat/completions", help="the request path (default /v1/chat/completions)")
-    exp.add_argument("--admin-grpc", metavar="HOST:PORT", default="127.0.0.1:9465", help=admin_help)
-    tree = sub.add_parser("tree", help="show the running service's tree size")
-    tree.add_argument("--admin-grpc", metavar="HOST:PORT", default="127.0.0.1:9465", help=admin_help)
+    admin_command("tree", "show the running service's tree size")
+    admin_command("config", "print the running service's effective configuration")
     return p
 
 
+# -- the admin commands ----------------------------------------------------------------------------
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A plain text table: one header line, one line per row, columns aligned."""
+    cells = [[title for _, title in columns]] + [[_cell(r[key]) for key, _ in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _pairs(d: dict[str, Any]) -> str:
+    width = max(map(len, d), default=0)
+    return "\n".join(f"{k.ljust(width)}  {_cell(v) if not isinstance(v, list) else ', '.join(map(str, v)) or '-'}" for k, v in d.items())
+
+
+def render(command: str, data: dict[str, Any]) -> str:
+    """What a person reads for one admin reply (``data`` is what ``--json`` prints)."""
+    if command == "upstreams":
+        cols = [("address", "UPSTREAM"), ("healthy", "HEALTHY"), ("health_check", "CHECK"), ("ejected", "EJECTED"), ("inflight", "IN FLIGHT"), ("tree_characters", "TREE CHARS")]
+        return _table(data["upstreams"], cols) + f"\n\nconfigured: {', '.join(data['configured'])}"
+    if command == "tree":
+        head = {k: v for k, v in data.items() if k != "characters_per_upstream"}
+        per = [{"upstream": a, "chars": n} for a, n in data["characters_per_upstream"].items()]
+        return _pairs(head) + ("\n\n" + _table(per, [("upstream", "UPSTREAM"), ("chars", "CHARACTERS")]) if per else "")
+    if command == "explain":
+        head = {k: v for k, v in data.items() if k != "upstreams"}
+        cols = [("address", "UPSTREAM"), ("matched_characters", "MATCHED"), ("inflight", "IN FLIGHT"), ("healthy", "HEALTHY")]
+        return _pairs(head) + "\n\n" + _table(data["upstreams"], cols)
+    return _pairs(data)
+
+
+def _reply_data(command: str, reply: Any) -> dict[str, Any]:
+    """An admin reply as plain JSON-able data: numbers as numbers, fields in a fixed order, no
+    fields that carry nothing."""
+    if command == "upstreams":
+        return {
+            "upstreams": [
+                {"address": u.address, "healthy": u.healthy, "health_check": "up" if u.active_ok else "down", "ejected": u.ejected,
+                 "inflight": u.inflight, "tree_characters": u.tree_characters}
+                for u in reply.upstreams
+            ],
+            "configured": list(reply.configured),
+        }
+    if command == "tree":
+        return {"stored_characters": reply.stored_characters, "nodes": reply.nodes, "max_tree_size_per_upstream": reply.max_tree_size,
+                "characters_per_upstream": dict(sorted(reply.characters_per_upstream.items()))}
+    if command == "explain":
+        out: dict[str, Any] = {"upstream": reply.upstream or None, "reason": reply.reason}
+        if reply.no_text_reason:
+            out["no_text_reason"] = reply.no_text_reason
+        out.update(partition=reply.partition, text_characters=reply.text_characters, matched_characters=reply.matched_characters,
+                   match_rate=round(reply.match_rate, 4), routing_text_head=reply.routing_text_head)
+        out["upstreams"] = [{"address": u.address, "matched_characters": u.matched_characters, "inflight": u.inflight, "healthy": u.healthy} for u in reply.upstreams]
+        return out
+    return orjson.loads(reply.config_json)
+
+
 def admin_call(args: dict) -> int:
-    """``upstreams``, ``explain`` and ``tree``: one admin gRPC call, printed as JSON."""
+    """``upstreams``, ``explain``, ``tree``, ``config``: one admin gRPC call, printed."""
     import grpc
-    from google.protobuf import json_format
 
     from .api.v1 import admin_pb2 as pb
     from .api.v1 import admin_pb2_grpc as pb_grpc
@@ -144,35 +177,35 @@ def admin_call(args: dict) -> int:
                 reply = stub.ListUpstreams(pb.ListUpstreamsRequest(), timeout=10)
             elif command == "explain":
                 reply = stub.Explain(pb.ExplainRequest(path=args["path"], body=body), timeout=10)
-            else:
+            elif command == "tree":
                 reply = stub.TreeStats(pb.TreeStatsRequest(), timeout=10)
+            else:
+                reply = stub.GetConfig(pb.GetConfigRequest(), timeout=10)
         except grpc.RpcError as exc:
             sys.stderr.write(f"prefix-router: error: {args['admin_grpc']}: {exc.code().name}: {exc.details()}\n")
             return 1
-    sys.stdout.write(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True, preserving_proto_field_name=True) + "\n")
+    data = _reply_data(command, reply)
+    text = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args["json"] else render(command, data)
+    sys.stdout.write(text + "\n")
     return 0
-
-
-def load(argv: Sequence[str] | None = None) -> tuple[str, Config, dict]:
-    args = vars(parser().parse_args(argv))
-    command = args.pop("command")
-    try:
-        return command, build(args), args
-    except ConfigError as exc:
-        sys.stderr.write(f"prefix-router: error: {exc}\n")
-        raise SystemExit(2) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
-    if args["command"] in ("upstreams", "explain", "tree"):
-        return admin_call(args)
-    command, cfg, flags = load(argv)
-    if command == "config":
+    command = args.pop("command")
+    if command != "serve":
+        return admin_call({"command": command, **args})
+    print_config = args.pop("print_config")
+    try:
+        cfg = build(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"prefix-router: error: {exc}\n")
+        return 2
+    if print_config:
         sys.stdout.write(orjson.dumps(cfg.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     from . import logs
-    from .pool import AddressError
+    from .addresses import AddressError
     from .server import serve
 
     if not cfg.upstreams and not cfg.upstreams_file:
@@ -181,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(cfg.log_level, cfg.log_format)
     try:
         # A reload re-reads the environment and the config file under the same flags.
-        return asyncio.run(serve(cfg, reload=lambda: build(flags)))
+        return asyncio.run(serve(cfg, reload=lambda: build(args)))
     except AddressError as exc:
         sys.stderr.write(f"prefix-router: error: --upstream: {exc}\n")
         return 2

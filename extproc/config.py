@@ -1,8 +1,14 @@
 """The service's configuration: one table of options, four sources, one validation.
 
+Every option is defined once, as a field of :class:`Config`: its default, its converter (which
+validates), its help text and its group. The command line's flags and help, the README's flag table
+(:func:`markdown_table`, kept in step by a test) and ``prefix-router config`` are all generated from
+that one place.
+
 Precedence: command-line flags over environment (``PREFIX_ROUTER_<NAME>``) over a config file
-(``--config``, TOML or YAML, keys spelt like the flags) over defaults. The policy flags keep
-sglang-router's names and 0.3.2 defaults so that operators can carry settings across layers.
+(``--config``, TOML or YAML, keys spelt like the flags) over defaults. Options marked ``sglang``
+share a name with sglang-router 0.3.2's and keep its default (a test reads the installed
+sglang-router's own defaults), so that operators can carry settings across layers.
 Every error names the flag it concerns, in one line.
 """
 
@@ -10,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,67 +24,13 @@ import yaml
 
 from .payload import FORMS
 from .policy import HIT_CHOICES, TIE_BREAKS, PolicyConfig
-from .pool import AddressError, parse_hostport
+from .addresses import AddressError, parse_hostport
 
 ENV_PREFIX = "PREFIX_ROUTER_"
 
 
 class ConfigError(ValueError):
     """A bad setting; the message names the flag and says what is wrong."""
-
-
-@dataclass(frozen=True)
-class Config:
-    grpc_listen: str = "0.0.0.0:50051"
-    admin_listen: str = "127.0.0.1:9464"
-    admin_grpc_listen: str = "127.0.0.1:9465"
-    upstreams: tuple[str, ...] = ()
-    upstreams_file: str | None = None
-    dns_refresh_secs: float = 30.0
-    header_name: str = "x-upstream-host"
-    cache_threshold: float = 0.3
-    balance_abs_threshold: int = 64
-    balance_rel_threshold: float = 1.5
-    eviction_interval_secs: float = 60.0
-    max_tree_size: int = 67108864
-    hit_choice: str = "cost"
-    inflight_cost_chars: int = 1024
-    tie_break: str = "random"
-    routing_text: str = "sglang"
-    max_routing_chars: int = 1 << 20
-    max_body_bytes: int = 64 * 1024 * 1024
-    inflight_timeout_secs: float = 900.0
-    health_interval_secs: float = 2.0
-    health_check_timeout_secs: float = 5.0
-    health_failure_threshold: int = 3
-    health_success_threshold: int = 2
-    health_check_endpoint: str = "/health"
-    ejection_base_secs: float = 2.0
-    ejection_max_secs: float = 60.0
-    drain_timeout_secs: float = 20.0
-    shutdown_delay_secs: float = 2.0
-    log_level: str = "info"
-    log_format: str = "auto"
-    log_prompts: bool = False
-    config: str | None = field(default=None, compare=False)
-
-    def policy(self) -> PolicyConfig:
-        return PolicyConfig(
-            cache_threshold=self.cache_threshold,
-            balance_abs_threshold=self.balance_abs_threshold,
-            balance_rel_threshold=self.balance_rel_threshold,
-            hit_choice=self.hit_choice,
-            tie_break=self.tie_break,
-            inflight_cost_chars=self.inflight_cost_chars,
-        )
-
-    # Settings a reload cannot change (the listeners are bound once).
-    FIXED = ("grpc_listen", "admin_listen", "admin_grpc_listen")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["upstreams"] = list(self.upstreams)
-        return d
 
 
 # -- validators: each takes the raw value (string from flags/env, any type from a file) ----------
@@ -129,6 +81,10 @@ def _hostport(v: Any) -> str:
     return str(v).strip()
 
 
+def _text(v: Any) -> str:
+    return str(v)
+
+
 def _upstreams(v: Any) -> tuple[str, ...]:
     items = v.split(",") if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else None
     if items is None:
@@ -162,40 +118,134 @@ def _bool(v: Any) -> bool:
     raise ValueError(f"must be true or false, got {v!r}")
 
 
-CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "grpc_listen": _listen,
-    "admin_listen": _listen,
-    "admin_grpc_listen": _listen,
-    "upstreams_file": str,
-    "dns_refresh_secs": _number(float, 0.0, lo_open=True),
-    "upstreams": _upstreams,
-    "header_name": _header,
-    "cache_threshold": _number(float, 0.0, 1.0),
-    "balance_abs_threshold": _number(int, 0),
-    "balance_rel_threshold": _number(float, 1.0),
-    "eviction_interval_secs": _number(float, 0.0, lo_open=True),
-    "max_tree_size": _number(int, 1),
-    "hit_choice": _choice(HIT_CHOICES),
-    "inflight_cost_chars": _number(int, 1),
-    "tie_break": _choice(TIE_BREAKS),
-    "routing_text": _choice(FORMS),
-    "max_routing_chars": _number(int, 1),
-    "max_body_bytes": _number(int, 1),
-    "inflight_timeout_secs": _number(float, 0.0, lo_open=True),
-    "health_interval_secs": _number(float, 0.0, lo_open=True),
-    "health_check_timeout_secs": _number(float, 0.0, lo_open=True),
-    "health_failure_threshold": _number(int, 1),
-    "health_success_threshold": _number(int, 1),
-    "health_check_endpoint": _path,
-    "ejection_base_secs": _number(float, 0.0),
-    "ejection_max_secs": _number(float, 0.0),
-    "drain_timeout_secs": _number(float, 0.0),
-    "shutdown_delay_secs": _number(float, 0.0),
-    "log_level": _choice(("debug", "info", "warning", "error")),
-    "log_format": _choice(("auto", "json", "console")),
-    "log_prompts": _bool,
-    "config": str,
-}
+def opt(default: Any, convert: Callable[[Any], Any], help: str, group: str, *, metavar: str | None = None, sglang: bool = False) -> Any:
+    """A field of :class:`Config` with everything the CLI, the README and validation need."""
+    return field(default=default, metadata={"convert": convert, "help": help, "group": group, "metavar": metavar, "sglang": sglang})
+
+
+SERVICE, HEALTH, POLICY, PAYLOAD, LOGS = "service", "upstream health", "policy", "payload", "logs"
+
+
+@dataclass(frozen=True)
+class Config:
+    grpc_listen: str = opt("0.0.0.0:50051", _listen, "where Envoy reaches the service (ext_proc, access log, grpc.health.v1, reflection)", SERVICE, metavar="HOST:PORT")
+    admin_listen: str = opt("127.0.0.1:9464", _listen, "HTTP /metrics, /healthz, /readyz", SERVICE, metavar="HOST:PORT")
+    admin_grpc_listen: str = opt("127.0.0.1:9465", _listen, "the admin gRPC API (prefix-router upstreams, explain, tree, config)", SERVICE, metavar="HOST:PORT")
+    upstreams: tuple[str, ...] = opt(
+        (), _upstreams,
+        "an SGLang router; repeat for each (or PREFIX_ROUTER_UPSTREAMS=a,b). A name gives all its addresses, "
+        "re-resolved every --dns-refresh-secs: the header always carries an IP literal", SERVICE, metavar="HOST:PORT",
+    )
+    upstreams_file: str | None = opt(None, _text, "a YAML or JSON list of HOST:PORT, re-read when it changes", SERVICE, metavar="FILE")
+    dns_refresh_secs: float = opt(30.0, _number(float, 0.0, lo_open=True), "re-resolve upstream names this often", SERVICE, metavar="S")
+    header_name: str = opt("x-upstream-host", _header, "the header Envoy's ORIGINAL_DST cluster reads", SERVICE, metavar="NAME")
+    drain_timeout_secs: float = opt(20.0, _number(float, 0.0), "on SIGTERM, how long streams in flight may take", SERVICE, metavar="S")
+    shutdown_delay_secs: float = opt(
+        2.0, _number(float, 0.0),
+        "on SIGTERM, keep serving this long while reporting NOT_SERVING, so that Envoy's health check "
+        "(every 1 s in the shipped configs) moves new requests away first", SERVICE, metavar="S",
+    )
+    inflight_timeout_secs: float = opt(
+        900.0, _number(float, 0.0, lo_open=True), "release an in-flight count whose finish report never came after this long", SERVICE, metavar="S"
+    )
+    health_interval_secs: float = opt(
+        2.0, _number(float, 0.0, lo_open=True),
+        "GET the health endpoint of each upstream this often (sglang-router's --health-check-interval-secs "
+        "is 60: at that pace a recovered router would wait a minute for traffic)", HEALTH, metavar="S",
+    )
+    health_check_timeout_secs: float = opt(5.0, _number(float, 0.0, lo_open=True), "timeout of one check", HEALTH, metavar="S", sglang=True)
+    health_failure_threshold: int = opt(3, _number(int, 1), "failed checks in a row that take an upstream out", HEALTH, metavar="N", sglang=True)
+    health_success_threshold: int = opt(2, _number(int, 1), "good checks in a row that bring it back", HEALTH, metavar="N", sglang=True)
+    health_check_endpoint: str = opt("/health", _path, "the path checked", HEALTH, metavar="PATH", sglang=True)
+    ejection_base_secs: float = opt(
+        2.0, _number(float, 0.0),
+        "a refused connection or a 502/503/504 seen on real traffic ejects the upstream this long, doubling on repeats", HEALTH, metavar="S",
+    )
+    ejection_max_secs: float = opt(60.0, _number(float, 0.0), "the longest ejection", HEALTH, metavar="S")
+    cache_threshold: float = opt(0.3, _number(float, 0.0, 1.0), "a decision counts as a cache hit when the chosen upstream's match / text length is above this", POLICY, metavar="X", sglang=True)
+    balance_abs_threshold: int = opt(64, _number(int, 0), "imbalance when max - min in-flight is above this...", POLICY, metavar="N", sglang=True)
+    balance_rel_threshold: float = opt(1.5, _number(float, 1.0), "...and max is above min times this: then the least loaded", POLICY, metavar="X", sglang=True)
+    eviction_interval_secs: float = opt(60.0, _number(float, 0.0, lo_open=True), "how often the tree is trimmed to --max-tree-size", POLICY, metavar="S", sglang=True)
+    max_tree_size: int = opt(67108864, _number(int, 1), "characters the tree may hold per upstream", POLICY, metavar="CHARS", sglang=True)
+    hit_choice: str = opt(
+        "cost", _choice(HIT_CHOICES),
+        "how a prefix match and load combine: cost (least recompute-plus-queue cost, measured best), "
+        "creator (sglang-router's rule) or least_loaded (the least loaded holder of the deepest match)", POLICY, metavar="|".join(HIT_CHOICES),
+    )
+    inflight_cost_chars: int = opt(1024, _number(int, 1), "with --hit-choice cost: characters of prefix recompute that one in-flight request is worth", POLICY, metavar="N")
+    tie_break: str = opt("random", _choice(TIE_BREAKS), "among equally good upstreams (sglang-router 0.3.2 takes the first)", POLICY, metavar="|".join(TIE_BREAKS))
+    routing_text: str = opt("sglang", _choice(FORMS), "what the tree matches on: sglang (as sglang-router) or template (ChatML-like)", PAYLOAD, metavar="|".join(FORMS))
+    max_routing_chars: int = opt(1 << 20, _number(int, 1), "only this many leading characters of a prompt are matched and stored", PAYLOAD, metavar="N")
+    max_body_bytes: int = opt(64 * 1024 * 1024, _number(int, 1), "bodies (after decompression) larger than this are routed by load alone", PAYLOAD, metavar="N")
+    log_level: str = opt("info", _choice(("debug", "info", "warning", "error")), "debug, info, warning or error (debug logs each decision)", LOGS, metavar="LEVEL")
+    log_format: str = opt("auto", _choice(("auto", "json", "console")), "json, console, or auto (console on a terminal)", LOGS, metavar="FMT")
+    log_prompts: bool = opt(False, _bool, "include routing text in debug logs (off: prompts are private)", LOGS)
+    config: str | None = field(default=None, compare=False, metadata={"convert": _text, "help": "TOML (.toml) or YAML config file", "group": SERVICE, "metavar": "FILE", "sglang": False})
+
+    # Settings a reload cannot change (the listeners are bound once).
+    FIXED = ("grpc_listen", "admin_listen", "admin_grpc_listen")
+
+    def policy(self) -> PolicyConfig:
+        return PolicyConfig(
+            cache_threshold=self.cache_threshold,
+            balance_abs_threshold=self.balance_abs_threshold,
+            balance_rel_threshold=self.balance_rel_threshold,
+            hit_choice=self.hit_choice,
+            tie_break=self.tie_break,
+            inflight_cost_chars=self.inflight_cost_chars,
+        )
+
+    def parse_options(self) -> dict[str, Any]:
+        """The payload parser's keyword arguments under this configuration."""
+        return {"form": self.routing_text, "max_routing_chars": self.max_routing_chars, "max_body_bytes": self.max_body_bytes}
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["upstreams"] = list(self.upstreams)
+        return d
+
+
+DEFAULTS = Config()
+
+
+def policy_config(**overrides: Any) -> PolicyConfig:
+    """The policy under the defaults, with some settings changed (tests and benchmarks)."""
+    return replace(DEFAULTS, **overrides).policy()
+
+
+OPTIONS = {f.name: f for f in fields(Config)}
+CONVERTERS: dict[str, Callable[[Any], Any]] = {name: f.metadata["convert"] for name, f in OPTIONS.items()}
+
+
+def describe_default(name: str) -> str:
+    """The default as a person writes it on a command line ('' when there is none)."""
+    v = OPTIONS[name].default
+    if v is None or v == () or v is False:
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def help_text(name: str) -> str:
+    f = OPTIONS[name]
+    text = f.metadata["help"]
+    default = describe_default(name)
+    if default:
+        text += f" (default {default}{', as sglang-router' if f.metadata['sglang'] else ''})"
+    return text.replace("%", "%%")
+
+
+def markdown_table() -> str:
+    """The README's flag table, generated (``python -m extproc.config`` prints it)."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for name, f in OPTIONS.items():
+        default = describe_default(name)
+        meta = f.metadata
+        shared = " Shares sglang-router's name and default." if meta["sglang"] else ""
+        metavar = f" {meta['metavar']}" if meta["metavar"] and "|" not in meta["metavar"] else ""
+        rows.append(f"| `{flag_name(name)}{metavar}` | {f'`{default}`' if default else ''} | {meta['help']}.{shared} |")
+    return "\n".join(rows)
 
 
 def flag_name(key: str) -> str:
@@ -262,3 +312,7 @@ def build(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Con
         if v is not None and k != "config":
             merged[k] = _convert(k, v, "flag")
     return Config(**merged)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,19 +1,23 @@
-"""The request lifecycle, free of gRPC: headers in, body in, a routing decision out, then a finish.
+"""The request lifecycle, free of gRPC: a request begins, is routed, and later finishes.
 
-The handler (``handlers.py``) turns ext_proc messages into calls here; the director asks the payload
-parser for the routing text, the policy for the upstream, and the pool for the in-flight count.
-Nothing in here raises into the stream: a failure in parsing or deciding still yields a healthy
-upstream (the least loaded), counted and logged.
+Everything outside the decision talks to the service through this class, by name: the ext_proc
+handlers (:meth:`begin`, :meth:`route`, :meth:`abandoned`), the access-log receiver
+(:meth:`finished`), discovery (:meth:`set_upstreams`), the active health checker
+(:meth:`record_check`), the admin API, admin page and metrics (:meth:`upstreams`,
+:meth:`tree_stats`, :meth:`explain`) and the server's housekeeping (:meth:`evict_slices`,
+:meth:`expire`). Nobody else reaches into the pool or the tree.
+
+The director asks the payload parser for the routing text, the policy for the upstream, and the
+pool for a ticket. Nothing in here raises into the stream: a failure in parsing or deciding still
+yields a healthy upstream (the least loaded), counted and logged.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-from typing import Iterator
 import random
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from . import logs, metrics
 from .config import Config
@@ -24,68 +28,91 @@ from .tree import RadixTree
 
 log = logs.get("prefix_router.director")
 
+# The header that carries a request's ticket to its upstream and back in Envoy's access log.
+TICKET_HEADER = "x-prefix-router-ticket"
+
+# Parse failures that are not bad input: a request with no body or to an API without a prompt.
+_NOT_BAD_INPUT = (None, "no_routing_endpoint", "empty_body")
+
 
 @dataclass(slots=True)
 class RequestInfo:
-    """What the director keeps of one request between its headers and its decision."""
+    """What the director keeps of one request between its headers and its finish."""
 
     path: str = ""
-    method: str = ""
     content_encoding: str | None = None
     request_id: str = ""
-    ticket: str = ""
+    ticket: str = ""  # set by :meth:`Director.route` once an upstream holds the request
 
 
 @dataclass(frozen=True, slots=True)
-class Routed:
-    """A decision as the handler needs it: an address to set, or ``None`` for a 503."""
+class UpstreamView:
+    """One upstream as the admin API, the metrics and the status page show it."""
 
-    address: str | None
-    reason: str
-    matched: int = 0
-    text_len: int = 0
+    address: str
+    healthy: bool
+    active_ok: bool
+    ejected: bool
+    inflight: int
+    tree_characters: int
+
+
+@dataclass(frozen=True, slots=True)
+class TreeStats:
+    stored_characters: int
+    nodes: int
+    characters_per_upstream: dict[str, int]
+    max_tree_size: int
 
 
 class Director:
-    def __init__(self, cfg: Config, pool: Pool, tree: RadixTree | None = None, seed: int | None = None) -> None:
+    def __init__(self, cfg: Config, tree: RadixTree | None = None, seed: int | None = None) -> None:
         self.cfg = cfg
         self.policy = cfg.policy()
-        self.pool = pool
+        self.pool = Pool(cfg.inflight_timeout_secs)
         self.tree = tree or RadixTree()
         self.rng = random.Random(seed)
-        # Tickets tie a decision to Envoy's access-log report of the finished request. They are
-        # unique per process start, and the client cannot forge one that collides.
-        self._ticket_prefix = f"{os.getpid():x}-{int(time.time() * 1000):x}-"
-        self._ticket_seq = itertools.count(1)
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
         self.policy = cfg.policy()
+        self.pool.tickets.timeout = cfg.inflight_timeout_secs
+
+    # -- what the handlers need to know, read per request so that a reload takes effect ----------
+
+    @property
+    def header_name(self) -> str:
+        return self.cfg.header_name
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.cfg.max_body_bytes
+
+    # -- a request's life ------------------------------------------------------------------------
 
     def begin(self, headers: dict[str, str]) -> RequestInfo:
         return RequestInfo(
             path=headers.get(":path", ""),
-            method=headers.get(":method", ""),
             content_encoding=headers.get("content-encoding"),
             request_id=headers.get("x-request-id", ""),
-            ticket=self._ticket_prefix + str(next(self._ticket_seq)),
         )
 
-    def route(self, info: RequestInfo, body: bytes | None, *, body_too_large: bool = False) -> Routed:
-        """Decide for one request and count it in flight on the chosen upstream."""
+    def route(self, info: RequestInfo, body: bytes | None, *, body_too_large: bool = False) -> str | None:
+        """Decide for one request and hold it in flight on the chosen upstream; returns the
+        upstream's address, or ``None`` when no upstream is healthy (the caller answers 503)."""
         started = time.perf_counter()
         loads = self.pool.loads()
         if not loads:
             metrics.NO_UPSTREAM.inc()
             log.warning("no_healthy_upstream", request_id=info.request_id)
-            return Routed(None, "no_healthy_upstream")
+            return None
         try:
             decision = self._decide(info, body, loads, body_too_large)
         except Exception:  # a bug must not cost the request: fall back to load balancing
             metrics.DECISION_ERRORS.inc()
             log.exception("decision_failed", request_id=info.request_id)
             decision = Decision(least_loaded(loads, self.policy.tie_break, self.rng), "fallback")
-        self.pool.acquire(info.ticket, decision.upstream)
+        info.ticket = self.pool.tickets.issue(decision.upstream, time.monotonic())
         elapsed = time.perf_counter() - started
         metrics.DECISIONS.labels(decision.reason).inc()
         metrics.DECISION_SECONDS.observe(elapsed)
@@ -100,28 +127,87 @@ class Director:
             text_len=decision.text_len,
             decision_us=round(elapsed * 1e6, 1),
         )
-        return Routed(decision.upstream, decision.reason, decision.matched, decision.text_len)
+        return decision.upstream
 
     def _routing_input(self, path: str, body: bytes | None, content_encoding: str | None) -> RoutingInput:
         """The payload parser under this configuration's form and caps."""
-        cfg = self.cfg
-        return routing_input(
-            path, body, content_encoding=content_encoding, form=cfg.routing_text,
-            max_routing_chars=cfg.max_routing_chars, max_body_bytes=cfg.max_body_bytes,
-        )
+        return routing_input(path, body, content_encoding=content_encoding, **self.cfg.parse_options())
 
     def _decide(self, info: RequestInfo, body: bytes | None, loads: dict[str, int], body_too_large: bool) -> Decision:
         if body_too_large:
-            parsed_reason, partition, text = "body_too_large", "", ""
+            ri = RoutingInput("", "", "body_too_large")
         else:
             ri = self._routing_input(info.path, body, info.content_encoding)
-            parsed_reason, partition, text = ri.reason, ri.partition, ri.text
-        if parsed_reason is not None and parsed_reason not in ("no_routing_endpoint", "empty_body"):
-            metrics.BAD_INPUT.labels(parsed_reason).inc()
-            log.warning("no_routing_text", request_id=info.request_id, reason=parsed_reason, path=info.path)
-        elif self.cfg.log_prompts and text:
-            log.debug("routing_text", request_id=info.request_id, text=text)
-        return decide(self.tree, loads, partition, text, time.monotonic(), self.policy, self.rng)
+        if ri.reason not in _NOT_BAD_INPUT:
+            metrics.BAD_INPUT.labels(ri.reason).inc()
+            log.warning("no_routing_text", request_id=info.request_id, reason=ri.reason, path=info.path)
+        elif self.cfg.log_prompts and ri.text:
+            log.debug("routing_text", request_id=info.request_id, text=ri.text)
+        return decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, self.rng)
+
+    def abandoned(self, info: RequestInfo) -> None:
+        """The stream ended before the decision reached Envoy: no finish report will come."""
+        if info.ticket:
+            self.pool.tickets.release(info.ticket)
+
+    def finished(self, ticket: str, failed: bool) -> bool:
+        """Envoy reported a request finished; ``failed``: the upstream refused or broke it.
+
+        Only a ticket this service issued and still holds acts: it releases the in-flight count
+        and its outcome counts for the upstream's health. Anything else (an unknown, forged or
+        already released ticket) changes nothing and returns False.
+        """
+        address = self.pool.tickets.release(ticket)
+        if address is None:
+            metrics.UNKNOWN_TICKETS.inc()
+            return False
+        up = self.pool.upstreams.get(address)
+        if up is None:  # removed from the pool since
+            return True
+        if failed:
+            length = up.eject(self.cfg.ejection_base_secs, self.cfg.ejection_max_secs, time.monotonic())
+            if length:
+                metrics.EJECTIONS.labels(address).inc()
+                log.warning("upstream_ejected", upstream=address, seconds=length)
+        else:
+            up.succeeded()
+        return True
+
+    # -- the pool --------------------------------------------------------------------------------
+
+    def set_upstreams(self, addresses: list[str]) -> tuple[list[str], list[str]]:
+        """Make the pool exactly ``addresses`` (registry order); a removed upstream leaves the
+        tree too. Returns (added, removed)."""
+        if list(self.pool.upstreams) == addresses:
+            return [], []
+        added = [a for a in addresses if a not in self.pool]
+        removed = self.pool.set_addresses(addresses)
+        for tenant in removed:
+            self.tree.remove_tenant(tenant)
+        return added, removed
+
+    def record_check(self, address: str, ok: bool) -> bool | None:
+        """An active health check's result; returns the new state when it changed."""
+        up = self.pool.upstreams.get(address)
+        if up is None:
+            return None
+        cfg = self.cfg
+        return up.record_check(ok, cfg.health_failure_threshold, cfg.health_success_threshold, time.monotonic())
+
+    def addresses(self) -> list[str]:
+        return list(self.pool.upstreams)
+
+    def upstreams(self) -> list[UpstreamView]:
+        chars = self.tree.tenant_chars()
+        pool = self.pool
+        return [
+            UpstreamView(a, u.healthy, u.active_ok, u.ejected, pool.inflight(a), chars.get(a, 0))
+            for a, u in pool.upstreams.items()
+        ]
+
+    def tree_stats(self) -> TreeStats:
+        t = self.tree
+        return TreeStats(t.total_chars(), t.node_count(), t.tenant_chars(), self.cfg.max_tree_size)
 
     def explain(self, path: str, body: bytes | None, content_encoding: str | None = None) -> dict:
         """The decision this request would get now, with every upstream's match; inserts nothing."""
@@ -141,43 +227,19 @@ class Director:
             "matched_characters": m.matched,
             "match_rate": m.matched / len(ri.text) if ri.text else 0.0,
             "upstreams": [
-                {"address": a, "matched_characters": m.tenants.get(a, 0), "inflight": u.inflight, "healthy": u.healthy}
-                for a, u in self.pool.upstreams.items()
+                {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy}
+                for v in self.upstreams()
             ],
             "no_text_reason": ri.reason,
             "routing_text_head": ri.text[:200],  # the caller sent the body: no privacy to keep
         }
 
-    # -- the end of a request --------------------------------------------------------------------
-
-    def finished(self, ticket: str, failed: bool = False, upstream: str = "") -> bool:
-        """Envoy reported a request finished; ``failed``: the upstream refused or broke it.
-
-        The ticket releases this replica's in-flight count if it owns it. The outcome counts for
-        the upstream's health whichever replica routed the request (each replica receives every
-        report when several run).
-        """
-        address = self.pool.release(ticket) or upstream
-        if address not in self.pool:
-            return False
-        if failed:
-            length = self.pool.eject(address, self.cfg.ejection_base_secs, self.cfg.ejection_max_secs)
-            if length:
-                metrics.EJECTIONS.labels(address).inc()
-                log.warning("upstream_ejected", upstream=address, seconds=length)
-        else:
-            self.pool.succeeded(address)
-        return True
-
-    def abandoned(self, info: RequestInfo) -> None:
-        """The stream ended before the decision reached Envoy: no finish report will come."""
-        self.pool.release(info.ticket)
-
     # -- housekeeping ----------------------------------------------------------------------------
 
     def evict_slices(self, slice_secs: float = 0.002) -> Iterator[None]:
         """The eviction sweep cut into slices of about ``slice_secs``: the caller yields to the
-        event loop between them, so a sweep never holds up a decision for long."""
+        event loop between them, so a sweep never holds up a decision for long. Removing a tenant
+        that left the pool is not sliced: it visits only that tenant's nodes."""
         deadline = time.perf_counter() + slice_secs
         for tenant in list(self.tree.tenant_chars()):
             if tenant not in self.pool:
@@ -194,7 +256,7 @@ class Director:
 
     def expire(self) -> None:
         """Release in-flight entries whose finish report never came."""
-        expired = self.pool.expire()
+        expired = self.pool.tickets.expire(time.monotonic())
         if expired:
             metrics.EXPIRED_TICKETS.inc(expired)
             log.warning("inflight_expired", count=expired)

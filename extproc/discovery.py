@@ -11,31 +11,16 @@ addresses it had, so a DNS hiccup never empties the pool.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
-import socket
 
 import yaml
 
 from . import logs
+from .addresses import AddressError, parse_hostport, resolve_all
+from .config import Config
 from .director import Director
-from .pool import AddressError, parse_hostport
 
 log = logs.get("prefix_router.discovery")
-
-
-def resolve_all(entry: str) -> list[str]:
-    """Every ``IP:PORT`` literal of one ``HOST:PORT`` entry, sorted; raises AddressError."""
-    host, port = parse_hostport(entry)
-    try:
-        ips = [ipaddress.ip_address(host)]
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise AddressError(f"{entry!r}: cannot resolve {host!r} ({exc.strerror or exc})") from None
-        ips = sorted({ipaddress.ip_address(i[4][0]) for i in infos}, key=lambda ip: (ip.version, ip))
-    return [f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}" for ip in ips]
 
 
 def read_upstreams_file(path: str) -> list[str]:
@@ -59,17 +44,21 @@ def read_upstreams_file(path: str) -> list[str]:
 class Discovery:
     """Keeps the director's pool equal to the resolved configured entries."""
 
-    def __init__(self, director: Director) -> None:
+    def __init__(self, director: Director, cfg: Config) -> None:
         self.director = director
+        self.cfg = cfg
         self.override: list[str] | None = None
         self._known: dict[str, list[str]] = {}
         self._file_mtime: float | None = None
+
+    def reconfigure(self, cfg: Config) -> None:
+        self.cfg = cfg
 
     def entries(self) -> list[str]:
         """The configured entries: the admin override, else flags/env/config plus the file."""
         if self.override is not None:
             return list(self.override)
-        cfg = self.director.cfg
+        cfg = self.cfg
         entries = list(cfg.upstreams)
         if cfg.upstreams_file:
             try:
@@ -94,14 +83,9 @@ class Discovery:
         return addresses
 
     def apply(self, addresses: list[str]) -> None:
-        pool = self.director.pool
-        if list(pool.upstreams) == addresses:
-            return
-        added = [a for a in addresses if a not in pool]
-        removed = pool.set_addresses(addresses)
-        for tenant in removed:
-            self.director.tree.remove_tenant(tenant)
-        log.info("pool_changed", upstreams=addresses, added=added, removed=removed)
+        added, removed = self.director.set_upstreams(addresses)
+        if added or removed:
+            log.info("pool_changed", upstreams=addresses, added=added, removed=removed)
 
     def refresh_sync(self) -> list[str]:
         """Resolve and apply now (at start, and from reloads)."""
@@ -109,7 +93,7 @@ class Discovery:
         if addresses:
             self.apply(addresses)
         else:
-            log.error("no_upstream_resolved", keeping=list(self.director.pool.upstreams))
+            log.error("no_upstream_resolved", keeping=self.director.addresses())
         return addresses
 
     async def refresh(self) -> list[str]:
@@ -120,7 +104,7 @@ class Discovery:
         return addresses
 
     def file_changed(self) -> bool:
-        path = self.director.cfg.upstreams_file
+        path = self.cfg.upstreams_file
         try:
             mtime = os.stat(path).st_mtime if path else None
         except OSError:
@@ -136,6 +120,6 @@ class Discovery:
         while True:
             await asyncio.sleep(1.0)
             since += 1.0
-            if since >= self.director.cfg.dns_refresh_secs or self.file_changed():
+            if since >= self.cfg.dns_refresh_secs or self.file_changed():
                 since = 0.0
                 await self.refresh()

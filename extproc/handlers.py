@@ -7,13 +7,14 @@ Two body modes are served, told apart by the ``protocol_config`` Envoy sends on 
 - ``FULL_DUPLEX_STREAMED``: answer nothing until the body's end of stream, then the headers response
   with the decision, then the body back unchanged in chunks of at most ``CHUNK`` bytes.
 
-Requests without a body (``end_of_stream`` on the headers) are decided on the headers. Everything
-about *what* to route lives in the director; this module only speaks the protocol.
+Requests without a body (``end_of_stream`` on the headers) are decided on the headers. Each stream's
+state is one :class:`Exchange` (:class:`BufferedExchange` or :class:`DuplexExchange`), whose methods
+take one ext_proc message and return the answers to send; :class:`ExternalProcessor` only moves
+messages between gRPC and the exchange. Everything about *what* to route lives in the director.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import AsyncIterator
 
 import grpc
@@ -25,18 +26,19 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from . import logs, metrics
-from .director import Director, RequestInfo, Routed
+from .director import TICKET_HEADER, Director, RequestInfo
 
 log = logs.get("prefix_router.handlers")
 
 # Envoy's gRPC messages default to a 4 MiB limit; ~62 KB chunks keep each well under it.
 CHUNK = 62 * 1024
-TICKET_HEADER = "x-prefix-router-ticket"
 
 _BODY_MODE = processing_mode_pb2.ProcessingMode.BodySendMode
 _DUPLEX = _BODY_MODE.Value("FULL_DUPLEX_STREAMED")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 
 
 def headers_dict(msg: pb.HttpHeaders) -> dict[str, str]:
@@ -47,12 +49,12 @@ def headers_dict(msg: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def decision_mutation(header_name: str, routed: Routed, ticket: str) -> pb.CommonResponse:
+def decision_mutation(header_name: str, address: str, ticket: str) -> pb.CommonResponse:
     return pb.CommonResponse(
         header_mutation=pb.HeaderMutation(
             set_headers=[
                 base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=header_name, raw_value=routed.address.encode()),
+                    header=base_pb2.HeaderValue(key=header_name, raw_value=address.encode()),
                     append_action=_OVERWRITE,
                 ),
                 base_pb2.HeaderValueOption(
@@ -95,107 +97,174 @@ def unavailable() -> pb.ProcessingResponse:
     )
 
 
+class Exchange:
+    """One request's ext_proc stream: what has arrived and whether its decision went out.
+
+    ``answered`` is set once the final answer (the decision, or the 503) has been produced;
+    ``decided`` when the director holds the request on an upstream; ``delivered`` once that answer
+    has been handed to gRPC. A stream that ends in between must give the request back: :meth:`close`.
+    """
+
+    __slots__ = ("director", "info", "answered", "decided", "delivered")
+
+    def __init__(self, director: Director, headers: dict[str, str]) -> None:
+        self.director = director
+        self.info: RequestInfo = director.begin(headers)
+        self.answered = False
+        self.decided = False
+        self.delivered = False
+
+    def _decide(self, phase: str, body: bytes | None, body_too_large: bool = False) -> pb.ProcessingResponse:
+        """The decision as the answer to ``phase`` (request headers or request body), or the 503."""
+        director = self.director
+        address = director.route(self.info, body, body_too_large=body_too_large)
+        self.answered = True
+        if address is None:
+            return unavailable()
+        self.decided = True
+        common = decision_mutation(director.header_name, address, self.info.ticket)
+        if phase == "headers":
+            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    def on_headers(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        raise NotImplementedError
+
+    def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        raise NotImplementedError
+
+    def on_trailers(self) -> list[pb.ProcessingResponse]:
+        return [_CONTINUE_TRAILERS]
+
+    def sent(self) -> None:
+        """Every answer returned so far has been handed to gRPC."""
+        if self.answered:
+            self.delivered = True
+
+    def close(self) -> bool:
+        """The stream ended; a decision that never reached Envoy is given back. Returns whether
+        the stream ended before its answer went out."""
+        if self.decided and not self.delivered:
+            self.director.abandoned(self.info)
+        return not self.delivered
+
+
+class BufferedExchange(Exchange):
+    """``BUFFERED``: CONTINUE on the headers, the decision in the answer to the whole body."""
+
+    __slots__ = ()
+
+    def on_headers(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        return [self._decide("headers", None)] if end_of_stream else [_CONTINUE_HEADERS]
+
+    def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self.decided:  # a decision already went out: nothing more to change
+            return [_CONTINUE_BODY]
+        return [self._decide("body", body.body)]
+
+
+class DuplexExchange(Exchange):
+    """``FULL_DUPLEX_STREAMED``: hold the headers' answer until the body ends, decide, answer the
+    headers with the decision, then stream the held body back unchanged.
+
+    Past ``max_body_bytes`` the body cannot be routed on: the request is decided by load at once
+    and the rest streams through, so an unbounded body is never held in memory.
+    """
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self, director: Director, headers: dict[str, str]) -> None:
+        super().__init__(director, headers)
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def on_headers(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        return [self._decide("headers", None)] if end_of_stream else []
+
+    def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        if self.decided:  # the decision already went out: pass the rest through
+            return _body_chunks([body.body], body.end_of_stream)
+        self.chunks.append(body.body)
+        self.size += len(body.body)
+        too_large = self.size > self.director.max_body_bytes
+        if body.end_of_stream or too_large:
+            return self._finish(too_large, body.end_of_stream)
+        return []
+
+    def on_trailers(self) -> list[pb.ProcessingResponse]:
+        out = [] if self.decided else self._finish(False, False)
+        out.append(_CONTINUE_TRAILERS)
+        return out
+
+    def _finish(self, too_large: bool, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        chunks, self.chunks = self.chunks, []
+        answer = self._decide("headers", None if too_large else b"".join(chunks), body_too_large=too_large)
+        if not self.decided:  # the 503 ends the request
+            return [answer]
+        return [answer, *_body_chunks(chunks, end_of_stream)]
+
+
+# Phases the shipped configs never send (their response modes are SKIP/NONE). A config that enables
+# them must not leave Envoy waiting out message_timeout, so each gets an empty "continue".
+_PASS_THROUGH = {
+    "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
+    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
+    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+}
+
+
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     """``envoy.service.ext_proc.v3.ExternalProcessor/Process`` over a :class:`Director`."""
 
-    def __init__(self, director: Director, header_name: str) -> None:
+    def __init__(self, director: Director) -> None:
         self.director = director
-        self.header_name = header_name
 
     async def Process(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        director = self.director
-        info: RequestInfo | None = None
-        delivered = False
-        duplex = False
-        chunks: list[bytes] = []
-        size = 0
-        too_large = False
+        exchange: Exchange | None = None
         try:
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
                 if kind == "request_headers":
-                    if req.HasField("protocol_config"):
-                        duplex = req.protocol_config.request_body_mode == _DUPLEX
-                    info = director.begin(headers_dict(req.request_headers))
-                    if req.request_headers.end_of_stream:
-                        routed = director.route(info, None)
-                        yield self._answer("headers", routed, info)
-                        delivered = True
-                    elif not duplex:
-                        yield _CONTINUE_HEADERS
+                    if exchange is not None:
+                        raise _ProtocolError("a second request_headers on one stream")
+                    duplex = req.HasField("protocol_config") and req.protocol_config.request_body_mode == _DUPLEX
+                    exchange = (DuplexExchange if duplex else BufferedExchange)(self.director, headers_dict(req.request_headers))
+                    out = exchange.on_headers(req.request_headers.end_of_stream)
+                elif kind in _PASS_THROUGH:
+                    out = [_PASS_THROUGH[kind]]
+                elif exchange is None:
+                    raise _ProtocolError(f"{kind} before request_headers")
                 elif kind == "request_body":
-                    if info is None:  # a body before headers breaks the protocol
-                        metrics.STREAM_ERRORS.labels("INVALID_ARGUMENT").inc()
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_body before request_headers")
-                        return
-                    body = req.request_body
-                    if delivered:  # a decision already went out: pass the rest through
-                        if duplex:
-                            for r in _body_chunks([body.body], body.end_of_stream):
-                                yield r
-                        else:
-                            yield pb.ProcessingResponse(request_body=pb.BodyResponse())
-                        continue
-                    if not duplex:
-                        routed = director.route(info, body.body)
-                        yield self._answer("body", routed, info)
-                        delivered = True
-                        continue
-                    chunks.append(body.body)
-                    size += len(body.body)
-                    too_large = too_large or size > director.cfg.max_body_bytes
-                    # Past the parse cap the body cannot be routed on: decide now and stream the
-                    # rest through instead of holding an unbounded body in memory.
-                    if body.end_of_stream or too_large:
-                        async for r in self._finish_duplex(info, chunks, too_large, end_of_stream=body.end_of_stream):
-                            yield r
-                        delivered = True
-                        chunks = []
+                    out = exchange.on_body(req.request_body)
                 elif kind == "request_trailers":
-                    if info is not None and duplex and not delivered:
-                        async for r in self._finish_duplex(info, chunks, too_large, end_of_stream=False):
-                            yield r
-                        delivered = True
-                        chunks = []
-                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-                elif kind == "response_headers":
-                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-                elif kind == "response_body":
-                    yield pb.ProcessingResponse(response_body=pb.BodyResponse())
-                elif kind == "response_trailers":
-                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-        except asyncio.CancelledError:
-            metrics.STREAM_ERRORS.labels("CANCELLED").inc()
-            raise
+                    out = exchange.on_trailers()
+                else:
+                    raise _ProtocolError(f"unknown message {kind!r}")
+                for r in out:
+                    yield r
+                if exchange is not None:
+                    exchange.sent()
+        except _ProtocolError as exc:
+            metrics.STREAM_ERRORS.labels("INVALID_ARGUMENT").inc()
+            log.warning("stream_protocol_error", error=str(exc), request_id=exchange.info.request_id if exchange else "")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception:
             metrics.STREAM_ERRORS.labels("INTERNAL").inc()
-            log.exception("stream_failed", request_id=info.request_id if info else "")
+            log.exception("stream_failed", request_id=exchange.info.request_id if exchange else "")
             raise
         finally:
-            if info is not None and not delivered:
-                director.abandoned(info)
+            # Envoy closes (or cancels) a stream as soon as it expects nothing more: that is the
+            # normal end once the answer went out, and no error. Before it, the request went
+            # elsewhere (the client left mid-upload, or Envoy timed out and failed open).
+            if exchange is not None and exchange.close():
+                metrics.STREAMS_ABANDONED.inc()
+                log.info("stream_ended_before_answer", request_id=exchange.info.request_id)
 
-    async def _finish_duplex(
-        self, info: RequestInfo, chunks: list[bytes], too_large: bool, *, end_of_stream: bool
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        body = b"".join(chunks) if not too_large else None
-        routed = self.director.route(info, body, body_too_large=too_large)
-        yield self._answer("headers", routed, info)
-        if routed.address is None:
-            return
-        for r in _body_chunks(chunks, end_of_stream):
-            yield r
 
-    def _answer(self, phase: str, routed: Routed, info: RequestInfo) -> pb.ProcessingResponse:
-        """The decision as the answer to ``phase`` (request headers or request body), or the 503."""
-        if routed.address is None:
-            return unavailable()
-        common = decision_mutation(self.header_name, routed, info.ticket)
-        if phase == "headers":
-            return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
-        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+class _ProtocolError(Exception):
+    """Envoy (or whoever holds the stream) broke the ext_proc message order."""
 
 
 def _body_chunks(chunks: list[bytes], end_of_stream: bool) -> list[pb.ProcessingResponse]:

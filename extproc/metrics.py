@@ -7,21 +7,25 @@ director at scrape time by :class:`StateCollector`, so the request path never up
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from .director import Director
 
 # The *_created series double the exposition for no use here.
 disable_created_metrics()
 
 DECISIONS = Counter("prefix_router_decisions", "Routing decisions by reason", ["reason"])
 BAD_INPUT = Counter("prefix_router_bad_input", "Requests whose body gave no routing text, by reason", ["reason"])
-STREAM_ERRORS = Counter("prefix_router_stream_errors", "ext_proc or access-log streams that ended in error, by gRPC code", ["code"])
+STREAM_ERRORS = Counter("prefix_router_stream_errors", "ext_proc or access-log streams that failed (protocol violation or a fault here), by gRPC code", ["code"])
+STREAMS_ABANDONED = Counter(
+    "prefix_router_streams_abandoned",
+    "ext_proc streams that ended before their answer went out (the client left mid-upload, or Envoy gave up and failed open)",
+)
+UNKNOWN_TICKETS = Counter(
+    "prefix_router_unknown_tickets", "Access-log entries whose ticket this service does not hold (ignored: they release and eject nothing)"
+)
 DECISION_ERRORS = Counter("prefix_router_decision_errors", "Decisions that raised and fell back to load balancing")
 NO_UPSTREAM = Counter("prefix_router_no_healthy_upstream", "Requests answered 503 because no upstream was healthy")
 DECISION_SECONDS = Histogram(
@@ -43,32 +47,31 @@ RELOADS = Counter("prefix_router_config_reloads", "Configuration reloads by resu
 
 
 class StateCollector(Collector):
-    """Gauges read from the director when Prometheus scrapes."""
+    """Gauges read when Prometheus scrapes, from a snapshot function (the director's
+    ``upstreams``): the request path never updates a gauge."""
 
-    def __init__(self, director: "Director") -> None:
-        self.director = director
+    def __init__(self, snapshot: Callable[[], Iterable[Any]]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        d = self.director
         inflight = GaugeMetricFamily("prefix_router_inflight_requests", "In-flight requests per upstream", labels=["upstream"])
         healthy = GaugeMetricFamily("prefix_router_upstream_healthy", "1 if the upstream receives traffic, else 0", labels=["upstream"])
-        for addr, up in d.pool.upstreams.items():
-            inflight.add_metric([addr], up.inflight)
-            healthy.add_metric([addr], 1 if up.healthy else 0)
         chars = GaugeMetricFamily("prefix_router_tree_characters", "Characters held in the tree per upstream", labels=["upstream"])
-        for tenant, n in d.tree.tenant_chars().items():
-            chars.add_metric([tenant], n)
+        for u in self.snapshot():
+            inflight.add_metric([u.address], u.inflight)
+            healthy.add_metric([u.address], 1 if u.healthy else 0)
+            chars.add_metric([u.address], u.tree_characters)
         yield inflight
         yield healthy
         yield chars
 
 
-def register_state(director: "Director") -> StateCollector:
-    """(Re)register the state collector for this director; one per process."""
+def register_state(snapshot: Callable[[], Iterable[Any]]) -> StateCollector:
+    """(Re)register the state collector; one per process."""
     global _state
     if _state is not None:
         REGISTRY.unregister(_state)
-    _state = StateCollector(director)
+    _state = StateCollector(snapshot)
     REGISTRY.register(_state)
     return _state
 

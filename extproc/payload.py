@@ -23,10 +23,6 @@ import orjson
 
 FORMS = ("sglang", "template")
 
-# Decompressed bodies larger than this are not parsed: a gzip bomb costs at most this much memory.
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_ROUTING_CHARS = 1 << 20
-
 
 @dataclass(frozen=True, slots=True)
 class RoutingInput:
@@ -39,7 +35,6 @@ class RoutingInput:
     partition: str
     text: str
     reason: str | None = None
-    endpoint: str = "other"
 
 
 def classify_path(path: str) -> str:
@@ -87,35 +82,39 @@ def routing_input(
     body: bytes | None,
     *,
     content_encoding: str | None = None,
-    form: str = "sglang",
-    max_routing_chars: int = DEFAULT_MAX_ROUTING_CHARS,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    form: str,
+    max_routing_chars: int,
+    max_body_bytes: int,
 ) -> RoutingInput:
-    """Parse one request into its partition and routing text; never raises."""
+    """Parse one request into its partition and routing text; never raises.
+
+    ``max_body_bytes`` caps the body after decompression (a gzip bomb costs at most that much);
+    ``max_routing_chars`` how much of the text is kept. Their defaults are the options'.
+    """
     endpoint = classify_path(path)
     if endpoint == "other":
-        return RoutingInput("", "", "no_routing_endpoint", endpoint)
+        return RoutingInput("", "", "no_routing_endpoint")
     if not body:
-        return RoutingInput("", "", "empty_body", endpoint)
+        return RoutingInput("", "", "empty_body")
     raw, why = decode_body(body, content_encoding, max_body_bytes)
     if raw is None:
-        return RoutingInput("", "", why, endpoint)
+        return RoutingInput("", "", why)
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return RoutingInput("", "", "invalid_json", endpoint)
+        return RoutingInput("", "", "invalid_json")
     except RecursionError:  # pragma: no cover - orjson caps depth itself
-        return RoutingInput("", "", "invalid_json", endpoint)
+        return RoutingInput("", "", "invalid_json")
     if not isinstance(doc, dict):
-        return RoutingInput("", "", "not_an_object", endpoint)
+        return RoutingInput("", "", "not_an_object")
     try:
         text = _EXTRACT[endpoint](doc, form)
     except RecursionError:
-        return RoutingInput("", "", "too_deep", endpoint)
+        return RoutingInput("", "", "too_deep")
     partition = partition_key(doc)
     if not text:
-        return RoutingInput(partition, "", "no_text", endpoint)
-    return RoutingInput(partition, text[:max_routing_chars], None, endpoint)
+        return RoutingInput(partition, "", "no_text")
+    return RoutingInput(partition, text[:max_routing_chars])
 
 
 def partition_key(doc: dict[str, Any]) -> str:

@@ -13,12 +13,6 @@ Per request (load = in-flight requests per upstream):
    random). A long prefix of its own keeps a conversation home through a burst; a prefix that any
    upstream could rebuild cheaply (a shared system prompt) no longer pins everyone to the first
    upstream that saw it. The threshold then only names the outcome (a hit or a miss).
-   ``hit_choice = balanced`` first keeps only the upstreams not running hot (load at most the mean
-   plus the larger of one standard deviation and a tolerance that grows with the length of the
-   matched prefix: see ``BALANCE_CHARS_PER_REQUEST``), then takes the one with the longest match
-   of its own (ties to the least loaded); below the threshold, the least loaded of them. A prefix everyone shares, such as a long system prompt, then no
-   longer pins every session to the upstream that saw it first: once that upstream runs hotter than
-   the rest, new sessions go where the load is, and their later turns follow them there.
 3. Else the least-loaded upstream (``tie_break``: first in registry order as sglang-router 0.3.2, or
    random, its later fix).
 4. The text is inserted for the chosen upstream.
@@ -33,18 +27,20 @@ from dataclasses import dataclass
 
 from .tree import RadixTree
 
-HIT_CHOICES = ("cost", "balanced", "creator", "least_loaded")
+HIT_CHOICES = ("cost", "creator", "least_loaded")
 TIE_BREAKS = ("random", "first")
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    cache_threshold: float = 0.3
-    balance_abs_threshold: int = 64
-    balance_rel_threshold: float = 1.5
-    hit_choice: str = "cost"
-    tie_break: str = "random"
-    inflight_cost_chars: int = 1024
+    """The policy's settings; their defaults live with the options (``extproc.config``)."""
+
+    cache_threshold: float
+    balance_abs_threshold: int
+    balance_rel_threshold: float
+    hit_choice: str
+    tie_break: str
+    inflight_cost_chars: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +82,6 @@ def decide(
         choice, reason, matched = least_loaded(loads, cfg.tie_break, rng), "imbalance", 0
     elif cfg.hit_choice == "cost":
         choice, reason, matched = _cheapest(tree.match(partition, text).tenants, loads, len(text), cfg, rng)
-    elif cfg.hit_choice == "balanced":
-        choice, reason, matched = _balanced(tree.match(partition, text).tenants, loads, len(text), cfg, rng)
     else:
         m = tree.match(partition, text)
         matched = m.matched
@@ -120,25 +114,3 @@ def _cheapest(matches: dict[str, int], loads: dict[str, int], length: int, cfg: 
     choice = cheapest[0] if cfg.tie_break == "first" else rng.choice(cheapest)
     own = matches.get(choice, 0)
     return choice, "cache_hit" if own / length > cfg.cache_threshold else "cache_miss", own
-
-
-# ``balanced`` only: how many more in-flight requests than the mean an upstream may carry and still
-# be preferred for its cached prefix is one, plus one per BALANCE_CHARS_PER_REQUEST characters of the
-# prefix it would save. 4,096 did best of the few values tried while this rule was the default;
-# the cost rule has since replaced it (README "Choosing the defaults").
-BALANCE_CHARS_PER_REQUEST = 4096
-
-
-def _balanced(matches: dict[str, int], loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random) -> tuple[str, str, int]:
-    """The upstreams not running hot, then the longest own match among them (see module doc)."""
-    values = list(loads.values())
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-    deepest = max(matches.values(), default=0)
-    cutoff = mean + max(std, 1.0 + deepest / BALANCE_CHARS_PER_REQUEST)
-    cool = {t: n for t, n in loads.items() if n <= cutoff}
-    best = max((matches.get(t, 0) for t in cool), default=0)
-    if best and best / length > cfg.cache_threshold:
-        holders = {t: n for t, n in cool.items() if matches.get(t, 0) == best}
-        return least_loaded(holders, cfg.tie_break, rng), "cache_hit", best
-    return least_loaded(cool, cfg.tie_break, rng), "cache_miss", best

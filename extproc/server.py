@@ -33,7 +33,7 @@ from .director import Director
 from .discovery import Discovery
 from .handlers import ExternalProcessor
 from .health import HealthChecker
-from .pool import AddressError, Pool
+from .addresses import AddressError
 
 log = logs.get("prefix_router.server")
 
@@ -57,8 +57,10 @@ class Service:
     """Everything one ``prefix-router serve`` process runs."""
 
     def __init__(self, cfg: Config, reload: Callable[[], Config] | None = None) -> None:
-        self.director = Director(cfg, Pool(inflight_timeout=cfg.inflight_timeout_secs))
-        self.discovery = Discovery(self.director)
+        self.cfg = cfg
+        self.director = Director(cfg)
+        self.discovery = Discovery(self.director, cfg)
+        self.checker = HealthChecker(self.director, cfg)
         self.reload_source = reload
         self.admin = Admin(self.director)
         self.receiver = AccessLogReceiver(self.director)
@@ -69,27 +71,23 @@ class Service:
         self._tasks: list[asyncio.Task] = []
         self._config_mtime: float | None = None
 
-    @property
-    def cfg(self) -> Config:
-        return self.director.cfg
-
     # -- start -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Resolve the pool, bind every listener, start the background tasks. Raises AddressError
         when no upstream resolves and OSError when a listener cannot bind."""
         self.discovery.refresh_sync()
-        if not self.director.pool.upstreams:
+        if not self.director.addresses():
             raise AddressError("no upstream: give --upstream or --upstreams-file")
         cfg = self.cfg
         self.grpc = grpc.aio.server(options=_GRPC_OPTIONS)
-        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.director, cfg.header_name), self.grpc)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.director), self.grpc)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.receiver, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((EXT_PROC_SERVICE, ALS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.grpc)
         self.ports["grpc"] = self._bind(self.grpc, cfg.grpc_listen, "--grpc-listen")
         self.admin_grpc = grpc.aio.server()
-        add_admin_api(AdminApi(self.director, self.discovery), self.admin_grpc)
+        add_admin_api(AdminApi(self.director, self.discovery, lambda: self.cfg), self.admin_grpc)
         reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), self.admin_grpc)
         self.ports["admin_grpc"] = self._bind(self.admin_grpc, cfg.admin_grpc_listen, "--admin-grpc-listen")
         await self.grpc.start()
@@ -97,13 +95,13 @@ class Service:
         self.ports["admin"] = await self.admin.start(cfg.admin_listen)
         for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        metrics.register_state(self.director)
+        metrics.register_state(self.director.upstreams)
         self._config_mtime = self._stat_config()
         self._tasks = [
             asyncio.create_task(self._evict_forever()),
             # Expiring lost in-flight entries must not wait a full eviction interval.
             asyncio.create_task(_every(1.0, self.director.expire)),
-            asyncio.create_task(HealthChecker(self.director).run()),
+            asyncio.create_task(self.checker.run()),
             asyncio.create_task(self.discovery.run()),
         ]
         if self.reload_source is not None:
@@ -142,11 +140,13 @@ class Service:
         for key in Config.FIXED:
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning("reload_ignores", setting=key, running=getattr(self.cfg, key), configured=getattr(new, key))
-        self.director.reconfigure(new)
+        self.cfg = new
+        for part in (self.director, self.discovery, self.checker):
+            part.reconfigure(new)
         self.discovery.override = None
         self.discovery.refresh_sync()
         metrics.RELOADS.labels("ok").inc()
-        log.info("reloaded", upstreams=list(self.director.pool.upstreams))
+        log.info("reloaded", upstreams=self.director.addresses())
         return True
 
     def _stat_config(self) -> float | None:
@@ -188,7 +188,7 @@ async def serve(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status."""
     service = Service(cfg, reload)
     await service.start()
-    log.info("serving", ports=service.ports, upstreams=list(service.director.pool.upstreams), routing_text=cfg.routing_text)
+    log.info("serving", ports=service.ports, upstreams=service.director.addresses(), routing_text=cfg.routing_text)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

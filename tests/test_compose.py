@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from extproc.stack import ENVOY_DIR, ROOT, Ports, Stack, render_envoy_config
+from extproc.dev.stack import ENVOY_DIR, ROOT, Ports, Stack, render_envoy_config
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
 
@@ -43,7 +43,29 @@ def test_every_shipped_config_has_the_stack_ports():
         assert render_envoy_config(cfg, Ports.fixed()) == yaml.safe_load(cfg.read_text()), cfg.name
 
 
-def test_image_is_built_from_the_project():
+def test_image_is_built_from_the_project_without_envoy():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY extproc" in dockerfile and 'ENTRYPOINT ["python"]' in dockerfile
+    assert "'.[sglang]'" in dockerfile and "envoy" not in dockerfile.split("RUN", 1)[1].split("\n")[0]
     assert all(COMPOSE[n].get("build") == "." for n in COMPOSE if n != "envoy")
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*") + 1 :][:3] == ["!pyproject.toml", "!README.md", "!extproc/"]  # no .venv in the context
+
+
+def _port_of(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1].rsplit(":", 1)[-1]
+
+
+def test_every_part_is_health_checked_and_started_after_what_it_needs():
+    s = stack()
+    checks = {
+        **{f"fake-worker-{r}-{w}": f"http://127.0.0.1:{p}/health" for r, ps in enumerate(s.ports.workers) for w, p in enumerate(ps)},
+        **{f"sglang-router-{r}": f"http://127.0.0.1:{p}/health" for r, p in enumerate(s.ports.routers)},
+        "prefix-router": f"http://127.0.0.1:{_port_of(s.service_argv(0), '--admin-listen')}/readyz",
+    }
+    for name, url in checks.items():
+        assert f"'{url}'" in COMPOSE[name]["healthcheck"]["test"][-1], name
+    for name, svc in COMPOSE.items():
+        for dep, how in svc.get("depends_on", {}).items():
+            assert how == {"condition": "service_healthy"} and "healthcheck" in COMPOSE[dep], (name, dep)
+    assert set(COMPOSE["envoy"]["depends_on"]) == {"prefix-router"}

@@ -5,16 +5,42 @@ import sys
 
 import pytest
 
-from extproc.config import ConfigError, build
-from extproc.discovery import resolve_all
-from extproc.pool import AddressError, Pool, parse_hostport
+from extproc.config import OPTIONS, ConfigError, build, flag_name, markdown_table
+from extproc.dev.stack import ROOT
+from extproc.addresses import AddressError, parse_hostport, resolve_all
 
 
-def test_defaults_follow_sglang_router():
-    c = build({}, env={})
-    assert (c.cache_threshold, c.balance_abs_threshold, c.balance_rel_threshold) == (0.3, 64, 1.5)
-    assert (c.eviction_interval_secs, c.max_tree_size) == (60.0, 67108864)
-    assert c.grpc_listen == "0.0.0.0:50051" and c.header_name == "x-upstream-host"
+def sglang_router_defaults() -> dict[str, object]:
+    """The installed sglang-router's own command-line defaults, by option name."""
+    import argparse
+
+    from sglang_router.router_args import RouterArgs
+
+    p = argparse.ArgumentParser()
+    RouterArgs.add_cli_args(p)
+    return {a.dest: a.default for a in p._actions if a.dest != "help"}
+
+
+def test_options_marked_sglang_share_its_name_and_default():
+    theirs = sglang_router_defaults()
+    shared = {name for name, f in OPTIONS.items() if f.metadata["sglang"]}
+    assert shared >= {"cache_threshold", "balance_abs_threshold", "balance_rel_threshold", "eviction_interval_secs", "max_tree_size"}
+    for name in shared:
+        assert name in theirs, f"{name} is marked as sglang-router's but it has no such flag"
+        assert OPTIONS[name].default == theirs[name], name
+    # a flag we share by name but not marked: its default must be the same, or the flag renamed
+    for name in set(OPTIONS) & set(theirs) - shared:
+        assert OPTIONS[name].default == theirs[name], f"--{name} shares sglang-router's name but not its default"
+
+
+def test_help_and_flag_table_come_from_the_options():
+    r = run_cli("serve", "--help")
+    for name in OPTIONS:
+        assert flag_name(name) in r.stdout
+    assert "(default 0.3, as sglang-router)" in " ".join(r.stdout.split())
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- flags:begin (python -m extproc.config) -->\n", "\n<!-- flags:end -->"
+    assert readme[readme.index(begin) + len(begin) : readme.index(end)] == markdown_table(), "run python -m extproc.config"
 
 
 def test_precedence_flags_env_file(tmp_path):
@@ -83,7 +109,7 @@ def test_cli_unknown_flag_and_missing_upstream_exit_2():
 def test_cli_help_and_config():
     r = run_cli("serve", "--help")
     assert r.returncode == 0 and "--cache-threshold" in r.stdout and "PREFIX_ROUTER_UPSTREAMS" in r.stdout
-    r = run_cli("config", "--upstream", "127.0.0.1:9")
+    r = run_cli("serve", "--upstream", "127.0.0.1:9", "--print-config")
     assert r.returncode == 0 and '"127.0.0.1:9"' in r.stdout
 
 
@@ -93,41 +119,3 @@ def test_addresses():
     assert resolve_all("[::1]:80") == ["[::1]:80"]
     with pytest.raises(AddressError):
         resolve_all("no-such-host.invalid:80")
-
-
-def test_pool_inflight_tickets():
-    pool = Pool.from_addresses(["a:1", "b:1"], inflight_timeout=10)
-    pool.acquire("t1", "a:1", now=0)
-    pool.acquire("t1", "a:1", now=0)  # the same ticket twice counts once
-    pool.acquire("t2", "b:1", now=5)
-    assert pool.loads() == {"a:1": 1, "b:1": 1}
-    assert pool.release("t1") and not pool.release("t1")
-    assert pool.expire(now=16) == 1 and pool.loads() == {"a:1": 0, "b:1": 0}
-    pool.acquire("t3", "zzz:1")  # not in the pool: ignored
-    assert pool.outstanding() == 0
-
-
-def test_active_checks_take_out_and_bring_back():
-    pool = Pool.from_addresses(["a:1"])
-    assert pool.record_check("a:1", False, 3, 2) is None
-    assert pool.record_check("a:1", False, 3, 2) is None
-    assert pool.record_check("a:1", False, 3, 2) is False and pool.loads() == {}
-    assert pool.record_check("a:1", True, 3, 2) is None and pool.loads() == {}
-    assert pool.record_check("a:1", True, 3, 2) is True and pool.loads() == {"a:1": 0}
-
-
-def test_passive_ejection_backs_off_and_needs_a_good_check():
-    pool = Pool.from_addresses(["a:1", "b:1"])
-    assert pool.eject("a:1", base=2, cap=5, now=100) == 2
-    assert pool.eject("a:1", base=2, cap=5, now=100.5) == 0  # already out
-    assert list(pool.loads()) == ["b:1"]
-    pool.record_check("a:1", True, 3, 2, now=101)  # too early: stays out
-    assert list(pool.loads()) == ["b:1"]
-    assert pool.record_check("a:1", True, 3, 2, now=102.1) is True
-    assert list(pool.loads()) == ["a:1", "b:1"]
-    assert pool.eject("a:1", base=2, cap=5, now=200) == 4  # repeated: doubled
-    pool.record_check("a:1", True, 3, 2, now=205)
-    assert pool.eject("a:1", base=2, cap=5, now=300) == 5  # capped
-    pool.record_check("a:1", True, 3, 2, now=306)
-    pool.succeeded("a:1")
-    assert pool.eject("a:1", base=2, cap=5, now=400) == 2  # a success resets the back-off

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 import yaml
 
-from extproc.stack import ENVOY_DIR, Ports, find_envoy, render_envoy_config
+from extproc.dev.stack import ENVOY_DIR, Ports, find_envoy, render_envoy_config
 
 CONFIGS = sorted(ENVOY_DIR.glob("*.yaml"))
 

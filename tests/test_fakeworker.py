@@ -4,7 +4,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from extproc.fakeworker import BLOCK_CHARS, BLOCK_TOKENS, FakeWorker, PrefixCache
+from extproc.dev.fakeworker import BLOCK_CHARS, BLOCK_TOKENS, FakeWorker, PrefixCache
 
 
 def test_cache_reports_the_leading_cached_run_only():
@@ -69,3 +69,39 @@ async def test_generate_completions_and_info(worker):
     assert "model_path" not in info and "model_path" not in await (await client.get("/get_model_info")).json()
     assert (await (await client.get("/v1/models")).json())["data"][0]["id"] == "fake-model"
     assert (await client.post("/v1/chat/completions", data=b"{bad")).status == 400
+
+
+async def test_both_metadata_paths_sglang_router_asks(worker):
+    _, client = worker
+    for path in ("/model_info", "/get_model_info", "/server_info", "/get_server_info"):
+        r = await client.get(path)
+        assert r.status == 200, path
+        assert "model_path" not in await r.json()  # with it, sglang-router would fetch a tokenizer
+
+
+def test_http2_preface_probes_log_no_traceback(tmp_path):
+    """sglang-router's HTTP/2 probe gets aiohttp's 400 without a traceback in the worker's log."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from extproc.dev.stack import free_port, http_get, wait_until
+
+    port = free_port()
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "extproc.dev.fakeworker", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/health")[0] == 200, 20, "worker", proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            assert s.recv(100).split(b" ")[1] == b"400"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(100).split(b" ")[1] == b"404"
+        time.sleep(0.3)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "Traceback" not in log.read_text()

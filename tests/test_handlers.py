@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import metrics
 from extproc.config import build
-from extproc.handlers import CHUNK, TICKET_HEADER
+from extproc.director import TICKET_HEADER
+from extproc.handlers import CHUNK
 from extproc.server import Service
 
 POOL = ["127.0.0.1:30001", "127.0.0.1:30002"]
@@ -74,7 +75,7 @@ async def test_buffered_decides_in_the_body_response(service):
     m = mutation(common)
     assert m["x-upstream-host"] in POOL  # overwrites whatever the client sent
     assert m[TICKET_HEADER]
-    assert sum(director.pool.loads().values()) == 1
+    assert director.pool.tickets.outstanding() == 1
 
 
 async def test_duplex_holds_headers_then_streams_the_body_back(service):
@@ -124,15 +125,18 @@ async def test_no_body_is_decided_on_the_headers(service, mode):
 
 @pytest.mark.parametrize("bad", [b"{nope", b"\xff\xfe", b"[]", b'{"messages": 5}', b"[" * 100000])
 async def test_bad_body_still_routes_and_is_counted(service, bad):
-    _, ch = service
+    director, ch = service
+    counted = sum(s.value for m in metrics.BAD_INPUT.collect() for s in m.samples)
     out = await exchange(ch, [headers(), body(bad, True)])
     assert mutation(out[1].request_body.response)["x-upstream-host"] in POOL
+    assert sum(s.value for m in metrics.BAD_INPUT.collect() for s in m.samples) == counted + 1
+    assert director.pool.tickets.outstanding() == 1
 
 
 async def test_no_healthy_upstream_is_an_openai_style_503(service):
     director, ch = service
     for u in director.pool.upstreams.values():
-        u.healthy = False
+        u.active_ok = False
     out = await exchange(ch, [headers(), body(chat(), True)])
     imm = out[-1].immediate_response
     assert imm.status.code == 503
@@ -152,33 +156,61 @@ async def test_conversation_sticks_and_access_log_releases_inflight(service):
 
     first = await exchange(ch, [headers(), body(chat("a long shared prompt " * 20), True)])
     m1 = mutation(first[1].request_body.response)
-    assert sum(director.pool.loads().values()) == 1
+    assert director.pool.tickets.outstanding() == 1
     await finish(m1)  # the first turn's response ends, as Envoy reports it
-    assert sum(director.pool.loads().values()) == 0
+    assert director.pool.tickets.outstanding() == 0
     second = await exchange(ch, [headers(), body(chat("a long shared prompt " * 20 + "and more"), True)])
     m2 = mutation(second[1].request_body.response)
     assert m1["x-upstream-host"] == m2["x-upstream-host"]
-    assert sum(director.pool.loads().values()) == 1
+    assert director.pool.tickets.outstanding() == 1
     await finish(m2, m2)  # a duplicate report releases nothing twice
-    assert sum(director.pool.loads().values()) == 0
+    assert director.pool.tickets.outstanding() == 0
 
 
-async def test_stream_closed_before_the_decision_releases_nothing_held(service):
+async def test_stream_cancelled_mid_body_is_counted_as_abandoned_not_as_an_error(service):
     director, ch = service
     stub = pb_grpc.ExternalProcessorStub(ch)
+    errors = metrics.STREAM_ERRORS.labels("INTERNAL")._value.get()
+    abandoned = metrics.STREAMS_ABANDONED._value.get()
+    gate = asyncio.Event()
 
     async def reqs():
         yield headers(mode="FULL_DUPLEX_STREAMED")
         yield body(b"partial", False)
-        await asyncio.sleep(0.05)
-        raise asyncio.CancelledError
+        await gate.wait()
 
     call = stub.Process(reqs())
-    with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+    await asyncio.sleep(0.1)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
         async for _ in call:
             pass
-    await asyncio.sleep(0.1)
-    assert sum(director.pool.loads().values()) == 0 and director.pool.outstanding() == 0
+    for _ in range(50):
+        if metrics.STREAMS_ABANDONED._value.get() > abandoned:
+            break
+        await asyncio.sleep(0.02)
+    assert metrics.STREAMS_ABANDONED._value.get() == abandoned + 1
+    assert metrics.STREAM_ERRORS.labels("INTERNAL")._value.get() == errors
+    assert director.pool.tickets.outstanding() == 0
+
+
+async def test_a_body_before_headers_is_a_protocol_error(service):
+    _, ch = service
+    before = metrics.STREAM_ERRORS.labels("INVALID_ARGUMENT")._value.get()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await exchange(ch, [body(chat(), True)])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert metrics.STREAM_ERRORS.labels("INVALID_ARGUMENT")._value.get() == before + 1
+
+
+async def test_response_phases_a_config_may_enable_get_a_continue(service):
+    _, ch = service
+    out = await exchange(ch, [
+        headers(), body(chat(), True),
+        pb.ProcessingRequest(response_headers=pb.HttpHeaders()),
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True)),
+    ])
+    assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body", "response_headers", "response_body"]
 
 
 async def test_health_service(service):

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.payload import classify_path, render_chat_template, routing_input
+from extproc.config import DEFAULTS
+from extproc.payload import classify_path, render_chat_template
+from extproc.payload import routing_input as _routing_input
+
+
+def routing_input(path, body, **kw):
+    """The parser under the default options, with some of them changed."""
+    return _routing_input(path, body, **{**DEFAULTS.parse_options(), **kw})
 
 
 def ri(path, doc, **kw):

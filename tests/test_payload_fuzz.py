@@ -1,7 +1,7 @@
 """Fuzzing the payload parser: no input, however broken, raises or escapes the "no routing text" path.
 
-The suite runs a short campaign; `make fuzz` runs FUZZ_EXAMPLES (200,000 by default) through the
-same properties.
+The suite runs a short campaign (FUZZ_EXAMPLES=2,000 per property); `make fuzz` runs the same
+properties with FUZZ_EXAMPLES=34,000 each (3 properties: 102,000 inputs).
 """
 
 import gzip
@@ -12,7 +12,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.payload import routing_input
+from extproc.config import DEFAULTS
+from extproc.payload import routing_input as _routing_input
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 PATHS = ["/v1/chat/completions", "/v1/completions", "/generate", "/v1/responses", "/v1/messages",
@@ -29,6 +30,11 @@ json_values = st.recursive(
 )
 
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+def routing_input(path, body, **kw):
+    """The parser under the default options, with some of them changed."""
+    return _routing_input(path, body, **{**DEFAULTS.parse_options(), **kw})
 
 
 def check(path, body, encoding=None):

@@ -9,13 +9,28 @@ import time
 import openai
 import pytest
 
-from extproc.stack import ROOT
+from extproc.dev.stack import ROOT
 
 
-def test_ci_runs_the_readme_test_command():
-    ci = [l for l in (ROOT / ".ci/run").read_text().splitlines() if l and not l.startswith("#")]
-    assert ci[-1] == "make test"
-    assert "make test" in (ROOT / "README.md").read_text()
+def test_ci_runs_the_readme_test_command(tmp_path):
+    """Run .ci/run with a recording `make` first on PATH: it must run exactly `make test`, the
+    command the README gives, and fail when that command fails."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```sh\n(.*?)```", readme, re.S).group(1)
+    test_command = next(l.split("#")[0].strip() for l in block.splitlines() if "test" in l.split("#")[0])
+    assert test_command == "make test"
+    record = tmp_path / "calls"
+    fake = tmp_path / "make"
+    fake.write_text(f'#!/bin/sh\necho "make $*" >> {record}\nexit ${{FAKE_MAKE_STATUS:-0}}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", CI="true")
+    r = subprocess.run(["bash", str(ROOT / ".ci/run")], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert record.read_text().splitlines() == [test_command]
+    r = subprocess.run(["bash", str(ROOT / ".ci/run")], env={**env, "FAKE_MAKE_STATUS": "3"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
 
 
 @pytest.mark.integration
@@ -23,7 +38,7 @@ def test_ci_runs_the_readme_test_command():
 def test_stack_command_serves_then_stops_everything_on_sigterm(tmp_path):
     """What `make run` runs (on free ports here): prints the base URL, serves, leaves no process behind."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "extproc.stack", "--free-ports", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "extproc.dev.stack", "--free-ports", "--workdir", str(tmp_path), "--", "--log-level", "debug"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
     try:
@@ -41,6 +56,11 @@ def test_stack_command_serves_then_stops_everything_on_sigterm(tmp_path):
         c = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=30)
         r = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hello"}])
         assert r.system_fingerprint.startswith("worker-")
+        # the flags after -- reached the service: at debug it logs each decision
+        deadline = time.monotonic() + 5
+        while '"decision"' not in (tmp_path / "service-0.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert '"event": "decision"' in (tmp_path / "service-0.log").read_text()
         # 4 workers, 2 routers, the service and Envoy run with the workdir as their cwd
         assert len(_in(tmp_path)) >= 8
         proc.send_signal(signal.SIGTERM)

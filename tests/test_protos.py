@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from extproc.stack import ROOT
+from extproc.dev.stack import ROOT
 
 
 def test_generated_code_is_fresh(tmp_path):

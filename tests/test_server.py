@@ -13,8 +13,8 @@ from extproc.api.v1 import admin_pb2 as apb
 from extproc.api.v1 import admin_pb2_grpc as apb_grpc
 from extproc.config import build
 from extproc.director import RequestInfo
-from extproc.discovery import read_upstreams_file, resolve_all
-from extproc.pool import AddressError
+from extproc.addresses import AddressError, resolve_all
+from extproc.discovery import read_upstreams_file
 from extproc.server import Service
 
 LISTEN = {"grpc_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "admin_grpc_listen": "127.0.0.1:0"}
@@ -40,7 +40,7 @@ async def test_reload_changes_pool_and_thresholds_keeps_tree_and_inflight(svc):
     d = svc.director
     d.tree.insert("", "kept text", "127.0.0.1:1", 0)
     d.tree.insert("", "dropped text", "127.0.0.1:2", 0)
-    d.pool.acquire("t", "127.0.0.1:1")
+    d.pool.tickets.issue("127.0.0.1:1", now=0)
     svc.config_path.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:3]\ncache_threshold: 0.9\n")
     assert svc.reload()
     assert list(d.pool.upstreams) == ["127.0.0.1:1", "127.0.0.1:3"]
@@ -86,8 +86,9 @@ async def test_admin_grpc_api(svc):
         ups = await stub.ListUpstreams(apb.ListUpstreamsRequest())
         assert [u.address for u in ups.upstreams] == ["127.0.0.1:1", "127.0.0.1:2"] and all(u.healthy for u in ups.upstreams)
         body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "explain this prompt please"}]})
-        svc.director.route(RequestInfo(path="/v1/chat/completions", ticket="x"), body)
-        svc.director.finished("x")
+        info = RequestInfo(path="/v1/chat/completions")
+        svc.director.route(info, body)
+        assert svc.director.finished(info.ticket, failed=False)
         e = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=body))
         assert e.reason == "cache_hit" and e.match_rate == 1.0 and e.routing_text_head == "explain this prompt please"
         assert {u.address: u.matched_characters for u in e.upstreams}[e.upstream] == len("explain this prompt please")
@@ -98,6 +99,8 @@ async def test_admin_grpc_api(svc):
         assert bad.no_text_reason == "invalid_json" and bad.reason == "no_routing_text"
         t = await stub.TreeStats(apb.TreeStatsRequest())
         assert t.stored_characters == chars_before and t.max_tree_size == 67108864
+        c = orjson.loads((await stub.GetConfig(apb.GetConfigRequest())).config_json)
+        assert c["upstreams"] == ["127.0.0.1:1", "127.0.0.1:2"] and c["cache_threshold"] == 0.3
         ups = await stub.SetUpstreams(apb.SetUpstreamsRequest(upstreams=["127.0.0.1:2", "127.0.0.1:5"]))
         assert [u.address for u in ups.upstreams] == ["127.0.0.1:2", "127.0.0.1:5"]
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -107,7 +110,7 @@ async def test_admin_grpc_api(svc):
 
 async def test_admin_endpoints(svc):
     d = svc.director
-    d.route(RequestInfo(path="/v1/completions", ticket="t1"), orjson.dumps({"prompt": "hello"}))
+    d.route(RequestInfo(path="/v1/completions"), orjson.dumps({"prompt": "hello"}))
     client = TestClient(TestServer(Admin(d).app()))
     await client.start_server()
     try:
@@ -118,7 +121,7 @@ async def test_admin_endpoints(svc):
         assert {"prefix_router_decisions_total", "prefix_router_inflight_requests", "prefix_router_tree_characters",
                 "prefix_router_decision_seconds_bucket", "prefix_router_upstream_healthy"} <= names
         for u in d.pool.upstreams.values():
-            u.healthy = False
+            u.active_ok = False
         r = await client.get("/readyz")
         assert r.status == 503 and (await r.json())["healthy"] == 0
     finally:
@@ -135,7 +138,7 @@ async def test_dns_names_are_re_resolved_and_keep_their_last_addresses(monkeypat
     """A name giving every router pod: new pods join, gone pods leave, a failed lookup keeps the pool."""
     import socket
 
-    import extproc.discovery as discovery
+    import extproc.addresses as addresses
 
     # loopback addresses only: the health checker really connects to them
     answers = [["127.0.1.1", "127.0.1.2"], ["127.0.1.2", "127.0.1.3"], OSError("temporary failure")]
@@ -147,7 +150,7 @@ async def test_dns_names_are_re_resolved_and_keep_their_last_addresses(monkeypat
             raise socket.gaierror(answer.args[0])
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
 
-    monkeypatch.setattr(discovery.socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(addresses.socket, "getaddrinfo", fake_getaddrinfo)
     s = make({"upstreams": ["routers.llm.svc:30000"]})
     await s.start()
     try:
@@ -164,9 +167,9 @@ async def test_dns_names_are_re_resolved_and_keep_their_last_addresses(monkeypat
 
 def test_eviction_slices_trim_each_upstream_and_forget_removed_ones():
     from extproc.director import Director
-    from extproc.pool import Pool
 
-    d = Director(build({"upstreams": ["127.0.0.1:1"], "max_tree_size": "1000"}, env={}), Pool.from_addresses(["127.0.0.1:1"]))
+    d = Director(build({"upstreams": ["127.0.0.1:1"], "max_tree_size": "1000"}, env={}))
+    d.set_upstreams(["127.0.0.1:1"])
     for i in range(600):
         d.tree.insert("", f"conversation {i} " + "x" * 200, "127.0.0.1:1", float(i))
     d.tree.insert("", "an upstream that left the pool", "127.0.0.1:9", 0.0)

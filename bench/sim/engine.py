@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from extproc.fakeworker import BLOCK_TOKENS, PrefixCache, token_count
+from extproc.dev.fakeworker import BLOCK_TOKENS, PrefixCache, token_count
 from extproc.payload import render_chat_template, routing_input
-from extproc.policy import PolicyConfig, decide
+from extproc.config import DEFAULTS, policy_config
+from extproc.policy import decide
 from extproc.tree import RadixTree
 
 from .workloads import Req
@@ -62,7 +63,7 @@ def prepare(workload: list[Req]) -> list[Prepared]:
     for r in workload:
         body = orjson.dumps(r.request_body())
         rendering = render_chat_template(r.messages, r.tools)
-        ri = routing_input("/v1/chat/completions", body, form="sglang")
+        ri = routing_input("/v1/chat/completions", body, **DEFAULTS.parse_options())
         out.append(Prepared(r, body, PrefixCache.block_keys(rendering), token_count(rendering), ri.text, ri.partition))
     return out
 
@@ -78,7 +79,7 @@ class Worker:
 class SglangRouter:
     """sglang-router 0.3.2's cache_aware over its own workers (creator on a hit, first on ties)."""
 
-    CFG = PolicyConfig(hit_choice="creator", tie_break="first")
+    CFG = policy_config(hit_choice="creator", tie_break="first")
 
     def __init__(self, workers: list[int]) -> None:
         self.workers = workers

@@ -11,8 +11,9 @@ from collections import OrderedDict
 
 import orjson
 
-from extproc.fakeworker import BLOCK_TOKENS, CHARS_PER_TOKEN
+from extproc.dev.fakeworker import BLOCK_TOKENS, CHARS_PER_TOKEN
 from extproc.payload import routing_input
+from extproc.config import DEFAULTS, policy_config
 from extproc.policy import PolicyConfig, decide, least_loaded
 from extproc.tree import RadixTree
 
@@ -22,7 +23,7 @@ def _loads(sim) -> dict[str, int]:
 
 
 class PrefixRouter:
-    def __init__(self, cfg: PolicyConfig = PolicyConfig(), form: str = "sglang") -> None:
+    def __init__(self, cfg: PolicyConfig = policy_config(), form: str = "sglang") -> None:
         self.cfg, self.form = cfg, form
         self.tree = RadixTree()
         self.last_reason = ""
@@ -30,7 +31,7 @@ class PrefixRouter:
     def choose(self, p, sim) -> int:
         text = p.sglang_text if self.form == "sglang" else p.texts.get(self.form)
         if text is None:
-            text = p.texts[self.form] = routing_input("/v1/chat/completions", p.body, form=self.form).text
+            text = p.texts[self.form] = routing_input("/v1/chat/completions", p.body, **{**DEFAULTS.parse_options(), "form": self.form}).text
         d = decide(self.tree, _loads(sim), p.partition, text, sim.now, self.cfg, sim.rng)
         self.last_reason = d.reason
         return int(d.upstream)
@@ -117,7 +118,7 @@ class Oracle:
         if self.greedy:
             best = max(chars)
             return int(least_loaded({str(i): loads[i] for i in range(len(loads)) if chars[i] == best}, "random", sim.rng))
-        per_request = PolicyConfig().inflight_cost_chars
+        per_request = policy_config().inflight_cost_chars
         costs = [max(chars) - chars[i] + per_request * loads[i] for i in range(len(loads))]
         low = min(costs)
         return sim.rng.choice([i for i, c in enumerate(costs) if c == low])
@@ -136,10 +137,9 @@ def upper_policies() -> dict[str, object]:
     return {
         "prefix-router": PrefixRouter(),
         "prefix-router/template": PrefixRouter(form="template"),
-        "prefix-router/balanced": PrefixRouter(PolicyConfig(hit_choice="balanced")),
-        "prefix-router/creator": PrefixRouter(PolicyConfig(hit_choice="creator")),
-        "prefix-router/least-loaded-hit": PrefixRouter(PolicyConfig(hit_choice="least_loaded")),
-        "prefix-router/sglang-0.3.2": PrefixRouter(PolicyConfig(hit_choice="creator", tie_break="first")),
+        "prefix-router/creator": PrefixRouter(policy_config(hit_choice="creator")),
+        "prefix-router/least-loaded-hit": PrefixRouter(policy_config(hit_choice="least_loaded")),
+        "prefix-router/sglang-0.3.2": PrefixRouter(policy_config(hit_choice="creator", tie_break="first")),
         "round-robin": RoundRobin(),
         "random": Random(),
         "least-loaded": LeastLoaded(),

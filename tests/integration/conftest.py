@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.stack import ENVOY_DIR, Ports, Stack
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack
 
 
 def _stack(tmp_path_factory, config: str) -> Stack:

@@ -8,7 +8,7 @@ import uuid
 import orjson
 import pytest
 
-from extproc.stack import ENVOY_DIR, Ports, Stack
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack
 
 from .test_stack import post
 

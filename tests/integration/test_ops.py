@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.stack import ENVOY_DIR, HOST, Ports, Stack, http_get
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, http_get
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -155,17 +155,37 @@ def test_admin_cli_commands(stack, tmp_path):
     import subprocess
     import sys
 
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "extproc", *args], capture_output=True, text=True, timeout=30)
+
     addr = f"{HOST}:{stack.ports.service_admin_grpc[0]}"
-    r = subprocess.run([sys.executable, "-m", "extproc", "upstreams", "--admin-grpc", addr], capture_output=True, text=True, timeout=30)
+    # its own traffic first: this test must not depend on what earlier tests sent
+    prompt = "the cli test's own prompt " * 20
+    c = openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0)
+    c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": prompt}])
+
+    r = cli("upstreams", "--admin-grpc", addr, "--json")
     assert r.returncode == 0, r.stderr
-    assert [u["address"] for u in json.loads(r.stdout)["upstreams"]] == stack.router_addresses
+    ups = json.loads(r.stdout)["upstreams"]
+    assert [u["address"] for u in ups] == stack.router_addresses
+    assert all(isinstance(u["inflight"], int) and u["health_check"] == "up" for u in ups)
+    table = cli("upstreams", "--admin-grpc", addr).stdout.splitlines()
+    assert table[0].split()[:2] == ["UPSTREAM", "HEALTHY"] and {l.split()[0] for l in table[1:3]} == set(stack.router_addresses)
+
     body = tmp_path / "req.json"
-    body.write_text(json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "metrics 0 " * 50}]}))
-    r = subprocess.run([sys.executable, "-m", "extproc", "explain", str(body), "--admin-grpc", addr], capture_output=True, text=True, timeout=30)
+    body.write_text(json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt + "and a follow-up"}]}))
+    r = cli("explain", str(body), "--admin-grpc", addr, "--json")
     assert r.returncode == 0, r.stderr
     e = json.loads(r.stdout)
     assert e["reason"] == "cache_hit" and e["upstream"] in stack.router_addresses and e["match_rate"] > 0.9
-    r = subprocess.run([sys.executable, "-m", "extproc", "tree", "--admin-grpc", addr], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and int(json.loads(r.stdout)["stored_characters"]) > 0
-    r = subprocess.run([sys.executable, "-m", "extproc", "upstreams", "--admin-grpc", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
+    assert "no_text_reason" not in e  # an empty field is left out
+    assert "reason" in cli("explain", str(body), "--admin-grpc", addr).stdout
+
+    r = cli("tree", "--admin-grpc", addr, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["stored_characters"] > 0
+
+    r = cli("config", "--admin-grpc", addr, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["upstreams"] == stack.router_addresses  # the running service's, not this invocation's
+
+    r = cli("upstreams", "--admin-grpc", "127.0.0.1:1")
     assert r.returncode == 1 and "UNAVAILABLE" in r.stderr

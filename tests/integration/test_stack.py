@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from extproc.stack import HOST
+from extproc.dev.stack import HOST
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -106,3 +106,13 @@ class TreeStatsResponse(_message.Message):
     characters_per_upstream: _containers.ScalarMap[str, int]
     max_tree_size: int
     def __init__(self, stored_characters: _Optional[int] = ..., nodes: _Optional[int] = ..., characters_per_upstream: _Optional[_Mapping[str, int]] = ..., max_tree_size: _Optional[int] = ...) -> None: ...
+
+class GetConfigRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetConfigResponse(_message.Message):
+    __slots__ = ("config_json",)
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    config_json: str
+    def __init__(self, config_json: _Optional[str] = ...) -> None: ...

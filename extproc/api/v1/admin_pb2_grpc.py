@@ -54,6 +54,11 @@ class AdminStub:
                 request_serializer=extproc_dot_api_dot_v1_dot_admin__pb2.TreeStatsRequest.SerializeToString,
                 response_deserializer=extproc_dot_api_dot_v1_dot_admin__pb2.TreeStatsResponse.FromString,
                 _registered_method=True)
+        self.GetConfig = channel.unary_unary(
+                '/prefixrouter.v1.Admin/GetConfig',
+                request_serializer=extproc_dot_api_dot_v1_dot_admin__pb2.GetConfigRequest.SerializeToString,
+                response_deserializer=extproc_dot_api_dot_v1_dot_admin__pb2.GetConfigResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -88,6 +93,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetConfig(self, request, context):
+        """The running service's effective configuration (what flags, environment and file gave it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.TreeStats,
                     request_deserializer=extproc_dot_api_dot_v1_dot_admin__pb2.TreeStatsRequest.FromString,
                     response_serializer=extproc_dot_api_dot_v1_dot_admin__pb2.TreeStatsResponse.SerializeToString,
+            ),
+            'GetConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConfig,
+                    request_deserializer=extproc_dot_api_dot_v1_dot_admin__pb2.GetConfigRequest.FromString,
+                    response_serializer=extproc_dot_api_dot_v1_dot_admin__pb2.GetConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class Admin:
             '/prefixrouter.v1.Admin/TreeStats',
             extproc_dot_api_dot_v1_dot_admin__pb2.TreeStatsRequest.SerializeToString,
             extproc_dot_api_dot_v1_dot_admin__pb2.TreeStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefixrouter.v1.Admin/GetConfig',
+            extproc_dot_api_dot_v1_dot_admin__pb2.GetConfigRequest.SerializeToString,
+            extproc_dot_api_dot_v1_dot_admin__pb2.GetConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 ENVOY_DIR = ROOT / "envoy"
 HOST = "127.0.0.1"
 
@@ -265,7 +265,7 @@ class Stack:
 
     def worker_argv(self, r: int, w: int) -> list[str]:
         port = self.ports.workers[r][w]
-        return ["-m", "extproc.fakeworker", "--host", HOST, "--port", str(port), "--name", f"worker-{r}-{w}", *self.worker_args]
+        return ["-m", "extproc.dev.fakeworker", "--host", HOST, "--port", str(port), "--name", f"worker-{r}-{w}", *self.worker_args]
 
     def router_argv(self, r: int) -> list[str]:
         return [
@@ -311,9 +311,6 @@ class Stack:
             return status == 200 and body.count(b'"worker"') >= want
 
         wait_until(ready, 60, name, proc)
-
-    def stop_router(self, r: int) -> int | None:
-        return self._stop(f"router-{r}")
 
     def _kill(self, name: str) -> None:
         """SIGKILL: the crash case, no drain."""
@@ -410,13 +407,22 @@ class Stack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m extproc.stack", description="Run the whole prefix-router path locally (Ctrl-C stops it).")
+    p = argparse.ArgumentParser(
+        prog="python -m extproc.dev.stack",
+        description="Run the whole prefix-router path locally (Ctrl-C stops it). Flags after -- go to the service.",
+    )
     p.add_argument("--envoy-config", default=str(ENVOY_DIR / "duplex.yaml"), help="envoy/duplex.yaml (default) or envoy/buffered.yaml")
     p.add_argument("--free-ports", action="store_true", help="pick free ports instead of the fixed ones of the shipped configs")
-    p.add_argument("--workdir", default=None, help="where logs and the rendered Envoy config go (default: a temporary folder)")
+    p.add_argument("--workdir", default=None, help="where logs and the rendered Envoy config go; old logs there are cleared (default: a temporary folder)")
+    p.add_argument("service_args", nargs=argparse.REMAINDER, help="-- then flags for prefix-router serve, e.g. -- --log-level debug")
     a = p.parse_args(argv)
+    service_args = a.service_args[1:] if a.service_args[:1] == ["--"] else a.service_args
     ports = Ports.free(2, 2) if a.free_ports else Ports.fixed()
-    stack = Stack(ports, envoy_config=Path(a.envoy_config), workdir=Path(a.workdir) if a.workdir else None)
+    workdir = Path(a.workdir).resolve() if a.workdir else None
+    if workdir is not None and workdir.is_dir():
+        for old in workdir.glob("*.log"):
+            old.unlink()
+    stack = Stack(ports, envoy_config=Path(a.envoy_config), workdir=workdir, service_args=service_args)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -428,10 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        print(f"starting the stack (logs in {stack.workdir}) ...", flush=True)
+        print(f"starting the stack; logs in {stack.workdir} (kept after it stops) ...", flush=True)
         stack.start()
         print(f"OpenAI base URL: {stack.base_url}", flush=True)
-        print(f"  Envoy admin {stack.admin_url} · service {HOST}:{ports.services[0]} · routers {', '.join(stack.router_addresses)}", flush=True)
+        print(f"  Envoy admin {stack.admin_url} · service {HOST}:{ports.services[0]} (metrics {stack.service_admin_url()}/metrics) · routers {', '.join(stack.router_addresses)}", flush=True)
+        print(f"  logs: {stack.workdir}/envoy.log (one JSON line per request), service-0.log (JSON), router-*.log, worker-*.log", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         while True:
             for name, proc in list(stack.procs.items()):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import logging
 import math
 import time
 import uuid
@@ -21,9 +22,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import orjson
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
-from .payload import render_chat_template
+from ..payload import render_chat_template
 
 CHARS_PER_TOKEN = 4
 BLOCK_TOKENS = 16
@@ -136,8 +137,11 @@ class FakeWorker:
         r = app.router
         r.add_get("/health", self.health)
         r.add_get("/health_generate", self.health)
-        r.add_get("/get_model_info", self.model_info)
-        r.add_get("/get_server_info", self.server_info)
+        # sglang-router 0.3.2 asks the new names first and warns when it falls back to the old ones
+        for path in ("/model_info", "/get_model_info"):
+            r.add_get(path, self.model_info)
+        for path in ("/server_info", "/get_server_info"):
+            r.add_get(path, self.server_info)
         r.add_get("/v1/models", self.models)
         r.add_get("/stats", self.get_stats)
         r.add_post("/v1/chat/completions", self.chat)
@@ -265,7 +269,17 @@ class FakeWorker:
             self.stats.inflight -= 1
 
 
+class QuietProbes(logging.Filter):
+    """sglang-router probes workers with an HTTP/2 preface (``PRI * HTTP/2.0``); aiohttp answers
+    400 and logs a traceback for each, which reads like a failure. Drop exactly those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, http_exceptions.BadHttpMessage) and "PRI" in str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("aiohttp.server").addFilter(QuietProbes())
     p = argparse.ArgumentParser(prog="prefix-router-fake-worker", description="A fake SGLang worker with a simulated prefix cache (no GPU).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)

@@ -1,0 +1,64 @@
+"""One upstream (an SGLang router) and the state machine of its health.
+
+Two signals decide whether it takes traffic: active checks (N failures in a row take it out, M
+successes bring it back) and passive ejection (a failure seen on real traffic takes it out at once
+for a back-off that doubles on repeats). An ejected upstream returns only on a good active check
+once its back-off has passed, so a dead router stays out until the checks take it out for good.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Upstream:
+    address: str
+    inflight: int = 0
+    active_ok: bool = True  # the active checker's verdict
+    failures: int = 0  # consecutive failed active checks
+    successes: int = 0  # consecutive good active checks while down
+    ejected: bool = False  # passive ejection: out until a good active check after ejected_until
+    ejected_until: float = 0.0  # monotonic clock
+    ejections: int = 0  # consecutive ejections: the back-off doubles with each
+
+    @property
+    def healthy(self) -> bool:
+        return self.active_ok and not self.ejected
+
+    def record_check(self, ok: bool, failure_threshold: int, success_threshold: int, now: float) -> bool | None:
+        """An active check's result; returns the new state when it changed (True up, False down)."""
+        if ok:
+            self.failures = 0
+            if self.ejected and now >= self.ejected_until:
+                self.ejected = False
+                if self.active_ok:
+                    return True
+            if self.active_ok:
+                return None
+            self.successes += 1
+            if self.successes >= success_threshold:
+                self.active_ok, self.successes = True, 0
+                return True
+            return None
+        self.successes = 0
+        self.failures += 1
+        if self.active_ok and self.failures >= failure_threshold:
+            self.active_ok = False
+            return False
+        return None
+
+    def eject(self, base: float, cap: float, now: float) -> float:
+        """Passive ejection after a failure seen on real traffic; returns its length in seconds
+        (0 when already out: failures of requests sent before do not extend it)."""
+        if self.ejected:
+            return 0.0
+        length = min(cap, base * (2 ** self.ejections))
+        self.ejections += 1
+        self.ejected, self.ejected_until = True, now + length
+        return length
+
+    def succeeded(self) -> None:
+        """A request finished well: the next ejection starts from the base back-off again."""
+        if self.ejections and not self.ejected:
+            self.ejections = 0

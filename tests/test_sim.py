@@ -8,9 +8,15 @@ from bench.sim.policies import LiteLLM, Single, upper_policies
 from bench.sim.workloads import WORKLOADS, Req
 
 
-def test_every_benchmark_module_imports():
-    for name in ("payload", "tree", "inflight", "eval", "sweep", "e2e", "overhead"):
+def test_every_benchmark_module_imports_and_make_bench_runs_each():
+    from pathlib import Path
+
+    names = sorted(p.stem for p in Path(__file__).resolve().parent.parent.joinpath("bench").glob("*.py") if p.stem not in ("__init__", "__main__", "common"))
+    assert names
+    listed = Path(__file__).resolve().parent.parent.joinpath("bench", "__main__.py").read_text()
+    for name in names:
         importlib.import_module(f"bench.{name}")
+        assert f'("{name}"' in listed, f"make bench does not run bench.{name}"
 
 
 def test_every_policy_runs_every_request_once():

@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install run test test-unit test-integration fuzz mutants bench protos clean
+.PHONY: install run test test-unit test-integration fuzz mutants bench protos readme clean
 
 install: $(TEST_STAMP)
 
@@ -72,3 +72,7 @@ clean:
 # Regenerate extproc/api from protos/ (tests/test_protos.py fails when they differ).
 protos: install
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/extproc/api/v1/admin.proto
+
+# Regenerate the README's flag table from the options (tests/test_config.py fails when it is stale).
+readme: $(RUN_STAMP)
+	$(PY) -m extproc.config --update-readme README.md

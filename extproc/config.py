@@ -166,7 +166,16 @@ class Config:
     balance_abs_threshold: int = opt(64, _number(int, 0), "imbalance when max - min in-flight is above this...", POLICY, metavar="N", sglang=True)
     balance_rel_threshold: float = opt(1.5, _number(float, 1.0), "...and max is above min times this: then the least loaded", POLICY, metavar="X", sglang=True)
     eviction_interval_secs: float = opt(60.0, _number(float, 0.0, lo_open=True), "how often the tree is trimmed to --max-tree-size", POLICY, metavar="S", sglang=True)
-    max_tree_size: int = opt(67108864, _number(int, 1), "characters the tree may hold per upstream", POLICY, metavar="CHARS", sglang=True)
+    max_tree_size: int = opt(
+        67108864, _number(int, 1),
+        "characters the tree may hold per upstream, each node counted as 256 more (its memory); enforced as "
+        "requests are inserted, and a sweep then trims the upstream to 90%% of it", POLICY, metavar="CHARS", sglang=True,
+    )
+    max_partitions: int = opt(
+        1024, _number(int, 1, 1 << 20),
+        "distinct (model, lora_path, cache_salt, extra_key) partitions the tree keeps; a new one beyond this drops "
+        "the least recently used", POLICY, metavar="N",
+    )
     hit_choice: str = opt(
         "cost", _choice(HIT_CHOICES),
         "how a prefix match and load combine: cost (least recompute-plus-queue cost, measured best), "
@@ -314,5 +323,21 @@ def build(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Con
     return Config(**merged)
 
 
+README_BEGIN, README_END = "<!-- flags:begin (python -m extproc.config) -->\n", "\n<!-- flags:end -->"
+
+
+def update_readme(path: str) -> None:
+    """Replace the flag table between the README's markers (``make readme``)."""
+    text = Path(path).read_text()
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    Path(path).write_text(head + README_BEGIN + markdown_table() + README_END + tail)
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    if sys.argv[1:2] == ["--update-readme"]:
+        update_readme(sys.argv[2])
+    else:
+        print(markdown_table())

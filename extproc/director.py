@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import logs, metrics
 from .config import Config
@@ -30,6 +30,9 @@ log = logs.get("prefix_router.director")
 
 # The header that carries a request's ticket to its upstream and back in Envoy's access log.
 TICKET_HEADER = "x-prefix-router-ticket"
+
+# A sweep trims an upstream to this share of its budget: room for 10% more before the next one.
+SWEEP_TO = 0.9
 
 # Parse failures that are not bad input: a request with no body or to an API without a prompt.
 _NOT_BAD_INPUT = (None, "no_routing_endpoint", "empty_body")
@@ -66,17 +69,21 @@ class TreeStats:
 
 
 class Director:
-    def __init__(self, cfg: Config, tree: RadixTree | None = None, seed: int | None = None) -> None:
+    def __init__(self, cfg: Config, seed: int | None = None) -> None:
         self.cfg = cfg
         self.policy = cfg.policy()
         self.pool = Pool(cfg.inflight_timeout_secs)
-        self.tree = tree or RadixTree()
+        self.tree = RadixTree(cfg.max_partitions)
         self.rng = random.Random(seed)
+        # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
+        # instead of at the next interval.
+        self.wake_sweeper: Callable[[], None] = lambda: None
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
         self.policy = cfg.policy()
         self.pool.tickets.timeout = cfg.inflight_timeout_secs
+        self.tree.max_partitions = cfg.max_partitions
 
     # -- what the handlers need to know, read per request so that a reload takes effect ----------
 
@@ -143,7 +150,24 @@ class Director:
             log.warning("no_routing_text", request_id=info.request_id, reason=ri.reason, path=info.path)
         elif self.cfg.log_prompts and ri.text:
             log.debug("routing_text", request_id=info.request_id, text=ri.text)
-        return decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, self.rng)
+        decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False)
+        self._learn(ri.partition, ri.text, decision.upstream)
+        return decision
+
+    def _learn(self, partition: str, text: str, upstream: str) -> None:
+        """Insert the routing text for the chosen upstream within its budget (``max_tree_size``):
+        at the budget nothing new is learnt and the sweeper is woken to make room."""
+        if not text:
+            return
+        budget = self.cfg.max_tree_size
+        tree = self.tree
+        dropped = tree.partitions_dropped
+        if not tree.insert(partition, text, upstream, time.monotonic(), limit=budget):
+            metrics.INSERTS_REFUSED.inc()
+        if tree.held(upstream) >= budget:
+            self.wake_sweeper()
+        if tree.partitions_dropped != dropped:
+            metrics.PARTITIONS_DROPPED.inc(tree.partitions_dropped - dropped)
 
     def abandoned(self, info: RequestInfo) -> None:
         """The stream ended before the decision reached Envoy: no finish report will come."""
@@ -238,15 +262,18 @@ class Director:
 
     def evict_slices(self, slice_secs: float = 0.002) -> Iterator[None]:
         """The eviction sweep cut into slices of about ``slice_secs``: the caller yields to the
-        event loop between them, so a sweep never holds up a decision for long. Removing a tenant
-        that left the pool is not sliced: it visits only that tenant's nodes."""
+        event loop between them, so a sweep never holds up a decision for long. Each upstream over
+        ``SWEEP_TO`` of its budget is trimmed to it, so that the next sweep is not due at the next
+        insert. Removing a tenant that left the pool is not sliced: it visits only that tenant's
+        nodes."""
         deadline = time.perf_counter() + slice_secs
+        target = int(self.cfg.max_tree_size * SWEEP_TO)
         for tenant in list(self.tree.tenant_chars()):
             if tenant not in self.pool:
                 self.tree.remove_tenant(tenant)
                 continue
             removed = 0
-            for removed in self.tree.evict_steps(tenant, self.cfg.max_tree_size):
+            for removed in self.tree.evict_steps(tenant, target):
                 if time.perf_counter() >= deadline:
                     yield
                     deadline = time.perf_counter() + slice_secs

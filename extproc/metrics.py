@@ -37,7 +37,11 @@ MATCH_RATE = Histogram(
     "prefix_router_match_rate", "Matched characters / routing-text characters per decision with a routing text",
     buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
 )
-EVICTED_CHARS = Counter("prefix_router_evicted_characters", "Characters evicted from the tree")
+EVICTED_CHARS = Counter("prefix_router_evicted_characters", "Budget evicted from the tree (characters, 256 per node)")
+INSERTS_REFUSED = Counter(
+    "prefix_router_tree_inserts_refused", "Routing texts not learnt because the chosen upstream held its whole --max-tree-size"
+)
+PARTITIONS_DROPPED = Counter("prefix_router_tree_partitions_dropped", "Partitions dropped, least recently used first, past --max-partitions")
 EXPIRED_TICKETS = Counter(
     "prefix_router_inflight_expired", "In-flight entries released by timeout because no finish report came"
 )
@@ -56,7 +60,9 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         inflight = GaugeMetricFamily("prefix_router_inflight_requests", "In-flight requests per upstream", labels=["upstream"])
         healthy = GaugeMetricFamily("prefix_router_upstream_healthy", "1 if the upstream receives traffic, else 0", labels=["upstream"])
-        chars = GaugeMetricFamily("prefix_router_tree_characters", "Characters held in the tree per upstream", labels=["upstream"])
+        chars = GaugeMetricFamily(
+            "prefix_router_tree_characters", "Budget held in the tree per upstream (characters, 256 per node)", labels=["upstream"]
+        )
         for u in self.snapshot():
             inflight.add_metric([u.address], u.inflight)
             healthy.add_metric([u.address], 1 if u.healthy else 0)

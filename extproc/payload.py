@@ -15,6 +15,7 @@ Nothing here raises on bad input: every failure is a :class:`RoutingInput` with 
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -117,13 +118,23 @@ def routing_input(
     return RoutingInput(partition, text[:max_routing_chars])
 
 
+PARTITION_FIELDS = ("model", "lora_path", "cache_salt", "extra_key")
+
+
 def partition_key(doc: dict[str, Any]) -> str:
-    """Requests that can never share KV cache go to different partitions of the tree."""
-    parts = []
-    for key in ("model", "lora_path", "cache_salt", "extra_key"):
-        v = doc.get(key)
-        parts.append(v if isinstance(v, str) else "")
-    return "\x1f".join(parts).rstrip("\x1f")
+    """Requests that can never share KV cache go to different partitions of the tree.
+
+    The key is a 128-bit digest of the fields, so that a client's multi-megabyte ``model`` value
+    costs the tree 32 characters like any other (the empty key when no field is given).
+    """
+    parts = [v if isinstance(v, str) else "" for v in map(doc.get, PARTITION_FIELDS)]
+    if not any(parts):
+        return ""
+    try:
+        raw = orjson.dumps(parts)  # unambiguous: no separator a value could contain
+    except orjson.JSONEncodeError:  # a lone surrogate
+        raw = repr(parts).encode()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

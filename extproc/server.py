@@ -108,8 +108,15 @@ class Service:
             self._tasks.append(asyncio.create_task(_every(1.0, self.poll_config)))
 
     async def _evict_forever(self) -> None:
+        """Sweep every ``eviction_interval_secs``, or at once when an upstream reaches its budget."""
+        wake = asyncio.Event()
+        self.director.wake_sweeper = wake.set
         while True:
-            await asyncio.sleep(self.cfg.eviction_interval_secs)
+            try:
+                await asyncio.wait_for(wake.wait(), self.cfg.eviction_interval_secs)
+            except asyncio.TimeoutError:
+                pass
+            wake.clear()
             for _ in self.director.evict_slices():
                 await asyncio.sleep(0)  # let decisions run between slices
 

@@ -6,8 +6,14 @@ so a tenant's nodes form a connected subtree from the root: matching can report 
 match length in one walk, and removing a tenant visits only that tenant's nodes.
 
 Partitions (one per model / LoRA / cache salt) are separate roots: texts in different partitions
-never match each other. Per-tenant character counts span all partitions, since the budget
+never match each other. Per-tenant counts span all partitions, since the budget
 (``max_tree_size``) bounds the service's memory, not a model's.
+
+What the budget counts is memory, in characters: every node a tenant holds costs its edge text plus
+``NODE_CHARS`` for the node itself (its dicts and object headers: ~400 bytes measured, against ~1.5
+bytes a stored character), so many tiny edges cannot hold more memory than a few long ones.
+The number of partitions is bounded too (``max_partitions``): a new one beyond it drops the least
+recently used whole, so that distinct model names or salts cannot grow the tree without limit.
 
 This module knows nothing of gRPC, of load or of policy.
 """
@@ -17,6 +23,9 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from typing import Iterator
+
+# What one node costs the budget beyond its text, in characters (see the module doc).
+NODE_CHARS = 256
 
 
 class Node:
@@ -68,15 +77,24 @@ class Match:
 class RadixTree:
     """The character radix tree. Not thread-safe: the service uses it from one event loop."""
 
-    def __init__(self) -> None:
-        self._roots: dict[str, Node] = {}
+    def __init__(self, max_partitions: int = 1 << 30) -> None:
+        self._roots: dict[str, Node] = {}  # least recently inserted into first
         self._chars: dict[str, int] = {}
+        self.max_partitions = max_partitions
+        self.partitions_dropped = 0
 
     # -- queries ---------------------------------------------------------------------------------
 
     def tenant_chars(self) -> dict[str, int]:
-        """Characters held per tenant (a character shared by two tenants counts for both)."""
+        """Budget held per tenant: characters plus ``NODE_CHARS`` a node (a node shared by two
+        tenants counts for both)."""
         return dict(self._chars)
+
+    def held(self, tenant: str) -> int:
+        return self._chars.get(tenant, 0)
+
+    def partitions(self) -> int:
+        return len(self._roots)
 
     def total_chars(self) -> int:
         """Characters actually stored (shared edges counted once)."""
@@ -125,13 +143,21 @@ class RadixTree:
 
     # -- updates ---------------------------------------------------------------------------------
 
-    def insert(self, partition: str, text: str, tenant: str, now: float) -> None:
-        """Record that ``tenant`` has (or will soon have) ``text`` cached."""
-        if not text:
-            return
-        node = self._roots.get(partition)
+    def insert(self, partition: str, text: str, tenant: str, now: float, limit: int | None = None) -> bool:
+        """Record that ``tenant`` has (or will soon have) ``text`` cached.
+
+        With ``limit``, a tenant already holding that much learns nothing new (returns False): the
+        budget holds as inserts happen, not only at the next eviction sweep.
+        """
+        if not text or (limit is not None and self._chars.get(tenant, 0) >= limit):
+            return False
+        roots = self._roots
+        node = roots.pop(partition, None)
         if node is None:
-            node = self._roots[partition] = Node("", None, {})
+            while len(roots) >= self.max_partitions:
+                self._drop_partition(next(iter(roots)))
+            node = Node("", None, {})
+        roots[partition] = node  # most recently used last
         chars = self._chars
         pos = 0
         while pos < len(text):
@@ -140,26 +166,49 @@ class RadixTree:
             if child is None:
                 leaf = Node(text[pos:], node, {tenant: now})
                 node.children[first] = leaf
-                chars[tenant] = chars.get(tenant, 0) + len(leaf.text)
-                return
+                chars[tenant] = chars.get(tenant, 0) + len(leaf.text) + NODE_CHARS
+                return True
             k = common_prefix_len(child.text, text, pos)
             if k < len(child.text):
                 child = self._split(node, child, k)
             if tenant not in child.tenants:
-                chars[tenant] = chars.get(tenant, 0) + len(child.text)
+                chars[tenant] = chars.get(tenant, 0) + len(child.text) + NODE_CHARS
             child.tenants[tenant] = now
             node = child
             pos += k
+        return True
 
-    @staticmethod
-    def _split(parent: Node, child: Node, k: int) -> Node:
-        """Cut ``child``'s edge after ``k`` characters; the new upper node inherits its tenants."""
+    def _split(self, parent: Node, child: Node, k: int) -> Node:
+        """Cut ``child``'s edge after ``k`` characters; the new upper node inherits its tenants,
+        each of which now holds one node more."""
         mid = Node(child.text[:k], parent, dict(child.tenants))
         child.text = child.text[k:]
         child.parent = mid
         mid.children[child.text[0]] = child
         parent.children[mid.text[0]] = mid
+        chars = self._chars
+        for t in mid.tenants:
+            chars[t] += NODE_CHARS
         return mid
+
+    def _drop_partition(self, partition: str) -> int:
+        """Forget a whole partition; returns the budget it freed over all tenants."""
+        root = self._roots.pop(partition)
+        chars = self._chars
+        freed = 0
+        stack = list(root.children.values())
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            n.parent = None  # unlinked: a sliced eviction holding it in its heap skips it
+            cost = len(n.text) + NODE_CHARS
+            for t in n.tenants:
+                chars[t] -= cost
+                freed += cost
+                if not chars[t]:
+                    del chars[t]
+        self.partitions_dropped += 1
+        return freed
 
     def remove_tenant(self, tenant: str) -> None:
         """Forget a tenant; visits only the nodes it holds (plus their children's keys)."""
@@ -235,8 +284,8 @@ class RadixTree:
                 seq += 1
                 continue
             del n.tenants[tenant]
-            removed += len(n.text)
-            chars[tenant] -= len(n.text)
+            removed += len(n.text) + NODE_CHARS
+            chars[tenant] -= len(n.text) + NODE_CHARS
             parent = n.parent
             if not n.tenants:
                 self._unlink(n)

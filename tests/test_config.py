@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from extproc.config import OPTIONS, ConfigError, build, flag_name, markdown_table
+from extproc.config import OPTIONS, README_BEGIN, README_END, ConfigError, build, flag_name, markdown_table
 from extproc.dev.stack import ROOT
 from extproc.addresses import AddressError, parse_hostport, resolve_all
 
@@ -39,8 +39,8 @@ def test_help_and_flag_table_come_from_the_options():
         assert flag_name(name) in r.stdout
     assert "(default 0.3, as sglang-router)" in " ".join(r.stdout.split())
     readme = (ROOT / "README.md").read_text()
-    begin, end = "<!-- flags:begin (python -m extproc.config) -->\n", "\n<!-- flags:end -->"
-    assert readme[readme.index(begin) + len(begin) : readme.index(end)] == markdown_table(), "run python -m extproc.config"
+    begin, end = README_BEGIN, README_END
+    assert readme[readme.index(begin) + len(begin) : readme.index(end)] == markdown_table(), "run make readme"
 
 
 def test_precedence_flags_env_file(tmp_path):

@@ -131,3 +131,34 @@ def test_upstream_failed_reads_the_access_log_entry(entry, failed):
 def test_policy_has_no_defaults_of_its_own():
     with pytest.raises(TypeError):
         policy.PolicyConfig()  # type: ignore[call-arg]
+
+
+def test_the_budget_holds_as_requests_are_inserted_and_wakes_the_sweeper():
+    budget = 20_000
+    d = Director(build({"upstreams": POOL, "max_tree_size": str(budget)}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    woken = []
+    d.wake_sweeper = lambda: woken.append(1)
+    refused = metrics.INSERTS_REFUSED._value.get()
+    for i in range(200):
+        body = orjson.dumps({"messages": [{"role": "user", "content": f"{i} " + "z" * 1000}]})
+        info = RequestInfo(path="/v1/chat/completions")
+        d.route(info, body)
+        d.finished(info.ticket, failed=False)
+    # one insert (1,005 characters and a node) past the budget at most, whatever arrives between sweeps
+    assert all(n <= budget + 1005 + 256 for n in d.tree.tenant_chars().values())
+    assert woken and metrics.INSERTS_REFUSED._value.get() > refused
+    for _ in d.evict_slices():
+        pass
+    assert all(n <= budget * 0.9 for n in d.tree.tenant_chars().values())
+
+
+def test_partitions_from_clients_are_digests_and_bounded():
+    d = Director(build({"upstreams": POOL, "max_partitions": "4"}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    for i in range(50):
+        body = orjson.dumps({"model": f"m{i}" + "x" * 100_000, "messages": [{"role": "user", "content": "hi"}]})
+        d.route(RequestInfo(path="/v1/chat/completions"), body)
+    assert d.tree.partitions() == 4
+    assert all(len(p) == 32 for p in d.tree._roots)
+    assert sum(d.tree.tenant_chars().values()) == 4 * (len("hi") + 256)

@@ -96,8 +96,11 @@ def test_responses_anthropic_embeddings_rerank():
 def test_partition_by_model_lora_and_salt():
     base = {"messages": [{"role": "user", "content": "x"}]}
     keys = {ri("/v1/chat/completions", {**base, **extra}).partition for extra in (
-        {"model": "a"}, {"model": "b"}, {"model": "a", "lora_path": "l"}, {"model": "a", "cache_salt": "s"}, {"model": "a", "extra_key": "k"})}
-    assert len(keys) == 5
+        {"model": "a"}, {"model": "b"}, {"model": "a", "lora_path": "l"}, {"model": "a", "cache_salt": "s"}, {"model": "a", "extra_key": "k"},
+        {"model": "a\x1fl"}, {"model": "x" * 1_000_000})}
+    assert len(keys) == 7  # a value holding the old separator does not collide with two fields
+    assert all(len(k) == 32 for k in keys)  # a fixed-size digest, whatever the client sent
+    assert ri("/v1/chat/completions", base).partition == ""
 
 
 def test_gzip_and_deflate_bodies():

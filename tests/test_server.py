@@ -12,7 +12,8 @@ from extproc.admin import Admin
 from extproc.api.v1 import admin_pb2 as apb
 from extproc.api.v1 import admin_pb2_grpc as apb_grpc
 from extproc.config import build
-from extproc.director import RequestInfo
+from extproc.director import SWEEP_TO, RequestInfo
+from extproc.tree import NODE_CHARS
 from extproc.addresses import AddressError, resolve_all
 from extproc.discovery import read_upstreams_file
 from extproc.server import Service
@@ -45,7 +46,7 @@ async def test_reload_changes_pool_and_thresholds_keeps_tree_and_inflight(svc):
     assert svc.reload()
     assert list(d.pool.upstreams) == ["127.0.0.1:1", "127.0.0.1:3"]
     assert d.policy.cache_threshold == 0.9
-    assert d.tree.tenant_chars() == {"127.0.0.1:1": len("kept text")}
+    assert d.tree.tenant_chars() == {"127.0.0.1:1": len("kept text") + NODE_CHARS}
     assert d.pool.loads()["127.0.0.1:1"] == 1  # in flight survives
 
 
@@ -168,7 +169,7 @@ async def test_dns_names_are_re_resolved_and_keep_their_last_addresses(monkeypat
 def test_eviction_slices_trim_each_upstream_and_forget_removed_ones():
     from extproc.director import Director
 
-    d = Director(build({"upstreams": ["127.0.0.1:1"], "max_tree_size": "1000"}, env={}))
+    d = Director(build({"upstreams": ["127.0.0.1:1"], "max_tree_size": "5000"}, env={}))
     d.set_upstreams(["127.0.0.1:1"])
     for i in range(600):
         d.tree.insert("", f"conversation {i} " + "x" * 200, "127.0.0.1:1", float(i))
@@ -176,6 +177,6 @@ def test_eviction_slices_trim_each_upstream_and_forget_removed_ones():
     slices = sum(1 for _ in d.evict_slices(slice_secs=0.0))  # yield as often as it can
     assert slices > 1
     assert d.tree.tenant_chars() == {"127.0.0.1:1": d.tree.tenant_chars()["127.0.0.1:1"]}
-    assert d.tree.tenant_chars()["127.0.0.1:1"] <= 1000
+    assert d.tree.tenant_chars()["127.0.0.1:1"] <= 5000 * SWEEP_TO  # trimmed below the budget, with room
     assert d.tree.match("", "conversation 599 " + "x" * 200).matched > 200  # the newest stay
     assert d.tree.match("", "conversation 0 " + "x" * 200).matched < 20  # the oldest went

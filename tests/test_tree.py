@@ -4,19 +4,33 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from extproc.tree import RadixTree, common_prefix_len
+from extproc.tree import NODE_CHARS, RadixTree, common_prefix_len
 
 
 def held_by(tree: RadixTree, tenant: str) -> int:
-    """Characters on the nodes a tenant holds, counted by walking the tree."""
+    """The budget a tenant holds (its nodes' characters plus NODE_CHARS each), by walking the tree."""
     total = 0
     stack = list(tree._roots.values())
     while stack:
         n = stack.pop()
         if tenant in n.tenants:
-            total += len(n.text)
+            total += len(n.text) + NODE_CHARS
         stack.extend(n.children.values())
     return total
+
+
+def text_held_by(tree: RadixTree, tenant: str) -> int:
+    """Only the characters of the nodes a tenant holds."""
+    return held_by(tree, tenant) - NODE_CHARS * sum(1 for n in nodes(tree) if tenant in n.tenants)
+
+
+def nodes(tree: RadixTree):
+    stack = list(tree._roots.values())
+    while stack:
+        n = stack.pop()
+        if n.parent is not None:
+            yield n
+        stack.extend(n.children.values())
 
 
 def lcp(a: str, b: str) -> int:
@@ -52,7 +66,7 @@ def test_counts_share_nothing_across_tenants_and_split_keeps_counts():
     t.insert("", "abcdef", "A", 1)
     t.insert("", "abcxyz", "A", 2)
     t.insert("", "abc", "B", 3)
-    assert t.tenant_chars() == {"A": 9, "B": 3}
+    assert t.tenant_chars() == {"A": 9 + 3 * NODE_CHARS, "B": 3 + NODE_CHARS}  # A: abc, def, xyz; B: abc
     assert t.total_chars() == 9
 
 
@@ -60,10 +74,10 @@ def test_evict_drops_least_recently_used_leaves_first():
     t = RadixTree()
     t.insert("", "old-branch-xxxxxxxx", "A", 1)
     t.insert("", "new-branch-yyyyyyyy", "A", 5)
-    t.evict("A", 25)
+    t.evict("A", 19 + NODE_CHARS)  # room for one of the two leaves
     assert t.match("", "new-branch-yyyyyyyy").matched == 19
     assert t.match("", "old-branch-xxxxxxxx").matched <= 1
-    assert t.tenant_chars()["A"] <= 25
+    assert t.tenant_chars()["A"] == 19 + NODE_CHARS
 
 
 def test_remove_tenant_keeps_others():
@@ -78,9 +92,37 @@ def test_remove_tenant_keeps_others():
     assert t.node_count() == 0
 
 
+def test_many_tiny_nodes_cost_the_budget_their_memory():
+    t = RadixTree()
+    for i in range(100):
+        t.insert("", f"{i:02d}", "A", i)  # "0" and "1".."9" branch: ~110 nodes of 1-2 characters
+    assert t.held("A") == held_by(t, "A") >= 100 * NODE_CHARS
+
+
+def test_a_tenant_at_its_limit_learns_nothing_new():
+    t = RadixTree()
+    assert t.insert("", "a" * 100, "A", 1, limit=1000)
+    assert not t.insert("", "b" * 100, "A", 2, limit=100 + NODE_CHARS)  # already at the limit
+    assert t.match("", "b" * 100).matched == 0 and t.held("A") == 100 + NODE_CHARS
+    assert t.insert("", "b" * 100, "B", 2, limit=100 + NODE_CHARS)  # another tenant still can
+
+
+def test_partitions_are_bounded_least_recently_used_first():
+    t = RadixTree(max_partitions=2)
+    t.insert("m1", "one", "A", 1)
+    t.insert("m2", "two", "A", 2)
+    t.insert("m1", "one more", "B", 3)  # m1 is now the most recent
+    t.insert("m3", "three", "A", 4)  # drops m2
+    assert t.partitions() == 2 and t.partitions_dropped == 1
+    assert t.match("m2", "two").matched == 0 and t.match("m1", "one").matched == 3
+    assert t.held("A") == held_by(t, "A") and t.held("B") == held_by(t, "B")
+
+
 TEXTS = st.text(alphabet="abc", min_size=1, max_size=8)
 TENANTS = st.sampled_from(["A", "B", "C"])
-PARTS = st.sampled_from(["", "m2"])
+PARTS = st.sampled_from(["", "m2", "m3"])
+MAX_PARTITIONS = 2
+BUDGETS = st.integers(0, 4 * NODE_CHARS + 12)
 
 
 class TreeMachine(RuleBasedStateMachine):
@@ -88,16 +130,29 @@ class TreeMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.tree = RadixTree()
+        self.tree = RadixTree(max_partitions=MAX_PARTITIONS)
         self.model: list[tuple[str, str, str, int]] = []  # (partition, text, tenant, time)
+        self.recent: list[str] = []  # partitions, least recently inserted into first
         self.evicted: set[str] = set()  # tenants whose exact contents the model no longer knows
         self.clock = 0
 
-    @rule(part=PARTS, text=TEXTS, tenant=TENANTS)
-    def insert(self, part, text, tenant):
+    def _insert(self, part, text, tenant):
+        """Insert into the tree and the model; a new partition past the bound drops the least
+        recently used one from both."""
+        self._forget_empty_partitions()  # a sweep may have just emptied one
         self.clock += 1
         self.tree.insert(part, text, tenant, self.clock)
+        if part in self.recent:
+            self.recent.remove(part)
+        elif len(self.recent) == MAX_PARTITIONS:
+            gone = self.recent.pop(0)
+            self.model = [e for e in self.model if e[0] != gone]
+        self.recent.append(part)
         self.model.append((part, text, tenant, self.clock))
+
+    @rule(part=PARTS, text=TEXTS, tenant=TENANTS)
+    def insert(self, part, text, tenant):
+        self._insert(part, text, tenant)
 
     @rule(part=PARTS, text=TEXTS)
     def match(self, part, text):
@@ -117,30 +172,36 @@ class TreeMachine(RuleBasedStateMachine):
             assert m.matched == top
             assert set(m.deepest) == ({t for t, n in best.items() if n == top} if top else set())
 
-    @rule(tenant=TENANTS, budget=st.integers(0, 12))
+    def _forget_empty_partitions(self):
+        """The tree drops a partition that eviction or removal emptied; it no longer counts
+        towards the bound (every model entry left in it belongs to an evicted tenant)."""
+        self.recent = [p for p in self.recent if p in self.tree._roots]
+
+    @rule(tenant=TENANTS, budget=BUDGETS)
     def evict(self, tenant, budget):
         self.tree.evict(tenant, budget)
         assert self.tree.tenant_chars().get(tenant, 0) <= budget
         self.evicted.add(tenant)
+        self._forget_empty_partitions()
 
-    @rule(tenant=TENANTS, budget=st.integers(0, 12), steps=st.integers(0, 6), part=PARTS, text=TEXTS, other=TENANTS)
+    @rule(tenant=TENANTS, budget=BUDGETS, steps=st.integers(0, 6), part=PARTS, text=TEXTS, other=TENANTS)
     def evict_in_slices_while_inserting(self, tenant, budget, steps, part, text, other):
         """The sweep is sliced; an insert lands between slices, as a decision would."""
         gen = self.tree.evict_steps(tenant, budget, step=1)
         for _ in range(steps):
             next(gen, None)
-        self.clock += 1
-        self.tree.insert(part, text, other, self.clock)
-        self.model.append((part, text, other, self.clock))
+        self._insert(part, text, other)
         for _ in gen:
             pass
         self.evicted.add(tenant)
+        self._forget_empty_partitions()
 
     @rule(tenant=TENANTS)
     def remove(self, tenant):
         self.tree.remove_tenant(tenant)
         self.model = [e for e in self.model if e[2] != tenant]
         self.evicted.discard(tenant)
+        self._forget_empty_partitions()
 
     @invariant()
     def counts_match_the_structure(self):
@@ -149,7 +210,8 @@ class TreeMachine(RuleBasedStateMachine):
             assert chars.get(t, 0) == held_by(self.tree, t)
             if t not in self.evicted:
                 prefixes = {(p, s[:i]) for p, s, tt, _ in self.model if tt == t for i in range(1, len(s) + 1)}
-                assert chars.get(t, 0) == len(prefixes)
+                assert text_held_by(self.tree, t) == len(prefixes)
+        assert self.tree.partitions() <= MAX_PARTITIONS
 
     @invariant()
     def tenants_are_closed_upwards(self):

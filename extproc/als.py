@@ -23,15 +23,30 @@ from .director import TICKET_HEADER, Director
 log = logs.get("prefix_router.als")
 
 
-# Gateway errors from a router mean it cannot serve (its workers are gone, it is overloaded):
-# like a refused or broken connection, they eject it for a while.
+# What Envoy reports about a request, by whose doing it failed.
+#  - The router's: it refused or broke the connection, reset the stream, or left it idle past the
+#    route's per-try idle timeout.
+_ROUTER_FAULTS = ("upstream_connection_failure", "upstream_connection_termination", "upstream_remote_reset",
+                  "upstream_request_timeout", "upstream_protocol_error")
+#  - Envoy's own or the client's: Envoy's circuit breakers overflowed or it reset the stream itself,
+#    nothing was healthy, a limit or fault filter answered, the client went away. A 503 Envoy made
+#    up for such a reason says nothing about the router and must never eject it.
+_NOT_THE_ROUTER = ("local_reset", "upstream_overflow", "no_healthy_upstream", "no_route_found", "rate_limited",
+                   "downstream_connection_termination", "downstream_remote_reset", "downstream_protocol_error",
+                   "overload_manager", "fault_injected", "delay_injected", "failed_local_healthcheck", "no_cluster_found",
+                   "invalid_envoy_request_headers", "rate_limit_service_error",
+                   "no_filter_config_found", "response_from_cache_filter", "dns_resolution_failure", "duration_timeout",
+                   "stream_idle_timeout", "upstream_retry_limit_exceeded", "upstream_max_stream_duration_reached")
+# With no flag at all, these codes came from the router itself (its workers are gone, it is overloaded).
 _GATEWAY_ERRORS = frozenset((502, 503, 504))
 
 
 def upstream_failed(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
-    """Did the upstream refuse or break this request (as opposed to the client going away)?"""
+    """Did the router refuse or break this request (as opposed to Envoy or the client)?"""
     f = entry.common_properties.response_flags
-    if f.upstream_connection_failure or f.upstream_connection_termination or f.upstream_remote_reset:
+    if any(getattr(f, name) for name in _NOT_THE_ROUTER) or f.HasField("unauthorized_details"):
+        return False
+    if any(getattr(f, name) for name in _ROUTER_FAULTS):
         return True
     return entry.response.response_code.value in _GATEWAY_ERRORS
 

@@ -157,9 +157,13 @@ class Config:
     health_failure_threshold: int = opt(3, _number(int, 1), "failed checks in a row that take an upstream out", HEALTH, metavar="N", sglang=True)
     health_success_threshold: int = opt(2, _number(int, 1), "good checks in a row that bring it back", HEALTH, metavar="N", sglang=True)
     health_check_endpoint: str = opt("/health", _path, "the path checked", HEALTH, metavar="PATH", sglang=True)
+    ejection_failure_threshold: int = opt(
+        3, _number(int, 1, 1000),
+        "failed requests in a row (a refused, broken or timed-out connection, or a 502/503/504 from the router "
+        "itself; never a 503 Envoy made up) that eject an upstream", HEALTH, metavar="N",
+    )
     ejection_base_secs: float = opt(
-        2.0, _number(float, 0.0),
-        "a refused connection or a 502/503/504 seen on real traffic ejects the upstream this long, doubling on repeats", HEALTH, metavar="S",
+        2.0, _number(float, 0.0, 3600.0), "an ejection lasts this long, doubling on repeats", HEALTH, metavar="S",
     )
     ejection_max_secs: float = opt(60.0, _number(float, 0.0), "the longest ejection", HEALTH, metavar="S")
     cache_threshold: float = opt(0.3, _number(float, 0.0, 1.0), "a decision counts as a cache hit when the chosen upstream's match / text length is above this", POLICY, metavar="X", sglang=True)
@@ -185,7 +189,16 @@ class Config:
     tie_break: str = opt("random", _choice(TIE_BREAKS), "among equally good upstreams (sglang-router 0.3.2 takes the first)", POLICY, metavar="|".join(TIE_BREAKS))
     routing_text: str = opt("sglang", _choice(FORMS), "what the tree matches on: sglang (as sglang-router) or template (ChatML-like)", PAYLOAD, metavar="|".join(FORMS))
     max_routing_chars: int = opt(1 << 20, _number(int, 1), "only this many leading characters of a prompt are matched and stored", PAYLOAD, metavar="N")
-    max_body_bytes: int = opt(64 * 1024 * 1024, _number(int, 1), "bodies (after decompression) larger than this are routed by load alone", PAYLOAD, metavar="N")
+    max_body_bytes: int = opt(
+        16 * 1024 * 1024, _number(int, 1, 1 << 30),
+        "bodies (after decompression) larger than this are routed by load alone; in duplex mode also what one "
+        "stream may hold while its body arrives (a 1M-character prompt is 1-4 MiB of JSON)", PAYLOAD, metavar="N",
+    )
+    max_json_containers: int = opt(
+        200_000, _number(int, 1),
+        "bodies opening more JSON objects and arrays than this (counted by a byte scan, before parsing) are routed "
+        "by load alone: parsing stays under ~15 ms of the event loop", PAYLOAD, metavar="N",
+    )
     log_level: str = opt("info", _choice(("debug", "info", "warning", "error")), "debug, info, warning or error (debug logs each decision)", LOGS, metavar="LEVEL")
     log_format: str = opt("auto", _choice(("auto", "json", "console")), "json, console, or auto (console on a terminal)", LOGS, metavar="FMT")
     log_prompts: bool = opt(False, _bool, "include routing text in debug logs (off: prompts are private)", LOGS)
@@ -206,7 +219,10 @@ class Config:
 
     def parse_options(self) -> dict[str, Any]:
         """The payload parser's keyword arguments under this configuration."""
-        return {"form": self.routing_text, "max_routing_chars": self.max_routing_chars, "max_body_bytes": self.max_body_bytes}
+        return {
+            "form": self.routing_text, "max_routing_chars": self.max_routing_chars,
+            "max_body_bytes": self.max_body_bytes, "max_json_containers": self.max_json_containers,
+        }
 
     def as_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

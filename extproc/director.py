@@ -189,7 +189,8 @@ class Director:
         if up is None:  # removed from the pool since
             return True
         if failed:
-            length = up.eject(self.cfg.ejection_base_secs, self.cfg.ejection_max_secs, time.monotonic())
+            cfg = self.cfg
+            length = up.request_failed(cfg.ejection_failure_threshold, cfg.ejection_base_secs, cfg.ejection_max_secs, time.monotonic())
             if length:
                 metrics.EJECTIONS.labels(address).inc()
                 log.warning("upstream_ejected", upstream=address, seconds=length)

@@ -21,6 +21,7 @@ class Upstream:
     ejected: bool = False  # passive ejection: out until a good active check after ejected_until
     ejected_until: float = 0.0  # monotonic clock
     ejections: int = 0  # consecutive ejections: the back-off doubles with each
+    traffic_failures: int = 0  # consecutive failed requests seen on real traffic
 
     @property
     def healthy(self) -> bool:
@@ -48,17 +49,28 @@ class Upstream:
             return False
         return None
 
+    def request_failed(self, threshold: int, base: float, cap: float, now: float) -> float:
+        """A request failed at this router; the ``threshold``-th in a row ejects it. Returns the
+        ejection's length in seconds (0: not ejected now)."""
+        self.traffic_failures += 1
+        if self.traffic_failures < threshold:
+            return 0.0
+        return self.eject(base, cap, now)
+
     def eject(self, base: float, cap: float, now: float) -> float:
-        """Passive ejection after a failure seen on real traffic; returns its length in seconds
-        (0 when already out: failures of requests sent before do not extend it)."""
+        """Passive ejection; returns its length in seconds (0 when already out: failures of
+        requests sent before do not extend it)."""
         if self.ejected:
             return 0.0
+        self.traffic_failures = 0
         length = min(cap, base * (2 ** self.ejections))
         self.ejections += 1
         self.ejected, self.ejected_until = True, now + length
         return length
 
     def succeeded(self) -> None:
-        """A request finished well: the next ejection starts from the base back-off again."""
+        """A request finished well: failures in a row start again from zero, and the next
+        ejection from the base back-off."""
+        self.traffic_failures = 0
         if self.ejections and not self.ejected:
             self.ejections = 0

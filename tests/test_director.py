@@ -97,7 +97,14 @@ def test_unknown_or_forged_tickets_release_and_eject_nothing(director):
         assert not director.finished(forged, failed=True)
     assert metrics.UNKNOWN_TICKETS._value.get() == before + 3
     assert all(u.healthy for u in director.upstreams()) and director.pool.tickets.outstanding() == 1
-    assert director.finished(info.ticket, failed=True)  # the real one acts
+    assert director.finished(info.ticket, failed=True)  # the real one acts, as the first of three in a row
+    assert all(u.healthy for u in director.upstreams())
+    for _ in range(2):
+        again = RequestInfo(path="/v1/chat/completions")
+        while director.route(again, BODY) != chosen:
+            director.finished(again.ticket, failed=False)
+            again = RequestInfo(path="/v1/chat/completions")
+        director.finished(again.ticket, failed=True)
     assert [u.address for u in director.upstreams() if not u.healthy] == [chosen]
 
 
@@ -122,6 +129,11 @@ def _entry(code: int = 200, **flags: bool) -> accesslog_pb2.HTTPAccessLogEntry:
         (_entry(0, upstream_connection_termination=True), True),
         (_entry(0, upstream_remote_reset=True), True),
         (_entry(0, downstream_connection_termination=True), False),  # the client left
+        (_entry(504, upstream_request_timeout=True), True),  # the router left the request idle past the timeout
+        (_entry(503, upstream_overflow=True), False),  # Envoy's circuit breaker, not the router
+        (_entry(503, no_healthy_upstream=True), False),
+        (_entry(0, local_reset=True), False),
+        (_entry(0, upstream_remote_reset=True, downstream_remote_reset=True), False),  # the client reset first
     ],
 )
 def test_upstream_failed_reads_the_access_log_entry(entry, failed):

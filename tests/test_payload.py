@@ -167,3 +167,13 @@ def test_render_chat_template_is_deterministic_with_sorted_tool_json():
     t1 = render_chat_template([{"role": "user", "content": "u"}], [{"b": 1, "a": 2}])
     t2 = render_chat_template([{"role": "user", "content": "u"}], [{"a": 2, "b": 1}])
     assert t1 == t2
+
+
+def test_a_json_bomb_is_refused_before_parsing():
+    bomb = b'{"messages":[' + b",".join([b"{}"] * 300_000) + b"]}"
+    assert routing_input("/v1/chat/completions", bomb).reason == "too_complex"
+    zipped = gzip.compress(bomb)
+    assert len(zipped) < 20_000 and routing_input("/v1/chat/completions", zipped, content_encoding="gzip").reason == "too_complex"
+    # a real conversation with many messages and parts stays far below the bound
+    msgs = [{"role": "user", "content": [{"type": "text", "text": f"part {i}"}]} for i in range(10_000)]
+    assert routing_input("/v1/chat/completions", orjson.dumps({"messages": msgs})).reason is None

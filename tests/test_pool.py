@@ -76,3 +76,14 @@ def test_an_ejected_upstream_that_the_checks_took_out_comes_back_only_through_th
         u.record_check(False, 3, 2, now=1)
     assert u.record_check(True, 3, 2, now=10) is None and not u.healthy  # ejection over, checks still down
     assert u.record_check(True, 3, 2, now=10) is True and u.healthy
+
+
+def test_ejection_needs_failures_in_a_row():
+    u = Upstream("a:1")
+    assert u.request_failed(3, base=2, cap=5, now=0) == 0
+    assert u.request_failed(3, base=2, cap=5, now=0) == 0
+    u.succeeded()  # a success in between: the count starts again
+    assert u.request_failed(3, base=2, cap=5, now=0) == 0
+    assert u.request_failed(3, base=2, cap=5, now=0) == 0
+    assert u.healthy
+    assert u.request_failed(3, base=2, cap=5, now=0) == 2 and not u.healthy

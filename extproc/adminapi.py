@@ -3,6 +3,7 @@ the running configuration."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 import grpc
@@ -51,7 +52,7 @@ class AdminApi(pb_grpc.AdminServicer):
                 parse_hostport(e)
         except AddressError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        resolved = self.discovery.resolve(entries)
+        resolved = await asyncio.to_thread(self.discovery.resolve, entries)
         if not resolved:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"none of {entries} resolves")
         self.discovery.override = entries

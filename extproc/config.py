@@ -14,6 +14,7 @@ Every error names the flag it concerns, in one line.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -44,8 +45,8 @@ def _number(kind: type, lo: float | None = None, hi: float | None = None, lo_ope
             x = kind(v)
         except (TypeError, ValueError):
             raise ValueError(f"must be {'an integer' if kind is int else 'a number'}, got {v!r}") from None
-        if kind is float and x != x:
-            raise ValueError("must be a number, got NaN")
+        if kind is float and not math.isfinite(x):
+            raise ValueError(f"must be a finite number, got {v!r}")
         if lo is not None and (x <= lo if lo_open else x < lo):
             raise ValueError(f"must be {'>' if lo_open else '>='} {lo}, got {v!r}")
         if hi is not None and x > hi:
@@ -124,6 +125,7 @@ def opt(default: Any, convert: Callable[[Any], Any], help: str, group: str, *, m
 
 
 SERVICE, HEALTH, POLICY, PAYLOAD, LOGS = "service", "upstream health", "policy", "payload", "logs"
+DAY = 86400.0  # the longest any interval or timeout may be
 
 
 @dataclass(frozen=True)
@@ -137,23 +139,23 @@ class Config:
         "re-resolved every --dns-refresh-secs: the header always carries an IP literal", SERVICE, metavar="HOST:PORT",
     )
     upstreams_file: str | None = opt(None, _text, "a YAML or JSON list of HOST:PORT, re-read when it changes", SERVICE, metavar="FILE")
-    dns_refresh_secs: float = opt(30.0, _number(float, 0.0, lo_open=True), "re-resolve upstream names this often", SERVICE, metavar="S")
+    dns_refresh_secs: float = opt(30.0, _number(float, 0.0, DAY, lo_open=True), "re-resolve upstream names this often", SERVICE, metavar="S")
     header_name: str = opt("x-upstream-host", _header, "the header Envoy's ORIGINAL_DST cluster reads", SERVICE, metavar="NAME")
-    drain_timeout_secs: float = opt(20.0, _number(float, 0.0), "on SIGTERM, how long streams in flight may take", SERVICE, metavar="S")
+    drain_timeout_secs: float = opt(20.0, _number(float, 0.0, DAY), "on SIGTERM, how long streams in flight may take", SERVICE, metavar="S")
     shutdown_delay_secs: float = opt(
-        2.0, _number(float, 0.0),
+        2.0, _number(float, 0.0, DAY),
         "on SIGTERM, keep serving this long while reporting NOT_SERVING, so that Envoy's health check "
         "(every 1 s in the shipped configs) moves new requests away first", SERVICE, metavar="S",
     )
     inflight_timeout_secs: float = opt(
-        900.0, _number(float, 0.0, lo_open=True), "release an in-flight count whose finish report never came after this long", SERVICE, metavar="S"
+        900.0, _number(float, 0.0, DAY, lo_open=True), "release an in-flight count whose finish report never came after this long", SERVICE, metavar="S"
     )
     health_interval_secs: float = opt(
-        2.0, _number(float, 0.0, lo_open=True),
+        2.0, _number(float, 0.0, DAY, lo_open=True),
         "GET the health endpoint of each upstream this often (sglang-router's --health-check-interval-secs "
         "is 60: at that pace a recovered router would wait a minute for traffic)", HEALTH, metavar="S",
     )
-    health_check_timeout_secs: float = opt(5.0, _number(float, 0.0, lo_open=True), "timeout of one check", HEALTH, metavar="S", sglang=True)
+    health_check_timeout_secs: float = opt(5.0, _number(float, 0.0, DAY, lo_open=True), "timeout of one check", HEALTH, metavar="S", sglang=True)
     health_failure_threshold: int = opt(3, _number(int, 1), "failed checks in a row that take an upstream out", HEALTH, metavar="N", sglang=True)
     health_success_threshold: int = opt(2, _number(int, 1), "good checks in a row that bring it back", HEALTH, metavar="N", sglang=True)
     health_check_endpoint: str = opt("/health", _path, "the path checked", HEALTH, metavar="PATH", sglang=True)
@@ -165,11 +167,11 @@ class Config:
     ejection_base_secs: float = opt(
         2.0, _number(float, 0.0, 3600.0), "an ejection lasts this long, doubling on repeats", HEALTH, metavar="S",
     )
-    ejection_max_secs: float = opt(60.0, _number(float, 0.0), "the longest ejection", HEALTH, metavar="S")
+    ejection_max_secs: float = opt(60.0, _number(float, 0.0, DAY), "the longest ejection", HEALTH, metavar="S")
     cache_threshold: float = opt(0.3, _number(float, 0.0, 1.0), "a decision counts as a cache hit when the chosen upstream's match / text length is above this", POLICY, metavar="X", sglang=True)
     balance_abs_threshold: int = opt(64, _number(int, 0), "imbalance when max - min in-flight is above this...", POLICY, metavar="N", sglang=True)
     balance_rel_threshold: float = opt(1.5, _number(float, 1.0), "...and max is above min times this: then the least loaded", POLICY, metavar="X", sglang=True)
-    eviction_interval_secs: float = opt(60.0, _number(float, 0.0, lo_open=True), "how often the tree is trimmed to --max-tree-size", POLICY, metavar="S", sglang=True)
+    eviction_interval_secs: float = opt(60.0, _number(float, 0.0, DAY, lo_open=True), "how often the tree is trimmed to --max-tree-size", POLICY, metavar="S", sglang=True)
     max_tree_size: int = opt(
         67108864, _number(int, 1),
         "characters the tree may hold per upstream, each node counted as 256 more (its memory); enforced as "

@@ -87,20 +87,14 @@ class Discovery:
         if added or removed:
             log.info("pool_changed", upstreams=addresses, added=added, removed=removed)
 
-    def refresh_sync(self) -> list[str]:
-        """Resolve and apply now (at start, and from reloads)."""
-        addresses = self.resolve(self.entries())
+    async def refresh(self) -> list[str]:
+        """Resolve the configured entries and apply them (at start, on reloads, periodically).
+        getaddrinfo and the file read block: they run in a thread, so decisions never wait."""
+        addresses = await asyncio.to_thread(lambda: self.resolve(self.entries()))
         if addresses:
             self.apply(addresses)
         else:
             log.error("no_upstream_resolved", keeping=self.director.addresses())
-        return addresses
-
-    async def refresh(self) -> list[str]:
-        # getaddrinfo blocks: resolve in a thread so that decisions never wait for DNS
-        addresses = await asyncio.to_thread(self.resolve, self.entries())
-        if addresses:
-            self.apply(addresses)
         return addresses
 
     def file_changed(self) -> bool:

@@ -40,6 +40,7 @@ log = logs.get("prefix_router.server")
 EXT_PROC_SERVICE = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 ALS_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+CONFIG_POLL_SECS = 1.0
 _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -69,14 +70,15 @@ class Service:
         self.admin_grpc: grpc.aio.Server | None = None
         self.ports: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
-        self._config_mtime: float | None = None
+        self._config_applied: tuple[int, int] | None = None  # (mtime_ns, size) of the file in force
+        self._config_pending: tuple[int, int] | None = None  # a change seen once, not yet settled
 
     # -- start -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Resolve the pool, bind every listener, start the background tasks. Raises AddressError
         when no upstream resolves and OSError when a listener cannot bind."""
-        self.discovery.refresh_sync()
+        await self.discovery.refresh()
         if not self.director.addresses():
             raise AddressError("no upstream: give --upstream or --upstreams-file")
         cfg = self.cfg
@@ -96,7 +98,7 @@ class Service:
         for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         metrics.register_state(self.director.upstreams)
-        self._config_mtime = self._stat_config()
+        self._config_applied = self._config_signature()
         self._tasks = [
             asyncio.create_task(self._evict_forever()),
             # Expiring lost in-flight entries must not wait a full eviction interval.
@@ -105,7 +107,7 @@ class Service:
             asyncio.create_task(self.discovery.run()),
         ]
         if self.reload_source is not None:
-            self._tasks.append(asyncio.create_task(_every(1.0, self.poll_config)))
+            self._tasks.append(asyncio.create_task(self._poll_config_forever()))
 
     async def _evict_forever(self) -> None:
         """Sweep every ``eviction_interval_secs``, or at once when an upstream reaches its budget."""
@@ -132,42 +134,64 @@ class Service:
 
     # -- reload ----------------------------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Re-read flags/env/file: thresholds and the pool change; the tree and in-flight stay."""
+    async def reload(self) -> bool:
+        """Re-read flags/env/file: thresholds and the pool change; the tree and in-flight stay.
+
+        Atomic: the whole new configuration is read and validated (in a thread: it reads a file)
+        before anything changes, and a bad one changes nothing. An admin override of the upstreams
+        (SetUpstreams) survives a reload that leaves the configured upstreams as they were; a
+        reload that changes them replaces it.
+        """
         if self.reload_source is None:
             return False
         try:
-            new = self.reload_source()
+            new = await asyncio.to_thread(self.reload_source)
             if not new.upstreams and not new.upstreams_file:
                 raise ConfigError("--upstream: the new configuration has no upstream")
         except ConfigError as exc:
             metrics.RELOADS.labels("failed").inc()
             log.error("reload_failed", error=str(exc))
             return False
+        old = self.cfg
         for key in Config.FIXED:
-            if getattr(new, key) != getattr(self.cfg, key):
-                log.warning("reload_ignores", setting=key, running=getattr(self.cfg, key), configured=getattr(new, key))
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload_ignores", setting=key, running=getattr(old, key), configured=getattr(new, key))
+        if self.discovery.override is not None and (new.upstreams, new.upstreams_file) != (old.upstreams, old.upstreams_file):
+            log.warning("admin_override_replaced", override=self.discovery.override, configured=list(new.upstreams))
+            self.discovery.override = None
         self.cfg = new
         for part in (self.director, self.discovery, self.checker):
             part.reconfigure(new)
-        self.discovery.override = None
-        self.discovery.refresh_sync()
+        await self.discovery.refresh()
         metrics.RELOADS.labels("ok").inc()
         log.info("reloaded", upstreams=self.director.addresses())
         return True
 
-    def _stat_config(self) -> float | None:
+    def _config_signature(self) -> tuple[int, int] | None:
         try:
-            return os.stat(self.cfg.config).st_mtime if self.cfg.config else None
+            st = os.stat(self.cfg.config) if self.cfg.config else None
         except OSError:
             return None
+        return (st.st_mtime_ns, st.st_size) if st else None
 
-    def poll_config(self) -> None:
-        mtime = self._stat_config()
-        if mtime != self._config_mtime:
-            self._config_mtime = mtime
-            if mtime is not None:
-                self.reload()
+    async def poll_config(self) -> None:
+        """Reload once the config file has changed and then stayed the same for a whole poll: a
+        file caught half-written (an editor saving in place, a copy in progress) is never applied."""
+        sig = self._config_signature()
+        if sig == self._config_applied:
+            self._config_pending = None
+            return
+        if sig != self._config_pending:
+            self._config_pending = sig  # changed since the last look: let it settle
+            return
+        self._config_applied, self._config_pending = sig, None
+        if sig is not None:
+            await self.reload()
+
+    async def _poll_config_forever(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECS)
+            await self.poll_config()
 
     # -- stop ------------------------------------------------------------------------------------
 
@@ -200,7 +224,7 @@ async def serve(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, service.reload)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(service.reload()))
     await stop.wait()
     await service.stop()
     return 0

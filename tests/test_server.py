@@ -1,6 +1,8 @@
 """The service in process: reload, discovery, the admin listener and the admin gRPC API."""
 
 
+import os
+
 import grpc
 import orjson
 import pytest
@@ -43,19 +45,52 @@ async def test_reload_changes_pool_and_thresholds_keeps_tree_and_inflight(svc):
     d.tree.insert("", "dropped text", "127.0.0.1:2", 0)
     d.pool.tickets.issue("127.0.0.1:1", now=0)
     svc.config_path.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:3]\ncache_threshold: 0.9\n")
-    assert svc.reload()
+    assert await svc.reload()
     assert list(d.pool.upstreams) == ["127.0.0.1:1", "127.0.0.1:3"]
     assert d.policy.cache_threshold == 0.9
     assert d.tree.tenant_chars() == {"127.0.0.1:1": len("kept text") + NODE_CHARS}
     assert d.pool.loads()["127.0.0.1:1"] == 1  # in flight survives
 
 
+async def test_a_config_file_applies_only_once_it_stopped_changing(svc):
+    """A half-written file (here: '90' caught as '9') is never applied: a change applies at the
+    first poll that sees the file as it was at the poll before."""
+    d = svc.director
+    svc.config_path.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:2]\ninflight_timeout_secs: 9")
+    await svc.poll_config()  # first sight of the change: wait
+    assert d.cfg.inflight_timeout_secs == 900
+    svc.config_path.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:2]\ninflight_timeout_secs: 90\n")
+    os.utime(svc.config_path, ns=(1, 1))  # a new signature even within the clock's resolution
+    await svc.poll_config()  # it changed again: still settling
+    assert d.cfg.inflight_timeout_secs == 900
+    await svc.poll_config()  # the same as one poll ago: applied
+    assert d.cfg.inflight_timeout_secs == 90
+
+
+async def test_an_admin_override_survives_reloads_that_keep_the_configured_upstreams(svc):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['admin_grpc']}") as ch:
+        await apb_grpc.AdminStub(ch).SetUpstreams(apb.SetUpstreamsRequest(upstreams=["127.0.0.1:7"]))
+    svc.config_path.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:2]\ncache_threshold: 0.5\n")
+    assert await svc.reload()
+    assert svc.director.addresses() == ["127.0.0.1:7"] and svc.director.policy.cache_threshold == 0.5
+    svc.config_path.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:3]\n")
+    assert await svc.reload()  # the configured upstreams changed: they replace the override
+    assert svc.director.addresses() == ["127.0.0.1:1", "127.0.0.1:3"]
+
+
+@pytest.mark.parametrize("line", ["health_interval_secs: .inf", "eviction_interval_secs: .nan", "inflight_timeout_secs: 1e9", "max_tree_size: -5"])
+async def test_non_finite_and_out_of_range_values_change_nothing(svc, line):
+    svc.config_path.write_text(f"upstreams: [127.0.0.1:3]\n{line}\n")
+    assert not await svc.reload()
+    assert svc.director.addresses() == ["127.0.0.1:1", "127.0.0.1:2"]
+
+
 async def test_failed_reload_keeps_the_running_config(svc):
     before = metrics.RELOADS.labels("failed")._value.get()
     svc.config_path.write_text("cache_threshold: 7\nupstreams: [127.0.0.1:9]\n")
-    assert not svc.reload()
+    assert not await svc.reload()
     svc.config_path.write_text("upstreams: []\n")
-    assert not svc.reload()
+    assert not await svc.reload()
     assert metrics.RELOADS.labels("failed")._value.get() == before + 2
     assert list(svc.director.pool.upstreams) == ["127.0.0.1:1", "127.0.0.1:2"]
 

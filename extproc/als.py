@@ -77,6 +77,8 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):
             closing.cancel()
             if not consumer.done():
                 consumer.cancel()
+            if not self._closing.is_set():  # Envoy's side ended it: what it held back is lost
+                self.director.reports_lost()
         if consumer.done() and not consumer.cancelled() and consumer.exception() is not None:
             metrics.STREAM_ERRORS.labels("UNKNOWN").inc()
             log.error("access_log_stream_failed", error=repr(consumer.exception()))

@@ -150,6 +150,11 @@ class Config:
     inflight_timeout_secs: float = opt(
         900.0, _number(float, 0.0, DAY, lo_open=True), "release an in-flight count whose finish report never came after this long", SERVICE, metavar="S"
     )
+    lost_report_grace_secs: float = opt(
+        30.0, _number(float, 0.0, DAY),
+        "when an access-log stream from Envoy ends (a broken connection, an Envoy restart), requests routed "
+        "before it and still counted this long after are released: their reports may be lost", SERVICE, metavar="S",
+    )
     health_interval_secs: float = opt(
         2.0, _number(float, 0.0, DAY, lo_open=True),
         "GET the health endpoint of each upstream this often (sglang-router's --health-check-interval-secs "

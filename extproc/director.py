@@ -72,7 +72,7 @@ class Director:
     def __init__(self, cfg: Config, seed: int | None = None) -> None:
         self.cfg = cfg
         self.policy = cfg.policy()
-        self.pool = Pool(cfg.inflight_timeout_secs)
+        self.pool = Pool(cfg.inflight_timeout_secs, cfg.lost_report_grace_secs)
         self.tree = RadixTree(cfg.max_partitions)
         self.rng = random.Random(seed)
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
@@ -83,6 +83,7 @@ class Director:
         self.cfg = cfg
         self.policy = cfg.policy()
         self.pool.tickets.timeout = cfg.inflight_timeout_secs
+        self.pool.tickets.grace = cfg.lost_report_grace_secs
         self.tree.max_partitions = cfg.max_partitions
 
     # -- what the handlers need to know, read per request so that a reload takes effect ----------
@@ -168,6 +169,11 @@ class Director:
             self.wake_sweeper()
         if tree.partitions_dropped != dropped:
             metrics.PARTITIONS_DROPPED.inc(tree.partitions_dropped - dropped)
+
+    def reports_lost(self) -> None:
+        """An access-log stream from Envoy ended: the reports of requests in flight may be lost."""
+        self.pool.tickets.reports_lost(time.monotonic())
+        log.warning("access_log_stream_lost", outstanding=self.pool.tickets.outstanding(), grace_secs=self.cfg.lost_report_grace_secs)
 
     def abandoned(self, info: RequestInfo) -> None:
         """The stream ended before the decision reached Envoy: no finish report will come."""

@@ -13,9 +13,9 @@ from .upstream import Upstream
 class Pool:
     __slots__ = ("upstreams", "tickets")
 
-    def __init__(self, inflight_timeout: float) -> None:
+    def __init__(self, inflight_timeout: float, lost_report_grace: float | None = None) -> None:
         self.upstreams: dict[str, Upstream] = {}
-        self.tickets = Tickets(inflight_timeout)
+        self.tickets = Tickets(inflight_timeout, lost_report_grace)
 
     def set_addresses(self, addresses: list[str]) -> list[str]:
         """Replace the pool, keeping the state of upstreams that stay. Returns the removed ones."""

@@ -87,3 +87,14 @@ def test_ejection_needs_failures_in_a_row():
     assert u.request_failed(3, base=2, cap=5, now=0) == 0
     assert u.healthy
     assert u.request_failed(3, base=2, cap=5, now=0) == 2 and not u.healthy
+
+
+def test_a_lost_report_stream_releases_the_tickets_at_risk_after_the_grace():
+    t = Tickets(timeout=900, grace=30)
+    before = t.issue("a:1", now=0)
+    t.reports_lost(now=10)
+    after = t.issue("a:1", now=11)
+    assert t.expire(now=39) == 0  # within the grace: a late report may still come
+    assert t.expire(now=41) == 1  # issued before the loss, still open after the grace
+    assert t.release(before) is None and t.release(after) == "a:1"
+    assert t.expire(now=2000) == 0 and t.outstanding() == 0

@@ -11,6 +11,39 @@ import ipaddress
 import socket
 
 
+# Never an upstream, whatever the allowed networks say: link-local (169.254.169.254 is the cloud
+# metadata service), the metadata addresses inside private ranges, unspecified, multicast, broadcast.
+ALWAYS_DENIED = tuple(
+    ipaddress.ip_network(n)
+    for n in ("169.254.0.0/16", "fe80::/10", "100.100.100.200/32", "fd00:ec2::254/128", "0.0.0.0/8", "::/128",
+              "224.0.0.0/4", "ff00::/8", "255.255.255.255/32")
+)
+
+
+class AddressPolicy:
+    """Which addresses may be upstreams: inside an allowed network and outside ``ALWAYS_DENIED``.
+
+    ORIGINAL_DST connects wherever the header points and Envoy forwards the client's request, its
+    ``Authorization`` header included: an address from a poisoned DNS answer, a file or the admin
+    API must not become a place where clients' requests go.
+    """
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.allowed = tuple(ipaddress.ip_network(n) for n in allowed)
+
+    def refusal(self, address: str) -> str | None:
+        """Why ``address`` (an ``IP:PORT`` literal) may not be an upstream, or None."""
+        host, _ = parse_hostport(address)
+        ip = ipaddress.ip_address(host)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in n for n in ALWAYS_DENIED):
+            return f"{address} is link-local, metadata, multicast or unspecified: never an upstream"
+        if not any(ip.version == n.version and ip in n for n in self.allowed):
+            return f"{address} is outside --allowed-upstream-cidrs"
+        return None
+
+
 class AddressError(ValueError):
     """An upstream address that cannot be turned into the IP:PORT literal ORIGINAL_DST needs."""
 

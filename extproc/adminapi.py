@@ -4,12 +4,14 @@ the running configuration."""
 from __future__ import annotations
 
 import asyncio
+import hmac
+from pathlib import Path
 from typing import Callable
 
 import grpc
 import orjson
 
-from . import logs
+from . import logs, metrics
 from .api.v1 import admin_pb2 as pb
 from .api.v1 import admin_pb2_grpc as pb_grpc
 from .config import Config
@@ -18,11 +20,40 @@ from .discovery import Discovery
 from .addresses import AddressError, parse_hostport
 
 log = logs.get("prefix_router.adminapi")
-ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 def add_admin_api(api: "AdminApi", server: grpc.aio.Server) -> None:
     pb_grpc.add_AdminServicer_to_server(api, server)
+
+
+def read_token(path: str) -> bytes:
+    """The admin token: the file's content without surrounding white space; raises OSError."""
+    token = Path(path).read_bytes().strip()
+    if len(token) < 16:
+        raise OSError(f"--admin-token-file {path}: the token must be at least 16 characters")
+    return token
+
+
+class TokenCheck(grpc.aio.ServerInterceptor):
+    """Every admin call must carry ``authorization: Bearer <token>``; others get UNAUTHENTICATED."""
+
+    def __init__(self, token: bytes) -> None:
+        self.expected = b"Bearer " + token
+
+    async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        got = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(got.encode() if isinstance(got, str) else got, self.expected):
+            return await continuation(details)
+        metrics.ADMIN_DENIED.inc()
+        log.warning("admin_denied", method=details.method)
+        return _DENY
+
+
+async def _deny(request: object, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the admin API needs authorization: Bearer <token> (--admin-token-file)")
+
+
+_DENY = grpc.unary_unary_rpc_method_handler(_deny)
 
 
 class AdminApi(pb_grpc.AdminServicer):
@@ -52,6 +83,10 @@ class AdminApi(pb_grpc.AdminServicer):
                 parse_hostport(e)
         except AddressError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        refused = self.discovery.refusals(entries)
+        if refused:
+            log.error("upstreams_set_refused", entries=entries, reasons=refused)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "; ".join(refused))
         resolved = await asyncio.to_thread(self.discovery.resolve, entries)
         if not resolved:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"none of {entries} resolves")

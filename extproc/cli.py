@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Any, NoReturn, Sequence
 
 import orjson
 
-from .config import LOGS, OPTIONS, PAYLOAD, POLICY, SERVICE, HEALTH, Config, ConfigError, build, flag_name, help_text
+from .config import HEALTH, LOGS, OPTIONS, PAYLOAD, POLICY, SECURITY, SERVICE, ConfigError, build, flag_name, help_text
 
 DESCRIPTION = """\
 Envoy ext_proc service that pins each LLM request to the SGLang router whose workers most likely
@@ -37,6 +38,7 @@ example:
 ADMIN_DEFAULT = OPTIONS["admin_grpc_listen"].default
 GROUP_TITLES = {
     SERVICE: "service",
+    SECURITY: "security (README: Security)",
     HEALTH: "upstream health",
     POLICY: "policy (flags marked 'as sglang-router' share its cache_aware names and 0.3.2 defaults)",
     PAYLOAD: "payload",
@@ -77,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
         c.add_argument("--admin-grpc", metavar="HOST:PORT", default=ADMIN_DEFAULT, help=f"the running service's admin gRPC address (default {ADMIN_DEFAULT})")
         c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        c.add_argument(
+            "--admin-token-file", metavar="FILE", default=os.environ.get("PREFIX_ROUTER_ADMIN_TOKEN_FILE"),
+            help="the service's admin token (default: $PREFIX_ROUTER_ADMIN_TOKEN_FILE)",
+        )
         return c
 
     ups = admin_command("upstreams", "list the running service's upstreams (or replace them with --set)")
@@ -162,25 +168,27 @@ def admin_call(args: dict) -> int:
     from .api.v1 import admin_pb2_grpc as pb_grpc
 
     command = args["command"]
-    if command == "explain":
-        try:
+    try:
+        if command == "explain":
             body = sys.stdin.buffer.read() if args["file"] == "-" else open(args["file"], "rb").read()
-        except OSError as exc:
-            sys.stderr.write(f"prefix-router: error: {args['file']}: {exc.strerror}\n")
-            return 2
+        token = open(args["admin_token_file"], "rb").read().strip().decode() if args["admin_token_file"] else ""
+    except OSError as exc:
+        sys.stderr.write(f"prefix-router: error: {exc.filename}: {exc.strerror}\n")
+        return 2
+    call = {"timeout": 10, "metadata": (("authorization", f"Bearer {token}"),)}
     with grpc.insecure_channel(args["admin_grpc"]) as channel:
         stub = pb_grpc.AdminStub(channel)
         try:
             if command == "upstreams" and args.get("set"):
-                reply = stub.SetUpstreams(pb.SetUpstreamsRequest(upstreams=args["set"].split(",")), timeout=10)
+                reply = stub.SetUpstreams(pb.SetUpstreamsRequest(upstreams=args["set"].split(",")), **call)
             elif command == "upstreams":
-                reply = stub.ListUpstreams(pb.ListUpstreamsRequest(), timeout=10)
+                reply = stub.ListUpstreams(pb.ListUpstreamsRequest(), **call)
             elif command == "explain":
-                reply = stub.Explain(pb.ExplainRequest(path=args["path"], body=body), timeout=10)
+                reply = stub.Explain(pb.ExplainRequest(path=args["path"], body=body), **call)
             elif command == "tree":
-                reply = stub.TreeStats(pb.TreeStatsRequest(), timeout=10)
+                reply = stub.TreeStats(pb.TreeStatsRequest(), **call)
             else:
-                reply = stub.GetConfig(pb.GetConfigRequest(), timeout=10)
+                reply = stub.GetConfig(pb.GetConfigRequest(), **call)
         except grpc.RpcError as exc:
             sys.stderr.write(f"prefix-router: error: {args['admin_grpc']}: {exc.code().name}: {exc.details()}\n")
             return 1

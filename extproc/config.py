@@ -14,6 +14,7 @@ Every error names the flag it concerns, in one line.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
@@ -86,6 +87,22 @@ def _text(v: Any) -> str:
     return str(v)
 
 
+def _cidrs(v: Any) -> tuple[str, ...]:
+    items = v.split(",") if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else None
+    if items is None:
+        raise ValueError(f"must be a list of networks like 10.0.0.0/8, got {v!r}")
+    out = []
+    for item in (str(x).strip() for x in items):
+        if item:
+            try:
+                out.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not a network like 10.0.0.0/8") from None
+    if not out:
+        raise ValueError("must name at least one network")
+    return tuple(out)
+
+
 def _upstreams(v: Any) -> tuple[str, ...]:
     items = v.split(",") if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else None
     if items is None:
@@ -124,15 +141,37 @@ def opt(default: Any, convert: Callable[[Any], Any], help: str, group: str, *, m
     return field(default=default, metadata={"convert": convert, "help": help, "group": group, "metavar": metavar, "sglang": sglang})
 
 
-SERVICE, HEALTH, POLICY, PAYLOAD, LOGS = "service", "upstream health", "policy", "payload", "logs"
+SERVICE, SECURITY, HEALTH, POLICY, PAYLOAD, LOGS = "service", "security", "upstream health", "policy", "payload", "logs"
 DAY = 86400.0  # the longest any interval or timeout may be
 
 
 @dataclass(frozen=True)
 class Config:
-    grpc_listen: str = opt("0.0.0.0:50051", _listen, "where Envoy reaches the service (ext_proc, access log, grpc.health.v1, reflection)", SERVICE, metavar="HOST:PORT")
-    admin_listen: str = opt("127.0.0.1:9464", _listen, "HTTP /metrics, /healthz, /readyz", SERVICE, metavar="HOST:PORT")
-    admin_grpc_listen: str = opt("127.0.0.1:9465", _listen, "the admin gRPC API (prefix-router upstreams, explain, tree, config)", SERVICE, metavar="HOST:PORT")
+    grpc_listen: str = opt(
+        "127.0.0.1:50051", _listen,
+        "where Envoy reaches the service (ext_proc, access log, grpc.health.v1); loopback unless you open it, "
+        "and then with --grpc-tls-client-ca (README: Security)", SERVICE, metavar="HOST:PORT",
+    )
+    grpc_tls_cert: str | None = opt(None, _text, "serve the gRPC port over TLS with this certificate chain (PEM)", SECURITY, metavar="FILE")
+    grpc_tls_key: str | None = opt(None, _text, "the private key of --grpc-tls-cert (PEM)", SECURITY, metavar="FILE")
+    grpc_tls_client_ca: str | None = opt(
+        None, _text, "require a client certificate signed by this CA (PEM) on the gRPC port: only Envoy may steer the service", SECURITY, metavar="FILE"
+    )
+    grpc_reflection: bool = opt(False, _bool, "serve gRPC server reflection on the gRPC port (off: peers learn nothing they need not)", SECURITY)
+    admin_listen: str = opt("127.0.0.1:9464", _listen, "HTTP /metrics, /healthz, /readyz (read-only)", SERVICE, metavar="HOST:PORT")
+    admin_grpc_listen: str = opt(
+        "127.0.0.1:9465", _listen, "the admin gRPC API (prefix-router upstreams, explain, tree, config); served only with --admin-token-file",
+        SERVICE, metavar="HOST:PORT",
+    )
+    admin_token_file: str | None = opt(
+        None, _text,
+        "a file holding the admin API's bearer token; without it the admin gRPC API is off", SECURITY, metavar="FILE",
+    )
+    allowed_upstream_cidrs: tuple[str, ...] = opt(
+        ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8", "fc00::/7", "::1/128"), _cidrs,
+        "upstream addresses must fall in one of these networks, whatever their source (flags, DNS, file, admin API); "
+        "link-local, metadata, multicast and unspecified addresses are refused always", SECURITY, metavar="CIDR,...",
+    )
     upstreams: tuple[str, ...] = opt(
         (), _upstreams,
         "an SGLang router; repeat for each (or PREFIX_ROUTER_UPSTREAMS=a,b). A name gives all its addresses, "
@@ -211,8 +250,9 @@ class Config:
     log_prompts: bool = opt(False, _bool, "include routing text in debug logs (off: prompts are private)", LOGS)
     config: str | None = field(default=None, compare=False, metadata={"convert": _text, "help": "TOML (.toml) or YAML config file", "group": SERVICE, "metavar": "FILE", "sglang": False})
 
-    # Settings a reload cannot change (the listeners are bound once).
-    FIXED = ("grpc_listen", "admin_listen", "admin_grpc_listen")
+    # Settings a reload cannot change (the listeners are bound once, with their credentials).
+    FIXED = ("grpc_listen", "admin_listen", "admin_grpc_listen", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca",
+             "grpc_reflection", "admin_token_file")
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
@@ -343,7 +383,17 @@ def build(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Con
     for k, v in flags.items():
         if v is not None and k != "config":
             merged[k] = _convert(k, v, "flag")
-    return Config(**merged)
+    cfg = Config(**merged)
+    _check_together(cfg)
+    return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """Settings that only make sense with others."""
+    if bool(cfg.grpc_tls_cert) != bool(cfg.grpc_tls_key):
+        raise ConfigError("--grpc-tls-cert and --grpc-tls-key go together")
+    if cfg.grpc_tls_client_ca and not cfg.grpc_tls_cert:
+        raise ConfigError("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
 
 
 README_BEGIN, README_END = "<!-- flags:begin (python -m extproc.config) -->\n", "\n<!-- flags:end -->"

@@ -11,12 +11,14 @@ addresses it had, so a DNS hiccup never empties the pool.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 
 import yaml
 
 from . import logs
-from .addresses import AddressError, parse_hostport, resolve_all
+from . import metrics
+from .addresses import AddressError, AddressPolicy, parse_hostport, resolve_all
 from .config import Config
 from .director import Director
 
@@ -41,18 +43,29 @@ def read_upstreams_file(path: str) -> list[str]:
     return data
 
 
+def _is_literal(entry: str) -> bool:
+    host, _ = parse_hostport(entry)
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 class Discovery:
     """Keeps the director's pool equal to the resolved configured entries."""
 
     def __init__(self, director: Director, cfg: Config) -> None:
         self.director = director
         self.cfg = cfg
+        self.policy = AddressPolicy(cfg.allowed_upstream_cidrs)
         self.override: list[str] | None = None
         self._known: dict[str, list[str]] = {}
         self._file_mtime: float | None = None
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.policy = AddressPolicy(cfg.allowed_upstream_cidrs)
 
     def entries(self) -> list[str]:
         """The configured entries: the admin override, else flags/env/config plus the file."""
@@ -79,8 +92,27 @@ class Discovery:
             except AddressError as exc:
                 found = self._known.get(entry, [])
                 log.warning("resolve_failed", entry=entry, error=str(exc), keeping=found)
-            addresses += [a for a in found if a not in addresses]
+            for a in found:
+                why = self.policy.refusal(a)
+                if why is not None:
+                    metrics.UPSTREAMS_REFUSED.inc()
+                    log.error("upstream_refused", entry=entry, address=a, reason=why)
+                elif a not in addresses:
+                    addresses.append(a)
         return addresses
+
+    def refusals(self, entries: list[str]) -> list[str]:
+        """Why each literal ``IP:PORT`` among ``entries`` may not be an upstream (names are
+        checked once resolved)."""
+        out = []
+        for e in entries:
+            try:
+                literals = resolve_all(e) if _is_literal(e) else []
+            except AddressError as exc:
+                out.append(str(exc))
+                continue
+            out += [w for w in map(self.policy.refusal, literals) if w]
+        return out
 
     def apply(self, addresses: list[str]) -> None:
         added, removed = self.director.set_upstreams(addresses)

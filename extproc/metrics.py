@@ -47,6 +47,10 @@ EXPIRED_TICKETS = Counter(
 )
 EJECTIONS = Counter("prefix_router_upstream_ejections", "Passive ejections after failures seen on real traffic", ["upstream"])
 HEALTH_CHECK_FAILURES = Counter("prefix_router_health_check_failures", "Failed active health checks", ["upstream"])
+UPSTREAMS_REFUSED = Counter(
+    "prefix_router_upstreams_refused", "Upstream addresses refused by the address policy (--allowed-upstream-cidrs), from any source"
+)
+ADMIN_DENIED = Counter("prefix_router_admin_denied", "Admin API calls refused for a missing or wrong token")
 RELOADS = Counter("prefix_router_config_reloads", "Configuration reloads by result", ["result"])
 
 

@@ -1,9 +1,9 @@
 """The running service: its listeners, its background tasks, its shutdown.
 
-- gRPC on ``--grpc-listen`` (faces Envoy): ext_proc, the access-log receiver, grpc.health.v1 and
-  reflection.
+- gRPC on ``--grpc-listen`` (faces Envoy; TLS with client certificates when configured):
+  ext_proc, the access-log receiver, grpc.health.v1, reflection only when asked for.
 - HTTP on ``--admin-listen`` (127.0.0.1): /metrics, /healthz, /readyz.
-- gRPC on ``--admin-grpc-listen`` (127.0.0.1): the project's admin API (protos/).
+- gRPC on ``--admin-grpc-listen`` (127.0.0.1): the project's admin API (protos/), only with a token.
 - Tasks: tree eviction, in-flight expiry, active health checks, upstream discovery, reloads.
 
 Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING and the service keeps serving for
@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import logs, metrics
 from .admin import Admin
-from .adminapi import ADMIN_SERVICE, AdminApi, add_admin_api
+from .adminapi import AdminApi, TokenCheck, add_admin_api, read_token
 from .als import AccessLogReceiver
 from .config import Config, ConfigError
 from .director import Director
@@ -45,6 +45,20 @@ _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
+
+
+def _server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port when configured; with a client CA, a client certificate signed by it
+    is required: only Envoy, holding such a certificate, may open streams. Raises OSError."""
+    if not cfg.grpc_tls_cert:
+        return None
+    read = lambda p: open(p, "rb").read()  # noqa: E731
+    try:
+        chain, key = read(cfg.grpc_tls_cert), read(cfg.grpc_tls_key)
+        ca = read(cfg.grpc_tls_client_ca) if cfg.grpc_tls_client_ca else None
+    except OSError as exc:
+        raise OSError(f"--grpc-tls-*: cannot read {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 async def _every(interval: float | Callable[[], float], fn: Callable[[], object]) -> None:
@@ -86,14 +100,18 @@ class Service:
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.director), self.grpc)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.receiver, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((EXT_PROC_SERVICE, ALS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.grpc)
-        self.ports["grpc"] = self._bind(self.grpc, cfg.grpc_listen, "--grpc-listen")
-        self.admin_grpc = grpc.aio.server()
-        add_admin_api(AdminApi(self.director, self.discovery, lambda: self.cfg), self.admin_grpc)
-        reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), self.admin_grpc)
-        self.ports["admin_grpc"] = self._bind(self.admin_grpc, cfg.admin_grpc_listen, "--admin-grpc-listen")
+        if cfg.grpc_reflection:
+            reflection.enable_server_reflection((EXT_PROC_SERVICE, ALS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.grpc)
+        self.ports["grpc"] = self._bind(self.grpc, cfg.grpc_listen, "--grpc-listen", _server_credentials(cfg))
+        if cfg.admin_token_file:
+            self.admin_grpc = grpc.aio.server(interceptors=[TokenCheck(read_token(cfg.admin_token_file))])
+            add_admin_api(AdminApi(self.director, self.discovery, lambda: self.cfg), self.admin_grpc)
+            self.ports["admin_grpc"] = self._bind(self.admin_grpc, cfg.admin_grpc_listen, "--admin-grpc-listen")
+        else:
+            log.info("admin_api_off", reason="no --admin-token-file")
         await self.grpc.start()
-        await self.admin_grpc.start()
+        if self.admin_grpc is not None:
+            await self.admin_grpc.start()
         self.ports["admin"] = await self.admin.start(cfg.admin_listen)
         for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -123,9 +141,9 @@ class Service:
                 await asyncio.sleep(0)  # let decisions run between slices
 
     @staticmethod
-    def _bind(server: grpc.aio.Server, listen: str, flag: str) -> int:
+    def _bind(server: grpc.aio.Server, listen: str, flag: str, credentials: grpc.ServerCredentials | None = None) -> int:
         try:
-            port = server.add_insecure_port(listen)
+            port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
         except RuntimeError as exc:
             raise OSError(f"{flag}: cannot listen on {listen} ({exc})") from None
         if port == 0:

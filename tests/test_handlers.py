@@ -29,10 +29,8 @@ async def service():
     svc = Service(cfg)
     await svc.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['grpc']}")
-    svc.channel_admin = grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['admin_grpc']}")
     yield svc.director, channel
     await channel.close()
-    await svc.channel_admin.close()
     await svc.stop(delay=0)
 
 

@@ -13,7 +13,7 @@ from extproc import metrics
 from extproc.admin import Admin
 from extproc.api.v1 import admin_pb2 as apb
 from extproc.api.v1 import admin_pb2_grpc as apb_grpc
-from extproc.config import build
+from extproc.config import ConfigError, build
 from extproc.director import SWEEP_TO, RequestInfo
 from extproc.tree import NODE_CHARS
 from extproc.addresses import AddressError, resolve_all
@@ -21,6 +21,26 @@ from extproc.discovery import read_upstreams_file
 from extproc.server import Service
 
 LISTEN = {"grpc_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "admin_grpc_listen": "127.0.0.1:0"}
+TOKEN = "test-admin-token-0123456789"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture(scope="session")
+def token_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("admin") / "token"
+    f.write_text(TOKEN + "\n")
+    return str(f)
+
+
+class Authed:
+    """An admin stub whose every call carries the token."""
+
+    def __init__(self, stub):
+        self.stub = stub
+
+    def __getattr__(self, name):
+        call = getattr(self.stub, name)
+        return lambda request, **kw: call(request, metadata=AUTH, **kw)
 
 
 def make(flags=None, env=None) -> Service:
@@ -29,10 +49,10 @@ def make(flags=None, env=None) -> Service:
 
 
 @pytest.fixture
-async def svc(tmp_path):
+async def svc(tmp_path, token_file):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:2]\n")
-    s = make({"config": str(cfg)})
+    s = make({"config": str(cfg), "admin_token_file": token_file})
     await s.start()
     s.config_path = cfg
     yield s
@@ -69,7 +89,7 @@ async def test_a_config_file_applies_only_once_it_stopped_changing(svc):
 
 async def test_an_admin_override_survives_reloads_that_keep_the_configured_upstreams(svc):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['admin_grpc']}") as ch:
-        await apb_grpc.AdminStub(ch).SetUpstreams(apb.SetUpstreamsRequest(upstreams=["127.0.0.1:7"]))
+        await Authed(apb_grpc.AdminStub(ch)).SetUpstreams(apb.SetUpstreamsRequest(upstreams=["127.0.0.1:7"]))
     svc.config_path.write_text("upstreams: [127.0.0.1:1, 127.0.0.1:2]\ncache_threshold: 0.5\n")
     assert await svc.reload()
     assert svc.director.addresses() == ["127.0.0.1:7"] and svc.director.policy.cache_threshold == 0.5
@@ -118,7 +138,7 @@ async def test_upstreams_file_and_names(tmp_path):
 
 async def test_admin_grpc_api(svc):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['admin_grpc']}") as ch:
-        stub = apb_grpc.AdminStub(ch)
+        stub = Authed(apb_grpc.AdminStub(ch))
         ups = await stub.ListUpstreams(apb.ListUpstreamsRequest())
         assert [u.address for u in ups.upstreams] == ["127.0.0.1:1", "127.0.0.1:2"] and all(u.healthy for u in ups.upstreams)
         body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "explain this prompt please"}]})
@@ -164,10 +184,11 @@ async def test_admin_endpoints(svc):
         await client.close()
 
 
-async def test_listen_errors_name_the_flag():
-    s = make({"upstreams": ["127.0.0.1:1"], "admin_grpc_listen": "256.1.1.1:1"})
+async def test_listen_errors_name_the_flag(token_file):
+    s = make({"upstreams": ["127.0.0.1:1"], "admin_grpc_listen": "256.1.1.1:1", "admin_token_file": token_file})
     with pytest.raises(OSError, match="--admin-grpc-listen"):
         await s.start()
+    await s.stop(delay=0)
 
 
 async def test_dns_names_are_re_resolved_and_keep_their_last_addresses(monkeypatch):
@@ -215,3 +236,98 @@ def test_eviction_slices_trim_each_upstream_and_forget_removed_ones():
     assert d.tree.tenant_chars()["127.0.0.1:1"] <= 5000 * SWEEP_TO  # trimmed below the budget, with room
     assert d.tree.match("", "conversation 599 " + "x" * 200).matched > 200  # the newest stay
     assert d.tree.match("", "conversation 0 " + "x" * 200).matched < 20  # the oldest went
+
+
+async def test_the_admin_api_needs_the_token_and_is_off_without_one(svc, token_file):
+    denied = metrics.ADMIN_DENIED._value.get()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['admin_grpc']}") as ch:
+        stub = apb_grpc.AdminStub(ch)
+        for metadata in ((), (("authorization", "Bearer wrong-token-0123456789"),), (("authorization", TOKEN),)):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.SetUpstreams(apb.SetUpstreamsRequest(upstreams=["127.0.0.1:9"]), metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert svc.director.addresses() == ["127.0.0.1:1", "127.0.0.1:2"]
+        assert metrics.ADMIN_DENIED._value.get() == denied + 3
+    off = make({"upstreams": ["127.0.0.1:1"]})
+    await off.start()
+    try:
+        assert "admin_grpc" not in off.ports  # no token, no admin API
+    finally:
+        await off.stop(delay=0)
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254:80", "[fe80::1]:80", "100.100.100.200:80", "8.8.8.8:443", "0.0.0.0:80", "[::ffff:169.254.169.254]:80"])
+async def test_no_source_may_name_an_address_outside_the_policy(svc, address):
+    refused = metrics.UPSTREAMS_REFUSED._value.get()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.ports['admin_grpc']}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await Authed(apb_grpc.AdminStub(ch)).SetUpstreams(apb.SetUpstreamsRequest(upstreams=["127.0.0.1:7", address]))
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert svc.director.addresses() == ["127.0.0.1:1", "127.0.0.1:2"]
+    # the same address from the config file (or DNS, or flags) is dropped, counted and logged
+    svc.config_path.write_text(f"upstreams: [127.0.0.1:1, '{address}']\n")
+    assert await svc.reload()
+    assert svc.director.addresses() == ["127.0.0.1:1"]
+    assert metrics.UPSTREAMS_REFUSED._value.get() == refused + 1
+
+
+async def test_reflection_is_off_unless_asked_for(svc):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def services(port):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+            async def one():
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            return [r async for r in stub.ServerReflectionInfo(one())]
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await services(svc.ports["grpc"])
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    on = make({"upstreams": ["127.0.0.1:1"], "grpc_reflection": "true"})
+    await on.start()
+    try:
+        assert (await services(on.ports["grpc"]))[0].list_services_response.service
+    finally:
+        await on.stop(delay=0)
+
+
+async def test_with_a_client_ca_only_a_certified_client_may_talk_to_the_service(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from extproc.dev.certs import make as make_certs
+
+    certs = make_certs(tmp_path / "ours")
+    stranger = make_certs(tmp_path / "theirs")  # a valid certificate from another CA
+    s = make({"upstreams": ["127.0.0.1:1"], "grpc_tls_cert": str(certs / "service.pem"), "grpc_tls_key": str(certs / "service-key.pem"),
+              "grpc_tls_client_ca": str(certs / "ca.pem")})
+    await s.start()
+    target = f"127.0.0.1:{s.ports['grpc']}"
+    read = lambda p: p.read_bytes()  # noqa: E731
+
+    async def check(creds):
+        async with grpc.aio.secure_channel(target, creds) as ch:
+            return await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+    try:
+        ok = await check(grpc.ssl_channel_credentials(read(certs / "ca.pem"), read(certs / "envoy-key.pem"), read(certs / "envoy.pem")))
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        for creds in (grpc.ssl_channel_credentials(read(certs / "ca.pem")),  # no client certificate
+                      grpc.ssl_channel_credentials(read(certs / "ca.pem"), read(stranger / "envoy-key.pem"), read(stranger / "envoy.pem"))):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await check(creds)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with grpc.aio.insecure_channel(target) as ch:  # plaintext
+            with pytest.raises(grpc.aio.AioRpcError):
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        await s.stop(delay=0)
+
+
+def test_tls_settings_go_together():
+    with pytest.raises(ConfigError, match="--grpc-tls-cert and --grpc-tls-key"):
+        build({"grpc_tls_cert": "a.pem"}, env={})
+    with pytest.raises(ConfigError, match="--grpc-tls-client-ca needs"):
+        build({"grpc_tls_client_ca": "ca.pem"}, env={})

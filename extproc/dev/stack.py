@@ -15,6 +15,7 @@ import copy
 import ctypes
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -274,11 +275,21 @@ class Stack:
             "--prometheus-host", HOST, "--prometheus-port", str(self.ports.prometheus[r]), "--log-level", "warn",
         ]
 
+    @property
+    def admin_token_file(self) -> Path:
+        """The admin API's token, written once per stack (``prefix-router upstreams`` needs it)."""
+        path = self.workdir / "admin-token"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(24) + "\n")
+            path.chmod(0o600)
+        return path
+
     def service_argv(self, index: int) -> list[str]:
         argv = [
             "-m", "extproc", "serve", "--grpc-listen", f"{HOST}:{self.ports.services[index]}",
             "--admin-listen", f"{HOST}:{self.ports.service_admin[index]}",
             "--admin-grpc-listen", f"{HOST}:{self.ports.service_admin_grpc[index]}", "--log-format", "json",
+            "--admin-token-file", str(self.admin_token_file),
         ]
         if self.upstream_flags:
             for a in self.router_addresses:
@@ -439,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"OpenAI base URL: {stack.base_url}", flush=True)
         print(f"  Envoy admin {stack.admin_url} · service {HOST}:{ports.services[0]} (metrics {stack.service_admin_url()}/metrics) · routers {', '.join(stack.router_addresses)}", flush=True)
         print(f"  logs: {stack.workdir}/envoy.log (one JSON line per request), service-0.log (JSON), router-*.log, worker-*.log", flush=True)
+        print(f"  admin CLI: PREFIX_ROUTER_ADMIN_TOKEN_FILE={stack.admin_token_file} prefix-router upstreams", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         while True:
             for name, proc in list(stack.procs.items()):

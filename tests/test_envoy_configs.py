@@ -5,7 +5,8 @@ import subprocess
 import pytest
 import yaml
 
-from extproc.dev.stack import ENVOY_DIR, Ports, find_envoy, render_envoy_config
+from extproc.dev.certs import make as make_certs
+from extproc.dev.stack import DEBUG_HEADER, ENVOY_DIR, Ports, find_envoy, render_envoy_config
 
 CONFIGS = sorted(ENVOY_DIR.glob("*.yaml"))
 
@@ -20,10 +21,12 @@ def ext_proc(cfg):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_envoy_validates_shipped_and_rendered(path, tmp_path):
-    r = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr[-2000:]
+    tls = make_certs(tmp_path / "tls") if "mtls" in path.stem else None
+    if tls is None:  # the mTLS config names certificate files that only a deployment has
+        r = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
     rendered = tmp_path / path.name
-    rendered.write_text(yaml.safe_dump(render_envoy_config(path, Ports.free(3, 1, services=2))))
+    rendered.write_text(yaml.safe_dump(render_envoy_config(path, Ports.free(3, 1, services=2), debug_headers=True, tls_dir=tls)))
     r = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(rendered)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -31,6 +34,40 @@ def test_envoy_validates_shipped_and_rendered(path, tmp_path):
 def test_both_body_modes_are_shipped():
     modes = {p.stem: ext_proc(yaml.safe_load(p.read_text()))["processing_mode"]["request_body_mode"] for p in CONFIGS}
     assert modes["buffered"] == "BUFFERED" and modes["duplex"] == "FULL_DUPLEX_STREAMED"
+
+
+def test_mtls_differs_from_duplex_only_in_the_service_clusters_tls():
+    mtls = yaml.safe_load((ENVOY_DIR / "duplex-mtls.yaml").read_text())
+    duplex = yaml.safe_load((ENVOY_DIR / "duplex.yaml").read_text())
+    service = next(c for c in mtls["static_resources"]["clusters"] if c["name"] == "prefix_router")
+    tls = service.pop("transport_socket")["typed_config"]
+    assert tls["common_tls_context"]["tls_certificates"][0]["certificate_chain"]["filename"].endswith("envoy.pem")
+    assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"].endswith("ca.pem")
+    assert mtls == duplex
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_production_settings(path):
+    cfg = yaml.safe_load(path.read_text())
+    h = hcm(cfg)
+    text = path.read_text()
+    # no debug header telling clients internal addresses
+    assert DEBUG_HEADER not in yaml.safe_dump(h["route_config"])
+    # only the headers the service reads are sent to it
+    allowed = {p["exact"] for p in ext_proc(cfg)["forward_rules"]["allowed_headers"]["patterns"]}
+    assert allowed == {":path", "content-encoding", "x-request-id"}
+    # the correlation id is Envoy's own
+    removed = {m["remove"] for e in h["early_header_mutation_extensions"] for m in e["typed_config"]["mutations"]}
+    assert "x-request-id" in removed
+    # streams that go idle end; a hung router's requests end with a timeout that counts against it
+    assert h["stream_idle_timeout"] == "300s"
+    pinned = h["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert pinned["retry_policy"] == {"num_retries": 0, "per_try_idle_timeout": "120s"}
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    for name in ("sglang_routers_pinned", "sglang_routers_fallback"):
+        limits = clusters[name]["circuit_breakers"]["thresholds"][0]
+        assert min(limits["max_requests"], limits["max_pending_requests"], limits["max_connections"]) >= 16384, name
+    assert "Authorization" not in text or "never Authorization" in text
 
 
 def test_fail_closed_differs_from_duplex_only_in_failure_mode():

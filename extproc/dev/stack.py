@@ -129,9 +129,27 @@ class Ports:
         )
 
 
-def render_envoy_config(source: Path, ports: Ports) -> dict:
-    """The shipped config with the listener, admin, service and router ports replaced."""
-    cfg = yaml.safe_load(source.read_text())
+SHIPPED_TLS_DIR = "/etc/prefix-router/tls/"
+DEBUG_HEADER = "x-prefix-router-upstream"
+
+
+def render_envoy_config(source: Path, ports: Ports, *, debug_headers: bool = False, tls_dir: Path | None = None) -> dict:
+    """The shipped config with the listener, admin, service and router ports replaced.
+
+    ``debug_headers`` adds the response header naming the router that served each response (off in
+    the shipped configs: it tells clients internal addresses); ``tls_dir`` points the mTLS config's
+    certificate files at a folder made by ``extproc.dev.certs``.
+    """
+    text = source.read_text()
+    if tls_dir is not None:
+        text = text.replace(SHIPPED_TLS_DIR, f"{tls_dir}/")
+    cfg = yaml.safe_load(text)
+    if debug_headers:
+        for listener in cfg["static_resources"]["listeners"]:
+            vhost = _hcm(listener)["route_config"]["virtual_hosts"][0]
+            vhost["response_headers_to_add"] = [
+                {"header": {"key": DEBUG_HEADER, "value": "%UPSTREAM_REMOTE_ADDRESS%"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            ]
     cfg["admin"]["address"]["socket_address"]["port_value"] = ports.admin
     for listener in cfg["static_resources"]["listeners"]:
         if listener["name"] == "ingress":
@@ -146,6 +164,10 @@ def render_envoy_config(source: Path, ports: Ports) -> dict:
     return cfg
 
 
+def _hcm(listener: dict) -> dict:
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
 def _endpoints(port_list: list[int]) -> dict:
     return {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": HOST, "port_value": p}}}} for p in port_list]}
 
@@ -156,8 +178,7 @@ def _access_log_to_every_replica(cfg: dict, services: list[int]) -> None:
     clusters = cfg["static_resources"]["clusters"]
     base = next(c for c in clusters if c["name"] == "prefix_router")
     for listener in cfg["static_resources"]["listeners"]:
-        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        loggers = hcm["access_log"]
+        loggers = _hcm(listener)["access_log"]
         grpc_logger = next(l for l in loggers if l["name"] == "envoy.access_loggers.http_grpc")
         loggers.remove(grpc_logger)
         for i, port in enumerate(services):
@@ -202,6 +223,8 @@ class Stack:
     ports: Ports
     envoy_config: Path = ENVOY_DIR / "duplex.yaml"
     service_args: list[str] = field(default_factory=list)
+    debug_headers: bool = True  # responses say which router served them (tests read it)
+    tls_dir: Path | None = None  # with envoy/duplex-mtls.yaml: certificates from extproc.dev.certs
     upstream_flags: bool = True  # False: the service takes its upstreams from --config or the environment
     worker_args: list[str] = field(default_factory=list)
     workdir: Path | None = None
@@ -291,6 +314,9 @@ class Stack:
             "--admin-grpc-listen", f"{HOST}:{self.ports.service_admin_grpc[index]}", "--log-format", "json",
             "--admin-token-file", str(self.admin_token_file),
         ]
+        if self.tls_dir is not None:
+            argv += ["--grpc-tls-cert", str(self.tls_dir / "service.pem"), "--grpc-tls-key", str(self.tls_dir / "service-key.pem"),
+                     "--grpc-tls-client-ca", str(self.tls_dir / "ca.pem")]
         if self.upstream_flags:
             for a in self.router_addresses:
                 argv += ["--upstream", a]
@@ -376,7 +402,8 @@ class Stack:
 
     def start_envoy(self) -> None:
         rendered = self.workdir / f"envoy-{self.envoy_config.stem}.yaml"
-        rendered.write_text(yaml.safe_dump(render_envoy_config(self.envoy_config, self.ports), sort_keys=False))
+        cfg = render_envoy_config(self.envoy_config, self.ports, debug_headers=self.debug_headers, tls_dir=self.tls_dir)
+        rendered.write_text(yaml.safe_dump(cfg, sort_keys=False))
         proc = self._spawn("envoy", [find_envoy(), *self.envoy_argv(str(rendered))])
         wait_until(lambda: http_get(f"{self.admin_url}/ready")[1].strip() == b"LIVE", 30, "envoy", proc)
         # The service's cluster must be healthy before traffic, or the first requests fail open.

@@ -86,18 +86,26 @@ def test_bad_input_is_counted_by_reason(stack):
     assert after[key] - before.get(key, 0) == 1
 
 
-def test_logs_are_json_with_one_decision_line_per_request(stack):
+def test_logs_are_json_with_one_decision_line_per_request_under_envoys_own_id(stack):
     c = openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0)
-    raw = c.chat.completions.with_raw_response.create(model="fake-model", messages=[{"role": "user", "content": "log me"}], extra_headers={"x-request-id": "log-test-1"})
+    raw = c.chat.completions.with_raw_response.create(model="fake-model", messages=[{"role": "user", "content": "log me"}],
+                                                      extra_headers={"x-request-id": "log-test-1"}, extra_query={"probe": "log-test"})
     assert raw.parse().choices
+    deadline = time.monotonic() + 5
+    while not (ours := [e for e in stack.envoy_access_log() if "probe=log-test" in e["path"]]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(ours) == 1
+    envoy_id = ours[0]["request_id"]
+    assert envoy_id and envoy_id != "log-test-1"  # the client's id was dropped; Envoy made its own
     time.sleep(0.3)
     lines = [json.loads(l) for l in stack.log("service-0").splitlines() if l.strip()]
     assert all("event" in l and "timestamp" in l and "level" in l for l in lines)
-    mine = [l for l in lines if l.get("request_id") == "log-test-1" and l["event"] == "decision"]
+    mine = [l for l in lines if l.get("request_id") == envoy_id and l["event"] == "decision"]
     assert len(mine) == 1
     d = mine[0]
     assert d["upstream"] in stack.router_addresses and d["reason"] and "decision_us" in d and d["text_len"] == len("log me")
-    assert "log me" not in stack.log("service-0")  # no prompt text without --log-prompts
+    log = stack.log("service-0")
+    assert "log me" not in log and "log-test-1" not in log  # no prompt text without --log-prompts; no client id
 
 
 def test_health_and_readiness(stack):
@@ -155,8 +163,10 @@ def test_admin_cli_commands(stack, tmp_path):
     import subprocess
     import sys
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "extproc", *args], capture_output=True, text=True, timeout=30)
+    def cli(*args, token=True):
+        env = dict(os.environ, PREFIX_ROUTER_ADMIN_TOKEN_FILE=str(stack.admin_token_file)) if token else {
+            k: v for k, v in os.environ.items() if k != "PREFIX_ROUTER_ADMIN_TOKEN_FILE"}
+        return subprocess.run([sys.executable, "-m", "extproc", *args], capture_output=True, text=True, timeout=30, env=env)
 
     addr = f"{HOST}:{stack.ports.service_admin_grpc[0]}"
     # its own traffic first: this test must not depend on what earlier tests sent
@@ -189,3 +199,5 @@ def test_admin_cli_commands(stack, tmp_path):
 
     r = cli("upstreams", "--admin-grpc", "127.0.0.1:1")
     assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
+    r = cli("upstreams", "--set", "127.0.0.1:9", "--admin-grpc", addr, token=False)
+    assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr

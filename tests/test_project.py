@@ -63,6 +63,16 @@ def test_stack_command_serves_then_stops_everything_on_sigterm(tmp_path):
         assert '"event": "decision"' in (tmp_path / "service-0.log").read_text()
         # 4 workers, 2 routers, the service and Envoy run with the workdir as their cwd
         assert len(_in(tmp_path)) >= 8
+        # a router killed: the stack says so, keeps serving through the rest, and restarts it
+        routers = _read_until(proc, "routers ", lines=lines, timeout=10).split("routers ", 1)[1].strip().split(", ")
+        os.kill(_listener(int(routers[0].rsplit(":", 1)[1])), signal.SIGKILL)
+        said = _read_until(proc, "router-", "exited", lines=lines, timeout=30)
+        assert "the rest keeps serving" in said
+        for i in range(6):
+            r = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": f"while a router is down {i}"}])
+            assert r.choices
+        assert "restarted" in _read_until(proc, "router-", "restarted", lines=lines, timeout=60)
+        assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         rest = proc.stdout.read()
@@ -73,6 +83,40 @@ def test_stack_command_serves_then_stops_everything_on_sigterm(tmp_path):
     # every process the stack started ran with the workdir as cwd; none is left
     time.sleep(0.5)
     assert not _in(tmp_path)
+
+
+def _listener(port: int) -> int:
+    """The process listening on a 127.0.0.1 TCP port (sglang-router rewrites its command line)."""
+    inodes = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        f = line.split()
+        if f[1].endswith(f":{port:04X}") and f[3] == "0A":  # 0A: LISTEN
+            inodes.add(f[9])
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
+                    return int(pid)
+            except OSError:
+                pass
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def _read_until(proc, *words: str, lines: list, timeout: float) -> str:
+    """The first line of the stack's output holding every word (the stack prints one per event)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if all(w in line for w in words):
+            return line
+    raise AssertionError("".join(lines))
 
 
 def _in(folder) -> list[str]:

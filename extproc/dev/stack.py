@@ -415,6 +415,22 @@ class Stack:
         lines = [l for l in body.decode().splitlines() if l.startswith("prefix_router::") and "::health_flags::" in l]
         return status == 200 and any(l.endswith("::healthy") for l in lines)
 
+    def restart(self, name: str) -> None:
+        """Start a part that died again, by its name (worker-R-W, router-R, service-I, envoy)."""
+        self.procs.pop(name, None)
+        kind, _, index = name.partition("-")
+        if kind == "worker":
+            r, w = map(int, index.split("-"))
+            self._spawn(name, [self.python, *self.worker_argv(r, w)])
+            port = self.ports.workers[r][w]
+            wait_until(lambda: http_get(f"http://{HOST}:{port}/health")[0] == 200, 20, name, self.procs[name])
+        elif kind == "router":
+            self.start_router(int(index))
+        elif kind == "service":
+            self.start_service(int(index))
+        else:
+            self.start_envoy()
+
     def start(self) -> "Stack":
         try:
             self.start_workers()
@@ -442,6 +458,33 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def supervise(stack: Stack, poll: float = 0.5, first_delay: float = 1.0, max_delay: float = 30.0) -> None:
+    """Keep the stack running: a part that dies is reported and started again after a delay that
+    doubles while it keeps dying (up to ``max_delay``); the other parts go on serving meanwhile,
+    so a user who kills a router sees the rest route around it. Returns never; Ctrl-C ends it."""
+    delays: dict[str, float] = {}
+    due: dict[str, float] = {}
+    while True:
+        now = time.monotonic()
+        for name, proc in list(stack.procs.items()):
+            if proc.poll() is not None and name not in due:
+                delay = delays.get(name, first_delay)
+                print(f"{name} exited with status {proc.returncode} (see {stack.workdir}/{name}.log); "
+                      f"the rest keeps serving; restarting it in {delay:.0f}s", flush=True)
+                due[name] = now + delay
+                delays[name] = min(max_delay, delay * 2)
+        for name, when in list(due.items()):
+            if now >= when:
+                del due[name]
+                try:
+                    stack.restart(name)
+                    print(f"{name} restarted", flush=True)
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    print(f"{name} did not come back ({exc}); trying again", flush=True)
+                    due[name] = time.monotonic() + delays[name]
+        time.sleep(poll)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,12 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  logs: {stack.workdir}/envoy.log (one JSON line per request), service-0.log (JSON), router-*.log, worker-*.log", flush=True)
         print(f"  admin CLI: PREFIX_ROUTER_ADMIN_TOKEN_FILE={stack.admin_token_file} prefix-router upstreams", flush=True)
         print("Ctrl-C stops everything.", flush=True)
-        while True:
-            for name, proc in list(stack.procs.items()):
-                if proc.poll() is not None:
-                    print(f"{name} exited with status {proc.returncode}; stopping (see {stack.workdir}/{name}.log)", flush=True)
-                    return 1
-            time.sleep(0.5)
+        supervise(stack)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
         return 0

@@ -41,10 +41,42 @@ EXT_PROC_SERVICE = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalP
 ALS_SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 CONFIG_POLL_SECS = 1.0
+# Envoy checks the service every second; three missed checks in a row mean it is gone.
+ENVOY_SILENCE_SECS = 3.0
 _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
+
+
+class EnvoyWatch(health.aio.HealthServicer):
+    """grpc.health.v1, noting who checks: Envoy checks the service every second (shipped configs).
+
+    A peer that checked and then falls silent for ``ENVOY_SILENCE_SECS`` is gone (crashed,
+    restarted elsewhere, cut off): the reports of requests it was carrying will never come, so the
+    director is told, as when an access-log stream ends. This covers an Envoy that had not opened
+    its access-log stream yet (it does so at the first finished request).
+    """
+
+    def __init__(self, director: Director) -> None:
+        super().__init__()
+        self.director = director
+        self.last_seen: dict[str, float] = {}  # peer host -> when it last checked
+        self.silent: set[str] = set()
+
+    async def Check(self, request, context):  # noqa: N802 - gRPC method name
+        host = context.peer().rsplit(":", 1)[0]
+        self.last_seen[host] = asyncio.get_running_loop().time()
+        self.silent.discard(host)
+        return await super().Check(request, context)
+
+    def look_for_silence(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for host, seen in self.last_seen.items():
+            if now - seen > ENVOY_SILENCE_SECS and host not in self.silent:
+                self.silent.add(host)
+                log.warning("envoy_silent", peer=host, seconds=round(now - seen, 1))
+                self.director.reports_lost()
 
 
 def _server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
@@ -79,7 +111,7 @@ class Service:
         self.reload_source = reload
         self.admin = Admin(self.director)
         self.receiver = AccessLogReceiver(self.director)
-        self.health = health.aio.HealthServicer()
+        self.health = EnvoyWatch(self.director)
         self.grpc: grpc.aio.Server | None = None
         self.admin_grpc: grpc.aio.Server | None = None
         self.ports: dict[str, int] = {}
@@ -121,6 +153,7 @@ class Service:
             asyncio.create_task(self._evict_forever()),
             # Expiring lost in-flight entries must not wait a full eviction interval.
             asyncio.create_task(_every(1.0, self.director.expire)),
+            asyncio.create_task(_every(1.0, self.health.look_for_silence)),
             asyncio.create_task(self.checker.run()),
             asyncio.create_task(self.discovery.run()),
         ]

@@ -148,7 +148,8 @@ class Director:
             ri = self._routing_input(info.path, body, info.content_encoding)
         if ri.reason not in _NOT_BAD_INPUT:
             metrics.BAD_INPUT.labels(ri.reason).inc()
-            log.warning("no_routing_text", request_id=info.request_id, reason=ri.reason, path=info.path)
+            # the path only: a query string may carry a client's secrets
+            log.warning("no_routing_text", request_id=info.request_id, reason=ri.reason, path=info.path.split("?", 1)[0])
         elif self.cfg.log_prompts and ri.text:
             log.debug("routing_text", request_id=info.request_id, text=ri.text)
         decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False)

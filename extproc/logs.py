@@ -1,4 +1,9 @@
-"""structlog set-up: JSON lines for machines, a readable form on a terminal."""
+"""structlog set-up: JSON lines for machines, a readable form on a terminal.
+
+Exceptions are rendered into the line (``exception``: the whole traceback as text), so that a JSON
+log keeps what the console shows. Nothing here adds request content: the service logs no prompt
+text unless ``--log-prompts`` and no query string ever.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *([] if fmt == "console" else [structlog.processors.format_exc_info]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

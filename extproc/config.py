@@ -236,9 +236,14 @@ class Config:
     routing_text: str = opt("sglang", _choice(FORMS), "what the tree matches on: sglang (as sglang-router) or template (ChatML-like)", PAYLOAD, metavar="|".join(FORMS))
     max_routing_chars: int = opt(1 << 20, _number(int, 1), "only this many leading characters of a prompt are matched and stored", PAYLOAD, metavar="N")
     max_body_bytes: int = opt(
-        16 * 1024 * 1024, _number(int, 1, 1 << 30),
+        8 * 1024 * 1024, _number(int, 1, 1 << 30),
         "bodies (after decompression) larger than this are routed by load alone; in duplex mode also what one "
         "stream may hold while its body arrives (a 1M-character prompt is 1-4 MiB of JSON)", PAYLOAD, metavar="N",
+    )
+    max_held_body_bytes: int = opt(
+        256 * 1024 * 1024, _number(int, 1, 1 << 40),
+        "in duplex mode, the body bytes all streams together may hold while their bodies arrive; past it a new "
+        "chunk makes its request be decided by load alone and streamed through", PAYLOAD, metavar="N",
     )
     max_json_containers: int = opt(
         200_000, _number(int, 1),

@@ -75,6 +75,7 @@ class Director:
         self.pool = Pool(cfg.inflight_timeout_secs, cfg.lost_report_grace_secs)
         self.tree = RadixTree(cfg.max_partitions)
         self.rng = random.Random(seed)
+        self.held_body_bytes = 0  # what duplex streams hold while their bodies arrive (handlers)
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
         # instead of at the next interval.
         self.wake_sweeper: Callable[[], None] = lambda: None
@@ -95,6 +96,17 @@ class Director:
     @property
     def max_body_bytes(self) -> int:
         return self.cfg.max_body_bytes
+
+    def hold(self, n: int) -> bool:
+        """A duplex stream holds ``n`` more body bytes; False when every stream together would
+        pass ``max_held_body_bytes`` (the caller then decides by load and lets the body through)."""
+        if self.held_body_bytes + n > self.cfg.max_held_body_bytes:
+            return False
+        self.held_body_bytes += n
+        return True
+
+    def let_go(self, n: int) -> None:
+        self.held_body_bytes -= n
 
     # -- a request's life ------------------------------------------------------------------------
 

@@ -182,22 +182,34 @@ class DuplexExchange(Exchange):
         return [self._decide("headers", None)] if end_of_stream else []
 
     def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
-        if self.decided:  # the decision already went out: pass the rest through
+        if self.answered:  # the decision already went out: pass the rest through
             return _body_chunks([body.body], body.end_of_stream)
+        director = self.director
         self.chunks.append(body.body)
         self.size += len(body.body)
-        too_large = self.size > self.director.max_body_bytes
+        if not director.hold(len(body.body)):  # all streams together hold too much already
+            metrics.BODIES_NOT_HELD.inc()
+            return self._finish(True, body.end_of_stream, held=self.size - len(body.body))
+        too_large = self.size > director.max_body_bytes
         if body.end_of_stream or too_large:
             return self._finish(too_large, body.end_of_stream)
         return []
 
     def on_trailers(self) -> list[pb.ProcessingResponse]:
-        out = [] if self.decided else self._finish(False, False)
+        out = [] if self.answered else self._finish(False, False)
         out.append(_CONTINUE_TRAILERS)
         return out
 
-    def _finish(self, too_large: bool, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+    def close(self) -> bool:
+        if self.size:  # the stream ended mid-body: what it held is let go
+            self.director.let_go(self.size)
+            self.size = 0
+        return super().close()
+
+    def _finish(self, too_large: bool, end_of_stream: bool, held: int | None = None) -> list[pb.ProcessingResponse]:
         chunks, self.chunks = self.chunks, []
+        self.director.let_go(self.size if held is None else held)
+        self.size = 0
         answer = self._decide("headers", None if too_large else b"".join(chunks), body_too_large=too_large)
         if not self.decided:  # the 503 ends the request
             return [answer]

@@ -23,6 +23,10 @@ STREAMS_ABANDONED = Counter(
     "prefix_router_streams_abandoned",
     "ext_proc streams that ended before their answer went out (the client left mid-upload, or Envoy gave up and failed open)",
 )
+BODIES_NOT_HELD = Counter(
+    "prefix_router_bodies_not_held",
+    "Duplex requests decided by load alone because all streams together held --max-held-body-bytes",
+)
 UNKNOWN_TICKETS = Counter(
     "prefix_router_unknown_tickets", "Access-log entries whose ticket this service does not hold (ignored: they release and eject nothing)"
 )

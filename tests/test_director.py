@@ -174,3 +174,23 @@ def test_partitions_from_clients_are_digests_and_bounded():
     assert d.tree.partitions() == 4
     assert all(len(p) == 32 for p in d.tree._roots)
     assert sum(d.tree.tenant_chars().values()) == 4 * (len("hi") + 256)
+
+
+def test_duplex_streams_together_hold_no_more_than_the_cap():
+    d = Director(build({"upstreams": POOL, "max_held_body_bytes": "1000"}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    a, b = DuplexExchange(d, HEADERS), DuplexExchange(d, HEADERS)
+    a.on_headers(False), b.on_headers(False)
+    assert a.on_body(chunk(b"x" * 600, False)) == [] and d.held_body_bytes == 600
+    not_held = metrics.BODIES_NOT_HELD._value.get()
+    out = b.on_body(chunk(b"y" * 600, False))  # 1,200 would pass the cap: decided by load, streamed through
+    assert out[0].request_headers.response.header_mutation.set_headers and b.decided
+    assert out[1].request_body.response.body_mutation.streamed_response.body == b"y" * 600
+    assert d.held_body_bytes == 600 and metrics.BODIES_NOT_HELD._value.get() == not_held + 1
+    a.close()  # a's client went away mid-upload
+    assert d.held_body_bytes == 0
+    c = DuplexExchange(d, HEADERS)
+    c.on_headers(False)
+    c.on_body(chunk(b"z" * 600, False))
+    c.on_body(chunk(b"z", True))
+    assert d.held_body_bytes == 0  # let go once decided

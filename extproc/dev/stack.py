@@ -224,6 +224,8 @@ class Stack:
     envoy_config: Path = ENVOY_DIR / "duplex.yaml"
     service_args: list[str] = field(default_factory=list)
     debug_headers: bool = True  # responses say which router served them (tests read it)
+    service_env: dict[str, str] = field(default_factory=dict)  # e.g. PYTHONPATH of another checkout (bench.attacks)
+    admin_api: bool = True  # False: no --admin-token-file (a service too old to know the flag)
     tls_dir: Path | None = None  # with envoy/duplex-mtls.yaml: certificates from extproc.dev.certs
     upstream_flags: bool = True  # False: the service takes its upstreams from --config or the environment
     worker_args: list[str] = field(default_factory=list)
@@ -257,7 +259,7 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.service_env if name.startswith("service") else {}))
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True, preexec_fn=_die_with_parent, cwd=self.workdir,
@@ -312,8 +314,9 @@ class Stack:
             "-m", "extproc", "serve", "--grpc-listen", f"{HOST}:{self.ports.services[index]}",
             "--admin-listen", f"{HOST}:{self.ports.service_admin[index]}",
             "--admin-grpc-listen", f"{HOST}:{self.ports.service_admin_grpc[index]}", "--log-format", "json",
-            "--admin-token-file", str(self.admin_token_file),
         ]
+        if self.admin_api:
+            argv += ["--admin-token-file", str(self.admin_token_file)]
         if self.tls_dir is not None:
             argv += ["--grpc-tls-cert", str(self.tls_dir / "service.pem"), "--grpc-tls-key", str(self.tls_dir / "service-key.pem"),
                      "--grpc-tls-client-ca", str(self.tls_dir / "ca.pem")]

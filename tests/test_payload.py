@@ -177,3 +177,41 @@ def test_a_json_bomb_is_refused_before_parsing():
     # a real conversation with many messages and parts stays far below the bound
     msgs = [{"role": "user", "content": [{"type": "text", "text": f"part {i}"}]} for i in range(10_000)]
     assert routing_input("/v1/chat/completions", orjson.dumps({"messages": msgs})).reason is None
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"b": 1, "a": 2}}}]
+
+
+def test_template_form_renders_every_part_exactly():
+    """The whole rendering pinned: roles, the leading system run, tools with sorted keys, names,
+    reasoning, non-text parts, tool calls (both forms), tool call ids, a late system message kept
+    in place, a message without a role."""
+    msgs = [
+        {"role": "system", "content": "S"}, {"role": "developer", "content": "D"},
+        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}},
+                                                    {"type": "tool_result", "content": "R"}]},
+        {"role": "assistant", "reasoning_content": "think", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}],
+         "function_call": {"name": "g", "arguments": "{}"}},
+        {"role": "tool", "tool_call_id": "c1", "content": "out"}, {"role": "system", "content": "late"}, {"content": "norole"},
+    ]
+    assert render_chat_template(msgs, TOOLS) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>developer\nD<|im_end|>\n"
+        '<|im_start|>tools\n{"function":{"name":"f","parameters":{"a":2,"b":1}},"type":"function"}<|im_end|>\n'
+        '<|im_start|>user\n[ann]\nlook R\n<image_url>\n{"content":"R","type":"tool_result"}<|im_end|>\n'
+        '<|im_start|>assistant\n<think>think</think>\n<tool_call>f {"a":1}</tool_call>\n<tool_call>g {}</tool_call><|im_end|>\n'
+        "<|im_start|>tool\n[c1]\nout<|im_end|>\n<|im_start|>system\nlate<|im_end|>\n<|im_start|>user\nnorole<|im_end|>\n"
+    )
+
+
+@pytest.mark.parametrize("path,doc,want", [
+    ("/v1/responses", {"instructions": "I", "input": [{"role": "user", "content": "u"}, {"type": "function_call", "name": "f", "arguments": "{}"},
+                                                      {"type": "function_call_output", "output": "o"}], "tools": TOOLS},
+     '<|im_start|>system\nI<|im_end|>\n<|im_start|>tools\n{"function":{"name":"f","parameters":{"a":2,"b":1}},"type":"function"}<|im_end|>\n'
+     "<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\n<tool_call>f {}</tool_call><|im_end|>\n<|im_start|>tool\no<|im_end|>\n"),
+    ("/v1/responses", {"input": "just text"}, "<|im_start|>user\njust text<|im_end|>\n"),
+    ("/v1/messages", {"system": "S", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "tool_use", "name": "t", "input": {"x": 1}}]}]},
+     '<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi\n{"input":{"x":1},"name":"t","type":"tool_use"}<|im_end|>\n'),
+])
+def test_template_form_of_the_responses_and_messages_apis(path, doc, want):
+    assert ri(path, doc, form="template").text == want

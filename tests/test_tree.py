@@ -228,3 +228,44 @@ class TreeMachine(RuleBasedStateMachine):
 
 TreeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_tree_against_model = TreeMachine.TestCase
+
+
+def test_sliced_eviction_yields_every_step_and_reports_what_it_removed():
+    def tree():
+        t = RadixTree()
+        for i in range(40):
+            t.insert("", f"leaf {i:03d} " + "x" * 20, "A", float(i))
+        return t
+
+    t = tree()
+    before = t.held("A")
+    progress = list(t.evict_steps("A", before // 2, step=1))
+    assert len(progress) > 40  # one yield per node visited, then per leaf popped
+    assert progress[-1] == before - t.held("A") > 0  # the last value is everything removed
+    assert progress == sorted(progress)
+    coarse = tree()
+    assert len(list(coarse.evict_steps("A", before // 2, step=10_000))) == 1  # only the final report
+    assert coarse.held("A") == t.held("A")
+
+
+def test_a_leaf_used_during_a_sliced_sweep_goes_back_in_line_and_the_sweep_goes_on():
+    t = RadixTree()
+    for i, name in enumerate(("one", "two", "three")):
+        t.insert("", f"{name} " + "y" * 30, "A", float(i + 1))
+    one = len("one ") + 30 + NODE_CHARS
+    gen = t.evict_steps("A", t.held("A") - 2 * one, step=1)
+    for _ in range(4):  # collect the three leaves (and the root's children walk)
+        next(gen)
+    t.insert("", "one " + "y" * 30, "A", 10.0)  # "one" used again: newest now
+    for _ in gen:
+        pass
+    assert t.match("", "one " + "y" * 30).matched == 34  # kept: it went back in line
+    assert t.match("", "two " + "y" * 30).matched < 4 and t.match("", "three " + "y" * 30).matched < 6
+
+
+def test_leaves_of_equal_age_evict_without_comparing_nodes():
+    t = RadixTree()
+    for i in range(20):
+        t.insert("", f"same time {i:02d}", "A", 5.0)
+    t.evict("A", 0)
+    assert "A" not in t.tenant_chars() and t.node_count() == 0

@@ -114,8 +114,9 @@ class Exchange:
         self.decided = False
         self.delivered = False
 
-    def _decide(self, phase: str, body: bytes | None, body_too_large: bool = False) -> pb.ProcessingResponse:
-        """The decision as the answer to ``phase`` (request headers or request body), or the 503."""
+    def _decide(self, on_headers: bool, body: bytes | None, body_too_large: bool = False) -> pb.ProcessingResponse:
+        """The decision as the answer to the request headers (``on_headers``) or to the request
+        body, or the 503."""
         director = self.director
         address = director.route(self.info, body, body_too_large=body_too_large)
         self.answered = True
@@ -123,7 +124,7 @@ class Exchange:
             return unavailable()
         self.decided = True
         common = decision_mutation(director.header_name, address, self.info.ticket)
-        if phase == "headers":
+        if on_headers:
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
 
@@ -155,12 +156,12 @@ class BufferedExchange(Exchange):
     __slots__ = ()
 
     def on_headers(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
-        return [self._decide("headers", None)] if end_of_stream else [_CONTINUE_HEADERS]
+        return [self._decide(True, None)] if end_of_stream else [_CONTINUE_HEADERS]
 
     def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self.decided:  # a decision already went out: nothing more to change
             return [_CONTINUE_BODY]
-        return [self._decide("body", body.body)]
+        return [self._decide(False, body.body)]
 
 
 class DuplexExchange(Exchange):
@@ -179,7 +180,7 @@ class DuplexExchange(Exchange):
         self.size = 0
 
     def on_headers(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
-        return [self._decide("headers", None)] if end_of_stream else []
+        return [self._decide(True, None)] if end_of_stream else []
 
     def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self.answered:  # the decision already went out: pass the rest through
@@ -210,7 +211,7 @@ class DuplexExchange(Exchange):
         chunks, self.chunks = self.chunks, []
         self.director.let_go(self.size if held is None else held)
         self.size = 0
-        answer = self._decide("headers", None if too_large else b"".join(chunks), body_too_large=too_large)
+        answer = self._decide(True, None if too_large else b"".join(chunks), body_too_large=too_large)
         if not self.decided:  # the 503 ends the request
             return [answer]
         return [answer, *_body_chunks(chunks, end_of_stream)]

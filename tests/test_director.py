@@ -194,3 +194,146 @@ def test_duplex_streams_together_hold_no_more_than_the_cap():
     c.on_body(chunk(b"z" * 600, False))
     c.on_body(chunk(b"z", True))
     assert d.held_body_bytes == 0  # let go once decided
+
+
+def test_begin_reads_path_encoding_and_envoys_request_id():
+    d = Director(build({"upstreams": POOL}, env={}))
+    info = d.begin({":path": "/v1/completions", "content-encoding": "gzip", "x-request-id": "envoy-id"})
+    assert (info.path, info.content_encoding, info.request_id, info.ticket) == ("/v1/completions", "gzip", "envoy-id", "")
+    empty = d.begin({})
+    assert (empty.path, empty.content_encoding, empty.request_id) == ("", None, "")
+
+
+def test_a_gzip_body_is_routed_on_its_text(director):
+    import gzip
+
+    info = director.begin({":path": "/v1/completions", "content-encoding": "gzip"})
+    director.route(info, gzip.compress(orjson.dumps({"prompt": "zipped prompt text"})))
+    assert director.tree.match("", "zipped prompt text").matched == len("zipped prompt text")
+
+
+def test_a_body_too_large_is_routed_by_load_and_learns_nothing(director):
+    info = RequestInfo(path="/v1/chat/completions")
+    assert director.route(info, None, body_too_large=True) in POOL
+    assert director.tree.node_count() == 0 and director.tree.partitions() == 0
+
+
+def test_models_never_share_prefixes(director):
+    for model in ("m1", "m2"):
+        director.route(RequestInfo(path="/v1/chat/completions"), orjson.dumps({"model": model, "messages": [{"role": "user", "content": "same words"}]}))
+    assert director.tree.partitions() == 2
+
+
+def test_explain_reports_every_field_and_inserts_nothing(director):
+    import gzip
+
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "w" * 300}]})
+    info = RequestInfo(path="/v1/chat/completions")
+    director.route(info, body)
+    director.finished(info.ticket, failed=False)  # no load left: the holder is the cheapest
+    nodes = director.tree.node_count()
+    e = director.explain("/v1/chat/completions", gzip.compress(body), "gzip")
+    assert director.tree.node_count() == nodes
+    assert e["reason"] == "cache_hit" and e["match_rate"] == 1.0 and e["text_characters"] == 300 == e["matched_characters"]
+    assert e["routing_text_head"] == "w" * 200 and e["no_text_reason"] is None and len(e["partition"]) == 32
+    rows = {u["address"]: u for u in e["upstreams"]}
+    assert set(rows) == set(POOL) and rows[e["upstream"]]["matched_characters"] == 300
+    other = next(a for a in POOL if a != e["upstream"])
+    assert rows[other]["matched_characters"] == 0 and rows[other]["healthy"] is True and rows[other]["inflight"] == 0
+    empty = director.explain("/v1/models", None)
+    assert (empty["match_rate"], empty["reason"], empty["no_text_reason"]) == (0.0, "no_routing_text", "no_routing_endpoint")
+    for u in director.pool.upstreams.values():
+        u.active_ok = False
+    assert director.explain("/v1/chat/completions", body)["reason"] == "no_healthy_upstream"
+
+
+def test_a_duplex_decision_learns_the_body_whether_it_ends_with_data_or_trailers(director):
+    text = "a duplex prompt to remember"
+    for ending in ("eos", "trailers"):
+        x = DuplexExchange(director, HEADERS)
+        x.on_headers(False)
+        b = orjson.dumps({"model": ending, "messages": [{"role": "user", "content": text}]})
+        x.on_body(chunk(b, ending == "eos"))
+        out = x.on_trailers() if ending == "trailers" else []
+        assert x.decided and director.held_body_bytes == 0
+        if ending == "trailers":
+            assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body", "request_trailers"]
+            assert not out[1].request_body.response.body_mutation.streamed_response.end_of_stream
+    assert director.tree.partitions() == 2 and all(n > len(text) for n in director.tree.tenant_chars().values())
+
+
+def test_duplex_body_cap_boundary(director):
+    director.reconfigure(build({"upstreams": POOL, "max_body_bytes": str(len(BODY))}, env={}))
+    x = DuplexExchange(director, HEADERS)
+    x.on_headers(False)
+    assert x.on_body(chunk(BODY, False)) == []  # exactly the cap: still held
+    y = DuplexExchange(director, HEADERS)
+    y.on_headers(False)
+    assert y.on_body(chunk(BODY + b" ", False))  # one byte more: decided by load now
+    x.close()
+
+
+def test_an_empty_last_chunk_still_ends_the_body(director):
+    x = DuplexExchange(director, HEADERS)
+    x.on_headers(False)
+    x.on_body(chunk(BODY, False))
+    out = x.on_body(chunk(b"", True))
+    streamed = [r.request_body.response.body_mutation.streamed_response for r in out[1:]]
+    assert b"".join(s.body for s in streamed) == BODY and streamed[-1].end_of_stream
+    late = DuplexExchange(director, HEADERS)
+    late.on_headers(False)
+    late.on_body(chunk(BODY, False))
+    late.on_trailers()
+    assert late.on_body(chunk(b"", True))[0].request_body.response.body_mutation.streamed_response.end_of_stream
+
+
+def test_the_decision_overwrites_and_clears_the_route_cache(director):
+    x = BufferedExchange(director, HEADERS)
+    common = x.on_body(chunk(BODY, True))[0].request_body.response
+    assert common.clear_route_cache
+    for h in common.header_mutation.set_headers:
+        assert h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def test_headers_from_older_envoys_in_value_not_raw_value():
+    from envoy.config.core.v3 import base_pb2
+
+    from extproc.handlers import headers_dict
+
+    msg = pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=":path", value="/v1/old"), base_pb2.HeaderValue(key="x", raw_value="é".encode() + b"\xff")]))
+    assert headers_dict(msg) == {":path": "/v1/old", "x": "é\ufffd"}
+
+
+def test_reconfigure_reaches_tickets_and_tree(director):
+    director.reconfigure(build({"upstreams": POOL, "inflight_timeout_secs": "7", "lost_report_grace_secs": "3", "max_partitions": "9"}, env={}))
+    assert (director.pool.tickets.timeout, director.pool.tickets.grace, director.tree.max_partitions) == (7, 3, 9)
+
+
+def test_learning_counts_refusals_and_dropped_partitions_exactly():
+    d = Director(build({"upstreams": POOL, "max_tree_size": "2000", "max_partitions": "1"}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    woken = []
+    d.wake_sweeper = lambda: woken.append(1)
+    refused, dropped = metrics.INSERTS_REFUSED._value.get(), metrics.PARTITIONS_DROPPED._value.get()
+    d._learn("p1", "a" * 100, POOL[0])
+    assert not woken and metrics.INSERTS_REFUSED._value.get() == refused
+    d._learn("p1", "b" * (2000 - 100 - 2 * 256), POOL[0])  # exactly at the budget now (two nodes of 256)
+    assert d.tree.held(POOL[0]) == 2000 and woken == [1]
+    d._learn("p1", "c" * 10, POOL[0])
+    assert metrics.INSERTS_REFUSED._value.get() == refused + 1
+    d._learn("p2", "d", POOL[1])
+    assert metrics.PARTITIONS_DROPPED._value.get() == dropped + 1
+
+
+def test_a_sweep_counts_what_it_evicts_and_forgets_every_upstream_that_left(director):
+    for i in range(30):
+        director.tree.insert("", f"{i:02d} " + "q" * 100, POOL[0], float(i))
+    director.tree.insert("", "gone one", "10.0.0.1:1", 0.0)
+    director.tree.insert("", "gone two", "10.0.0.2:1", 0.0)
+    director.reconfigure(build({"upstreams": POOL, "max_tree_size": "1000"}, env={}))
+    before, held = metrics.EVICTED_CHARS._value.get(), director.tree.held(POOL[0])
+    for _ in director.evict_slices(slice_secs=0.0):
+        pass
+    assert set(director.tree.tenant_chars()) == {POOL[0]}
+    assert metrics.EVICTED_CHARS._value.get() - before == held - director.tree.held(POOL[0])

@@ -215,3 +215,49 @@ async def test_health_service(service):
     _, ch = service
     r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"))
     assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_503_is_exactly_an_openai_error_in_json():
+    from extproc.handlers import unavailable
+
+    imm = unavailable().immediate_response
+    assert imm.status.code == 503 and imm.details == "prefix_router_no_healthy_upstream"
+    [h] = imm.headers.set_headers
+    assert (h.header.key, h.header.raw_value) == ("content-type", b"application/json")
+    assert h.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    assert orjson.loads(imm.body) == {"error": {"message": "no healthy upstream is available to serve this request", "type": "service_unavailable", "code": 503}}
+
+
+async def test_a_fault_in_the_service_is_an_internal_error_with_its_reason(service, monkeypatch):
+    director, ch = service
+
+    def broken(headers):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(director, "begin", broken)
+    before = metrics.STREAM_ERRORS.labels("INTERNAL")._value.get()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await exchange(ch, [headers(), body(chat(), True)])
+    assert e.value.code() == grpc.StatusCode.UNKNOWN
+    assert metrics.STREAM_ERRORS.labels("INTERNAL")._value.get() == before + 1
+
+
+async def test_protocol_errors_say_what_was_wrong(service):
+    _, ch = service
+    for requests, words in (([body(chat(), True)], "request_body before request_headers"),
+                            ([headers(), headers()], "a second request_headers on one stream")):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await exchange(ch, requests)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
+
+
+async def test_a_normal_stream_is_neither_abandoned_nor_an_error(service):
+    director, ch = service
+    abandoned = metrics.STREAMS_ABANDONED._value.get()
+    errors = sum(s.value for m in metrics.STREAM_ERRORS.collect() for s in m.samples)
+    for mode in ("BUFFERED", "FULL_DUPLEX_STREAMED"):
+        await exchange(ch, [headers(mode=mode), body(chat(), True)])
+    await asyncio.sleep(0.05)
+    assert metrics.STREAMS_ABANDONED._value.get() == abandoned
+    assert sum(s.value for m in metrics.STREAM_ERRORS.collect() for s in m.samples) == errors
+    assert director.pool.tickets.outstanding() == 2  # both held until Envoy reports them

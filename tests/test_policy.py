@@ -111,3 +111,44 @@ def test_dry_run_does_not_insert():
     tree = RadixTree()
     decide(tree, {"a": 0}, "m", "text", 0, CFG, random.Random(0), insert=False)
     assert tree.node_count() == 0
+
+
+FIRST = policy_config(tie_break="first")
+
+
+def test_every_path_honours_tie_break_first_and_reports_its_fields():
+    loads = {"b": 0, "a": 0, "c": 0}
+    for seed in range(5):  # "first" never depends on the random draw
+        assert run(RadixTree(), loads, "", FIRST, seed).upstream == "b"  # no routing text
+        assert run(RadixTree(), loads, "a miss", FIRST, seed).upstream == "b"  # cost rule, all tied
+        assert run(RadixTree(), loads, "a miss", policy_config(hit_choice="creator", tie_break="first"), seed).upstream == "b"
+        assert run(RadixTree(), {"b": 200, "a": 0, "c": 0}, "x", FIRST, seed).upstream == "a"  # imbalance
+    d = run(RadixTree(), {"a": 200, "b": 0}, "some text", FIRST)
+    assert (d.reason, d.matched, d.text_len) == ("imbalance", 0, len("some text"))
+    d = run(RadixTree(), loads, "a miss", FIRST)
+    assert (d.reason, d.matched, d.text_len) == ("cache_miss", 0, len("a miss"))
+
+
+def test_cost_rule_boundaries():
+    tree = RadixTree()
+    tree.insert("m", "x" * 30, "a", 0)
+    # a match of exactly the threshold is not a hit (strict, as sglang-router)
+    d = run(tree, {"a": 0, "b": 5}, "x" * 30 + "y" * 70, policy_config(cache_threshold=0.3))
+    assert (d.upstream, d.reason, d.matched) == ("a", "cache_miss", 30)
+    d = run(tree, {"a": 0, "b": 5}, "x" * 30 + "y" * 69, policy_config(cache_threshold=0.3))
+    assert d.reason == "cache_hit"
+    # equal costs with tie_break first: the first in registry order, not the last
+    t2 = RadixTree()
+    assert run(t2, {"p": 1, "q": 1, "r": 1}, "fresh", FIRST).upstream == "p"
+    # an upstream without any match pays the whole deepest match in recompute
+    t3 = RadixTree()
+    t3.insert("m", "z" * 2000, "a", 0)
+    cfg = policy_config(inflight_cost_chars=1000)
+    assert run(t3, {"a": 1, "b": 0}, "z" * 2000 + "?", cfg).upstream == "a"  # 1,000 < 2,000
+    assert run(t3, {"a": 3, "b": 0}, "z" * 2000 + "!", cfg).upstream == "b"  # 3,000 > 2,000
+
+
+def test_inserted_times_are_the_decision_time():
+    tree = RadixTree()
+    decide(tree, {"a": 0}, "m", "remember me", 42.0, CFG, random.Random(0))
+    assert tree._roots["m"].children["r"].tenants == {"a": 42.0}

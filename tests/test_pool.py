@@ -98,3 +98,13 @@ def test_a_lost_report_stream_releases_the_tickets_at_risk_after_the_grace():
     assert t.expire(now=41) == 1  # issued before the loss, still open after the grace
     assert t.release(before) is None and t.release(after) == "a:1"
     assert t.expire(now=2000) == 0 and t.outstanding() == 0
+
+
+def test_ticket_boundaries_are_strict():
+    t = Tickets(timeout=10, grace=5)
+    a = t.issue("a:1", now=0)
+    assert t.expire(now=10) == 0  # exactly the timeout: not yet
+    t.reports_lost(now=20)
+    b = t.issue("a:1", now=20)  # issued at the very moment of the loss: its report may still come
+    assert t.expire(now=25) == 1  # a (too old); the loss is exactly 5 s old: b not yet at risk
+    assert t.expire(now=25.1) == 0 and t.release(b) == "a:1" and t.release(a) is None

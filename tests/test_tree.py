@@ -269,3 +269,12 @@ def test_leaves_of_equal_age_evict_without_comparing_nodes():
         t.insert("", f"same time {i:02d}", "A", 5.0)
     t.evict("A", 0)
     assert "A" not in t.tenant_chars() and t.node_count() == 0
+
+
+def test_node_count_and_stored_characters():
+    t = RadixTree()
+    for text in ("abc", "abd", "x"):
+        t.insert("", text, "A", 1)
+    t.insert("p", "abc", "B", 1)
+    # two partition roots, then "ab" (split) with "c" and "d", "x", and "abc" in the other partition
+    assert t.node_count() == 2 + 5 and t.total_chars() == 2 + 1 + 1 + 1 + 3

@@ -215,3 +215,22 @@ def test_template_form_renders_every_part_exactly():
 ])
 def test_template_form_of_the_responses_and_messages_apis(path, doc, want):
     assert ri(path, doc, form="template").text == want
+
+
+def test_odd_shapes_each_part_of_the_renderers_must_handle():
+    # the sglang form: text-like parts of every name, anything else contributes nothing
+    parts = [{"type": "output_text", "text": "o"}, {"type": "input_text", "text": "i"}, {"type": "mystery", "text": "m"}, {"text": "bare"}]
+    assert ri("/v1/chat/completions", {"messages": [{"role": "user", "content": parts}]}).text == "o i bare"
+    # rerank documents of any type
+    assert ri("/v1/rerank", {"query": "q", "documents": ["a", {"text": "b"}, 5, None]}).text == "q a b"
+    # template form: two tools on two lines; non-string names and ids ignored; a function that is not an object
+    msgs = [{"role": "user", "name": 5, "tool_call_id": 7, "content": [{"type": "output_text", "text": "t"}, {"type": "input_text", "text": "u"}]},
+            {"role": "assistant", "tool_calls": [{"function": "not an object"}]}]
+    tools = [{"a": 1}, {"b": 2}, {"big": 2**70}]  # the last cannot be serialised: left out, not an error
+    assert render_chat_template(msgs, tools) == (
+        '<|im_start|>tools\n{"a":1}\n{"b":2}\n<|im_end|>\n<|im_start|>user\nt u<|im_end|>\n'
+        "<|im_start|>assistant\n<tool_call> </tool_call><|im_end|>\n"
+    )
+    # Anthropic tools and a Responses input list with junk in it
+    assert "<|im_start|>tools" in ri("/v1/messages", {"tools": [{"name": "t"}], "messages": [{"role": "user", "content": "x"}]}, form="template").text
+    assert ri("/v1/responses", {"input": [5, {"role": "user", "content": "after junk"}]}).text == "after junk"

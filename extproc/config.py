@@ -299,6 +299,8 @@ def describe_default(name: str) -> str:
     v = OPTIONS[name].default
     if v is None or v == () or v is False:
         return ""
+    if isinstance(v, tuple):
+        return ",".join(v)
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v)

@@ -43,11 +43,11 @@ class Tickets:
         if entry is None:
             return None
         upstream = entry[0]
-        n = self.counts.get(upstream, 0)
+        n = self.counts[upstream]  # an open ticket always counts
         if n > 1:
             self.counts[upstream] = n - 1
         else:
-            self.counts.pop(upstream, None)
+            del self.counts[upstream]
         return upstream
 
     def reports_lost(self, now: float) -> None:

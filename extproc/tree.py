@@ -191,11 +191,10 @@ class RadixTree:
             chars[t] += NODE_CHARS
         return mid
 
-    def _drop_partition(self, partition: str) -> int:
-        """Forget a whole partition; returns the budget it freed over all tenants."""
+    def _drop_partition(self, partition: str) -> None:
+        """Forget a whole partition, and what each tenant held in it."""
         root = self._roots.pop(partition)
         chars = self._chars
-        freed = 0
         stack = list(root.children.values())
         while stack:
             n = stack.pop()
@@ -204,11 +203,9 @@ class RadixTree:
             cost = len(n.text) + NODE_CHARS
             for t in n.tenants:
                 chars[t] -= cost
-                freed += cost
                 if not chars[t]:
                     del chars[t]
         self.partitions_dropped += 1
-        return freed
 
     def remove_tenant(self, tenant: str) -> None:
         """Forget a tenant; visits only the nodes it holds (plus their children's keys)."""

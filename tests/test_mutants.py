@@ -1,0 +1,217 @@
+"""Tests written from surviving mutants (make mutants): each pins a behaviour no other test did."""
+
+import random
+
+import orjson
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc import metrics
+from extproc.config import build, policy_config
+from extproc.director import Director, RequestInfo
+from extproc.handlers import DuplexExchange, _body_chunks
+from extproc.policy import decide, is_imbalanced
+from extproc.tree import NODE_CHARS, RadixTree
+from extproc.upstream import Upstream
+
+POOL = ["127.0.0.1:1", "127.0.0.1:2"]
+HEADERS = {":path": "/v1/chat/completions"}
+
+
+def director(**flags) -> Director:
+    d = Director(build({"upstreams": POOL, **flags}, env={}), seed=3)
+    d.set_upstreams(POOL)
+    return d
+
+
+def chat(text: str, model: str = "m") -> bytes:
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": text}]})
+
+
+def chunk(data: bytes, eos: bool) -> pb.HttpBody:
+    return pb.HttpBody(body=data, end_of_stream=eos)
+
+
+def test_a_repeated_prompt_is_a_hit_in_its_own_partition():
+    d = director()
+    for _ in range(2):
+        info = RequestInfo(path="/v1/chat/completions")
+        hits = metrics.DECISIONS.labels("cache_hit")._value.get()
+        d.route(info, chat("the same long prompt " * 10))
+        d.finished(info.ticket, failed=False)
+    assert metrics.DECISIONS.labels("cache_hit")._value.get() == hits + 1
+
+
+def test_decision_metrics_observe_time_and_match_rate():
+    d = director()
+    text = "measured prompt " * 10
+    info = RequestInfo(path="/v1/chat/completions")
+    d.route(info, chat(text))
+    d.finished(info.ticket, failed=False)
+    secs, rate = metrics.DECISION_SECONDS._sum.get(), metrics.MATCH_RATE._sum.get()
+    d.route(RequestInfo(path="/v1/chat/completions"), chat(text))
+    assert 0 < metrics.DECISION_SECONDS._sum.get() - secs < 1.0
+    assert metrics.MATCH_RATE._sum.get() - rate == pytest.approx(1.0)
+
+
+def test_the_fallback_honours_tie_break_first(monkeypatch):
+    d = director(tie_break="first")
+    monkeypatch.setattr("extproc.director.decide", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("extproc.director.log.exception", lambda *a, **k: None)
+    picks = set()
+    for i in range(5):
+        info = RequestInfo(path="/v1/chat/completions")
+        picks.add(d.route(info, chat(f"x{i}")))
+        d.finished(info.ticket, failed=False)
+    assert picks == {POOL[0]}
+
+
+def test_tickets_and_losses_carry_times_that_expiry_can_compare():
+    d = director(inflight_timeout_secs="0.001")
+    d.route(RequestInfo(path="/v1/chat/completions"), chat("t"))
+    d.reports_lost()
+    import time
+
+    time.sleep(0.01)
+    d.expire()
+    assert d.pool.tickets.outstanding() == 0
+
+
+def test_prompt_text_reaches_the_log_only_with_log_prompts(monkeypatch):
+    seen = []
+    monkeypatch.setattr("extproc.director.log.debug", lambda event, **kw: seen.append(event))
+    director().route(RequestInfo(path="/v1/chat/completions"), chat("private words"))
+    assert "routing_text" not in seen
+    director(log_prompts="true").route(RequestInfo(path="/v1/chat/completions"), chat("shared words"))
+    assert "routing_text" in seen
+
+
+def test_a_second_partition_drop_is_counted_once():
+    d = director(max_partitions="1")
+    dropped = metrics.PARTITIONS_DROPPED._value.get()
+    for model in ("a", "b", "c"):
+        d.route(RequestInfo(path="/v1/chat/completions"), chat("hello", model))
+    assert metrics.PARTITIONS_DROPPED._value.get() == dropped + 2 and d.tree.partitions_dropped == 2
+
+
+def test_finishing_a_request_of_an_upstream_that_left_releases_it_and_ejections_are_labelled():
+    d = director(ejection_failure_threshold="1")
+    info = RequestInfo(path="/v1/chat/completions")
+    chosen = d.route(info, chat("x"))
+    d.set_upstreams([a for a in POOL if a != chosen])
+    assert d.finished(info.ticket, failed=True) and d.pool.tickets.outstanding() == 0
+    d.set_upstreams(POOL)
+    info = RequestInfo(path="/v1/chat/completions")
+    chosen = d.route(info, chat("y"))
+    before = metrics.EJECTIONS.labels(chosen)._value.get()
+    d.finished(info.ticket, failed=True)
+    assert metrics.EJECTIONS.labels(chosen)._value.get() == before + 1
+
+
+def test_tree_stats_fields():
+    d = director()
+    d.route(RequestInfo(path="/v1/chat/completions"), chat("stats"))
+    s = d.tree_stats()
+    assert (s.stored_characters, s.nodes, s.max_tree_size) == (5, 2, 67108864) and list(s.characters_per_upstream.values()) == [5 + NODE_CHARS]
+
+
+def test_a_sweep_under_budget_counts_nothing():
+    d = director()
+    d.route(RequestInfo(path="/v1/chat/completions"), chat("small"))
+    before = metrics.EVICTED_CHARS._value.get()
+    for _ in d.evict_slices():
+        pass
+    assert metrics.EVICTED_CHARS._value.get() == before
+
+
+def test_held_bytes_boundary_and_a_refused_last_chunk_ends_the_body_and_learns_nothing():
+    d = director(max_held_body_bytes="1000")
+    a = DuplexExchange(d, HEADERS)
+    a.on_headers(False)
+    assert a.on_body(chunk(b"x" * 1000, False)) == [] and d.held_body_bytes == 1000  # exactly the cap is allowed
+    b = DuplexExchange(d, HEADERS)
+    b.on_headers(False)
+    out = b.on_body(chunk(chat("partial prompt"), True))  # refused, and it was the last chunk
+    assert out[-1].request_body.response.body_mutation.streamed_response.end_of_stream
+    assert d.tree.node_count() == 0  # decided by load: nothing learnt from a body not held
+    a.close()
+    b.close()
+    assert d.held_body_bytes == 0
+
+
+def test_trailers_after_the_decision_decide_nothing_again_and_multi_chunk_bodies_are_joined():
+    d = director()
+    x = DuplexExchange(d, HEADERS)
+    x.on_headers(False)
+    body = chat("joined from three chunks")
+    x.on_body(chunk(body[:10], False))
+    x.on_body(chunk(body[10:20], False))
+    x.on_body(chunk(body[20:], True))
+    assert d.pool.tickets.outstanding() == 1
+    assert [r.WhichOneof("response") for r in x.on_trailers()] == ["request_trailers"]
+    assert d.pool.tickets.outstanding() == 1  # no second decision
+    x.close()
+    assert d.held_body_bytes == 0
+    assert d.tree.match(next(iter(d.tree._roots)), "joined from three chunks").matched == len("joined from three chunks")
+
+
+def test_body_chunks_of_an_empty_body():
+    assert _body_chunks([], False) == []
+    [only] = _body_chunks([b""], True)
+    s = only.request_body.response.body_mutation.streamed_response
+    assert (s.body, s.end_of_stream) == (b"", True)
+
+
+def test_imbalance_is_a_difference_not_a_sum():
+    cfg = policy_config()
+    assert not is_imbalanced({"a": 60, "b": 10}, cfg)
+
+
+def test_least_loaded_hit_choice_honours_tie_break_first():
+    tree = RadixTree()
+    for t in ("b", "a"):
+        tree.insert("m", "shared prefix here", t, 0)
+    cfg = policy_config(hit_choice="least_loaded", tie_break="first")
+    picks = {decide(tree, {"a": 0, "b": 0}, "m", "shared prefix here!", 1.0, cfg, random.Random(s), insert=False).upstream for s in range(6)}
+    assert picks == {"b"}  # the first holder (the node's creation order), never a random draw
+
+
+def test_cost_rule_charges_the_full_match_to_an_upstream_without_one():
+    tree = RadixTree()
+    tree.insert("m", "x", "a", 0)
+    cfg = policy_config(tie_break="first")
+    assert decide(tree, {"b": 0, "a": 0}, "m", "xyz", 1.0, cfg, random.Random(0), insert=False).upstream == "a"
+
+
+def test_cost_rule_ties_are_drawn_at_random_by_default():
+    picks = {decide(RadixTree(), {"a": 0, "b": 0}, "m", "q", 1.0, policy_config(), random.Random(s), insert=False).upstream for s in range(20)}
+    assert picks == {"a", "b"}
+
+
+def test_after_an_ejection_the_count_of_failures_starts_again():
+    u = Upstream("a:1")
+    for _ in range(3):
+        u.request_failed(3, base=2, cap=5, now=0)
+    assert not u.healthy
+    u.record_check(True, 3, 2, now=10)
+    assert u.healthy
+    u.request_failed(3, base=2, cap=5, now=11)
+    u.request_failed(3, base=2, cap=5, now=11)
+    assert u.healthy  # two failures since the comeback: not yet
+    u.succeeded()  # a request sent before finishing well while healthy resets the back-off
+    assert u.ejections == 0
+
+
+def test_a_success_while_ejected_keeps_the_back_off():
+    u = Upstream("a:1")
+    u.eject(base=2, cap=60, now=0)
+    u.succeeded()  # a request sent before the ejection finished well
+    u.record_check(True, 3, 2, now=3)
+    assert u.eject(base=2, cap=60, now=4) == 4  # doubled: the success during the ejection did not reset it
+
+
+def test_held_and_eviction_return_values():
+    t = RadixTree()
+    assert t.held("nobody") == 0
+    t.insert("", "abc", "A", 1)
+    assert t.evict("A", 10_000) == 0  # under budget: nothing removed

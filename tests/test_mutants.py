@@ -215,3 +215,54 @@ def test_held_and_eviction_return_values():
     assert t.held("nobody") == 0
     t.insert("", "abc", "A", 1)
     assert t.evict("A", 10_000) == 0  # under budget: nothing removed
+
+
+def test_pool_keeps_each_upstreams_state_across_a_new_list_and_passes_its_timeouts():
+    from extproc.pool import Pool
+
+    pool = Pool(inflight_timeout=10, lost_report_grace=5)
+    assert (pool.tickets.timeout, pool.tickets.grace) == (10, 5)
+    pool.set_addresses(["a:1", "b:1"])
+    pool.upstreams["a:1"].eject(base=2, cap=5, now=0)
+    pool.tickets.issue("b:1", now=0)
+    pool.set_addresses(["b:1", "a:1", "c:1"])
+    assert pool.upstreams["a:1"].ejected and pool.upstreams["c:1"].address == "c:1"
+    assert (pool.inflight("b:1"), pool.inflight("a:1")) == (1, 0)
+
+
+def test_active_check_counters_restart_after_every_change():
+    u = Upstream("a:1")
+    for ok in (False, False, True, False, False):
+        u.record_check(ok, 3, 2, now=0)
+    assert u.healthy  # the success in between started the failure count again
+    u.record_check(False, 3, 2, now=0)
+    assert not u.healthy
+    u.record_check(True, 3, 2, now=0)
+    u.record_check(True, 3, 2, now=0)
+    assert u.healthy
+    for _ in range(3):
+        u.record_check(False, 3, 2, now=0)
+    assert u.record_check(True, 3, 2, now=0) is None and not u.healthy  # two successes again, not one
+
+
+def test_an_ejection_ends_exactly_at_its_time():
+    u = Upstream("a:1")
+    u.eject(base=2, cap=5, now=0)
+    assert u.record_check(True, 3, 2, now=2.0) is True
+
+
+def test_payload_edges():
+    from extproc.config import DEFAULTS
+    from extproc.payload import partition_key, routing_input
+
+    def ri(path, doc, **kw):
+        return routing_input(path, orjson.dumps(doc) if not isinstance(doc, bytes) else doc, **{**DEFAULTS.parse_options(), **kw})
+
+    assert ri("/v1/completions", {"prompt": "plain"}, content_encoding="identity").text == "plain"
+    assert partition_key({"model": 5, "lora_path": None}) == ""
+    weird = partition_key({"model": "\ud800"})  # a lone surrogate cannot be JSON: still a digest
+    assert len(weird) == 32 and weird != partition_key({"model": "\ud801"})
+    msgs = [5, {"role": "user", "content": ["part", 5, {"type": "text", "text": "t"}], "reasoning_content": 7}, {"content": "after"}]
+    assert ri("/v1/chat/completions", {"messages": msgs}).text == "part t after"
+    legacy = ri("/v1/chat/completions", {"functions": [{"name": "f"}], "messages": [{"role": "user", "content": "x"}]}, form="template").text
+    assert '<|im_start|>tools\n{"name":"f"}' in legacy

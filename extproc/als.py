@@ -18,7 +18,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from . import logs, metrics
-from .director import TICKET_HEADER, Director
+from .director import TICKET_HEADER, Director, Outcome
 
 log = logs.get("prefix_router.als")
 
@@ -41,14 +41,17 @@ _NOT_THE_ROUTER = ("local_reset", "upstream_overflow", "no_healthy_upstream", "n
 _GATEWAY_ERRORS = frozenset((502, 503, 504))
 
 
-def upstream_failed(entry: accesslog_pb2.HTTPAccessLogEntry) -> bool:
-    """Did the router refuse or break this request (as opposed to Envoy or the client)?"""
+def upstream_failed(entry: accesslog_pb2.HTTPAccessLogEntry) -> Outcome:
+    """How this request went for the router: fine, failed by the router's doing, or refused
+    outright (nothing listens: the router is down). Envoy's own and the client's doings are fine."""
     f = entry.common_properties.response_flags
     if any(getattr(f, name) for name in _NOT_THE_ROUTER) or f.HasField("unauthorized_details"):
-        return False
+        return Outcome.OK
+    if f.upstream_connection_failure:
+        return Outcome.REFUSED
     if any(getattr(f, name) for name in _ROUTER_FAULTS):
-        return True
-    return entry.response.response_code.value in _GATEWAY_ERRORS
+        return Outcome.FAILED
+    return Outcome.FAILED if entry.response.response_code.value in _GATEWAY_ERRORS else Outcome.OK
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):

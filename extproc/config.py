@@ -205,8 +205,8 @@ class Config:
     health_check_endpoint: str = opt("/health", _path, "the path checked", HEALTH, metavar="PATH", sglang=True)
     ejection_failure_threshold: int = opt(
         3, _number(int, 1, 1000),
-        "failed requests in a row (a refused, broken or timed-out connection, or a 502/503/504 from the router "
-        "itself; never a 503 Envoy made up) that eject an upstream", HEALTH, metavar="N",
+        "failed requests in a row (a broken or timed-out stream, or a 502/503/504 from the router itself; never a "
+        "503 Envoy made up) that eject an upstream; a refused connection ejects it at once", HEALTH, metavar="N",
     )
     ejection_base_secs: float = opt(
         2.0, _number(float, 0.0, 3600.0), "an ejection lasts this long, doubling on repeats", HEALTH, metavar="S",

@@ -14,6 +14,7 @@ yields a healthy upstream (the least loaded), counted and logged.
 
 from __future__ import annotations
 
+import enum
 import random
 import time
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ SWEEP_TO = 0.9
 
 # Parse failures that are not bad input: a request with no body or to an API without a prompt.
 _NOT_BAD_INPUT = (None, "no_routing_endpoint", "empty_body")
+
+
+class Outcome(enum.Enum):
+    """How a finished request went for its router (from Envoy's access log)."""
+
+    OK = "ok"
+    FAILED = "failed"  # the router's doing: it broke or reset the stream, timed out, answered 502/503/504
+    REFUSED = "refused"  # the connection was refused: nothing listens there, the router is down
 
 
 @dataclass(slots=True)
@@ -193,12 +202,14 @@ class Director:
         if info.ticket:
             self.pool.tickets.release(info.ticket)
 
-    def finished(self, ticket: str, failed: bool) -> bool:
-        """Envoy reported a request finished; ``failed``: the upstream refused or broke it.
+    def finished(self, ticket: str, outcome: Outcome) -> bool:
+        """Envoy reported a request finished, with its ``outcome`` for the router.
 
         Only a ticket this service issued and still holds acts: it releases the in-flight count
-        and its outcome counts for the upstream's health. Anything else (an unknown, forged or
-        already released ticket) changes nothing and returns False.
+        and its outcome counts for the upstream's health: a refused connection ejects at once (the
+        router is down), other failures after ``ejection_failure_threshold`` in a row (one 503 is
+        no verdict on a router). Anything else (an unknown, forged or already released ticket)
+        changes nothing and returns False.
         """
         address = self.pool.tickets.release(ticket)
         if address is None:
@@ -207,9 +218,10 @@ class Director:
         up = self.pool.upstreams.get(address)
         if up is None:  # removed from the pool since
             return True
-        if failed:
+        if outcome is not Outcome.OK:
             cfg = self.cfg
-            length = up.request_failed(cfg.ejection_failure_threshold, cfg.ejection_base_secs, cfg.ejection_max_secs, time.monotonic())
+            threshold = 1 if outcome is Outcome.REFUSED else cfg.ejection_failure_threshold
+            length = up.request_failed(threshold, cfg.ejection_base_secs, cfg.ejection_max_secs, time.monotonic())
             if length:
                 metrics.EJECTIONS.labels(address).inc()
                 log.warning("upstream_ejected", upstream=address, seconds=length)

@@ -9,7 +9,7 @@ from google.protobuf import wrappers_pb2
 from extproc import metrics, policy
 from extproc.als import upstream_failed
 from extproc.config import build
-from extproc.director import Director, RequestInfo
+from extproc.director import Director, Outcome, RequestInfo
 from extproc.handlers import BufferedExchange, DuplexExchange
 
 POOL = ["127.0.0.1:1", "127.0.0.1:2"]
@@ -46,7 +46,7 @@ def test_a_delivered_decision_stays_held_until_envoy_reports_it(director, cls):
     x.sent()
     x.close()
     assert director.pool.tickets.outstanding() == 1
-    assert director.finished(x.info.ticket, failed=False)
+    assert director.finished(x.info.ticket, Outcome.OK)
     assert director.pool.tickets.outstanding() == 0
 
 
@@ -94,17 +94,17 @@ def test_unknown_or_forged_tickets_release_and_eject_nothing(director):
     chosen = director.route(info, BODY)
     before = metrics.UNKNOWN_TICKETS._value.get()
     for forged in ("", "1-2-3", info.ticket + "x"):
-        assert not director.finished(forged, failed=True)
+        assert not director.finished(forged, Outcome.FAILED)
     assert metrics.UNKNOWN_TICKETS._value.get() == before + 3
     assert all(u.healthy for u in director.upstreams()) and director.pool.tickets.outstanding() == 1
-    assert director.finished(info.ticket, failed=True)  # the real one acts, as the first of three in a row
+    assert director.finished(info.ticket, Outcome.FAILED)  # the real one acts, as the first of three in a row
     assert all(u.healthy for u in director.upstreams())
     for _ in range(2):
         again = RequestInfo(path="/v1/chat/completions")
         while director.route(again, BODY) != chosen:
-            director.finished(again.ticket, failed=False)
+            director.finished(again.ticket, Outcome.OK)
             again = RequestInfo(path="/v1/chat/completions")
-        director.finished(again.ticket, failed=True)
+        director.finished(again.ticket, Outcome.FAILED)
     assert [u.address for u in director.upstreams() if not u.healthy] == [chosen]
 
 
@@ -137,7 +137,7 @@ def _entry(code: int = 200, **flags: bool) -> accesslog_pb2.HTTPAccessLogEntry:
     ],
 )
 def test_upstream_failed_reads_the_access_log_entry(entry, failed):
-    assert upstream_failed(entry) is failed
+    assert (upstream_failed(entry) is not Outcome.OK) is failed
 
 
 def test_policy_has_no_defaults_of_its_own():
@@ -156,7 +156,7 @@ def test_the_budget_holds_as_requests_are_inserted_and_wakes_the_sweeper():
         body = orjson.dumps({"messages": [{"role": "user", "content": f"{i} " + "z" * 1000}]})
         info = RequestInfo(path="/v1/chat/completions")
         d.route(info, body)
-        d.finished(info.ticket, failed=False)
+        d.finished(info.ticket, Outcome.OK)
     # one insert (1,005 characters and a node) past the budget at most, whatever arrives between sweeps
     assert all(n <= budget + 1005 + 256 for n in d.tree.tenant_chars().values())
     assert woken and metrics.INSERTS_REFUSED._value.get() > refused
@@ -230,7 +230,7 @@ def test_explain_reports_every_field_and_inserts_nothing(director):
     body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "w" * 300}]})
     info = RequestInfo(path="/v1/chat/completions")
     director.route(info, body)
-    director.finished(info.ticket, failed=False)  # no load left: the holder is the cheapest
+    director.finished(info.ticket, Outcome.OK)  # no load left: the holder is the cheapest
     nodes = director.tree.node_count()
     e = director.explain("/v1/chat/completions", gzip.compress(body), "gzip")
     assert director.tree.node_count() == nodes
@@ -337,3 +337,14 @@ def test_a_sweep_counts_what_it_evicts_and_forgets_every_upstream_that_left(dire
         pass
     assert set(director.tree.tenant_chars()) == {POOL[0]}
     assert metrics.EVICTED_CHARS._value.get() - before == held - director.tree.held(POOL[0])
+
+
+def test_a_refused_connection_ejects_at_once_other_failures_after_a_run(director):
+    from extproc.als import upstream_failed as classify
+
+    assert classify(_entry(503, upstream_connection_failure=True)) is Outcome.REFUSED
+    assert classify(_entry(503)) is Outcome.FAILED
+    info = RequestInfo(path="/v1/chat/completions")
+    chosen = director.route(info, BODY)
+    assert director.finished(info.ticket, Outcome.REFUSED)
+    assert [u.address for u in director.upstreams() if not u.healthy] == [chosen]

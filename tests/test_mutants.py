@@ -8,7 +8,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc import metrics
 from extproc.config import build, policy_config
-from extproc.director import Director, RequestInfo
+from extproc.director import Director, Outcome, RequestInfo
 from extproc.handlers import DuplexExchange, _body_chunks
 from extproc.policy import decide, is_imbalanced
 from extproc.tree import NODE_CHARS, RadixTree
@@ -38,7 +38,7 @@ def test_a_repeated_prompt_is_a_hit_in_its_own_partition():
         info = RequestInfo(path="/v1/chat/completions")
         hits = metrics.DECISIONS.labels("cache_hit")._value.get()
         d.route(info, chat("the same long prompt " * 10))
-        d.finished(info.ticket, failed=False)
+        d.finished(info.ticket, Outcome.OK)
     assert metrics.DECISIONS.labels("cache_hit")._value.get() == hits + 1
 
 
@@ -47,7 +47,7 @@ def test_decision_metrics_observe_time_and_match_rate():
     text = "measured prompt " * 10
     info = RequestInfo(path="/v1/chat/completions")
     d.route(info, chat(text))
-    d.finished(info.ticket, failed=False)
+    d.finished(info.ticket, Outcome.OK)
     secs, rate = metrics.DECISION_SECONDS._sum.get(), metrics.MATCH_RATE._sum.get()
     d.route(RequestInfo(path="/v1/chat/completions"), chat(text))
     assert 0 < metrics.DECISION_SECONDS._sum.get() - secs < 1.0
@@ -62,7 +62,7 @@ def test_the_fallback_honours_tie_break_first(monkeypatch):
     for i in range(5):
         info = RequestInfo(path="/v1/chat/completions")
         picks.add(d.route(info, chat(f"x{i}")))
-        d.finished(info.ticket, failed=False)
+        d.finished(info.ticket, Outcome.OK)
     assert picks == {POOL[0]}
 
 
@@ -99,12 +99,12 @@ def test_finishing_a_request_of_an_upstream_that_left_releases_it_and_ejections_
     info = RequestInfo(path="/v1/chat/completions")
     chosen = d.route(info, chat("x"))
     d.set_upstreams([a for a in POOL if a != chosen])
-    assert d.finished(info.ticket, failed=True) and d.pool.tickets.outstanding() == 0
+    assert d.finished(info.ticket, Outcome.FAILED) and d.pool.tickets.outstanding() == 0
     d.set_upstreams(POOL)
     info = RequestInfo(path="/v1/chat/completions")
     chosen = d.route(info, chat("y"))
     before = metrics.EJECTIONS.labels(chosen)._value.get()
-    d.finished(info.ticket, failed=True)
+    d.finished(info.ticket, Outcome.FAILED)
     assert metrics.EJECTIONS.labels(chosen)._value.get() == before + 1
 
 

@@ -68,9 +68,15 @@ def test_stack_command_serves_then_stops_everything_on_sigterm(tmp_path):
         os.kill(_listener(int(routers[0].rsplit(":", 1)[1])), signal.SIGKILL)
         said = _read_until(proc, "router-", "exited", lines=lines, timeout=30)
         assert "the rest keeps serving" in said
-        for i in range(6):
-            r = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": f"while a router is down {i}"}])
-            assert r.choices
+        # the first request sent to the dead router discovers the crash (a refused connection
+        # ejects it at once); everything after goes to the live one
+        outcomes = []
+        for i in range(8):
+            try:
+                outcomes.append(bool(c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": f"while a router is down {i}"}]).choices))
+            except openai.APIStatusError:
+                outcomes.append(False)
+        assert outcomes.count(False) <= 1 and all(outcomes[-5:]), outcomes
         assert "restarted" in _read_until(proc, "router-", "restarted", lines=lines, timeout=60)
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)

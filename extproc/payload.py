@@ -109,9 +109,7 @@ def routing_input(
         return RoutingInput("", "", "too_complex")
     try:
         doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return RoutingInput("", "", "invalid_json")
-    except RecursionError:  # pragma: no cover - orjson caps depth itself
+    except orjson.JSONDecodeError:  # orjson also refuses nesting deeper than 1,024
         return RoutingInput("", "", "invalid_json")
     if not isinstance(doc, dict):
         return RoutingInput("", "", "not_an_object")

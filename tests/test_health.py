@@ -18,7 +18,10 @@ async def test_a_hung_router_delays_no_other_check_and_is_out_within_the_bound()
     hung = await asyncio.start_server(hang, "127.0.0.1", 0)
     hung_addr = f"127.0.0.1:{hung.sockets[0].getsockname()[1]}"
     app = web.Application()
-    app.router.add_get("/health", lambda r: web.Response(text="ok"))
+    async def ok(request):
+        return web.Response(text="ok")
+
+    app.router.add_get("/health", ok)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -266,3 +266,105 @@ def test_payload_edges():
     assert ri("/v1/chat/completions", {"messages": msgs}).text == "part t after"
     legacy = ri("/v1/chat/completions", {"functions": [{"name": "f"}], "messages": [{"role": "user", "content": "x"}]}, form="template").text
     assert '<|im_start|>tools\n{"name":"f"}' in legacy
+
+
+def test_the_upstream_view_the_admin_api_and_metrics_read():
+    d = director()
+    info = RequestInfo(path="/v1/chat/completions")
+    chosen = d.route(info, chat("view me"))
+    d.pool.upstreams[chosen].eject(base=2, cap=5, now=0)
+    other = next(a for a in POOL if a != chosen)
+    d.pool.upstreams[other].active_ok = False
+    views = {v.address: v for v in d.upstreams()}
+    assert (views[chosen].ejected, views[chosen].active_ok, views[chosen].inflight, views[chosen].tree_characters) == (True, True, 1, 7 + NODE_CHARS)
+    assert (views[other].ejected, views[other].active_ok, views[other].inflight, views[other].tree_characters) == (False, False, 0, 0)
+
+
+def test_set_upstreams_says_what_changed():
+    d = director()
+    assert d.set_upstreams(POOL) == ([], [])
+    assert d.set_upstreams([POOL[1], "127.0.0.1:3"]) == (["127.0.0.1:3"], [POOL[0]])
+
+
+def test_the_directors_health_checks_use_both_thresholds():
+    d = director(health_failure_threshold="2", health_success_threshold="3")
+    a = POOL[0]
+    assert d.record_check(a, False) is None and d.record_check(a, False) is False
+    assert d.record_check(a, True) is None and d.record_check(a, True) is None and d.record_check(a, True) is True
+    assert d.record_check("10.9.9.9:1", True) is None  # not in the pool
+
+
+def test_learning_a_text_already_held_is_not_a_refusal():
+    d = director()
+    refused = metrics.INSERTS_REFUSED._value.get()
+    for _ in range(3):
+        d._learn("p", "exactly the same text", POOL[0])
+    assert metrics.INSERTS_REFUSED._value.get() == refused
+
+
+def test_a_conversation_of_system_messages_only():
+    from extproc.payload import render_chat_template
+
+    assert render_chat_template([{"role": "system", "content": "a"}, {"role": "developer", "content": "b"}]) == (
+        "<|im_start|>system\na<|im_end|>\n<|im_start|>developer\nb<|im_end|>\n")
+
+
+def test_a_sweep_goes_on_past_a_collected_leaf_that_grew_a_child():
+    t = RadixTree()
+    for i, name in enumerate(("aa", "bb", "cc")):
+        t.insert("", name * 10, "A", float(i + 1))
+    budget = t.held("A") - 2 * (20 + NODE_CHARS)
+    gen = t.evict_steps("A", budget, step=1)
+    for _ in range(4):
+        next(gen)
+    t.insert("", "aa" * 10 + "tail", "A", 10.0)  # "aa…" is no longer a leaf: a child holds the newest text
+    for _ in gen:
+        pass
+    # past the stale entry, both older leaves went; the grown branch (used last) stays
+    assert t.match("", "bb" * 10).matched == 0 and t.match("", "cc" * 10).matched == 0
+    assert t.match("", "aa" * 10 + "tail").matched == 24
+
+
+def test_tickets_at_risk_are_released_only_after_the_whole_grace():
+    from extproc.inflight import Tickets
+
+    t = Tickets(timeout=100, grace=5)
+    t.issue("a:1", now=18)
+    t.reports_lost(now=20)
+    assert t.expire(now=25) == 0  # the loss is exactly the grace old
+    assert t.expire(now=25.01) == 1
+
+
+def _parse(body: bytes, **kw):
+    from extproc.config import DEFAULTS
+    from extproc.payload import routing_input
+
+    return routing_input(kw.pop("path", "/v1/completions"), body, **{**DEFAULTS.parse_options(), **kw})
+
+
+def test_nesting_deep_enough_to_exhaust_the_extractor_is_too_deep_not_a_crash():
+    n = 500  # within orjson's 1,024 levels, past Python's recursion limit in the extractor
+    body = b'{"messages":[{"role":"user","content":[' + b'{"type":"tool_result","content":[' * n + b'{"type":"text","text":"x"}' + b"]}" * n + b"]}]}"
+    assert _parse(body, path="/v1/chat/completions").reason == "too_deep"
+
+
+def test_body_caps_are_inclusive_and_encodings_are_named():
+    import gzip
+    import zlib
+
+    body = b'{"prompt": "' + b"p" * 100 + b'"}'
+    cap = len(body)
+    assert _parse(body, max_body_bytes=cap).text == "p" * 100  # exactly the cap: parsed
+    assert _parse(body + b" ", max_body_bytes=cap).reason == "body_too_large"
+    assert _parse(gzip.compress(body), content_encoding="gzip", max_body_bytes=cap).text == "p" * 100
+    assert _parse(gzip.compress(body + b" "), content_encoding="gzip", max_body_bytes=cap).reason == "body_too_large"
+    assert _parse(gzip.compress(body), content_encoding="x-gzip").text == "p" * 100
+    assert _parse(zlib.compress(body), content_encoding="deflate").text == "p" * 100
+    assert _parse(body, content_encoding="br").reason == "unsupported_encoding"
+    assert _parse(b"not compressed at all", content_encoding="gzip").reason == "bad_encoding"
+
+
+def test_the_container_cap_counts_objects_and_arrays_and_is_inclusive():
+    arrays = b'{"prompt": [' + b",".join([b"[]"] * 9) + b']}'  # 1 object + 10 arrays = 11 containers
+    assert _parse(arrays, max_json_containers=11).reason == "no_text"  # parsed: exactly the cap
+    assert _parse(arrays, max_json_containers=10).reason == "too_complex"

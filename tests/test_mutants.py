@@ -368,3 +368,33 @@ def test_the_container_cap_counts_objects_and_arrays_and_is_inclusive():
     arrays = b'{"prompt": [' + b",".join([b"[]"] * 9) + b']}'  # 1 object + 10 arrays = 11 containers
     assert _parse(arrays, max_json_containers=11).reason == "no_text"  # parsed: exactly the cap
     assert _parse(arrays, max_json_containers=10).reason == "too_complex"
+
+
+def test_the_grace_and_the_clock_reach_tickets_and_health_from_the_start():
+    d = director(lost_report_grace_secs="3")
+    assert d.pool.tickets.grace == 3
+    a = POOL[0]
+    d.pool.upstreams[a].eject(base=0.0, cap=0.0, now=0)
+    assert d.record_check(a, True) is True  # compares against the real clock, not None
+
+
+def test_paths_with_several_query_or_fragment_marks():
+    from extproc.payload import classify_path
+
+    assert classify_path("/v1/chat/completions?a=1?b=2") == "chat"
+    assert classify_path("/v1/completions#x#y") == "completions"
+
+
+def test_decompression_stops_at_the_cap_instead_of_inflating_everything():
+    import gzip
+    import tracemalloc
+
+    bomb = gzip.compress(b"{" + b" " * 50_000_000 + b"}")  # 50 MB of spaces in ~50 KB
+    _parse(bomb, content_encoding="gzip", max_body_bytes=1_000_000)  # warm up
+    tracemalloc.start()
+    try:
+        r = _parse(bomb, content_encoding="gzip", max_body_bytes=1_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.reason == "body_too_large" and peak < 5_000_000

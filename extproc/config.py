@@ -136,9 +136,13 @@ def _bool(v: Any) -> bool:
     raise ValueError(f"must be true or false, got {v!r}")
 
 
-def opt(default: Any, convert: Callable[[Any], Any], help: str, group: str, *, metavar: str | None = None, sglang: bool = False) -> Any:
+def opt(
+    default: Any, convert: Callable[[Any], Any], help: str, group: str, *, metavar: str | None = None, sglang: bool = False,
+    compare: bool = True,
+) -> Any:
     """A field of :class:`Config` with everything the CLI, the README and validation need."""
-    return field(default=default, metadata={"convert": convert, "help": help, "group": group, "metavar": metavar, "sglang": sglang})
+    return field(default=default, compare=compare,
+                 metadata={"convert": convert, "help": help, "group": group, "metavar": metavar, "sglang": sglang})
 
 
 SERVICE, SECURITY, HEALTH, POLICY, PAYLOAD, LOGS = "service", "security", "upstream health", "policy", "payload", "logs"
@@ -253,7 +257,7 @@ class Config:
     log_level: str = opt("info", _choice(("debug", "info", "warning", "error")), "debug, info, warning or error (debug logs each decision)", LOGS, metavar="LEVEL")
     log_format: str = opt("auto", _choice(("auto", "json", "console")), "json, console, or auto (console on a terminal)", LOGS, metavar="FMT")
     log_prompts: bool = opt(False, _bool, "include routing text in debug logs (off: prompts are private)", LOGS)
-    config: str | None = field(default=None, compare=False, metadata={"convert": _text, "help": "TOML (.toml) or YAML config file", "group": SERVICE, "metavar": "FILE", "sglang": False})
+    config: str | None = opt(None, _text, "TOML (.toml) or YAML config file", SERVICE, metavar="FILE", compare=False)
 
     # Settings a reload cannot change (the listeners are bound once, with their credentials).
     FIXED = ("grpc_listen", "admin_listen", "admin_grpc_listen", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca",

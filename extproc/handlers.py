@@ -159,7 +159,7 @@ class BufferedExchange(Exchange):
         return [self._decide(True, None)] if end_of_stream else [_CONTINUE_HEADERS]
 
     def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
-        if self.decided:  # a decision already went out: nothing more to change
+        if self.answered:  # the answer already went out: nothing more to change
             return [_CONTINUE_BODY]
         return [self._decide(False, body.body)]
 

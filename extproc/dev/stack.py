@@ -334,12 +334,17 @@ class Stack:
         ]
 
     def start_workers(self) -> None:
+        """Every worker spawned first, then each waited for: they start side by side."""
         for r, ports in enumerate(self.ports.workers):
-            for w, port in enumerate(ports):
+            for w in range(len(ports)):
                 self._spawn(f"worker-{r}-{w}", [self.python, *self.worker_argv(r, w)])
         for r, ports in enumerate(self.ports.workers):
-            for w, port in enumerate(ports):
-                wait_until(lambda: http_get(f"http://{HOST}:{port}/health")[0] == 200, 20, f"worker-{r}-{w}", self.procs[f"worker-{r}-{w}"])
+            for w in range(len(ports)):
+                self._wait_worker(r, w)
+
+    def _wait_worker(self, r: int, w: int) -> None:
+        port = self.ports.workers[r][w]
+        wait_until(lambda: http_get(f"http://{HOST}:{port}/health")[0] == 200, 20, f"worker-{r}-{w}", self.procs[f"worker-{r}-{w}"])
 
     def start_router(self, r: int) -> None:
         name = f"router-{r}"
@@ -425,8 +430,7 @@ class Stack:
         if kind == "worker":
             r, w = map(int, index.split("-"))
             self._spawn(name, [self.python, *self.worker_argv(r, w)])
-            port = self.ports.workers[r][w]
-            wait_until(lambda: http_get(f"http://{HOST}:{port}/health")[0] == 200, 20, name, self.procs[name])
+            self._wait_worker(r, w)
         elif kind == "router":
             self.start_router(int(index))
         elif kind == "service":

@@ -138,7 +138,8 @@ class Exchange:
         return [_CONTINUE_TRAILERS]
 
     def sent(self) -> None:
-        """Every answer returned so far has been handed to gRPC."""
+        """The answers returned so far are being handed to gRPC (yielded, with no await between
+        the decision and the yield: a stream cannot end in between)."""
         if self.answered:
             self.delivered = True
 
@@ -255,10 +256,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     out = exchange.on_trailers()
                 else:
                     raise _ProtocolError(f"unknown message {kind!r}")
-                for r in out:
-                    yield r
+                # Yielding hands an answer to gRPC. When Envoy closes the stream after the last
+                # one, gRPC closes this generator at that yield and nothing after it runs: so the
+                # answers count as sent as they are handed over, not after.
                 if exchange is not None:
                     exchange.sent()
+                for r in out:
+                    yield r
         except _ProtocolError as exc:
             metrics.STREAM_ERRORS.labels("INVALID_ARGUMENT").inc()
             log.warning("stream_protocol_error", error=str(exc), request_id=exchange.info.request_id if exchange else "")

@@ -262,3 +262,28 @@ async def test_a_normal_stream_is_neither_abandoned_nor_an_error(service):
     assert metrics.STREAMS_ABANDONED._value.get() == abandoned
     assert sum(s.value for m in metrics.STREAM_ERRORS.collect() for s in m.samples) == errors
     assert director.pool.tickets.outstanding() == 2  # both held until Envoy reports them
+
+
+
+@pytest.mark.parametrize("mode", ["BUFFERED", "FULL_DUPLEX_STREAMED"])
+async def test_a_stream_closed_right_after_its_answer_keeps_the_request_in_flight(service, mode):
+    """Envoy closes the stream as soon as it has what it expects, and gRPC then closes the
+    handler at the yield that handed the answer over (seen through Envoy: one request in six).
+    The answer went out: the request stays held until the access log reports it."""
+    from extproc.handlers import ExternalProcessor
+
+    director, _ = service
+    abandoned = metrics.STREAMS_ABANDONED._value.get()
+
+    async def requests():
+        yield headers(mode=mode)
+        yield body(chat(f"closed right after the answer {mode}"), True)
+
+    handler = ExternalProcessor(director).Process(requests(), None)
+    async for r in handler:
+        common = r.request_headers.response if r.HasField("request_headers") else r.request_body.response
+        if common.header_mutation.set_headers:
+            break  # the decision was handed over; now gRPC closes the handler here
+    await handler.aclose()
+    assert director.pool.tickets.outstanding() == 1
+    assert metrics.STREAMS_ABANDONED._value.get() == abandoned

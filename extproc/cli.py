@@ -16,7 +16,7 @@ from typing import Any, NoReturn, Sequence
 
 import orjson
 
-from .config import HEALTH, LOGS, OPTIONS, PAYLOAD, POLICY, SECURITY, SERVICE, ConfigError, build, flag_name, help_text
+from .config import HEALTH, LOGS, OPTIONS, PAYLOAD, POLICY, SECURITY, SERVICE, SYNC, ConfigError, build, flag_name, help_text
 
 DESCRIPTION = """\
 Envoy ext_proc service that pins each LLM request to the SGLang router whose workers most likely
@@ -42,6 +42,7 @@ GROUP_TITLES = {
     HEALTH: "upstream health",
     POLICY: "policy (flags marked 'as sglang-router' share its cache_aware names and 0.3.2 defaults)",
     PAYLOAD: "payload",
+    SYNC: "replicas (README: Several replicas)",
     LOGS: "logs",
 }
 
@@ -201,6 +202,7 @@ def admin_call(args: dict) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(parser().parse_args(argv))
     command = args.pop("command")
     if command != "serve":
@@ -221,6 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cfg.upstreams and not cfg.upstreams_file:
         sys.stderr.write("prefix-router: error: --upstream: at least one upstream is required (or PREFIX_ROUTER_UPSTREAMS, or --upstreams-file)\n")
         return 2
+    if cfg.processes > 1:
+        from . import processes
+
+        try:
+            return processes.run(cfg, argv[argv.index("serve") + 1:])
+        except (ConfigError, OSError) as exc:
+            sys.stderr.write(f"prefix-router: error: {exc}\n")
+            return 2
     logs.configure(cfg.log_level, cfg.log_format)
     try:
         # A reload re-reads the environment and the config file under the same flags.

@@ -125,6 +125,24 @@ def _path(v: Any) -> str:
     return s
 
 
+def _nats_urls(v: Any) -> str:
+    urls = [u.strip() for u in str(v).split(",") if u.strip()]
+    if not urls:
+        raise ValueError("must name a NATS server like nats://127.0.0.1:4222")
+    for u in urls:
+        scheme, sep, rest = u.partition("://")
+        if not sep or scheme not in ("nats", "tls") or not rest:
+            raise ValueError(f"{u!r} is not a NATS URL like nats://HOST:PORT or tls://HOST:PORT")
+    return ",".join(urls)
+
+
+def _subject(v: Any) -> str:
+    s = str(v).strip()
+    if not s or not all(c.isalnum() or c in "-_." for c in s) or s.startswith(".") or s.endswith(".") or ".." in s:
+        raise ValueError(f"must be a NATS subject of letters, digits, '-', '_' and '.', got {v!r}")
+    return s
+
+
 def _bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -145,7 +163,8 @@ def opt(
                  metadata={"convert": convert, "help": help, "group": group, "metavar": metavar, "sglang": sglang})
 
 
-SERVICE, SECURITY, HEALTH, POLICY, PAYLOAD, LOGS = "service", "security", "upstream health", "policy", "payload", "logs"
+SERVICE, SECURITY, HEALTH, POLICY, PAYLOAD, SYNC, LOGS = (
+    "service", "security", "upstream health", "policy", "payload", "replicas", "logs")
 DAY = 86400.0  # the longest any interval or timeout may be
 
 
@@ -164,7 +183,7 @@ class Config:
     grpc_reflection: bool = opt(False, _bool, "serve gRPC server reflection on the gRPC port (off: peers learn nothing they need not)", SECURITY)
     admin_listen: str = opt("127.0.0.1:9464", _listen, "HTTP /metrics, /healthz, /readyz (read-only)", SERVICE, metavar="HOST:PORT")
     admin_grpc_listen: str = opt(
-        "127.0.0.1:9465", _listen, "the admin gRPC API (prefix-router upstreams, explain, tree, config); served only with --admin-token-file",
+        "127.0.0.1:9564", _listen, "the admin gRPC API (prefix-router upstreams, explain, tree, config); served only with --admin-token-file",
         SERVICE, metavar="HOST:PORT",
     )
     admin_token_file: str | None = opt(
@@ -254,6 +273,28 @@ class Config:
         "bodies opening more JSON objects and arrays than this (counted by a byte scan, before parsing) are routed "
         "by load alone: parsing stays under ~15 ms of the event loop", PAYLOAD, metavar="N",
     )
+    sync_url: str | None = opt(
+        None, _nats_urls,
+        "share the routing view with the other replicas through this NATS server (nats://HOST:PORT or tls://, "
+        "comma-separated for a cluster); none: the service runs alone", SYNC, metavar="URL",
+    )
+    sync_subject: str = opt("prefix-router", _subject, "the NATS subject prefix the replicas of one deployment share", SYNC, metavar="NAME")
+    sync_token_file: str | None = opt(None, _text, "a file holding the NATS token", SYNC, metavar="FILE")
+    sync_creds_file: str | None = opt(None, _text, "a NATS credentials file (user JWT and NKEY seed)", SYNC, metavar="FILE")
+    sync_nkey_seed_file: str | None = opt(None, _text, "a file holding an NKEY seed to authenticate with", SYNC, metavar="FILE")
+    sync_tls_ca: str | None = opt(None, _text, "verify the NATS server's certificate with this CA (PEM)", SYNC, metavar="FILE")
+    sync_tls_cert: str | None = opt(None, _text, "a client certificate for NATS (PEM), with --sync-tls-key", SYNC, metavar="FILE")
+    sync_tls_key: str | None = opt(None, _text, "the private key of --sync-tls-cert (PEM)", SYNC, metavar="FILE")
+    sync_heartbeat_secs: float = opt(1.0, _number(float, 0.01, 60.0), "a replica tells its in-flight counts at least this often", SYNC, metavar="S")
+    sync_peer_timeout_secs: float = opt(
+        3.0, _number(float, 0.05, 3600.0), "a peer silent this long is dropped with its in-flight counts", SYNC, metavar="S")
+    sync_max_pending: int = opt(
+        65536, _number(int, 16, 1 << 24),
+        "events a replica may hold unsent, and peers' messages it may hold unapplied; more are dropped and counted", SYNC, metavar="N")
+    processes: int = opt(
+        1, _number(int, 1, 256),
+        "serve: start N replicas, each on the next port of every listener (--grpc-listen 50051 gives 50051..50050+N); "
+        "they share one view through --sync-url, or through a nats-server started for them", SYNC, metavar="N")
     log_level: str = opt("info", _choice(("debug", "info", "warning", "error")), "debug, info, warning or error (debug logs each decision)", LOGS, metavar="LEVEL")
     log_format: str = opt("auto", _choice(("auto", "json", "console")), "json, console, or auto (console on a terminal)", LOGS, metavar="FMT")
     log_prompts: bool = opt(False, _bool, "include routing text in debug logs (off: prompts are private)", LOGS)
@@ -261,7 +302,8 @@ class Config:
 
     # Settings a reload cannot change (the listeners are bound once, with their credentials).
     FIXED = ("grpc_listen", "admin_listen", "admin_grpc_listen", "grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca",
-             "grpc_reflection", "admin_token_file")
+             "grpc_reflection", "admin_token_file", "sync_url", "sync_subject", "sync_token_file", "sync_creds_file",
+             "sync_nkey_seed_file", "sync_tls_ca", "sync_tls_cert", "sync_tls_key", "sync_max_pending", "processes")
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(
@@ -405,6 +447,10 @@ def _check_together(cfg: Config) -> None:
         raise ConfigError("--grpc-tls-cert and --grpc-tls-key go together")
     if cfg.grpc_tls_client_ca and not cfg.grpc_tls_cert:
         raise ConfigError("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
+    if bool(cfg.sync_tls_cert) != bool(cfg.sync_tls_key):
+        raise ConfigError("--sync-tls-cert and --sync-tls-key go together")
+    if cfg.sync_peer_timeout_secs <= cfg.sync_heartbeat_secs:
+        raise ConfigError("--sync-peer-timeout-secs must be longer than --sync-heartbeat-secs")
 
 
 README_BEGIN, README_END = "<!-- flags:begin (python -m extproc.config) -->\n", "\n<!-- flags:end -->"

@@ -25,6 +25,8 @@ from .config import Config
 from .payload import RoutingInput, routing_input
 from .policy import Decision, decide, least_loaded
 from .pool import Pool
+from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
+from .syncwire import REPLICA_ID, Event, SnapshotRecord
 from .tree import RadixTree
 
 log = logs.get("prefix_router.director")
@@ -81,7 +83,14 @@ class Director:
     def __init__(self, cfg: Config, seed: int | None = None) -> None:
         self.cfg = cfg
         self.policy = cfg.policy()
-        self.pool = Pool(cfg.inflight_timeout_secs, cfg.lost_report_grace_secs)
+        self.replica_id = new_replica_id()
+        self.epoch = new_epoch()
+        self.pool = Pool(cfg.inflight_timeout_secs, cfg.lost_report_grace_secs, ticket_prefix=self.replica_id)
+        # Other replicas' counts (their sum feeds the pool's loads), and what to tell them: the
+        # outbox exists only when a sync link is configured (:meth:`share`).
+        self.peers = Peers(cfg.sync_peer_timeout_secs)
+        self.pool.peer_counts = self.peers.totals
+        self.outbox: Outbox | None = None
         self.tree = RadixTree(cfg.max_partitions)
         self.rng = random.Random(seed)
         self.held_body_bytes = 0  # what duplex streams hold while their bodies arrive (handlers)
@@ -95,6 +104,7 @@ class Director:
         self.pool.tickets.timeout = cfg.inflight_timeout_secs
         self.pool.tickets.grace = cfg.lost_report_grace_secs
         self.tree.max_partitions = cfg.max_partitions
+        self.peers.timeout = cfg.sync_peer_timeout_secs
 
     # -- what the handlers need to know, read per request so that a reload takes effect ----------
 
@@ -142,6 +152,8 @@ class Director:
             log.exception("decision_failed", request_id=info.request_id)
             decision = Decision(least_loaded(loads, self.policy.tie_break, self.rng), "fallback")
         info.ticket = self.pool.tickets.issue(decision.upstream, time.monotonic())
+        if self.outbox is not None:
+            self.outbox.changed()
         elapsed = time.perf_counter() - started
         metrics.DECISIONS.labels(decision.reason).inc()
         metrics.DECISION_SECONDS.observe(elapsed)
@@ -182,10 +194,15 @@ class Director:
         at the budget nothing new is learnt and the sweeper is woken to make room."""
         if not text:
             return
+        if self.outbox is not None:
+            self.outbox.place(partition, text, upstream)
+        self._insert(partition, text, upstream, time.monotonic())
+
+    def _insert(self, partition: str, text: str, upstream: str, when: float) -> None:
         budget = self.cfg.max_tree_size
         tree = self.tree
         dropped = tree.partitions_dropped
-        if not tree.insert(partition, text, upstream, time.monotonic(), limit=budget):
+        if not tree.insert(partition, text, upstream, when, limit=budget):
             metrics.INSERTS_REFUSED.inc()
         if tree.held(upstream) >= budget:
             self.wake_sweeper()
@@ -195,12 +212,16 @@ class Director:
     def reports_lost(self) -> None:
         """An access-log stream from Envoy ended: the reports of requests in flight may be lost."""
         self.pool.tickets.reports_lost(time.monotonic())
+        if self.outbox is not None:  # the reports of peers' requests may have gone with them
+            self.outbox.reports_lost()
         log.warning("access_log_stream_lost", outstanding=self.pool.tickets.outstanding(), grace_secs=self.cfg.lost_report_grace_secs)
 
     def abandoned(self, info: RequestInfo) -> None:
         """The stream ended before the decision reached Envoy: no finish report will come."""
         if info.ticket:
             self.pool.tickets.release(info.ticket)
+            if self.outbox is not None:
+                self.outbox.changed()
 
     def finished(self, ticket: str, outcome: Outcome) -> bool:
         """Envoy reported a request finished, with its ``outcome`` for the router.
@@ -209,12 +230,23 @@ class Director:
         and its outcome counts for the upstream's health: a refused connection ejects at once (the
         router is down), other failures after ``ejection_failure_threshold`` in a row (one 503 is
         no verdict on a router). Anything else (an unknown, forged or already released ticket)
-        changes nothing and returns False.
+        changes nothing and returns False. With replicas sharing a view (Envoy sends its access log
+        to any of them), a ticket another replica issued is sent on to it.
         """
+        return self._finish(ticket, outcome, forward=True)
+
+    def _finish(self, ticket: str, outcome: Outcome, forward: bool) -> bool:
         address = self.pool.tickets.release(ticket)
         if address is None:
+            owner = ticket[:16]
+            if forward and self.outbox is not None and owner != self.replica_id and REPLICA_ID.fullmatch(owner):
+                self.outbox.finish(ticket, outcome.value)
+                metrics.FORWARDED_FINISHES.inc()
+                return True
             metrics.UNKNOWN_TICKETS.inc()
             return False
+        if self.outbox is not None:
+            self.outbox.changed()
         up = self.pool.upstreams.get(address)
         if up is None:  # removed from the pool since
             return True
@@ -228,6 +260,72 @@ class Director:
         else:
             up.succeeded()
         return True
+
+    # -- the other replicas (extproc.sync carries the messages) ----------------------------------
+
+    def share(self) -> Outbox:
+        """Start telling peers what happens here; returns the outbox the sync link drains."""
+        self.outbox = Outbox(self.cfg.sync_max_pending)
+        return self.outbox
+
+    def counts(self) -> dict[str, int]:
+        """This replica's own in-flight count per upstream (what it reports to its peers)."""
+        return dict(self.pool.tickets.counts)
+
+    def apply(self, ev: Event, *, placements: bool = True) -> tuple[Seen, int]:
+        """A peer's event: its counts join the loads, its placements the tree (for upstreams in
+        this pool only, within the budget), its finish reports for this replica's tickets act as
+        if Envoy had sent them here. Returns how the event follows the peer's last, and how many
+        of its events were missed. ``placements=False``: a snapshot already holds them."""
+        seen, missed = self.peers.observe(ev.replica, ev.epoch, ev.seq, ev.counts, time.monotonic())
+        if seen is Seen.OLD:
+            return seen, 0
+        now = time.monotonic()
+        if placements:
+            self.learn_from(ev)
+        for ticket, outcome in ev.finishes:
+            if ticket.startswith(self.replica_id):
+                self._finish(ticket, Outcome(outcome), forward=False)
+        if ev.lost:
+            self.pool.tickets.reports_lost(now)
+        return seen, missed
+
+    def learn_from(self, ev: Event) -> None:
+        """Insert a peer's placements, for upstreams in this pool only, within the budget."""
+        now = time.monotonic()
+        for p in ev.placements:
+            if p.upstream in self.pool:
+                self._insert(p.partition, p.text, p.upstream, now)
+            else:
+                metrics.SYNC_REJECTED.labels("unknown_upstream").inc()
+        metrics.SYNC_PLACEMENTS.labels("received").inc(len(ev.placements))
+
+    def expire_peers(self) -> list[str]:
+        """Drop peers silent past ``sync_peer_timeout_secs``, with their counts."""
+        gone = self.peers.expire(time.monotonic())
+        if gone:
+            metrics.SYNC_PEERS_EXPIRED.inc(len(gone))
+            log.warning("peers_expired", replicas=gone)
+        return gone
+
+    def snapshot_records(self) -> Iterator[SnapshotRecord | None]:
+        """The tree as (partition, text, [(upstream, age in ms)]), with ``None`` where the caller
+        may let decisions run."""
+        now = time.monotonic()
+        for item in self.tree.branch_ends():
+            if item is None:
+                yield None
+                continue
+            partition, text, ends = item
+            yield partition, text, [(t, max(0, int((now - at) * 1000))) for t, at in ends.items()]
+
+    def load_record(self, rec: SnapshotRecord) -> None:
+        """One line of a peer's snapshot; upstreams outside this pool are skipped."""
+        partition, text, tenants = rec
+        now = time.monotonic()
+        for upstream, age_ms in tenants:
+            if upstream in self.pool:
+                self._insert(partition, text[: self.cfg.max_routing_chars], upstream, now - age_ms / 1000)
 
     # -- the pool --------------------------------------------------------------------------------
 

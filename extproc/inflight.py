@@ -11,7 +11,8 @@ the at-risk tickets still open ``grace`` seconds after the loss: counts reconcil
 bound instead of the timeout, at the price of forgetting a request that outlives the grace. As a
 last resort any ticket older than the timeout is released, so that no lost report can leave a
 count high forever.
-Tickets are 128 random bits: nobody can guess one to release or fail another request.
+Tickets are 128 random bits (after the issuing replica's id): nobody can guess one to release or
+fail another request.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import secrets
 class Tickets:
     """Outstanding tickets and the count each upstream has in flight."""
 
-    __slots__ = ("timeout", "grace", "_open", "counts", "_losses")
+    __slots__ = ("timeout", "grace", "_open", "counts", "_losses", "prefix")
 
-    def __init__(self, timeout: float, grace: float | None = None) -> None:
+    def __init__(self, timeout: float, grace: float | None = None, prefix: str = "") -> None:
+        self.prefix = prefix  # the replica's id: any replica can tell whose ticket it holds
         self.timeout = timeout
         self.grace = timeout if grace is None else grace
         self._open: dict[str, tuple[str, float]] = {}  # ticket -> (upstream, issued at), oldest first
@@ -32,7 +34,7 @@ class Tickets:
         self._losses: list[float] = []  # when reports were lost, oldest first
 
     def issue(self, upstream: str, now: float) -> str:
-        ticket = secrets.token_urlsafe(16)
+        ticket = self.prefix + secrets.token_urlsafe(16)
         self._open[ticket] = (upstream, now)
         self.counts[upstream] = self.counts.get(upstream, 0) + 1
         return ticket

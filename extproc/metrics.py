@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
-from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -56,6 +56,26 @@ UPSTREAMS_REFUSED = Counter(
 )
 ADMIN_DENIED = Counter("prefix_router_admin_denied", "Admin API calls refused for a missing or wrong token")
 RELOADS = Counter("prefix_router_config_reloads", "Configuration reloads by result", ["result"])
+
+# -- replicas sharing their view (--sync-url) -------------------------------------------------------
+SYNC_MESSAGES = Counter("prefix_router_sync_messages", "Sync events sent and received", ["direction"])
+SYNC_BYTES = Counter("prefix_router_sync_bytes", "Bytes of sync events sent and received", ["direction"])
+SYNC_PLACEMENTS = Counter("prefix_router_sync_placements", "Placements shared with peers (sent) and applied from them (received)", ["direction"])
+SYNC_REJECTED = Counter("prefix_router_sync_rejected", "Sync messages or items dropped as malformed or foreign, by reason", ["reason"])
+SYNC_DROPPED = Counter(
+    "prefix_router_sync_dropped",
+    "What could not be shared: placements or finish reports past --sync-max-pending (outbox), messages that failed to publish "
+    "(publish), events lost by a slow subscriber (slow_consumer)", ["reason"],
+)
+SYNC_MISSED = Counter("prefix_router_sync_missed_events", "Peers' events never received (gaps in their sequence numbers): the view diverged")
+SYNC_UNSHARED = Counter("prefix_router_sync_unshared_placements", "Placements decided while the sync link was down (the view diverged)")
+SYNC_PEERS_EXPIRED = Counter("prefix_router_sync_peers_expired", "Peers dropped (with their in-flight counts) after --sync-peer-timeout-secs of silence")
+SYNC_SNAPSHOTS = Counter("prefix_router_sync_snapshots", "Snapshots served to peers and loaded from them, by result", ["role", "result"])
+SYNC_CONNECTED = Gauge("prefix_router_sync_connected", "1 while the sync link to NATS is up (0 when down or not configured)")
+SYNC_PEERS = Gauge("prefix_router_sync_peers", "Peers heard from within --sync-peer-timeout-secs")
+FORWARDED_FINISHES = Counter(
+    "prefix_router_finishes_forwarded", "Access-log entries for another replica's ticket, sent on to it through the sync link"
+)
 
 
 class StateCollector(Collector):

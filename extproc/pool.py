@@ -1,4 +1,5 @@
-"""The upstream pool: the configured SGLang routers in registry order and their in-flight counts.
+"""The upstream pool: the configured SGLang routers in registry order and their in-flight counts
+(this replica's tickets plus what its peers report).
 
 Health lives in :mod:`extproc.upstream`, tickets in :mod:`extproc.inflight`; the pool only keeps
 them together so that a load snapshot is one dictionary read per upstream.
@@ -11,11 +12,14 @@ from .upstream import Upstream
 
 
 class Pool:
-    __slots__ = ("upstreams", "tickets")
+    __slots__ = ("upstreams", "tickets", "peer_counts")
 
-    def __init__(self, inflight_timeout: float, lost_report_grace: float | None = None) -> None:
+    def __init__(self, inflight_timeout: float, lost_report_grace: float | None = None, ticket_prefix: str = "") -> None:
         self.upstreams: dict[str, Upstream] = {}
-        self.tickets = Tickets(inflight_timeout, lost_report_grace)
+        self.tickets = Tickets(inflight_timeout, lost_report_grace, ticket_prefix)
+        # In flight per upstream on the other replicas (their last reports, summed), kept by
+        # :class:`extproc.replicas.Peers`; empty when the service runs alone.
+        self.peer_counts: dict[str, int] = {}
 
     def set_addresses(self, addresses: list[str]) -> list[str]:
         """Replace the pool, keeping the state of upstreams that stay. Returns the removed ones."""
@@ -28,9 +32,11 @@ class Pool:
         return address in self.upstreams
 
     def loads(self) -> dict[str, int]:
-        """In-flight per healthy upstream, in registry order."""
-        counts = self.tickets.counts
-        return {a: counts.get(a, 0) for a, u in self.upstreams.items() if u.healthy}
+        """In-flight per healthy upstream (this replica's and its peers'), in registry order."""
+        counts, peers = self.tickets.counts, self.peer_counts
+        if not peers:
+            return {a: counts.get(a, 0) for a, u in self.upstreams.items() if u.healthy}
+        return {a: counts.get(a, 0) + peers.get(a, 0) for a, u in self.upstreams.items() if u.healthy}
 
     def inflight(self, address: str) -> int:
-        return self.tickets.counts.get(address, 0)
+        return self.tickets.counts.get(address, 0) + self.peer_counts.get(address, 0)

@@ -4,7 +4,8 @@
   ext_proc, the access-log receiver, grpc.health.v1, reflection only when asked for.
 - HTTP on ``--admin-listen`` (127.0.0.1): /metrics, /healthz, /readyz.
 - gRPC on ``--admin-grpc-listen`` (127.0.0.1): the project's admin API (protos/), only with a token.
-- Tasks: tree eviction, in-flight expiry, active health checks, upstream discovery, reloads.
+- Tasks: tree eviction, in-flight expiry, active health checks, upstream discovery, reloads, and
+  with ``--sync-url`` the sync link to the other replicas (:mod:`extproc.sync`).
 
 Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING and the service keeps serving for
 ``shutdown_delay_secs`` (Envoy's health check moves new streams away), then stops accepting; streams
@@ -33,6 +34,7 @@ from .director import Director
 from .discovery import Discovery
 from .handlers import ExternalProcessor
 from .health import HealthChecker
+from .sync import SyncLink
 from .addresses import AddressError
 
 log = logs.get("prefix_router.server")
@@ -112,6 +114,7 @@ class Service:
         self.admin = Admin(self.director)
         self.receiver = AccessLogReceiver(self.director)
         self.health = EnvoyWatch(self.director)
+        self.sync = SyncLink(self.director, cfg) if cfg.sync_url else None
         self.grpc: grpc.aio.Server | None = None
         self.admin_grpc: grpc.aio.Server | None = None
         self.ports: dict[str, int] = {}
@@ -148,6 +151,8 @@ class Service:
         for name in ("", EXT_PROC_SERVICE, ALS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         metrics.register_state(self.director.upstreams)
+        if self.sync is not None:
+            await self.sync.start()
         self._config_applied = self._config_signature()
         self._tasks = [
             asyncio.create_task(self._evict_forever()),
@@ -262,6 +267,9 @@ class Service:
             await self.grpc.stop(grace=cfg.drain_timeout_secs)
         if self.admin_grpc is not None:
             await self.admin_grpc.stop(grace=1.0)
+        if self.sync is not None:  # after the streams: their last finish reports still go out
+            await self.sync.send()
+            await self.sync.stop()
         await self.admin.stop()
         log.info("stopped")
 

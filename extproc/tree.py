@@ -304,3 +304,29 @@ class RadixTree:
     def _linked(n: Node) -> bool:
         parent = n.parent
         return parent is not None and parent.children.get(n.text[0]) is n
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def branch_ends(self, step: int = 256) -> Iterator[tuple[str, str, dict[str, float]] | None]:
+        """Every place where a tenant's branch ends, as (partition, text from the root, {tenant:
+        last access}): inserting these texts for these tenants rebuilds what the tree knows.
+        Yields ``None`` after every ``step`` nodes, so that a caller can let decisions run; the
+        tree may change in between (what changes is then either in the walk or not, never torn)."""
+        work = 0
+        for partition, root in list(self._roots.items()):
+            stack: list[tuple[Node, str]] = [(c, c.text) for c in root.children.values()]
+            while stack:
+                n, path = stack.pop()
+                if n.parent is None:  # removed since it was stacked
+                    continue
+                kids = list(n.children.values())
+                below: set[str] = set()
+                for c in kids:
+                    below.update(c.tenants)
+                    stack.append((c, path + c.text))
+                ends = {t: at for t, at in n.tenants.items() if t not in below}
+                if ends:
+                    yield partition, path, ends
+                work += 1
+                if work % step == 0:
+                    yield None

@@ -20,14 +20,17 @@ def test_same_parts_same_commands():
         for w in range(len(ports)):
             want[f"fake-worker-{r}-{w}"] = s.worker_argv(r, w)
         want[f"sglang-router-{r}"] = s.router_argv(r)
-    argv = s.service_argv(0)
-    i = argv.index("--admin-token-file")
-    want["prefix-router"] = argv[:i] + argv[i + 2 :]  # compose leaves the admin API off (see its comments)
+    for r in range(len(s.ports.services)):
+        argv = s.service_argv(r)
+        i = argv.index("--admin-token-file")
+        want[f"prefix-router-{r}"] = argv[:i] + argv[i + 2 :]  # compose leaves the admin API off (see its comments)
+    want["nats"] = s.nats_argv()
     want["envoy"] = s.envoy_argv("/etc/envoy/envoy.yaml")
     assert set(COMPOSE) == set(want)
     for name, argv in want.items():
         assert COMPOSE[name]["command"] == argv, name
         assert COMPOSE[name]["network_mode"] == "host", name
+    assert "--sync-url" in want["prefix-router-0"] and len(s.ports.services) == 2  # make run's two replicas, synced
 
 
 def test_envoy_uses_the_shipped_config_with_the_stack_ports():
@@ -49,7 +52,7 @@ def test_image_is_built_from_the_project_without_envoy():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY extproc" in dockerfile and 'ENTRYPOINT ["python"]' in dockerfile
     assert "'.[sglang]'" in dockerfile and "envoy" not in dockerfile.split("RUN", 1)[1].split("\n")[0]
-    assert all(COMPOSE[n].get("build") == "." for n in COMPOSE if n != "envoy")
+    assert all(COMPOSE[n].get("build") == "." for n in COMPOSE if n not in ("envoy", "nats"))
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("*") + 1 :][:3] == ["!pyproject.toml", "!README.md", "!extproc/"]  # no .venv in the context
 
@@ -63,11 +66,13 @@ def test_every_part_is_health_checked_and_started_after_what_it_needs():
     checks = {
         **{f"fake-worker-{r}-{w}": f"http://127.0.0.1:{p}/health" for r, ps in enumerate(s.ports.workers) for w, p in enumerate(ps)},
         **{f"sglang-router-{r}": f"http://127.0.0.1:{p}/health" for r, p in enumerate(s.ports.routers)},
-        "prefix-router": f"http://127.0.0.1:{_port_of(s.service_argv(0), '--admin-listen')}/readyz",
+        **{f"prefix-router-{i}": f"http://127.0.0.1:{_port_of(s.service_argv(i), '--admin-listen')}/readyz" for i in range(2)},
+        "nats": f"http://127.0.0.1:{s.ports.nats_monitor}/healthz",
     }
     for name, url in checks.items():
-        assert f"'{url}'" in COMPOSE[name]["healthcheck"]["test"][-1], name
+        assert url in COMPOSE[name]["healthcheck"]["test"][-1], name
     for name, svc in COMPOSE.items():
         for dep, how in svc.get("depends_on", {}).items():
             assert how == {"condition": "service_healthy"} and "healthcheck" in COMPOSE[dep], (name, dep)
-    assert set(COMPOSE["envoy"]["depends_on"]) == {"prefix-router"}
+    assert set(COMPOSE["envoy"]["depends_on"]) == {"prefix-router-0", "prefix-router-1"}
+    assert "nats" in COMPOSE["prefix-router-1"]["depends_on"]

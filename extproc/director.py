@@ -301,9 +301,13 @@ class Director:
         metrics.SYNC_PLACEMENTS.labels("received").inc(len(ev.placements))
 
     def expire_peers(self) -> list[str]:
-        """Drop peers silent past ``sync_peer_timeout_secs``, with their counts."""
-        gone = self.peers.expire(time.monotonic())
+        """Drop peers silent past ``sync_peer_timeout_secs``, with their counts. The access-log
+        stream Envoy had open to a dead peer may have carried reports of this replica's requests:
+        they are at risk, as when a stream of its own ends (released after the grace)."""
+        now = time.monotonic()
+        gone = self.peers.expire(now)
         if gone:
+            self.pool.tickets.reports_lost(now)
             metrics.SYNC_PEERS_EXPIRED.inc(len(gone))
             log.warning("peers_expired", replicas=gone)
         return gone

@@ -72,6 +72,8 @@ SYNC_UNSHARED = Counter("prefix_router_sync_unshared_placements", "Placements de
 SYNC_PEERS_EXPIRED = Counter("prefix_router_sync_peers_expired", "Peers dropped (with their in-flight counts) after --sync-peer-timeout-secs of silence")
 SYNC_SNAPSHOTS = Counter("prefix_router_sync_snapshots", "Snapshots served to peers and loaded from them, by result", ["role", "result"])
 SYNC_CONNECTED = Gauge("prefix_router_sync_connected", "1 while the sync link to NATS is up (0 when down or not configured)")
+SYNC_WARMING = Gauge(
+    "prefix_router_sync_warming", "1 while a starting replica waits for a peer's snapshot (it routes meanwhile, on its own view)")
 SYNC_PEERS = Gauge("prefix_router_sync_peers", "Peers heard from within --sync-peer-timeout-secs")
 FORWARDED_FINISHES = Counter(
     "prefix_router_finishes_forwarded", "Access-log entries for another replica's ticket, sent on to it through the sync link"

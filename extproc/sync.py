@@ -101,6 +101,7 @@ class SyncLink:
     async def start(self) -> None:
         """Start connecting in the background: the service serves at once, alone until NATS answers."""
         connect_options(self.cfg)  # a credentials file that cannot be read stops the start
+        metrics.SYNC_WARMING.set(1)
         self._tasks = [asyncio.create_task(t) for t in (self._run(), self._send_forever(), self._heartbeat_forever(), self._snapshots_forever())]
 
     async def stop(self) -> None:
@@ -153,6 +154,7 @@ class SyncLink:
             return
         self.warming = False
         self.warmed.set()
+        metrics.SYNC_WARMING.set(0)
         while self.buffer:  # those a snapshot held were removed by _load_snapshot
             self.director.learn_from(self.buffer.popleft())
 

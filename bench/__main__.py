@@ -1,9 +1,10 @@
 """`make bench`: every benchmark in turn; each writes its JSON to bench/results/.
 
-Single ones: python -m bench.payload | bench.codec | bench.tree | bench.inflight | bench.eval | bench.sweep | bench.e2e | bench.overhead | bench.attacks
+Single ones: python -m bench.payload | bench.codec | bench.tree | bench.inflight | bench.eval | bench.sweep | bench.e2e | bench.overhead | bench.attacks |
+bench.replicas | bench.replicas_e2e | bench.sync
 """
 
-from . import attacks, codec, e2e, inflight, overhead, payload, sweep, tree
+from . import attacks, codec, e2e, inflight, overhead, payload, replicas, replicas_e2e, sweep, sync, tree
 from . import eval as routing_eval
 
 for name, run in (
@@ -16,6 +17,9 @@ for name, run in (
     ("e2e", e2e.main),
     ("overhead", overhead.main),
     ("attacks", lambda: attacks.main([])),
+    ("replicas", lambda: replicas.main([])),
+    ("sync", sync.main),
+    ("replicas_e2e", replicas_e2e.main),
 ):
     print(f"== {name}", flush=True)
     run()

@@ -312,16 +312,18 @@ class Director:
             log.warning("peers_expired", replicas=gone)
         return gone
 
-    def snapshot_records(self) -> Iterator[SnapshotRecord | None]:
-        """The tree as (partition, text, [(upstream, age in ms)]), with ``None`` where the caller
-        may let decisions run."""
+    def snapshot_records(self, slice_secs: float = 0.002) -> Iterator[SnapshotRecord | None]:
+        """The tree as (partition, text, [(upstream, age in ms)]), with ``None`` about every
+        ``slice_secs``, where the caller lets decisions run."""
         now = time.monotonic()
-        for item in self.tree.branch_ends():
-            if item is None:
+        deadline = time.perf_counter() + slice_secs
+        for item in self.tree.branch_ends(step=64):
+            if item is not None:
+                partition, text, ends = item
+                yield partition, text, [(t, max(0, int((now - at) * 1000))) for t, at in ends.items()]
+            if time.perf_counter() >= deadline:  # the caller's compressing counts too: it runs between our steps
                 yield None
-                continue
-            partition, text, ends = item
-            yield partition, text, [(t, max(0, int((now - at) * 1000))) for t, at in ends.items()]
+                deadline = time.perf_counter() + slice_secs
 
     def load_record(self, rec: SnapshotRecord) -> None:
         """One line of a peer's snapshot; upstreams outside this pool are skipped."""

@@ -41,7 +41,7 @@ from .syncwire import Event, SnapshotReader, WireError, compress_records, decode
 log = logs.get("prefix_router.sync")
 
 CHUNK_BYTES = 256 * 1024  # one snapshot message; NATS allows 1 MB by default
-SNAPSHOT_TIMEOUT_SECS = 30.0  # a whole snapshot; a warm-up gives up after this and runs cold
+SNAPSHOT_TIMEOUT_SECS = 120.0  # a whole snapshot (~12 s to serve at the full default budget, bench.sync); then it runs cold
 RECORDS_PER_SLICE = 256  # snapshot lines loaded between two turns of the event loop
 RETRY_SECS = 1.0
 

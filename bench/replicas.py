@@ -1,0 +1,167 @@
+"""Several replicas of the service, synced or independent, by simulation.
+
+    .venv/bin/python -m bench.replicas           → bench/results/replicas.json (and a README table)
+    .venv/bin/python -m bench.replicas --quick   → one seed, fewer workloads (under a minute)
+
+Envoy spreads ext_proc streams over the replicas: here request i goes to replica i mod N (round
+robin), so a conversation's turns are decided by different replicas. Each replica runs the
+project's own policy code over its own tree and its own in-flight counts:
+
+- ``synced`` (``--sync-url``): a replica's placements and in-flight changes reach its peers
+  ``delay`` seconds later (0, 1, 10, 100 ms), as the sync link delivers them; each replica's load
+  is its own count plus what it has heard of its peers';
+- ``independent``: no sync, each replica sees only its own placements and its own requests.
+
+N = 1 is the single replica both are compared with. Topology, service model and capacity as in
+``bench.eval`` (4 routers x 2 workers, capacity ``eighth``), at twice each workload's own arrival
+speed, so that load matters; three seeds, mean and spread (min..max) reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections import Counter, deque
+
+from extproc.config import DEFAULTS
+from extproc.policy import decide
+from extproc.tree import RadixTree
+
+from .common import write
+from .eval import capacities
+from .sim.engine import ServiceModel, Sim, Topology, prepare
+from .sim.workloads import WORKLOADS
+
+SEEDS = (7, 8, 9)
+REPLICAS = (1, 2, 4, 8)
+DELAYS_MS = (0, 1, 10, 100)
+RATE = 2.0
+
+
+class Replicas:
+    """N replicas of prefix-router's policy, round robin, synced after ``delay`` or not at all."""
+
+    def __init__(self, n: int, delay: float | None) -> None:
+        self.n, self.delay = n, delay  # delay None: independent
+        self.cfg = DEFAULTS.policy()
+        self.trees = [RadixTree() for _ in range(n)]
+        self.own: list[Counter] = [Counter() for _ in range(n)]
+        self.heard: list[Counter] = [Counter() for _ in range(n)]  # peers' counts as heard by each replica
+        self.pending: deque = deque()  # (due, source, kind, payload) in the order sent
+        self.owner: dict[int, int] = {}
+        self.next = 0
+        self.last_reason = ""
+
+    def _deliver(self, now: float) -> None:
+        while self.pending and self.pending[0][0] <= now:
+            _, src, kind, payload = self.pending.popleft()
+            for dst in range(self.n):
+                if dst == src:
+                    continue
+                if kind == "count":
+                    router, delta = payload
+                    self.heard[dst][router] += delta
+                else:
+                    partition, text, router = payload
+                    self.trees[dst].insert(partition, text, router, now)
+
+    def _send(self, now: float, src: int, kind: str, payload) -> None:
+        if self.delay is not None and self.n > 1:
+            self.pending.append((now + self.delay, src, kind, payload))
+
+    def choose(self, p, sim) -> int:
+        self._deliver(sim.now)
+        i = self.next
+        self.next = (self.next + 1) % self.n
+        routers = [str(r) for r in range(len(sim.routers))]
+        loads = {r: self.own[i][r] + self.heard[i][r] for r in routers}
+        d = decide(self.trees[i], loads, p.partition, p.sglang_text, sim.now, self.cfg, sim.rng)
+        self.last_reason = d.reason
+        self.own[i][d.upstream] += 1
+        self.owner[id(p)] = i
+        self._send(sim.now, i, "count", (d.upstream, 1))
+        if p.sglang_text:
+            self._send(sim.now, i, "place", (p.partition, p.sglang_text, d.upstream))
+        return int(d.upstream)
+
+    def finished(self, p, r: int, sim) -> None:
+        self._deliver(sim.now)
+        i = self.owner.pop(id(p))
+        self.own[i][str(r)] -= 1
+        self._send(sim.now, i, "count", (str(r), -1))
+
+
+def run(quick: bool) -> dict:
+    seeds = SEEDS[:1] if quick else SEEDS
+    names = ["multi_turn", "shared_prefix", "taubench"] if quick else list(WORKLOADS)
+    variants = [(1, "single", None)] + [(n, f"synced {d} ms", d / 1000) for n in REPLICAS[1:] for d in DELAYS_MS] + \
+               [(n, "independent", None) for n in REPLICAS[1:]]
+    rows = []
+    for name in names:
+        t0 = time.time()
+        for seed in seeds:
+            prepared = prepare(WORKLOADS[name](random.Random(seed)))
+            cap = capacities(prepared, quick=True)["eighth"]
+            topo = Topology(capacity_tokens=cap)
+            for n, label, delay in variants:
+                upper = Replicas(n, delay if label != "independent" else None)
+                r = Sim(prepared, upper, topo, ServiceModel(), seed=seed, rate_scale=RATE).run()
+                rows.append({"workload": name, "seed": seed, "replicas": n, "variant": label,
+                             "hit_ratio": r["hit_ratio"], "ttft_p90_s": r["ttft_p90_s"], "requests": r["requests"]})
+        print(f"{name}: {time.time() - t0:.1f}s", flush=True)
+    return {"benchmark": "replicas", "seeds": list(seeds), "rate": RATE, "capacity": "eighth", "rows": rows, "summary": summarize(rows)}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per workload, replicas and variant: mean and range over seeds, and the loss against one
+    replica in hit-ratio points (per seed, then averaged)."""
+    out = []
+    keys = dict.fromkeys((r["workload"], r["replicas"], r["variant"]) for r in rows)
+    for w, n, v in keys:
+        mine = [r for r in rows if (r["workload"], r["replicas"], r["variant"]) == (w, n, v)]
+        base = {r["seed"]: r for r in rows if r["workload"] == w and r["replicas"] == 1}
+        loss = [100 * (base[r["seed"]]["hit_ratio"] - r["hit_ratio"]) for r in mine]
+        hits = [r["hit_ratio"] for r in mine]
+        ttft = [r["ttft_p90_s"] for r in mine]
+        out.append({"workload": w, "replicas": n, "variant": v, "hit_ratio_mean": statistics.mean(hits),
+                    "hit_ratio_min": min(hits), "hit_ratio_max": max(hits), "loss_points_mean": statistics.mean(loss),
+                    "loss_points_max": max(loss), "ttft_p90_mean_s": statistics.mean(ttft)})
+    return out
+
+
+def table(result: dict) -> str:
+    """README table: loss in hit-ratio points against one replica (mean over seeds, worst seed)."""
+    s = result["summary"]
+    workloads = list(dict.fromkeys(r["workload"] for r in s))
+    cols = [(n, v) for n in REPLICAS[1:] for v in ("synced 10 ms", "independent")]
+    lines = ["| workload | 1 replica: hit / TTFT p90 s | " + " | ".join(f"{n} {v}" for n, v in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for w in workloads:
+        one = next(r for r in s if r["workload"] == w and r["replicas"] == 1)
+        cells = []
+        for n, v in cols:
+            r = next(r for r in s if (r["workload"], r["replicas"], r["variant"]) == (w, n, v))
+            cells.append(f"{-r['loss_points_mean']:+.1f} (worst {-r['loss_points_max']:+.1f}) / {r['ttft_p90_mean_s']:.2f}")
+        lines.append(f"| {w} | {one['hit_ratio_mean']:.3f} / {one['ttft_p90_mean_s']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.replicas")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    result = run(a.quick)
+    worst = {}
+    for r in result["summary"]:
+        if r["variant"].startswith("synced") and int(r["variant"].split()[1]) <= 10:
+            worst[r["workload"]] = max(worst.get(r["workload"], -1e9), r["loss_points_max"])
+    result["worst_synced_loss_up_to_10ms_points"] = worst
+    print(table(result))
+    print(f"wrote {write('replicas', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

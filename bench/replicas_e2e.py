@@ -1,0 +1,207 @@
+"""Several replicas through the real stack: Envoy, the service replicas, a real nats-server,
+sglang-routers and fake workers.
+
+    .venv/bin/python -m bench.replicas_e2e          → bench/results/replicas_e2e.json  (needs wrk for part 2)
+
+1. **Hit ratio** with 1, 2 and 4 replicas (Envoy spreads the ext_proc streams over them, round
+   robin; 2 and 4 share their view through NATS), the same requests: sessions replayed 8 at a time,
+   each session's turns one after another; the hit ratio is read from the workers' reported
+   ``cached_tokens``. Two seeds per workload; ties are broken at random (the default), so two runs
+   of one seed differ a little too: the spread is reported.
+2. **Throughput and latency**: wrk (one thread, 10 s) through Envoy with 1 and with 2 synced
+   service processes, against Envoy routing directly, at 1 and 16 connections; upstreams that
+   answer at once (a second Envoy), so that the service is what is measured. Also the ext_proc
+   messages per request in each body mode, from Envoy's own counters, and the sync bytes per
+   decision from the service's.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+import orjson
+import yaml
+
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, find_envoy, free_port, http_get, wait_until
+
+from .common import write
+from .overhead import BODY, direct_config, upstream_config, wrk
+from .sim.workloads import WORKLOADS
+
+CASES = {
+    "multi_turn": ({"sessions": 24, "turns": 5}, 6000),
+    "shared_prefix": ({"groups": 8, "prompts": 8}, 8000),
+    "structural_edits": ({"sessions": 16, "turns": 6}, 6000),
+}
+SEEDS = (3, 4)
+REPLICAS = (1, 2, 4)
+CONCURRENCY = 8
+
+
+def replay(stack: Stack, reqs) -> tuple[int, int, int]:
+    """Sessions ``CONCURRENCY`` at a time, turns in order; returns (prompt, cached, failed)."""
+    sessions: dict[str, list] = {}
+    for r in reqs:
+        sessions.setdefault(r.session, []).append(r)
+    client = openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=60)
+
+    def run(turns) -> tuple[int, int, int]:
+        prompt = cached = failed = 0
+        for r in turns:
+            try:
+                out = client.chat.completions.create(model="fake-model", messages=r.messages, tools=r.tools or openai.NOT_GIVEN, max_tokens=4)
+            except openai.APIError:
+                failed += 1
+                continue
+            prompt += out.usage.prompt_tokens
+            cached += out.usage.prompt_tokens_details.cached_tokens
+        return prompt, cached, failed
+
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as ex:
+        results = list(ex.map(run, sessions.values()))
+    return tuple(sum(x[i] for x in results) for i in range(3))
+
+
+def hit_ratios() -> list[dict]:
+    rows = []
+    for name, (kwargs, capacity) in CASES.items():
+        for seed in SEEDS:
+            reqs = WORKLOADS[name](random.Random(seed), **kwargs)
+            for n in REPLICAS:
+                work = Path(tempfile.mkdtemp(prefix=f"bench-replicas-{name}-{n}-"))
+                stack = Stack(Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml",
+                              worker_args=["--capacity-tokens", str(capacity), "--output-tokens", "4"], workdir=work)
+                with stack:
+                    _wait_synced(stack, n)
+                    t = time.time()
+                    prompt, cached, failed = replay(stack, reqs)
+                    spent = time.time() - t
+                    decided = [_metric(stack, i, "prefix_router_decisions_total") for i in range(n)]
+                rows.append({"workload": name, "seed": seed, "replicas": n, "requests": len(reqs), "hit_ratio": cached / prompt,
+                             "failed": failed, "decisions_per_replica": decided, "seconds": spent})
+                print(f"{name} seed {seed} replicas {n}: hit {cached / prompt:.3f}, failed {failed}, decisions per replica {decided}", flush=True)
+    return rows
+
+
+def _metric(stack: Stack, i: int, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, body = http_get(stack.service_admin_url(i) + "/metrics")
+    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples if s.name == name)
+
+
+def _wait_synced(stack: Stack, n: int) -> None:
+    if n > 1:
+        wait_until(lambda: all(_metric(stack, i, "prefix_router_sync_peers") == n - 1 and _metric(stack, i, "prefix_router_sync_warming") == 0
+                               for i in range(n)), 30, "replicas synced")
+
+
+def _envoy_counter(stack: Stack, name: str) -> float:
+    _, body = http_get(f"{stack.admin_url}/stats?filter={name}$")
+    return sum(float(line.rsplit(":", 1)[1]) for line in body.decode().splitlines() if line.strip())
+
+
+def throughput(seconds: int = 10) -> dict:
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk not found: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="bench-replicas-wrk-"))
+    script = work / "post.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {orjson.dumps(BODY.decode()).decode()}\n')
+    ups = [free_port(), free_port()]
+    procs: list[subprocess.Popen] = []
+    stacks: list[Stack] = []
+
+    def envoy(name: str, cfg: dict, admin: int) -> None:
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        procs.append(subprocess.Popen([find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "error", "--concurrency", "1"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_until(lambda: http_get(f"http://{HOST}:{admin}/ready")[1].strip() == b"LIVE", 30, name)
+
+    rows, messages = [], []
+    try:
+        ua = free_port()
+        envoy("upstreams", upstream_config(ua, ups), ua)
+        da, dl = free_port(), free_port()
+        envoy("direct", direct_config(da, dl, ups), da)
+        variants: dict[str, tuple[str, Stack | None]] = {"envoy-direct": (f"http://{HOST}:{dl}/v1/chat/completions", None)}
+        for mode, n in (("duplex", 1), ("duplex", 2), ("buffered", 1)):
+            ports = Ports.free(2, 0, services=n)
+            ports.routers = ups
+            s = Stack(ports, envoy_config=ENVOY_DIR / f"{mode}.yaml", workdir=work / f"{mode}-{n}", service_args=["--health-interval-secs", "5"])
+            if s.sync:
+                s.start_nats()
+            for i in range(n):
+                s.start_service(i)
+            s.start_envoy()
+            _wait_synced(s, n)
+            stacks.append(s)
+            variants[f"envoy+prefix-router {mode} x{n}"] = (f"{s.base_url}/chat/completions", s)
+        for connections in (1, 16):
+            for name, (url, s) in variants.items():
+                wrk(url, connections, 2, script)  # warm up
+                before = _stack_counters(s)
+                rows.append({"path": name, **wrk(url, connections, seconds, script)})
+                after = _stack_counters(s)
+                if s is not None:
+                    d = {k: after[k] - before[k] for k in after}
+                    per = max(1.0, d["requests"])
+                    rows[-1].update({"ext_proc_messages_per_request": (d["sent"] + d["received"]) / per,
+                                     "sync_bytes_sent_per_decision": d["sync_bytes"] / max(1.0, d["decisions"])})
+                print(f"{name:34s} c={connections:<3d} {rows[-1]['rps']:8.0f} req/s  p50 {rows[-1]['p50_ms']:.2f} ms  p99 {rows[-1]['p99_ms']:.2f} ms", flush=True)
+    finally:
+        for s in stacks:
+            s.stop()
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+    base = {r["connections"]: r for r in rows if r["path"] == "envoy-direct"}
+    for r in rows:
+        r["added_p50_ms"] = r["p50_ms"] - base[r["connections"]]["p50_ms"]
+        r["throughput_vs_direct"] = r["rps"] / base[r["connections"]]["rps"]
+    one = next(r for r in rows if r["path"] == "envoy+prefix-router duplex x1" and r["connections"] == 16)
+    two = next(r for r in rows if r["path"] == "envoy+prefix-router duplex x2" and r["connections"] == 16)
+    return {"rows": rows, "two_over_one_processes_at_16": two["rps"] / one["rps"]}
+
+
+def _stack_counters(s: Stack | None) -> dict:
+    if s is None:
+        return {}
+    n = len(s.ports.services)
+    return {"sent": _envoy_counter(s, "ext_proc.stream_msgs_sent"), "received": _envoy_counter(s, "ext_proc.stream_msgs_received"),
+            "requests": _envoy_counter(s, "http.ingress.downstream_rq_completed"),
+            "decisions": sum(_metric(s, i, "prefix_router_decisions_total") for i in range(n)),
+            "sync_bytes": sum(_metric(s, i, "prefix_router_sync_bytes_total") for i in range(n) if n > 1) if n > 1 else 0.0}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for name in CASES:
+        for n in REPLICAS:
+            mine = [r for r in rows if r["workload"] == name and r["replicas"] == n]
+            loss = [100 * (next(b for b in rows if b["workload"] == name and b["seed"] == r["seed"] and b["replicas"] == 1)["hit_ratio"] - r["hit_ratio"]) for r in mine]
+            out.append({"workload": name, "replicas": n, "hit_ratio_mean": statistics.mean(r["hit_ratio"] for r in mine),
+                        "hit_ratio_min": min(r["hit_ratio"] for r in mine), "hit_ratio_max": max(r["hit_ratio"] for r in mine),
+                        "loss_points_mean": statistics.mean(loss), "failed": sum(r["failed"] for r in mine)})
+    return out
+
+
+def main() -> dict:
+    rows = hit_ratios()
+    result = {"benchmark": "replicas_e2e", "seeds": list(SEEDS), "concurrency": CONCURRENCY, "rows": rows, "summary": summarize(rows)}
+    write("replicas_e2e", result)
+    result["throughput"] = throughput()
+    print(f"wrote {write('replicas_e2e', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -57,14 +57,20 @@ def test_stack_command_serves_then_stops_everything_on_sigterm(tmp_path):
         r = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hello"}])
         assert r.system_fingerprint.startswith("worker-")
         # the flags after -- reached the service: at debug it logs each decision
+        def service_logs() -> str:
+            return "".join(p.read_text() for p in tmp_path.glob("service-*.log"))
+
         deadline = time.monotonic() + 5
-        while '"decision"' not in (tmp_path / "service-0.log").read_text() and time.monotonic() < deadline:
+        while '"decision"' not in service_logs() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert '"event": "decision"' in (tmp_path / "service-0.log").read_text()
-        # 4 workers, 2 routers, the service and Envoy run with the workdir as their cwd
-        assert len(_in(tmp_path)) >= 8
+        assert '"event": "decision"' in service_logs()
+        # two service replicas synced through a nats-server of the stack's own
+        assert service_logs().count('"event": "sync_connected"') == 2
+        # 4 workers, 2 routers, NATS, 2 service replicas and Envoy run with the workdir as their cwd
+        assert len(_in(tmp_path)) >= 10
         # a router killed: the stack says so, keeps serving through the rest, and restarts it
         routers = _read_until(proc, "routers ", lines=lines, timeout=10).split("routers ", 1)[1].strip().split(", ")
+        assert "nats://" in _read_until(proc, "share their view through NATS", lines=lines, timeout=10)
         os.kill(_listener(int(routers[0].rsplit(":", 1)[1])), signal.SIGKILL)
         said = _read_until(proc, "router-", "exited", lines=lines, timeout=30)
         assert "the rest keeps serving" in said

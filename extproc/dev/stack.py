@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("service_args", nargs=argparse.REMAINDER, help="-- then flags for prefix-router serve, e.g. -- --log-level debug")
     a = p.parse_args(argv)
     service_args = a.service_args[1:] if a.service_args[:1] == ["--"] else a.service_args
-    ports = Ports.free(2, 2) if a.free_ports else Ports.fixed()
+    ports = Ports.free(2, 2, services=2) if a.free_ports else Ports.fixed()
     workdir = Path(a.workdir).resolve() if a.workdir else None
     if workdir is not None and workdir.is_dir():
         for old in workdir.glob("*.log"):
@@ -537,8 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting the stack; logs in {stack.workdir} (kept after it stops) ...", flush=True)
         stack.start()
         print(f"OpenAI base URL: {stack.base_url}", flush=True)
-        print(f"  Envoy admin {stack.admin_url} · service {HOST}:{ports.services[0]} (metrics {stack.service_admin_url()}/metrics) · routers {', '.join(stack.router_addresses)}", flush=True)
-        print(f"  logs: {stack.workdir}/envoy.log (one JSON line per request), service-0.log (JSON), router-*.log, worker-*.log", flush=True)
+        replicas = " and ".join(f"{HOST}:{p} (metrics {stack.service_admin_url(i)}/metrics)" for i, p in enumerate(ports.services))
+        print(f"  Envoy admin {stack.admin_url} · service replicas {replicas} · routers {', '.join(stack.router_addresses)}", flush=True)
+        if stack.sync:
+            print(f"  the replicas share their view through NATS at {stack.sync_url} (monitoring http://{HOST}:{ports.nats_monitor})", flush=True)
+        print(f"  logs: {stack.workdir}/envoy.log (one JSON line per request), service-*.log (JSON), nats.log, router-*.log, worker-*.log", flush=True)
         print(f"  admin CLI: PREFIX_ROUTER_ADMIN_TOKEN_FILE={stack.admin_token_file} prefix-router upstreams", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         supervise(stack)

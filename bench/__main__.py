@@ -19,7 +19,7 @@ for name, run in (
     ("attacks", lambda: attacks.main([])),
     ("replicas", lambda: replicas.main([])),
     ("sync", sync.main),
-    ("replicas_e2e", replicas_e2e.main),
+    ("replicas_e2e", lambda: replicas_e2e.main([])),
 ):
     print(f"== {name}", flush=True)
     run()

@@ -32,7 +32,7 @@ import yaml
 
 from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, find_envoy, free_port, http_get, wait_until
 
-from .common import write
+from .common import RESULTS, write
 from .overhead import BODY, direct_config, upstream_config, wrk
 from .sim.workloads import WORKLOADS
 
@@ -91,11 +91,12 @@ def hit_ratios() -> list[dict]:
     return rows
 
 
-def _metric(stack: Stack, i: int, name: str) -> float:
+def _metric(stack: Stack, i: int, name: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     _, body = http_get(stack.service_admin_url(i) + "/metrics")
-    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples if s.name == name)
+    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def _wait_synced(stack: Stack, n: int) -> None:
@@ -105,7 +106,7 @@ def _wait_synced(stack: Stack, n: int) -> None:
 
 
 def _envoy_counter(stack: Stack, name: str) -> float:
-    _, body = http_get(f"{stack.admin_url}/stats?filter={name}$")
+    _, body = http_get(f"{stack.admin_url}/stats?filter=^{name}$")
     return sum(float(line.rsplit(":", 1)[1]) for line in body.decode().splitlines() if line.strip())
 
 
@@ -155,7 +156,8 @@ def throughput(seconds: int = 10) -> dict:
                     d = {k: after[k] - before[k] for k in after}
                     per = max(1.0, d["requests"])
                     rows[-1].update({"ext_proc_messages_per_request": (d["sent"] + d["received"]) / per,
-                                     "sync_bytes_sent_per_decision": d["sync_bytes"] / max(1.0, d["decisions"])})
+                                     "sync_bytes_sent_per_decision": d["sync_bytes"] / max(1.0, d["decisions"]),
+                                     "sync_messages_sent_per_decision": d["sync_messages"] / max(1.0, d["decisions"])})
                 print(f"{name:34s} c={connections:<3d} {rows[-1]['rps']:8.0f} req/s  p50 {rows[-1]['p50_ms']:.2f} ms  p99 {rows[-1]['p99_ms']:.2f} ms", flush=True)
     finally:
         for s in stacks:
@@ -176,10 +178,12 @@ def _stack_counters(s: Stack | None) -> dict:
     if s is None:
         return {}
     n = len(s.ports.services)
-    return {"sent": _envoy_counter(s, "ext_proc.stream_msgs_sent"), "received": _envoy_counter(s, "ext_proc.stream_msgs_received"),
+    return {"sent": _envoy_counter(s, "http.ingress.ext_proc.stream_msgs_sent"),
+            "received": _envoy_counter(s, "http.ingress.ext_proc.stream_msgs_received"),
             "requests": _envoy_counter(s, "http.ingress.downstream_rq_completed"),
             "decisions": sum(_metric(s, i, "prefix_router_decisions_total") for i in range(n)),
-            "sync_bytes": sum(_metric(s, i, "prefix_router_sync_bytes_total") for i in range(n) if n > 1) if n > 1 else 0.0}
+            "sync_bytes": sum(_metric(s, i, "prefix_router_sync_bytes_total", direction="sent") for i in range(n)),
+            "sync_messages": sum(_metric(s, i, "prefix_router_sync_messages_total", direction="sent") for i in range(n))}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -194,7 +198,19 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.replicas_e2e")
+    p.add_argument("--throughput-only", action="store_true", help="keep the hit-ratio rows of the last run")
+    a = p.parse_args(argv)
+    if a.throughput_only:
+        result = json.loads((RESULTS / "replicas_e2e.json").read_text())
+        result.pop("machine", None)
+        result["throughput"] = throughput()
+        print(f"wrote {write('replicas_e2e', result)}")
+        return result
     rows = hit_ratios()
     result = {"benchmark": "replicas_e2e", "seeds": list(SEEDS), "concurrency": CONCURRENCY, "rows": rows, "summary": summarize(rows)}
     write("replicas_e2e", result)

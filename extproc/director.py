@@ -257,6 +257,8 @@ class Director:
             if length:
                 metrics.EJECTIONS.labels(address).inc()
                 log.warning("upstream_ejected", upstream=address, seconds=length)
+                if self.outbox is not None:  # the other replicas stop sending there too
+                    self.outbox.eject(address, length)
         else:
             up.succeeded()
         return True
@@ -275,7 +277,7 @@ class Director:
     def apply(self, ev: Event, *, placements: bool = True) -> tuple[Seen, int]:
         """A peer's event: its counts join the loads, its placements the tree (for upstreams in
         this pool only, within the budget), its finish reports for this replica's tickets act as
-        if Envoy had sent them here. Returns how the event follows the peer's last, and how many
+        if Envoy had sent them here, its ejections eject here too. Returns how the event follows the peer's last, and how many
         of its events were missed. ``placements=False``: a snapshot already holds them."""
         seen, missed = self.peers.observe(ev.replica, ev.epoch, ev.seq, ev.counts, time.monotonic())
         if seen is Seen.OLD:
@@ -286,6 +288,11 @@ class Director:
         for ticket, outcome in ev.finishes:
             if ticket.startswith(self.replica_id):
                 self._finish(ticket, Outcome(outcome), forward=False)
+        for address, seconds in ev.ejections:
+            up = self.pool.upstreams.get(address)
+            if up is not None and up.eject_for(seconds, now):
+                metrics.EJECTIONS.labels(address).inc()
+                log.warning("upstream_ejected", upstream=address, seconds=seconds, by_peer=ev.replica)
         if ev.lost:
             self.pool.tickets.reports_lost(now)
         return seen, missed

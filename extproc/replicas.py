@@ -113,12 +113,14 @@ class Peers:
 
 @dataclass
 class Outbox:
-    """What this replica has to tell its peers; ``wake`` is called when something is added
+    """What this replica has to tell its peers (placements, finish reports for their tickets,
+    ejections, lost reports); ``wake`` is called when something is added
     (the link then sends at the end of the event loop's turn, batching a burst)."""
 
     limit: int
     placements: list[Placement] = field(default_factory=list)
     finishes: list[tuple[str, str]] = field(default_factory=list)
+    ejections: list[tuple[str, float]] = field(default_factory=list)
     lost: bool = False
     dirty: bool = False  # counts changed since the last message
     dropped: int = 0  # placements or finishes refused at the limit since the last take
@@ -140,6 +142,11 @@ class Outbox:
             self.finishes.append((ticket, outcome))
         self.changed()
 
+    def eject(self, upstream: str, seconds: float) -> None:
+        if len(self.ejections) < self.limit:
+            self.ejections.append((upstream, seconds))
+        self.changed()
+
     def reports_lost(self) -> None:
         self.lost = True
         self.changed()
@@ -149,7 +156,7 @@ class Outbox:
             self.dirty = True
             self.wake()
 
-    def take(self) -> tuple[list[Placement], list[tuple[str, str]], bool, int]:
-        out = (self.placements, self.finishes, self.lost, self.dropped)
-        self.placements, self.finishes, self.lost, self.dirty, self.dropped = [], [], False, False, 0
+    def take(self) -> tuple[list[Placement], list[tuple[str, str]], bool, int, list[tuple[str, float]]]:
+        out = (self.placements, self.finishes, self.lost, self.dropped, self.ejections)
+        self.placements, self.finishes, self.lost, self.dirty, self.dropped, self.ejections = [], [], False, False, 0, []
         return out

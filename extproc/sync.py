@@ -190,7 +190,7 @@ class SyncLink:
 
     async def send(self) -> int:
         """Send what the outbox holds with the current counts; returns messages sent."""
-        placements, finishes, lost, dropped = self.outbox.take()
+        placements, finishes, lost, dropped, ejections = self.outbox.take()
         if dropped:
             metrics.SYNC_DROPPED.labels("outbox").inc(dropped)
         d = self.director
@@ -202,7 +202,7 @@ class SyncLink:
                 self.seq += 1
             return 0
         max_bytes = max(4096, self.nc.max_payload)
-        messages = encode_events(d.replica_id, d.epoch, self.seq + 1, d.counts(), placements, finishes, lost, max_bytes)
+        messages = encode_events(d.replica_id, d.epoch, self.seq + 1, d.counts(), placements, finishes, lost, max_bytes, ejections)
         for data in messages:
             try:
                 # appends to the client's buffer, written out by its own flusher task

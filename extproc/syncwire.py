@@ -35,6 +35,7 @@ MAX_PARTITION = 128  # characters of a partition key (the service's are 32 hex d
 MAX_ADDRESS = 300
 MAX_TICKET = 64
 MAX_COUNT = 1 << 31
+MAX_EJECTION_SECS = 86400.0
 
 
 class WireError(ValueError):
@@ -61,6 +62,7 @@ class Event:
     placements: tuple[Placement, ...] = ()
     finishes: tuple[tuple[str, str], ...] = ()  # (ticket, outcome)
     lost: bool = False
+    ejections: tuple[tuple[str, float], ...] = ()  # (upstream, seconds)
 
 
 def _head(replica: str, epoch: int, seq: int, counts: dict[str, int], lost: bool) -> bytes:
@@ -72,24 +74,25 @@ def _head(replica: str, epoch: int, seq: int, counts: dict[str, int], lost: bool
 
 def encode_events(
     replica: str, epoch: int, first_seq: int, counts: dict[str, int], placements: list[Placement],
-    finishes: list[tuple[str, str]], lost: bool, max_bytes: int,
+    finishes: list[tuple[str, str]], lost: bool, max_bytes: int, ejections: list[tuple[str, float]] = (),
 ) -> list[bytes]:
     """One or more messages, each at most ``max_bytes``, holding everything given; sequence
     numbers run from ``first_seq``. A placement too long for any message has its text cut to fit:
     a prefix of what an upstream holds is still true of it."""
     out: list[bytes] = []
     seq = first_seq
-    items: list[tuple[str, bytes]] = [("f", orjson.dumps([t, o])) for t, o in finishes]
+    items: list[tuple[str, bytes]] = [("j", orjson.dumps([u, secs])) for u, secs in ejections]
+    items += [("f", orjson.dumps([t, o])) for t, o in finishes]
     for p in placements:
         items.append(("p", _placement_bytes(p, max_bytes // 2)))
     budget = max_bytes - len(_head(replica, epoch, seq, counts, lost)) - 64
-    batch: dict[str, list[bytes]] = {"p": [], "f": []}
+    batch: dict[str, list[bytes]] = {"p": [], "f": [], "j": []}
     size = 0
 
     def flush() -> None:
         nonlocal seq, size, lost
         parts = [_head(replica, epoch, seq, counts, lost)]
-        for key in ("p", "f"):
+        for key in ("p", "f", "j"):
             if batch[key]:
                 parts.append(b',"' + key.encode() + b'":[' + b",".join(batch[key]) + b"]")
                 batch[key] = []
@@ -166,10 +169,16 @@ def decode_event(data: bytes, max_text: int) -> Event:
         if not isinstance(item, list) or len(item) != 2 or item[1] not in OUTCOMES:
             raise WireError("finishes")
         finishes.append((_str(item[0], MAX_TICKET, "finishes"), item[1]))
+    ejections = []
+    for item in _list(m.get("j"), "ejections"):
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], (int, float)) or isinstance(item[1], bool)
+                or not 0 < item[1] <= MAX_EJECTION_SECS):
+            raise WireError("ejections")
+        ejections.append((_str(item[0], MAX_ADDRESS, "ejections"), float(item[1])))
     lost = m.get("x", False)
     if not isinstance(lost, bool):
         raise WireError("lost")
-    return Event(replica, epoch, seq, counts, tuple(placements), tuple(finishes), lost)
+    return Event(replica, epoch, seq, counts, tuple(placements), tuple(finishes), lost, tuple(ejections))
 
 
 def _list(v: object, reason: str) -> list:

@@ -68,6 +68,16 @@ class Upstream:
         self.ejected, self.ejected_until = True, now + length
         return length
 
+    def eject_for(self, seconds: float, now: float) -> bool:
+        """A peer replica ejected this router after failures on its traffic: out for as long
+        (the same back-off, counted once); False when already out."""
+        if self.ejected:
+            return False
+        self.traffic_failures = 0
+        self.ejections += 1
+        self.ejected, self.ejected_until = True, now + seconds
+        return True
+
     def succeeded(self) -> None:
         """A request finished well: failures in a row start again from zero, and the next
         ejection from the base back-off."""

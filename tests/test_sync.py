@@ -152,13 +152,16 @@ async def test_an_access_log_entry_received_by_another_replica_releases_the_owne
         await lb.stop()
 
 
-async def test_a_refused_connection_reported_to_another_replica_ejects_on_the_owner(nats_server):
+async def test_a_refused_connection_reported_to_another_replica_ejects_on_every_replica(nats_server):
     (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
     await started(la, lb)
     try:
         up, info = route(a, body("eject me " * 50))
         b.finished(info.ticket, Outcome.REFUSED)
         await until(lambda: a.pool.upstreams[up].ejected)
+        # and A tells B: the next request B decides does not go there either
+        await until(lambda: b.pool.upstreams[up].ejected)
+        assert up not in b.pool.loads()
     finally:
         await la.stop()
         await lb.stop()

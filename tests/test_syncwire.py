@@ -17,12 +17,13 @@ RID = "0123456789abcdef"
 def test_events_round_trip_and_split_to_fit_the_payload_limit():
     placements = [Placement("p", "10.0.0.1:80", f"text {i} " * 200) for i in range(100)]
     finishes = [(RID + "t" * 22, "failed")]
-    msgs = encode_events(RID, 7, 10, {"10.0.0.1:80": 3}, placements, finishes, True, max_bytes=16 * 1024)
+    msgs = encode_events(RID, 7, 10, {"10.0.0.1:80": 3}, placements, finishes, True, max_bytes=16 * 1024, ejections=[("10.0.0.2:80", 2.0)])
     assert len(msgs) > 5 and all(len(m) <= 16 * 1024 for m in msgs)
     evs = [decode_event(m, 1 << 20) for m in msgs]
     assert [e.seq for e in evs] == list(range(10, 10 + len(msgs)))
     assert [p for e in evs for p in e.placements] == placements
     assert [f for e in evs for f in e.finishes] == finishes
+    assert [j for e in evs for j in e.ejections] == [("10.0.0.2:80", 2.0)]
     assert [e.lost for e in evs] == [True] + [False] * (len(evs) - 1)  # said once
     assert all(e.counts == {"10.0.0.1:80": 3} for e in evs)
 
@@ -47,7 +48,8 @@ GOOD = {"v": 1, "k": "ev", "r": RID, "e": 1, "s": 1, "l": [["a:1", 1]]}
     ({"v": 2}, "version"), ({"k": "x"}, "not_an_event"), ({"r": "ABC"}, "replica_id"), ({"e": -1}, "epoch"),
     ({"s": "1"}, "seq"), ({"l": [["a:1", True]]}, "counts"), ({"l": {"a": 1}}, "counts"),
     ({"p": [["", "a:1"]]}, "placements"), ({"p": [["", "a:1", "x" * 11]]}, "text_too_long"),
-    ({"f": [["t", "maybe"]]}, "finishes"), ({"x": 1}, "lost"),
+    ({"f": [["t", "maybe"]]}, "finishes"), ({"x": 1}, "lost"), ({"j": [["a:1", 0]]}, "ejections"),
+    ({"j": [["a:1", 1e9]]}, "ejections"), ({"j": [["a:1", True]]}, "ejections"),
 ])
 def test_each_malformed_field_is_refused_with_its_reason(change, reason):
     with pytest.raises(WireError) as e:
@@ -91,7 +93,7 @@ def test_the_outbox_is_bounded_and_counts_what_it_drops():
     for i in range(5):
         box.place("", f"t{i}", "a:1")
     assert len(woken) == 1  # once per batch
-    placements, finishes, lost, dropped = box.take()
+    placements, finishes, lost, dropped, ejections = box.take()
     assert len(placements) == 2 and dropped == 3 and not box.dirty
 
 

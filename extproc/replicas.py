@@ -118,21 +118,24 @@ class Outbox:
     (the link then sends at the end of the event loop's turn, batching a burst)."""
 
     limit: int
+    max_chars: int = 1 << 24  # routing text held unsent, all placements together
     placements: list[Placement] = field(default_factory=list)
     finishes: list[tuple[str, str]] = field(default_factory=list)
     ejections: list[tuple[str, float]] = field(default_factory=list)
     lost: bool = False
     dirty: bool = False  # counts changed since the last message
     dropped: int = 0  # placements or finishes refused at the limit since the last take
+    chars: int = 0
 
     def __post_init__(self) -> None:
         self.wake = lambda: None
 
     def place(self, partition: str, text: str, upstream: str) -> None:
-        if len(self.placements) >= self.limit:
+        if len(self.placements) >= self.limit or self.chars + len(text) > self.max_chars:
             self.dropped += 1
         else:
             self.placements.append(Placement(partition, upstream, text))
+            self.chars += len(text)
         self.changed()
 
     def finish(self, ticket: str, outcome: str) -> None:
@@ -159,4 +162,5 @@ class Outbox:
     def take(self) -> tuple[list[Placement], list[tuple[str, str]], bool, int, list[tuple[str, float]]]:
         out = (self.placements, self.finishes, self.lost, self.dropped, self.ejections)
         self.placements, self.finishes, self.lost, self.dirty, self.dropped, self.ejections = [], [], False, False, 0, []
+        self.chars = 0
         return out

@@ -47,6 +47,10 @@ RETRY_SECS = 1.0
 # finishes instead of one message each (measured: bench.replicas_e2e), and peers hear of a
 # placement this much later (simulated: under a point of hit ratio at 10 ms, bench.replicas).
 BATCH_SECS = 0.002
+# Bytes of peers' events held: by the NATS client before they are applied, and by a starting
+# replica while it waits for its snapshot. Past it, events are dropped and counted (and, during a
+# warm-up, the peer's snapshot is asked for again afterwards).
+MAX_HELD_BYTES = 64 * 1024 * 1024
 
 
 def connect_options(cfg: Config) -> dict:
@@ -86,6 +90,7 @@ class SyncLink:
         self.nc: Client | None = None
         self.warming = True  # placements of peers are buffered until the first snapshot is in
         self.buffer: deque[Event] = deque(maxlen=cfg.sync_max_pending)
+        self.buffer_bytes = 0
         self.snapshot_from: set[str] = set()  # peers whose events were missed: their snapshot is due
         self.warmed = asyncio.Event()
         self.snapshots_loaded = 0
@@ -135,7 +140,7 @@ class SyncLink:
                 self._finish_warmup()  # runs alone meanwhile; a snapshot comes when a peer shows a gap
                 await asyncio.sleep(RETRY_SECS)
         limit = self.cfg.sync_max_pending
-        await self.nc.subscribe(self.events_subject, cb=self._on_event, pending_msgs_limit=limit, pending_bytes_limit=limit * 64 * 1024)
+        await self.nc.subscribe(self.events_subject, cb=self._on_event, pending_msgs_limit=limit, pending_bytes_limit=MAX_HELD_BYTES)
         await self.nc.subscribe(f"{self.cfg.sync_subject}.snapshot.{d.replica_id}", cb=self._on_snapshot_request, pending_msgs_limit=16)
         metrics.SYNC_CONNECTED.set(1)
         log.info("sync_connected", url=self.nc.connected_url.netloc if self.nc.connected_url else self.cfg.sync_url, replica=d.replica_id)
@@ -160,6 +165,7 @@ class SyncLink:
         metrics.SYNC_WARMING.set(0)
         while self.buffer:  # those a snapshot held were removed by _load_snapshot
             self.director.learn_from(self.buffer.popleft())
+        self.buffer_bytes = 0
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, SlowConsumerError):
@@ -243,10 +249,14 @@ class SyncLink:
             metrics.SYNC_REJECTED.labels("apply_failed").inc()
             log.exception("sync_apply_failed", replica=ev.replica)
             return
-        if self.warming and seen is not Seen.OLD:
-            if len(self.buffer) == self.buffer.maxlen:
+        if self.warming and seen is not Seen.OLD and ev.placements:
+            if len(self.buffer) == self.buffer.maxlen or self.buffer_bytes + len(data) > MAX_HELD_BYTES:
                 metrics.SYNC_DROPPED.labels("warmup_buffer").inc()
-            self.buffer.append(ev)
+                self.snapshot_from.add(ev.replica)  # its placements are in its snapshot: ask again once warm
+                self._snapshot_wake.set()
+            else:
+                self.buffer.append(ev)
+                self.buffer_bytes += len(data)
         if seen is Seen.GAP or (seen is Seen.NEW and ev.seq > 1 and not self.warming):
             # missed events (or a peer with a past we never heard): its snapshot mends the tree
             if missed:

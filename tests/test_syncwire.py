@@ -95,6 +95,11 @@ def test_the_outbox_is_bounded_and_counts_what_it_drops():
     assert len(woken) == 1  # once per batch
     placements, finishes, lost, dropped, ejections = box.take()
     assert len(placements) == 2 and dropped == 3 and not box.dirty
+    small = Outbox(limit=100, max_chars=10)  # and bounded in the text it holds
+    for i in range(5):
+        small.place("", "abcd", "a:1")
+    placements, _, _, dropped, _ = small.take()
+    assert len(placements) == 2 and dropped == 3
 
 
 def test_a_snapshot_rebuilds_the_tree():

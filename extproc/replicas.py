@@ -128,7 +128,8 @@ class Outbox:
     chars: int = 0
 
     def __post_init__(self) -> None:
-        self.wake = lambda: None
+        self.wake = lambda: None  # something to send
+        self.urgent = lambda: None  # a placement: peers should hear of it at once
 
     def place(self, partition: str, text: str, upstream: str) -> None:
         if len(self.placements) >= self.limit or self.chars + len(text) > self.max_chars:
@@ -137,6 +138,7 @@ class Outbox:
             self.placements.append(Placement(partition, upstream, text))
             self.chars += len(text)
         self.changed()
+        self.urgent()
 
     def finish(self, ticket: str, outcome: str) -> None:
         if len(self.finishes) >= self.limit:

@@ -1,6 +1,7 @@
 """The sync link: replicas share one routing view through NATS core (``--sync-url``).
 
-What travels (:mod:`extproc.syncwire`): at most every 2 ms, when something happened, one event with this replica's in-flight counts, the placements it decided (sent after the decision,
+What travels (:mod:`extproc.syncwire`): when something happened (at the end of the event-loop turn
+for placements, within 2 ms for counts alone), one event with this replica's in-flight counts, the placements it decided (sent after the decision,
 never waited for) and the finish reports it received for other replicas' tickets; at least every
 ``--sync-heartbeat-secs`` an event with the counts alone. Peers apply what they receive; a peer
 silent for ``--sync-peer-timeout-secs`` is dropped with its counts.
@@ -43,9 +44,10 @@ CHUNK_BYTES = 256 * 1024  # one snapshot message; NATS allows 1 MB by default
 SNAPSHOT_TIMEOUT_SECS = 120.0  # a whole snapshot (~12 s to serve at the full default budget, bench.sync); then it runs cold
 RECORDS_PER_SLICE = 256  # snapshot lines loaded between two turns of the event loop
 RETRY_SECS = 1.0
-# Events are sent at most this often: under load one message carries several decisions and
-# finishes instead of one message each (measured: bench.replicas_e2e), and peers hear of a
-# placement this much later (simulated: under a point of hit ratio at 10 ms, bench.replicas).
+# An event with placements goes out at the end of the event-loop turn that decided them (a peer
+# deciding a request of the same group a moment later must know); one with counts and finish
+# reports only waits up to this long for more to join it, which halves the messages under load
+# (bench.replicas_e2e) at the price of counts 2 ms late (simulated: no measurable loss at 1 ms).
 BATCH_SECS = 0.002
 # Bytes of peers' events held: by the NATS client before they are applied, and by a starting
 # replica while it waits for its snapshot. Past it, events are dropped and counted (and, during a
@@ -95,10 +97,12 @@ class SyncLink:
         self.warmed = asyncio.Event()
         self.snapshots_loaded = 0
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
         self._snapshot_wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._serving: set[asyncio.Task] = set()
         self.outbox.wake = self._wake.set
+        self.outbox.urgent = self._urgent.set
 
     @property
     def connected(self) -> bool:
@@ -186,12 +190,16 @@ class SyncLink:
     # -- sending ---------------------------------------------------------------------------------
 
     async def _send_forever(self) -> None:
-        """One event per ``BATCH_SECS`` in which something changed: a burst of decisions is one
-        message, and no decision waits for it."""
+        """Placements at the end of their event-loop turn, counts within ``BATCH_SECS``: a burst
+        of decisions is one message, and no decision waits for it."""
         while True:
             await self._wake.wait()
-            await asyncio.sleep(BATCH_SECS)  # let what happens meanwhile join the message
+            if not self._urgent.is_set():  # counts only: wait for more to join, or a placement
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), BATCH_SECS)
+            await asyncio.sleep(0)  # the rest of this turn's decisions join the message
             self._wake.clear()
+            self._urgent.clear()
             await self.send()
 
     async def send(self) -> int:

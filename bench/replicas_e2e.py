@@ -76,22 +76,27 @@ def hit_ratios() -> list[dict]:
     rows = []
     for name, (kwargs, capacity) in CASES.items():
         for seed in SEEDS:
-          reqs = WORKLOADS[name](random.Random(seed), **kwargs)
-          for repeat in range(REPEATS):
-            for n in REPLICAS:
-                work = Path(tempfile.mkdtemp(prefix=f"bench-replicas-{name}-{n}-"))
-                stack = Stack(Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml",
-                              worker_args=["--capacity-tokens", str(capacity), "--output-tokens", "4"], workdir=work)
-                with stack:
-                    _wait_synced(stack, n)
-                    t = time.time()
-                    prompt, cached, failed = replay(stack, reqs)
-                    spent = time.time() - t
-                    decided = [_metric(stack, i, "prefix_router_decisions_total") for i in range(n)]
-                rows.append({"workload": name, "seed": seed, "repeat": repeat, "replicas": n, "requests": len(reqs), "hit_ratio": cached / prompt,
-                             "failed": failed, "decisions_per_replica": decided, "seconds": spent})
-                print(f"{name} seed {seed} run {repeat} replicas {n}: hit {cached / prompt:.3f}, failed {failed}, decisions per replica {decided}", flush=True)
+            reqs = WORKLOADS[name](random.Random(seed), **kwargs)
+            for repeat in range(REPEATS):
+                for n in REPLICAS:
+                    rows.append(one_run(name, capacity, seed, repeat, n, reqs))
     return rows
+
+
+def one_run(name: str, capacity: int, seed: int, repeat: int, n: int, reqs) -> dict:
+    """One replay through a fresh stack of ``n`` replicas."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-replicas-{name}-{n}-"))
+    stack = Stack(Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml",
+                  worker_args=["--capacity-tokens", str(capacity), "--output-tokens", "4"], workdir=work)
+    with stack:
+        _wait_synced(stack, n)
+        t = time.time()
+        prompt, cached, failed = replay(stack, reqs)
+        spent = time.time() - t
+        decided = [_metric(stack, i, "prefix_router_decisions_total") for i in range(n)]
+    print(f"{name} seed {seed} run {repeat} replicas {n}: hit {cached / prompt:.3f}, failed {failed}, decisions per replica {decided}", flush=True)
+    return {"workload": name, "seed": seed, "repeat": repeat, "replicas": n, "requests": len(reqs), "hit_ratio": cached / prompt,
+            "failed": failed, "decisions_per_replica": decided, "seconds": spent}
 
 
 def _metric(stack: Stack, i: int, name: str, **labels: str) -> float:

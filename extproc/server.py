@@ -216,8 +216,9 @@ class Service:
             log.warning("admin_override_replaced", override=self.discovery.override, configured=list(new.upstreams))
             self.discovery.override = None
         self.cfg = new
-        for part in (self.director, self.discovery, self.checker):
-            part.reconfigure(new)
+        for part in (self.director, self.discovery, self.checker, self.sync):
+            if part is not None:
+                part.reconfigure(new)
         await self.discovery.refresh()
         metrics.RELOADS.labels("ok").inc()
         log.info("reloaded", upstreams=self.director.addresses())

@@ -104,6 +104,11 @@ class SyncLink:
         self.outbox.wake = self._wake.set
         self.outbox.urgent = self._urgent.set
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reload: the heartbeat and the text limit change; the connection settings do not
+        (``Config.FIXED``)."""
+        self.cfg = cfg
+
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected

@@ -128,3 +128,17 @@ def test_a_corrupt_snapshot_is_refused():
     assert decode_snapshot_header(snapshot_header(RID, {RID: (1, 2)})) == {RID: (1, 2)}
     with pytest.raises(WireError):
         decode_snapshot_header(orjson.dumps({"v": 1, "k": "snap", "w": {"x": [1, 2]}}))
+
+
+def test_a_snapshot_walk_lets_decisions_run_between_slices():
+    from extproc.config import build
+    from extproc.director import Director
+
+    d = Director(build({"upstreams": ["a:1"]}, env={}))
+    d.set_upstreams(["a:1"])
+    for i in range(50):
+        d._insert("", f"text {i} " * 20, "a:1", 0.0)
+    out = list(d.snapshot_records(slice_secs=0.0))  # every step is past the slice: a pause after each
+    assert len([r for r in out if r is not None]) == 50
+    assert out.count(None) >= 50
+    assert None not in list(d.snapshot_records(slice_secs=60.0))

@@ -30,13 +30,14 @@ def free_port() -> int:
 class Nats:
     """A nats-server on a fixed free loopback port, which can be killed and started again."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
+        self.args = args
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)],
+        self.proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), *self.args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -256,3 +257,36 @@ async def test_a_replica_starts_alone_when_nats_is_unreachable():
         assert up in POOL and not link.connected
     finally:
         await link.stop()
+
+
+async def test_replicas_sync_over_mutual_tls_with_a_token_and_strangers_stay_out(tmp_path):
+    from extproc.dev.certs import make
+
+    certs = make(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("s3cret-sync-token\n")
+    server = Nats("--tls", "--tlscert", str(certs / "service.pem"), "--tlskey", str(certs / "service-key.pem"),
+                  "--tlsverify", "--tlscacert", str(certs / "ca.pem"), "--auth", "s3cret-sync-token")
+    server.start()
+    url = f"tls://127.0.0.1:{server.port}"
+    tls = {"sync_tls_ca": str(certs / "ca.pem"), "sync_tls_cert": str(certs / "envoy.pem"), "sync_tls_key": str(certs / "envoy-key.pem")}
+    bad_token = tmp_path / "bad"
+    bad_token.write_text("guess")
+    links = []
+    try:
+        (a, la), (b, lb) = replica(url, sync_token_file=str(token), **tls), replica(url, sync_token_file=str(token), **tls)
+        (c, lc), (e, le) = replica(url, sync_token_file=str(bad_token), **tls), replica(url, sync_token_file=str(token), sync_tls_ca=str(certs / "ca.pem"))
+        links = [la, lb, lc, le]
+        await started(la, lb)
+        await lc.start()
+        await le.start()
+        home, _ = route(a, body("over tls " * 40))
+        await until(lambda: _holder(b, "over tls " * 40) == home)
+        await asyncio.sleep(1.0)
+        assert la.connected and lb.connected
+        assert not lc.connected and not le.connected  # wrong token; no client certificate
+        assert not c.tree.tenant_chars() and not e.tree.tenant_chars()
+    finally:
+        for link in links:
+            await link.stop()
+        server.stop()

@@ -82,12 +82,22 @@ def test_router_killed_under_load_is_avoided_then_rejoins(stack):
 
 
 def test_rolling_restart_of_two_service_replicas_loses_nothing(stack):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from extproc.dev.stack import http_get
+
+    def snapshots_loaded(i: int) -> float:
+        body = http_get(stack.service_admin_url(i) + "/metrics")[1].decode()
+        return sum(s.value for f in text_string_to_metric_families(body) for s in f.samples
+                   if s.name == "prefix_router_sync_snapshots_total" and s.labels == {"role": "load", "result": "ok"})
+
     with Load(stack) as load:
         time.sleep(1.0)
         for i in (0, 1):
             assert stack.stop_service(i) == 0  # SIGTERM: drains and exits 0
             stack.start_service(i)
             time.sleep(2.0)
+            assert snapshots_loaded(i) == 1  # warmed up from the other replica, under load
     assert len(load.results) > 50
     assert all(status == 200 for _, status, _ in load.results), [r for r in load.results if r[1] != 200][:5]
     routes = [e["route"] for e in stack.wait_access_log(0, len(load.results))]

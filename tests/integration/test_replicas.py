@@ -43,8 +43,14 @@ def decisions(stack: Stack, replica: int) -> float:
 
 
 def wait_for(cond, timeout: float = 10.0) -> None:
+    """Until ``cond()``; a listener not up yet (OSError) counts as not yet."""
     deadline = time.monotonic() + timeout
-    while not cond():
+    while True:
+        try:
+            if cond():
+                return
+        except OSError:
+            pass
         assert time.monotonic() < deadline, "not in time"
         time.sleep(0.1)
 

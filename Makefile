@@ -1,17 +1,32 @@
 # prefix-router: `make run` starts the whole path locally, `make test` runs every test.
 # Each target creates the virtual environment first if needed (Python >= 3.11 as python3) and
 # installs only what it needs: `run` the service and the stack's parts (Envoy, sglang-router),
-# `test` also the test and benchmark tools.
+# `test` also the test and benchmark tools, and LiteLLM's proxy in a virtual environment of its own.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
+# LiteLLM's proxy runs as a separate program (like Envoy) from a virtual environment of its own:
+# ~750 MB with its dependencies, which must not pin the project's. 1.106.12 is the newest release
+# whose [proxy] extra installs from PyPI's mirror here (later ones pin litellm-proxy packages it
+# does not carry; 1.107.0 was a compromised release).
+LITELLM_VENV    ?= .venv-litellm
+LITELLM_VERSION ?= 1.106.12
+LITELLM_STAMP   := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
 
-.PHONY: install run test test-unit test-integration fuzz mutants bench protos readme clean
+.PHONY: install litellm run test test-unit test-integration fuzz mutants bench protos readme clean
 
-install: $(TEST_STAMP)
+install: $(TEST_STAMP) $(LITELLM_STAMP)
+
+litellm: $(LITELLM_STAMP)
+
+$(LITELLM_STAMP):
+	@echo "installing LiteLLM's proxy $(LITELLM_VERSION) into $(LITELLM_VENV) (the LiteLLM tests and benchmark start it; about a minute) ..."
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)'
+	touch $@
 
 $(VENV)/.venv-created:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,7 +82,7 @@ bench: install
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .run mutants
+	rm -rf $(VENV) $(LITELLM_VENV) build *.egg-info .pytest_cache .hypothesis .run mutants
 
 # Regenerate extproc/api from protos/ (tests/test_protos.py fails when they differ).
 protos: install

@@ -1,10 +1,11 @@
 """`make bench`: every benchmark in turn; each writes its JSON to bench/results/.
 
 Single ones: python -m bench.payload | bench.codec | bench.tree | bench.inflight | bench.eval | bench.sweep | bench.e2e | bench.overhead | bench.attacks |
-bench.replicas | bench.replicas_e2e | bench.sync
+bench.replicas | bench.replicas_e2e | bench.sync |
+bench.litellm (needs `make litellm`)
 """
 
-from . import attacks, codec, e2e, inflight, overhead, payload, replicas, replicas_e2e, sweep, sync, tree
+from . import attacks, codec, e2e, inflight, litellm, overhead, payload, replicas, replicas_e2e, sweep, sync, tree
 from . import eval as routing_eval
 
 for name, run in (
@@ -20,6 +21,7 @@ for name, run in (
     ("replicas", lambda: replicas.main([])),
     ("sync", sync.main),
     ("replicas_e2e", lambda: replicas_e2e.main([])),
+    ("litellm", litellm.main),
 ):
     print(f"== {name}", flush=True)
     run()

@@ -76,3 +76,10 @@ def test_every_part_is_health_checked_and_started_after_what_it_needs():
             assert how == {"condition": "service_healthy"} and "healthcheck" in COMPOSE[dep], (name, dep)
     assert set(COMPOSE["envoy"]["depends_on"]) == {"prefix-router-0", "prefix-router-1"}
     assert "nats" in COMPOSE["prefix-router-1"]["depends_on"]
+
+
+def test_the_litellm_config_points_at_make_runs_envoy():
+    cfg = yaml.safe_load((ROOT / "deploy" / "litellm" / "config.yaml").read_text())
+    (model,) = cfg["model_list"]  # one deployment: Envoy picks the router, not LiteLLM
+    assert model["litellm_params"]["api_base"] == f"http://127.0.0.1:{Ports.fixed().envoy}/v1"
+    assert cfg["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"  # never a key in the file

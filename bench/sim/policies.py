@@ -68,9 +68,11 @@ class ConsistentHash:
 
 
 class LiteLLM:
-    """LiteLLM v1 prompt-caching routing: SHA-256 of the canonical JSON of ``{"messages": ...}``,
-    stored after a successful response when the prompt has >= 1024 tokens (TTL 300 s, 200 items);
-    a lookup tries the whole list, then without its last 1, 2 and 3 messages; else random."""
+    """LiteLLM's prompt-caching routing as of its releases up to about 1.80 ("v1" in FIELD-NOTES):
+    SHA-256 of the canonical JSON of ``{"messages": ...}``, stored after a successful response
+    when the prompt has >= 1024 tokens (TTL 300 s, 200 items); a lookup tries the whole list, then
+    without its last 1, 2 and 3 messages; else random. Kept for fast sweeps; the real proxy (a
+    later release, with chained per-message digests) is measured by ``bench.litellm``."""
 
     def __init__(self, ttl: float = 300.0, size: int = 200, min_tokens: int = 1024) -> None:
         self.ttl, self.size, self.min_tokens = ttl, size, min_tokens

@@ -16,7 +16,7 @@ LITELLM_VENV    ?= .venv-litellm
 LITELLM_VERSION ?= 1.106.12
 LITELLM_STAMP   := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
 
-.PHONY: install litellm run test test-unit test-integration fuzz mutants bench protos readme clean
+.PHONY: install litellm run test test-unit test-integration fuzz mutants bench protos readme dashboard clean
 
 install: $(TEST_STAMP) $(LITELLM_STAMP)
 
@@ -87,6 +87,10 @@ clean:
 # Regenerate extproc/api from protos/ (tests/test_protos.py fails when they differ).
 protos: install
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/extproc/api/v1/admin.proto
+
+# Regenerate the Grafana dashboard from extproc/dev/dashboard.py (tests/test_dashboard.py fails when stale).
+dashboard: install
+	$(PY) -m extproc.dev.dashboard > deploy/grafana/prefix-router.json
 
 # Regenerate the README's flag table from the options (tests/test_config.py fails when it is stale).
 readme: $(RUN_STAMP)

@@ -77,21 +77,33 @@ def wrk(url: str, connections: int, seconds: int, script: Path) -> dict:
             "non_2xx": int(non2xx.group(1)) if non2xx else 0}
 
 
-def main(seconds: int = 10) -> dict:
+def wrk_setup(prefix: str) -> tuple[Path, Path]:
+    """A work folder and the wrk script that POSTs ``BODY``; exits when wrk is missing."""
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
-    work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     script = work / "post.lua"
     script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {orjson.dumps(BODY.decode()).decode()}\n')
+    return work, script
+
+
+def start_envoy(work: Path, name: str, cfg: dict, admin: int) -> subprocess.Popen:
+    """A bare Envoy (one worker thread) from ``cfg``, once its admin says LIVE."""
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "error", "--concurrency", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: http_get(f"http://{HOST}:{admin}/ready")[1].strip() == b"LIVE", 30, name, proc)
+    return proc
+
+
+def main(seconds: int = 10) -> dict:
+    work, script = wrk_setup("bench-overhead-")
     ups = [free_port(), free_port()]
     procs: list[subprocess.Popen] = []
 
     def envoy(name: str, cfg: dict, admin: int) -> None:
-        path = work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        procs.append(subprocess.Popen([find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "error", "--concurrency", "1"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_until(lambda: http_get(f"http://{HOST}:{admin}/ready")[1].strip() == b"LIVE", 30, name)
+        procs.append(start_envoy(work, name, cfg, admin))
 
     rows = []
     try:

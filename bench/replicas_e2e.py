@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -28,13 +27,11 @@ import time
 from pathlib import Path
 
 import openai
-import orjson
-import yaml
 
-from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, find_envoy, free_port, http_get, wait_until
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, http_get, wait_until
 
 from .common import RESULTS, write
-from .overhead import BODY, direct_config, upstream_config, wrk
+from .overhead import direct_config, start_envoy, upstream_config, wrk, wrk_setup
 from .sim.workloads import WORKLOADS
 
 CASES = {
@@ -100,11 +97,7 @@ def one_run(name: str, capacity: int, seed: int, repeat: int, n: int, reqs) -> d
 
 
 def _metric(stack: Stack, i: int, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    _, body = http_get(stack.service_admin_url(i) + "/metrics")
-    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return stack.service_metric(i, name, **labels)
 
 
 def _wait_synced(stack: Stack, n: int) -> None:
@@ -119,23 +112,15 @@ def _envoy_counter(stack: Stack, name: str) -> float:
 
 
 def throughput(seconds: int = 10) -> dict:
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk not found: apt-get install wrk")
-    work = Path(tempfile.mkdtemp(prefix="bench-replicas-wrk-"))
-    script = work / "post.lua"
-    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {orjson.dumps(BODY.decode()).decode()}\n')
+    work, script = wrk_setup("bench-replicas-wrk-")
     ups = [free_port(), free_port()]
     procs: list[subprocess.Popen] = []
     stacks: list[Stack] = []
 
     def envoy(name: str, cfg: dict, admin: int) -> None:
-        path = work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        procs.append(subprocess.Popen([find_envoy(), "-c", str(path), "--disable-hot-restart", "--log-level", "error", "--concurrency", "1"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_until(lambda: http_get(f"http://{HOST}:{admin}/ready")[1].strip() == b"LIVE", 30, name)
+        procs.append(start_envoy(work, name, cfg, admin))
 
-    rows, messages = [], []
+    rows = []
     try:
         ua = free_port()
         envoy("upstreams", upstream_config(ua, ups), ua)

@@ -74,6 +74,12 @@ def connect_options(cfg: Config) -> dict:
     return opts
 
 
+def _held(watermark: dict[str, tuple[int, int]], ev: Event) -> bool:
+    """Whether a snapshot with this watermark already holds the event's placements."""
+    epoch, seq = watermark.get(ev.replica, (-1, -1))
+    return ev.epoch == epoch and ev.seq <= seq
+
+
 def _read(path: str, flag: str) -> str:
     try:
         with open(path) as f:
@@ -146,7 +152,6 @@ class SyncLink:
                 )
             except (NatsError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("sync_unreachable", url=self.cfg.sync_url, error=str(exc) or type(exc).__name__, retry_secs=RETRY_SECS)
-                self._finish_warmup()  # runs alone meanwhile; a snapshot comes when a peer shows a gap
                 await asyncio.sleep(RETRY_SECS)
         limit = self.cfg.sync_max_pending
         await self.nc.subscribe(self.events_subject, cb=self._on_event, pending_msgs_limit=limit, pending_bytes_limit=MAX_HELD_BYTES)
@@ -321,8 +326,7 @@ class SyncLink:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         # Buffered events the snapshot already holds are dropped; later ones are applied by the caller.
-        self.buffer = deque((ev for ev in self.buffer if ev.seq > watermark.get(ev.replica, (ev.epoch, -1))[1]
-                             or ev.epoch != watermark.get(ev.replica, (ev.epoch, -1))[0]), maxlen=self.buffer.maxlen)
+        self.buffer = deque((ev for ev in self.buffer if not _held(watermark, ev)), maxlen=self.buffer.maxlen)
         self.snapshots_loaded += 1
         metrics.SYNC_SNAPSHOTS.labels("load", "ok").inc()
         log.info("snapshot_loaded", peer=peer, records=loaded, bad_records=reader.bad)

@@ -87,6 +87,16 @@ def route(d: Director, b: bytes) -> tuple[str, RequestInfo]:
     return d.route(info, b), info
 
 
+@pytest.fixture
+async def pair(nats_server):
+    """Two replicas, connected and warm; stopped after the test."""
+    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
+    await started(la, lb)
+    yield (a, la), (b, lb)
+    await la.stop()
+    await lb.stop()
+
+
 async def started(*links: SyncLink) -> None:
     for link in links:
         await link.start()
@@ -94,20 +104,15 @@ async def started(*links: SyncLink) -> None:
         await asyncio.wait_for(link.warmed.wait(), 5)
 
 
-async def test_next_turn_decided_by_another_replica_lands_on_the_same_upstream(nats_server):
-    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
-    await started(la, lb)
-    try:
-        first = "You are a careful assistant. " * 40 + "Question one about the rivers of Europe?"
-        home, _ = route(a, body(first))
-        await until(lambda: b.tree.match(_partition(b), _text(b, body(first))).matched > 0)
-        for _ in range(10):  # any tie-break: B follows the prefix, not chance
-            nxt, info = route(b, body(first, "The Danube and the Rhine.", "And the longest?"))
-            b.abandoned(info)
-            assert nxt == home
-    finally:
-        await la.stop()
-        await lb.stop()
+async def test_next_turn_decided_by_another_replica_lands_on_the_same_upstream(nats_server, pair):
+    (a, la), (b, lb) = pair
+    first = "You are a careful assistant. " * 40 + "Question one about the rivers of Europe?"
+    home, _ = route(a, body(first))
+    await until(lambda: b.tree.match(_partition(b), _text(b, body(first))).matched > 0)
+    for _ in range(10):  # any tie-break: B follows the prefix, not chance
+        nxt, info = route(b, body(first, "The Danube and the Rhine.", "And the longest?"))
+        b.abandoned(info)
+        assert nxt == home
 
 
 def _text(d: Director, b: bytes) -> str:
@@ -118,54 +123,39 @@ def _partition(d: Director) -> str:
     return d._routing_input("/v1/chat/completions", body("x"), None).partition
 
 
-async def test_in_flight_counts_add_up_and_leave_with_a_silent_peer(nats_server):
-    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
-    await started(la, lb)
-    try:
-        for i in range(6):
-            route(a, body(f"request {i} " * 30))
-        await until(lambda: sum(b.pool.loads().values()) == 6)
-        assert b.pool.tickets.outstanding() == 0  # none of them is B's own
-        for task in la._tasks:  # A dies without a word: no goodbye, no more heartbeats
-            task.cancel()
-        await la.nc.close()
-        await until(lambda: sum(b.pool.loads().values()) == 0, timeout=3)
-        assert not b.peers.peers
-    finally:
-        await la.stop()
-        await lb.stop()
+async def test_in_flight_counts_add_up_and_leave_with_a_silent_peer(nats_server, pair):
+    (a, la), (b, lb) = pair
+    for i in range(6):
+        route(a, body(f"request {i} " * 30))
+    await until(lambda: sum(b.pool.loads().values()) == 6)
+    assert b.pool.tickets.outstanding() == 0  # none of them is B's own
+    for task in la._tasks:  # A dies without a word: no goodbye, no more heartbeats
+        task.cancel()
+    await la.nc.close()
+    await until(lambda: sum(b.pool.loads().values()) == 0, timeout=3)
+    assert not b.peers.peers
 
 
-async def test_an_access_log_entry_received_by_another_replica_releases_the_owners_count(nats_server):
-    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
-    await started(la, lb)
-    try:
-        up, info = route(a, body("hello " * 50))
-        assert a.pool.inflight(up) == 1
-        forwarded = metrics.FORWARDED_FINISHES._value.get()
-        assert b.finished(info.ticket, Outcome.OK)  # Envoy sent the entry to B
-        assert metrics.FORWARDED_FINISHES._value.get() == forwarded + 1
-        await until(lambda: a.pool.tickets.outstanding() == 0)
-        assert not b.finished(info.ticket + "x", Outcome.OK) or True  # a forged one goes nowhere
-        await until(lambda: sum(b.pool.loads().values()) == 0)
-    finally:
-        await la.stop()
-        await lb.stop()
+async def test_an_access_log_entry_received_by_another_replica_releases_the_owners_count(nats_server, pair):
+    (a, la), (b, lb) = pair
+    up, info = route(a, body("hello " * 50))
+    assert a.pool.inflight(up) == 1
+    forwarded = metrics.FORWARDED_FINISHES._value.get()
+    assert b.finished(info.ticket, Outcome.OK)  # Envoy sent the entry to B
+    assert metrics.FORWARDED_FINISHES._value.get() == forwarded + 1
+    await until(lambda: a.pool.tickets.outstanding() == 0)
+    assert not b.finished(info.ticket + "x", Outcome.OK) or True  # a forged one goes nowhere
+    await until(lambda: sum(b.pool.loads().values()) == 0)
 
 
-async def test_a_refused_connection_reported_to_another_replica_ejects_on_every_replica(nats_server):
-    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
-    await started(la, lb)
-    try:
-        up, info = route(a, body("eject me " * 50))
-        b.finished(info.ticket, Outcome.REFUSED)
-        await until(lambda: a.pool.upstreams[up].ejected)
-        # and A tells B: the next request B decides does not go there either
-        await until(lambda: b.pool.upstreams[up].ejected)
-        assert up not in b.pool.loads()
-    finally:
-        await la.stop()
-        await lb.stop()
+async def test_a_refused_connection_reported_to_another_replica_ejects_on_every_replica(nats_server, pair):
+    (a, la), (b, lb) = pair
+    up, info = route(a, body("eject me " * 50))
+    b.finished(info.ticket, Outcome.REFUSED)
+    await until(lambda: a.pool.upstreams[up].ejected)
+    # and A tells B: the next request B decides does not go there either
+    await until(lambda: b.pool.upstreams[up].ejected)
+    assert up not in b.pool.loads()
 
 
 async def test_a_new_replica_warms_up_from_a_peer_and_splices_live_events(nats_server):
@@ -226,26 +216,21 @@ async def test_malformed_and_foreign_messages_are_dropped_and_counted(nats_serve
         await lb.stop()
 
 
-async def test_nats_down_each_goes_on_alone_counts_divergence_and_catches_up(nats_server):
-    (a, la), (b, lb) = replica(nats_server.url), replica(nats_server.url)
-    await started(la, lb)
-    try:
-        nats_server.stop()
-        await until(lambda: not la.connected and not lb.connected)
-        unshared = metrics.SYNC_UNSHARED._value.get()
-        missed = metrics.SYNC_MISSED._value.get()
-        prompts = [f"while apart {i} " * 30 for i in range(20)]
-        homes = {p: route(a, body(p))[0] for p in prompts}  # decided alone: never wrong, just unshared
-        assert all(h in POOL for h in homes.values())
-        await asyncio.sleep(0.05)
-        assert metrics.SYNC_UNSHARED._value.get() > unshared
-        nats_server.start()
-        await until(lambda: la.connected and lb.connected, timeout=10)
-        await until(lambda: all(_holder(b, p) == homes[p] for p in prompts), timeout=10)
-        assert metrics.SYNC_MISSED._value.get() > missed
-    finally:
-        await la.stop()
-        await lb.stop()
+async def test_nats_down_each_goes_on_alone_counts_divergence_and_catches_up(nats_server, pair):
+    (a, la), (b, lb) = pair
+    nats_server.stop()
+    await until(lambda: not la.connected and not lb.connected)
+    unshared = metrics.SYNC_UNSHARED._value.get()
+    missed = metrics.SYNC_MISSED._value.get()
+    prompts = [f"while apart {i} " * 30 for i in range(20)]
+    homes = {p: route(a, body(p))[0] for p in prompts}  # decided alone: never wrong, just unshared
+    assert all(h in POOL for h in homes.values())
+    await asyncio.sleep(0.05)
+    assert metrics.SYNC_UNSHARED._value.get() > unshared
+    nats_server.start()
+    await until(lambda: la.connected and lb.connected, timeout=10)
+    await until(lambda: all(_holder(b, p) == homes[p] for p in prompts), timeout=10)
+    assert metrics.SYNC_MISSED._value.get() > missed
 
 
 async def test_a_replica_starts_alone_when_nats_is_unreachable():

@@ -201,6 +201,17 @@ def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def scrape(url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus exposition's samples named ``name`` whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_get(url)
+    if status != 200:
+        raise OSError(f"{url}: HTTP {status}")
+    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -391,6 +402,9 @@ class Stack:
 
     def service_admin_url(self, index: int = 0) -> str:
         return f"http://{HOST}:{self.ports.service_admin[index]}"
+
+    def service_metric(self, index: int, name: str, **labels: str) -> float:
+        return scrape(self.service_admin_url(index) + "/metrics", name, **labels)
 
     def stop_service(self, index: int = 0) -> int | None:
         return self._stop(f"service-{index}", timeout=30)

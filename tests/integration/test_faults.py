@@ -82,14 +82,8 @@ def test_router_killed_under_load_is_avoided_then_rejoins(stack):
 
 
 def test_rolling_restart_of_two_service_replicas_loses_nothing(stack):
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from extproc.dev.stack import http_get
-
     def snapshots_loaded(i: int) -> float:
-        body = http_get(stack.service_admin_url(i) + "/metrics")[1].decode()
-        return sum(s.value for f in text_string_to_metric_families(body) for s in f.samples
-                   if s.name == "prefix_router_sync_snapshots_total" and s.labels == {"role": "load", "result": "ok"})
+        return stack.service_metric(i, "prefix_router_sync_snapshots_total", role="load", result="ok")
 
     with Load(stack) as load:
         time.sleep(1.0)

@@ -8,10 +8,9 @@ import uuid
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.dev.litellm import LiteLLM, shipped_config
-from extproc.dev.stack import ENVOY_DIR, Ports, Stack, http_get
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -36,12 +35,7 @@ def routers_used(stack: Stack, mark: int, count: int) -> list[str]:
 
 
 def decisions(stack: Stack, reason: str) -> float:
-    total = 0.0
-    for i in range(len(stack.ports.services)):
-        body = http_get(stack.service_admin_url(i) + "/metrics")[1].decode()
-        total += sum(s.value for f in text_string_to_metric_families(body) for s in f.samples
-                     if s.name == "prefix_router_decisions_total" and s.labels.get("reason") == reason)
-    return total
+    return sum(stack.service_metric(i, "prefix_router_decisions_total", reason=reason) for i in range(len(stack.ports.services)))
 
 
 def conversation_start() -> list[dict]:

@@ -10,9 +10,8 @@ import sys
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.dev.stack import http_get, listening_pid
+from extproc.dev.stack import listening_pid, scrape
 from extproc.processes import replica_args, shifted
 from extproc.config import build
 
@@ -43,9 +42,7 @@ def free_run(n: int) -> int:
 
 
 def metric(port: int, name: str) -> float:
-    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
-    assert status == 200
-    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples if s.name == name)
+    return scrape(f"http://127.0.0.1:{port}/metrics", name)
 
 
 def wait_for(cond, timeout: float) -> None:

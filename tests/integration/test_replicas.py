@@ -7,9 +7,8 @@ import uuid
 
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.dev.stack import ENVOY_DIR, Ports, Stack, http_get
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack
 
 from .test_faults import Load
 from .test_stack import post
@@ -32,10 +31,7 @@ def stack(tmp_path):
 
 
 def metric(stack: Stack, replica: int, name: str, **labels: str) -> float:
-    status, body = http_get(stack.service_admin_url(replica) + "/metrics")
-    assert status == 200
-    return sum(s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return stack.service_metric(replica, name, **labels)
 
 
 def decisions(stack: Stack, replica: int) -> float:

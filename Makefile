@@ -15,12 +15,20 @@ TEST_STAMP := $(VENV)/.installed-test
 LITELLM_VENV    ?= .venv-litellm
 LITELLM_VERSION ?= 1.106.12
 LITELLM_STAMP   := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
+# The status page's browser test drives Debian's chromium through Playwright (Playwright's own
+# browser download cannot work offline). Installed with apt when missing (root, as in CI).
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: install litellm run test test-unit test-integration fuzz mutants bench protos readme dashboard clean
 
-install: $(TEST_STAMP) $(LITELLM_STAMP)
+install: $(TEST_STAMP) $(LITELLM_STAMP) $(CHROMIUM)
 
 litellm: $(LITELLM_STAMP)
+
+$(CHROMIUM):
+	@echo "installing Debian's chromium for the status page's browser test ..."
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 $(LITELLM_STAMP):
 	@echo "installing LiteLLM's proxy $(LITELLM_VERSION) into $(LITELLM_VENV) (the LiteLLM tests and benchmark start it; about a minute) ..."

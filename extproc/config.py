@@ -181,7 +181,9 @@ class Config:
         None, _text, "require a client certificate signed by this CA (PEM) on the gRPC port: only Envoy may steer the service", SECURITY, metavar="FILE"
     )
     grpc_reflection: bool = opt(False, _bool, "serve gRPC server reflection on the gRPC port (off: peers learn nothing they need not)", SECURITY)
-    admin_listen: str = opt("127.0.0.1:9464", _listen, "HTTP /metrics, /healthz, /readyz (read-only)", SERVICE, metavar="HOST:PORT")
+    admin_listen: str = opt(
+        "127.0.0.1:9464", _listen, "HTTP: the status page (/), /metrics, /healthz, /readyz (read-only)", SERVICE, metavar="HOST:PORT"
+    )
     admin_grpc_listen: str = opt(
         "127.0.0.1:9564", _listen, "the admin gRPC API (prefix-router upstreams, explain, tree, config); served only with --admin-token-file",
         SERVICE, metavar="HOST:PORT",
@@ -189,6 +191,12 @@ class Config:
     admin_token_file: str | None = opt(
         None, _text,
         "a file holding the admin API's bearer token; without it the admin gRPC API is off", SECURITY, metavar="FILE",
+    )
+    status_allowed_cidrs: tuple[str, ...] = opt(
+        ("127.0.0.0/8", "::1/128"), _cidrs,
+        "the status page (/ on the admin listener; it shows the pool and the configuration) answers only clients in "
+        "these networks, whatever --admin-listen is (kubectl port-forward arrives from loopback); /metrics and the "
+        "probes answer whoever reaches the listener", SECURITY, metavar="CIDR,...",
     )
     allowed_upstream_cidrs: tuple[str, ...] = opt(
         ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8", "fc00::/7", "::1/128"), _cidrs,

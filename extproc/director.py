@@ -69,6 +69,8 @@ class UpstreamView:
     ejected: bool
     inflight: int
     tree_characters: int
+    ejected_secs_left: float = 0.0  # until the ejection's back-off ends (then a good check brings it back)
+    check_failures: int = 0  # active checks failed in a row
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,9 @@ class Director:
         self.tree = RadixTree(cfg.max_partitions)
         self.rng = random.Random(seed)
         self.held_body_bytes = 0  # what duplex streams hold while their bodies arrive (handlers)
+        # Running totals of decisions per (upstream, reason), for the status page's recent windows
+        # (one dict increment per decision; the page samples it, see extproc.status).
+        self.decided: dict[tuple[str, str], int] = {}
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
         # instead of at the next interval.
         self.wake_sweeper: Callable[[], None] = lambda: None
@@ -156,6 +161,8 @@ class Director:
             self.outbox.changed()
         elapsed = time.perf_counter() - started
         metrics.DECISIONS.labels(decision.reason).inc()
+        key = (decision.upstream, decision.reason)
+        self.decided[key] = self.decided.get(key, 0) + 1
         metrics.DECISION_SECONDS.observe(elapsed)
         if decision.text_len:
             metrics.MATCH_RATE.observe(decision.matched / decision.text_len)
@@ -351,6 +358,9 @@ class Director:
         removed = self.pool.set_addresses(addresses)
         for tenant in removed:
             self.tree.remove_tenant(tenant)
+        if removed:  # the status page's counts stay bounded by the pool
+            gone = set(removed)
+            self.decided = {k: n for k, n in self.decided.items() if k[0] not in gone}
         return added, removed
 
     def record_check(self, address: str, ok: bool) -> bool | None:
@@ -367,8 +377,12 @@ class Director:
     def upstreams(self) -> list[UpstreamView]:
         chars = self.tree.tenant_chars()
         pool = self.pool
+        now = time.monotonic()
         return [
-            UpstreamView(a, u.healthy, u.active_ok, u.ejected, pool.inflight(a), chars.get(a, 0))
+            UpstreamView(
+                a, u.healthy, u.active_ok, u.ejected, pool.inflight(a), chars.get(a, 0),
+                max(0.0, u.ejected_until - now) if u.ejected else 0.0, u.failures,
+            )
             for a, u in pool.upstreams.items()
         ]
 

@@ -55,6 +55,11 @@ UPSTREAMS_REFUSED = Counter(
     "prefix_router_upstreams_refused", "Upstream addresses refused by the address policy (--allowed-upstream-cidrs), from any source"
 )
 ADMIN_DENIED = Counter("prefix_router_admin_denied", "Admin API calls refused for a missing or wrong token")
+STATUS_DENIED = Counter(
+    "prefix_router_status_denied",
+    "Status page requests refused: the client outside --status-allowed-cidrs (peer) or a Host that is not an address or localhost (host)",
+    ["reason"],
+)
 RELOADS = Counter("prefix_router_config_reloads", "Configuration reloads by result", ["result"])
 
 # -- replicas sharing their view (--sync-url) -------------------------------------------------------

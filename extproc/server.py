@@ -2,7 +2,7 @@
 
 - gRPC on ``--grpc-listen`` (faces Envoy; TLS with client certificates when configured):
   ext_proc, the access-log receiver, grpc.health.v1, reflection only when asked for.
-- HTTP on ``--admin-listen`` (127.0.0.1): /metrics, /healthz, /readyz.
+- HTTP on ``--admin-listen`` (127.0.0.1): the status page, /metrics, /healthz, /readyz.
 - gRPC on ``--admin-grpc-listen`` (127.0.0.1): the project's admin API (protos/), only with a token.
 - Tasks: tree eviction, in-flight expiry, active health checks, upstream discovery, reloads, and
   with ``--sync-url`` the sync link to the other replicas (:mod:`extproc.sync`).
@@ -111,10 +111,10 @@ class Service:
         self.discovery = Discovery(self.director, cfg)
         self.checker = HealthChecker(self.director, cfg)
         self.reload_source = reload
-        self.admin = Admin(self.director)
         self.receiver = AccessLogReceiver(self.director)
         self.health = EnvoyWatch(self.director)
         self.sync = SyncLink(self.director, cfg) if cfg.sync_url else None
+        self.admin = Admin(self.director, lambda: self.cfg, self.sync.state if self.sync is not None else None)
         self.grpc: grpc.aio.Server | None = None
         self.admin_grpc: grpc.aio.Server | None = None
         self.ports: dict[str, int] = {}

@@ -119,6 +119,26 @@ class SyncLink:
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
 
+    def state(self, now: float) -> dict:
+        """The link as the status page shows it: this replica, the link, every peer heard from."""
+        d = self.director
+        nc = self.nc
+        return {
+            "replica": d.replica_id,
+            "subject": self.cfg.sync_subject,
+            "connected": self.connected,
+            "server": (nc.connected_url.netloc.rsplit("@", 1)[-1] if nc is not None and nc.connected_url else ""),
+            "warming": self.warming,
+            "seq": self.seq,
+            "snapshots_loaded": self.snapshots_loaded,
+            "snapshots_due": sorted(self.snapshot_from),
+            "peers": [
+                {"replica": r, "seq": p.seq, "heard_secs_ago": round(max(0.0, now - p.seen), 1), "inflight": sum(p.counts.values())}
+                for r, p in sorted(d.peers.peers.items())
+            ],
+            "peers_gone": len(d.peers.gone),
+        }
+
     # -- life ------------------------------------------------------------------------------------
 
     async def start(self) -> None:

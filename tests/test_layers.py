@@ -20,7 +20,7 @@ LAYERS = [
     {"processes"},
     {"server"},
     {"handlers", "als", "adminapi", "admin", "sync"},
-    {"health", "discovery"},
+    {"health", "discovery", "status"},
     {"director"},
     {"config"},
     {"policy", "payload", "pool", "metrics", "replicas"},

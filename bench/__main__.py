@@ -13,8 +13,8 @@ for name, run in (
     ("codec", codec.main),
     ("tree", lambda: tree.main([])),
     ("inflight", inflight.main),
+    ("sweep", sweep.main),  # chooses the cost rule's defaults on the tuning set; eval then reports both sets
     ("eval", lambda: routing_eval.main([])),
-    ("sweep", sweep.main),
     ("e2e", e2e.main),
     ("overhead", overhead.main),
     ("attacks", lambda: attacks.main([])),

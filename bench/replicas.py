@@ -13,7 +13,7 @@ project's own policy code over its own tree and its own in-flight counts:
 - ``independent``: no sync, each replica sees only its own placements and its own requests.
 
 N = 1 is the single replica both are compared with. Topology, service model and capacity as in
-``bench.eval`` (4 routers x 2 workers, capacity ``eighth``), at twice each workload's own arrival
+``bench.eval`` (4 routers x 2 workers, capacity ``quarter``), at twice each workload's own arrival
 speed, so that load matters; three seeds, mean and spread (min..max) reported.
 """
 
@@ -103,7 +103,7 @@ def run(quick: bool) -> dict:
         t0 = time.time()
         for seed in seeds:
             prepared = prepare(WORKLOADS[name](random.Random(seed)))
-            cap = capacities(prepared, quick=True)["eighth"]
+            cap = capacities(prepared)["quarter"]
             topo = Topology(capacity_tokens=cap)
             for n, label, delay in variants:
                 upper = Replicas(n, delay if label != "independent" else None)
@@ -111,7 +111,7 @@ def run(quick: bool) -> dict:
                 rows.append({"workload": name, "seed": seed, "replicas": n, "variant": label,
                              "hit_ratio": r["hit_ratio"], "ttft_p90_s": r["ttft_p90_s"], "requests": r["requests"]})
         print(f"{name}: {time.time() - t0:.1f}s", flush=True)
-    return {"benchmark": "replicas", "seeds": list(seeds), "rate": RATE, "capacity": "eighth", "rows": rows, "summary": summarize(rows)}
+    return {"benchmark": "replicas", "seeds": list(seeds), "rate": RATE, "capacity": "quarter", "rows": rows, "summary": summarize(rows)}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

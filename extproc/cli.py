@@ -132,7 +132,8 @@ def render(command: str, data: dict[str, Any]) -> str:
         return _pairs(head) + ("\n\n" + _table(per, [("upstream", "UPSTREAM"), ("chars", "CHARACTERS")]) if per else "")
     if command == "explain":
         head = {k: v for k, v in data.items() if k != "upstreams"}
-        cols = [("address", "UPSTREAM"), ("matched_characters", "MATCHED"), ("inflight", "IN FLIGHT"), ("healthy", "HEALTHY")]
+        cols = [("address", "UPSTREAM"), ("matched_characters", "MATCHED"), ("inflight", "IN FLIGHT"), ("healthy", "HEALTHY"),
+                ("recompute_characters", "RECOMPUTE"), ("charged_requests", "CHARGED"), ("cost", "COST")]
         return _pairs(head) + "\n\n" + _table(data["upstreams"], cols)
     return _pairs(data)
 
@@ -158,7 +159,9 @@ def _reply_data(command: str, reply: Any) -> dict[str, Any]:
             out["no_text_reason"] = reply.no_text_reason
         out.update(partition=reply.partition, text_characters=reply.text_characters, matched_characters=reply.matched_characters,
                    match_rate=round(reply.match_rate, 4), routing_text_head=reply.routing_text_head)
-        out["upstreams"] = [{"address": u.address, "matched_characters": u.matched_characters, "inflight": u.inflight, "healthy": u.healthy} for u in reply.upstreams]
+        out["upstreams"] = [{"address": u.address, "matched_characters": u.matched_characters, "inflight": u.inflight, "healthy": u.healthy,
+                             "recompute_characters": u.recompute_characters, "charged_requests": u.charged_requests, "cost": u.cost}
+                            for u in reply.upstreams]
         return out
     return orjson.loads(reply.config_json)
 

@@ -262,7 +262,15 @@ class Config:
         "how a prefix match and load combine: cost (least recompute-plus-queue cost, measured best), "
         "creator (sglang-router's rule) or least_loaded (the least loaded holder of the deepest match)", POLICY, metavar="|".join(HIT_CHOICES),
     )
-    inflight_cost_chars: int = opt(1024, _number(int, 1), "with --hit-choice cost: characters of prefix recompute that one in-flight request is worth", POLICY, metavar="N")
+    inflight_cost_chars: int = opt(
+        1024, _number(int, 1),
+        "with --hit-choice cost: characters of prefix recompute that one in-flight request beyond the slack is worth", POLICY, metavar="N",
+    )
+    inflight_slack: int = opt(
+        0, _number(int, 0),
+        "with --hit-choice cost: requests an upstream may have in flight above the least loaded one at no cost; 3 keeps short "
+        "dialogues home but failed the held-out workloads (README, Choosing the defaults)", POLICY, metavar="N",
+    )
     tie_break: str = opt("random", _choice(TIE_BREAKS), "among equally good upstreams (sglang-router 0.3.2 takes the first)", POLICY, metavar="|".join(TIE_BREAKS))
     routing_text: str = opt("sglang", _choice(FORMS), "what the tree matches on: sglang (as sglang-router) or template (ChatML-like)", PAYLOAD, metavar="|".join(FORMS))
     max_routing_chars: int = opt(1 << 20, _number(int, 1), "only this many leading characters of a prompt are matched and stored", PAYLOAD, metavar="N")
@@ -321,6 +329,7 @@ class Config:
             hit_choice=self.hit_choice,
             tie_break=self.tie_break,
             inflight_cost_chars=self.inflight_cost_chars,
+            inflight_slack=self.inflight_slack,
         )
 
     def parse_options(self) -> dict[str, Any]:

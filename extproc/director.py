@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 from . import logs, metrics
 from .config import Config
 from .payload import RoutingInput, routing_input
-from .policy import Decision, decide, least_loaded
+from .policy import Decision, costs, decide, least_loaded
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
 from .syncwire import REPLICA_ID, Event, SnapshotRecord
@@ -395,9 +395,12 @@ class Director:
         ri = self._routing_input(path, body, content_encoding)
         m = self.tree.match(ri.partition, ri.text)
         loads = self.pool.loads()
+        terms: dict[str, tuple[int, int, int]] = {}
         if loads:
             d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, random.Random(0), insert=False)
             upstream, reason = d.upstream, d.reason
+            if self.policy.hit_choice == "cost" and ri.text:
+                terms = costs(m.tenants, loads, self.policy)
         else:
             upstream, reason = None, "no_healthy_upstream"
         return {
@@ -408,7 +411,8 @@ class Director:
             "matched_characters": m.matched,
             "match_rate": m.matched / len(ri.text) if ri.text else 0.0,
             "upstreams": [
-                {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy}
+                {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy,
+                 **dict(zip(("recompute_characters", "charged_requests", "cost"), terms.get(v.address, (0, 0, 0))))}
                 for v in self.upstreams()
             ],
             "no_text_reason": ri.reason,

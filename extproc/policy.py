@@ -9,9 +9,12 @@ Per request (load = in-flight requests per upstream):
    sglang-router does, or the least loaded of all holders).
    ``hit_choice = cost`` (the default) instead gives every upstream a cost: the characters it would
    have to recompute that the best-placed upstream would not (deepest match minus its own match)
-   plus ``inflight_cost_chars`` for each request it has in flight; the cheapest wins (ties at
-   random). A long prefix of its own keeps a conversation home through a burst; a prefix that any
-   upstream could rebuild cheaply (a shared system prompt) no longer pins everyone to the first
+   plus ``inflight_cost_chars`` for each request it has in flight beyond the least-loaded
+   upstream's count plus ``inflight_slack``; the cheapest wins (ties at random). Below a router's
+   batch knee an extra request costs next to nothing (a decode step is as fast with 8 requests as
+   with 1), so a small load difference must not move a conversation off its cache: the slack
+   absorbs it. A long prefix of its own keeps a conversation home through a burst; a prefix that
+   any upstream could rebuild cheaply (a shared system prompt) no longer pins everyone to the first
    upstream that saw it. The threshold then only names the outcome (a hit or a miss).
 3. Else the least-loaded upstream (``tie_break``: first in registry order as sglang-router 0.3.2, or
    random, its later fix).
@@ -41,6 +44,7 @@ class PolicyConfig:
     hit_choice: str
     tie_break: str
     inflight_cost_chars: int
+    inflight_slack: int = 0  # requests in flight above the least loaded that cost nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,14 +103,26 @@ def decide(
     return Decision(choice, reason, matched, len(text))
 
 
+def costs(matches: dict[str, int], loads: dict[str, int], cfg: PolicyConfig) -> dict[str, tuple[int, int, int]]:
+    """Each upstream's (recompute characters, requests charged, cost): the terms of the cost rule,
+    for ``explain`` to show."""
+    deepest = max(matches.values(), default=0)
+    free = min(loads.values()) + cfg.inflight_slack
+    out = {}
+    for t, n in loads.items():
+        recompute, charged = deepest - matches.get(t, 0), max(0, n - free)
+        out[t] = (recompute, charged, recompute + cfg.inflight_cost_chars * charged)
+    return out
+
+
 def _cheapest(matches: dict[str, int], loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random) -> tuple[str, str, int]:
     """The upstream with the lowest recompute-plus-queue cost (see module doc)."""
     deepest = max(matches.values(), default=0)
-    per_request = cfg.inflight_cost_chars
+    per_request, free = cfg.inflight_cost_chars, min(loads.values()) + cfg.inflight_slack
     best = None
     cheapest: list[str] = []
     for t, n in loads.items():
-        cost = deepest - matches.get(t, 0) + per_request * n
+        cost = deepest - matches.get(t, 0) + per_request * max(0, n - free)
         if best is None or cost < best:
             best, cheapest = cost, [t]
         elif cost == best:

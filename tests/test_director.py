@@ -240,6 +240,14 @@ def test_explain_reports_every_field_and_inserts_nothing(director):
     assert set(rows) == set(POOL) and rows[e["upstream"]]["matched_characters"] == 300
     other = next(a for a in POOL if a != e["upstream"])
     assert rows[other]["matched_characters"] == 0 and rows[other]["healthy"] is True and rows[other]["inflight"] == 0
+    # the cost rule's terms: the other upstream would recompute all 300 characters, nothing is charged
+    assert (rows[e["upstream"]]["recompute_characters"], rows[e["upstream"]]["cost"]) == (0, 0)
+    assert (rows[other]["recompute_characters"], rows[other]["charged_requests"], rows[other]["cost"]) == (300, 0, 300)
+    for _ in range(director.cfg.inflight_slack + 2):  # the holder, loaded two requests beyond the slack
+        director.pool.tickets.issue(e["upstream"], 0.0)
+    rows = {u["address"]: u for u in director.explain("/v1/chat/completions", body)["upstreams"]}
+    assert rows[e["upstream"]]["charged_requests"] == 2
+    assert rows[e["upstream"]]["cost"] == 2 * director.cfg.inflight_cost_chars
     empty = director.explain("/v1/models", None)
     assert (empty["match_rate"], empty["reason"], empty["no_text_reason"]) == (0.0, "no_routing_text", "no_routing_endpoint")
     for u in director.pool.upstreams.values():

@@ -3,7 +3,7 @@
 import random
 
 from extproc.config import policy_config
-from extproc.policy import decide, is_imbalanced, least_loaded
+from extproc.policy import costs, decide, is_imbalanced, least_loaded
 from extproc.tree import RadixTree
 
 CFG = policy_config()
@@ -61,7 +61,7 @@ def test_threshold_is_strict():
 
 
 def test_cost_weighs_the_prefix_to_recompute_against_the_queue():
-    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1000)
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1000, inflight_slack=0)
     tree = RadixTree()
     history = "a conversation of its own " * 200  # 5,200 characters only "a" holds
     tree.insert("m", history, "a", 0)
@@ -74,7 +74,7 @@ def test_cost_weighs_the_prefix_to_recompute_against_the_queue():
 
 
 def test_cost_spreads_sessions_that_share_only_a_short_prefix():
-    cfg = policy_config(hit_choice="cost", inflight_cost_chars=2048)
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=2048, inflight_slack=0)
     tree = RadixTree()
     system = "You are a helpful airline agent. " * 30  # ~1,000 characters
     tree.insert("m", system + "session 1", "a", 0)
@@ -84,6 +84,28 @@ def test_cost_spreads_sessions_that_share_only_a_short_prefix():
     fresh.insert("m", system + "session 1", "a", 0)
     d = run(fresh, {"a": 0, "b": 0}, system + "session 3", cfg)
     assert (d.upstream, d.reason) == ("a", "cache_hit")  # equal load: the prefix decides
+
+
+def test_the_slack_keeps_a_short_conversation_home_through_small_load_differences():
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1536, inflight_slack=3)
+    history = "a short chat " * 130  # 1,690 characters only "a" holds
+
+    def goes_to(loads):
+        tree = RadixTree()
+        tree.insert("m", history, "a", 0)
+        return run(tree, loads, history + "next", cfg).upstream
+
+    # a charged 0, 1 (1,536 < 1,690 to recompute on b), 2 (3,072 > 1,690)
+    assert [goes_to({"a": n, "b": 0}) for n in (3, 4, 5)] == ["a", "a", "b"]
+    # the slack counts from the least loaded upstream, not from zero
+    assert [goes_to({"a": n, "b": 10}) for n in (13, 14, 15)] == ["a", "a", "b"]
+
+
+def test_cost_terms_are_what_the_decision_weighs():
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=100, inflight_slack=1)
+    terms = costs({"a": 500, "b": 200}, {"a": 4, "b": 1, "c": 0}, cfg)
+    # deepest 500; free = least loaded (0) + slack (1)
+    assert terms == {"a": (0, 3, 300), "b": (300, 0, 300), "c": (500, 0, 500)}
 
 
 def test_hit_on_unhealthy_holder_is_a_miss():
@@ -143,7 +165,7 @@ def test_cost_rule_boundaries():
     # an upstream without any match pays the whole deepest match in recompute
     t3 = RadixTree()
     t3.insert("m", "z" * 2000, "a", 0)
-    cfg = policy_config(inflight_cost_chars=1000)
+    cfg = policy_config(inflight_cost_chars=1000, inflight_slack=0)
     assert run(t3, {"a": 1, "b": 0}, "z" * 2000 + "?", cfg).upstream == "a"  # 1,000 < 2,000
     assert run(t3, {"a": 3, "b": 0}, "z" * 2000 + "!", cfg).upstream == "b"  # 3,000 > 2,000
 

@@ -148,6 +148,8 @@ async def test_admin_grpc_api(svc):
         e = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=body))
         assert e.reason == "cache_hit" and e.match_rate == 1.0 and e.routing_text_head == "explain this prompt please"
         assert {u.address: u.matched_characters for u in e.upstreams}[e.upstream] == len("explain this prompt please")
+        assert {u.address: u.recompute_characters for u in e.upstreams} == {
+            u.address: (0 if u.address == e.upstream else len("explain this prompt please")) for u in e.upstreams}
         chars_before = svc.director.tree.total_chars()
         await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=b'{"messages":[{"role":"user","content":"new"}]}'))
         assert svc.director.tree.total_chars() == chars_before  # a dry run

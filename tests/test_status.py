@@ -82,7 +82,8 @@ def chat(text: str) -> bytes:
 
 @pytest.fixture
 async def admin():
-    cfg = build({"upstreams": [A, B], "sync_url": "nats://alice:s3cret@127.0.0.1:4222"}, env={})
+    # no slack: three fresh conversations spread over both upstreams by load
+    cfg = build({"upstreams": [A, B], "sync_url": "nats://alice:s3cret@127.0.0.1:4222", "inflight_slack": 0}, env={})
     d = Director(cfg, seed=1)
     d.set_upstreams([A, B])
     a = Admin(d, lambda: cfg)

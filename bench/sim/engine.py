@@ -2,12 +2,17 @@
 each balancing W workers with SGLang's cache_aware semantics, each worker with a bounded prefix
 cache and a service model.
 
-Worker: at most ``batch`` requests at once, the rest wait in FIFO order. A request's prefill takes
-``prefill_base + uncached tokens x prefill_per_token`` and its decode ``output tokens x
-decode_per_token``; its time to first token is the queueing plus the prefill. The cache is the fake
-worker's own (16-token blocks over the ChatML rendering, least recently used first), looked up and
-filled when the request starts. Load is in-flight requests, at both layers, from the decision to
-the end of the response: what prefix-router and sglang-router count.
+Worker, with the costs measured on an H200 for an 8B-shaped model (FIELD-NOTES, "What recompute
+and queueing cost on a real GPU"): at most ``batch`` requests run at once, the rest wait in FIFO
+order. Prefill is compute-bound, so one prefill runs at a time per worker: a request's prefill
+waits for the worker's previous prefills, then takes ``prefill_base + uncached tokens x
+prefill_per_token`` (~30 µs a token). Decode is memory-bound: a step takes ``decode_step`` while the
+worker runs up to ``knee`` requests and ``step_over_knee`` more for each request beyond (fixed at
+the request's start from the requests running then); its decode is ``output tokens x step``. Time to
+first token = queueing + prefill wait + prefill. The cache is the fake worker's own (16-token blocks
+over the ChatML rendering, least recently used first), looked up and filled when the request
+starts. Load is in-flight requests, at both layers, from the decision to the end of the response:
+what prefix-router and sglang-router count.
 """
 
 from __future__ import annotations
@@ -34,15 +39,22 @@ from .workloads import Req
 class Topology:
     routers: int = 4
     workers: int = 2  # per router
-    batch: int = 8
+    batch: int = 32  # requests a worker runs at once (the rest queue)
     capacity_tokens: int = 1 << 20  # per worker
 
 
 @dataclass(frozen=True)
 class ServiceModel:
-    prefill_base: float = 0.010
-    prefill_per_token: float = 0.00008  # ~12.5K uncached tokens/s per worker
-    decode_per_token: float = 0.015
+    """An 8B-shaped model on an H200 (FIELD-NOTES): prefill 19 ms for 512 tokens and ~30 µs per
+    further uncached token; a decode step of 17.6 ms up to 8 running requests, ~0.87 ms more per
+    request beyond ((66.3 - 17.6) ms over 56 more requests)."""
+
+    prefill_base: float = 0.015
+    prefill_per_token: float = 30e-6
+    decode_step: float = 0.0176
+    knee: int = 8
+    step_over_knee: float = 0.00087
+    serial_prefill: bool = True  # False: prefills overlap (the fake worker's asyncio sleeps)
 
 
 @dataclass
@@ -74,6 +86,7 @@ class Worker:
         self.free = topo.batch
         self.queue: deque = deque()
         self.inflight = 0
+        self.prefill_until = 0.0  # the worker's prefills run one at a time
 
 
 class SglangRouter:
@@ -93,7 +106,10 @@ class SglangRouter:
 
 
 class Sim:
-    def __init__(self, prepared: list[Prepared], upper, topo: Topology, model: ServiceModel, seed: int = 0, rate_scale: float = 1.0) -> None:
+    def __init__(self, prepared: list[Prepared], upper, topo: Topology, model: ServiceModel, seed: int = 0, rate_scale: float = 1.0,
+                 clients: int | None = None) -> None:
+        """``clients``: closed loop instead of the workload's arrival times: that many clients, each
+        sending one session's turns back to back, then taking the next session (bench.e2e's replay)."""
         self.topo, self.model, self.upper = topo, model, upper
         self.rng = random.Random(seed)
         self.workers = [Worker(topo) for _ in range(topo.routers * topo.workers)]
@@ -104,13 +120,25 @@ class Sim:
         self.sessions: dict[str, deque[Prepared]] = {}
         for p in prepared:
             self.sessions.setdefault(p.req.session, deque()).append(p)
-        for q in self.sessions.values():
-            self._push(q[0].req.start / rate_scale, "arrive", q[0])
+        self.clients = clients
+        self.waiting: deque[deque[Prepared]] = deque()
+        if clients:
+            self.waiting.extend(self.sessions.values())
+            for _ in range(min(clients, len(self.waiting))):
+                self._push(0.0, "arrive", self.waiting.popleft()[0])
+        else:
+            for q in self.sessions.values():
+                self._push(q[0].req.start / rate_scale, "arrive", q[0])
         self.records: list[tuple[float, float, int, int, int]] = []  # (ttft, finish, prompt, cached, output)
         self.imbalance: list[float] = []
         self.reasons: Counter = Counter()
         self.rate_scale = rate_scale
         self.order: list[Prepared] = []  # arrival order (the end-to-end replay sends in this order)
+        # The reuse bound: every block any request started before this one put in any cache, kept
+        # forever. A worker can only hold what an earlier request put there, so no policy, topology
+        # or capacity can hit more than the leading run found here: a true upper bound.
+        self.seen: set[bytes] = set()
+        self.bound_tokens = 0
 
     def _push(self, t: float, kind: str, payload) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
@@ -147,11 +175,16 @@ class Sim:
             worker.free -= 1
             hit = min(worker.cache.cached_blocks(p.keys) * BLOCK_TOKENS, p.prompt_tokens)
             worker.cache.insert(p.keys)
+            seen = next((i for i, k in enumerate(p.keys) if k not in self.seen), len(p.keys))
+            self.bound_tokens += min(seen * BLOCK_TOKENS, p.prompt_tokens)
+            self.seen.update(p.keys)
             m = self.model
-            prefill = m.prefill_base + (p.prompt_tokens - hit) * m.prefill_per_token
-            out = p.req.output_tokens
-            ttft = self.now - arrived + prefill
-            self._push(self.now + prefill + out * m.decode_per_token, "finish", (w, r, p, ttft, hit))
+            begin = max(self.now, worker.prefill_until) if m.serial_prefill else self.now
+            first_token = begin + m.prefill_base + (p.prompt_tokens - hit) * m.prefill_per_token
+            worker.prefill_until = first_token
+            running = self.topo.batch - worker.free
+            step = m.decode_step + m.step_over_knee * max(0, running - m.knee)
+            self._push(first_token + p.req.output_tokens * step, "finish", (w, r, p, first_token - arrived, hit))
 
     def _finish(self, w: int, r: int, p: Prepared, ttft: float, hit: int) -> None:
         worker = self.workers[w]
@@ -165,7 +198,9 @@ class Sim:
         q = self.sessions[p.req.session]
         q.popleft()
         if q:
-            self._push(self.now + q[0].req.after, "arrive", q[0])
+            self._push(self.now + (0.0 if self.clients else q[0].req.after), "arrive", q[0])
+        elif self.clients and self.waiting:
+            self._push(self.now, "arrive", self.waiting.popleft()[0])
         self._start(w)
 
     def summary(self) -> dict:
@@ -177,6 +212,7 @@ class Sim:
         return {
             "requests": n,
             "hit_ratio": cached / prompt if prompt else 0.0,
+            "reuse_bound": self.bound_tokens / prompt if prompt else 0.0,
             "ttft_p50_s": ttfts[n // 2],
             "ttft_p90_s": ttfts[min(n - 1, int(n * 0.9))],
             "throughput_rps": n / span,

@@ -193,6 +193,55 @@ def structural_edits(rng: random.Random, sessions: int = 32, turns: int = 8, rat
     return _spread(out, rate, rng)
 
 
+def _lognormal(rng: random.Random, mean: float, sigma: float) -> float:
+    """A lognormal draw with the given mean (not median): lengths and times have long right tails."""
+    import math
+
+    return rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
+
+
+# Published statistics of human chat with LLMs (LMSYS-Chat-1M, Zheng et al. 2023, table 1): 2.0
+# turns per conversation on average, 69.5 tokens per user prompt, 214.5 per response. At ~4
+# characters a token. Think time between turns is not in that data set: reading a reply and typing
+# the next message is taken as lognormal with a mean of 15 s (an assumption, stated in the report).
+DIALOGUE_TURNS_MEAN = 2.0
+DIALOGUE_PROMPT_CHARS = 69.5 * 4
+DIALOGUE_REPLY_CHARS = 214.5 * 4
+DIALOGUE_THINK_SECS = 15.0
+
+
+def dialogue(rng: random.Random, sessions: int = 160, rate: float = 1.0, apps: int = 3, app_share: float = 0.7,
+             turns_mean: float = DIALOGUE_TURNS_MEAN, prompt_chars: float = DIALOGUE_PROMPT_CHARS,
+             reply_chars: float = DIALOGUE_REPLY_CHARS, think_secs: float = DIALOGUE_THINK_SECS, max_turns: int = 8) -> list[Req]:
+    """Short multi-turn human dialogues shaped by LMSYS-Chat-1M: turns 1 + geometric (mean 2.0, at
+    most 8), user messages and replies lognormal around the published means, a short system prompt
+    of one of a few apps for most conversations (none for the rest), think time between turns."""
+    systems = [f"You are the assistant of app {a}. " + words(rng, 300 + 200 * a) for a in range(apps)]
+    out = []
+    p_more = 1 - 1 / turns_mean
+    for s in range(sessions):
+        msgs = [{"role": "system", "content": rng.choice(systems)}] if rng.random() < app_share else []
+        turns = 1
+        while turns < max_turns and rng.random() < p_more:
+            turns += 1
+        conv = []
+        for t in range(turns):
+            msgs = msgs + [{"role": "user", "content": words(rng, max(8, int(_lognormal(rng, prompt_chars, 1.0))))}]
+            reply = words(rng, max(8, int(_lognormal(rng, reply_chars, 0.8))))
+            conv.append(Req(f"dlg{s}", msgs, min(512, max(4, len(reply) // 4)), after=_lognormal(rng, think_secs, 1.0)))
+            msgs = msgs + [{"role": "assistant", "content": reply}]
+        out.append(conv)
+    return _spread(out, rate, rng)
+
+
+def dialogue_long(rng: random.Random) -> list[Req]:
+    """A held-out variant of :func:`dialogue` with other statistics (not tuned on, and not from a
+    publication: an assumption of longer use): twice the turns, twice the message lengths, longer
+    think time, more apps and fewer conversations with a system prompt."""
+    return dialogue(rng, sessions=96, rate=0.6, apps=6, app_share=0.5, turns_mean=4.0, prompt_chars=2 * DIALOGUE_PROMPT_CHARS,
+                    reply_chars=2 * DIALOGUE_REPLY_CHARS, think_secs=30.0, max_turns=12)
+
+
 WORKLOADS = {
     "shared_prefix": shared_prefix,
     "multi_turn": multi_turn,
@@ -201,4 +250,6 @@ WORKLOADS = {
     "loogle": loogle,
     "mooncake": mooncake,
     "structural_edits": structural_edits,
+    "dialogue": dialogue,
+    "dialogue_long": dialogue_long,
 }

@@ -51,16 +51,22 @@ class ExplainRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., body: _Optional[bytes] = ..., content_encoding: _Optional[str] = ...) -> None: ...
 
 class UpstreamMatch(_message.Message):
-    __slots__ = ("address", "matched_characters", "inflight", "healthy")
+    __slots__ = ("address", "matched_characters", "inflight", "healthy", "recompute_characters", "charged_requests", "cost")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MATCHED_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    CHARGED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     address: str
     matched_characters: int
     inflight: int
     healthy: bool
-    def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    recompute_characters: int
+    charged_requests: int
+    cost: int
+    def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ..., recompute_characters: _Optional[int] = ..., charged_requests: _Optional[int] = ..., cost: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head")

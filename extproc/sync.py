@@ -44,6 +44,7 @@ CHUNK_BYTES = 256 * 1024  # one snapshot message; NATS allows 1 MB by default
 SNAPSHOT_TIMEOUT_SECS = 120.0  # a whole snapshot (~12 s to serve at the full default budget, bench.sync); then it runs cold
 RECORDS_PER_SLICE = 256  # snapshot lines loaded between two turns of the event loop
 RETRY_SECS = 1.0
+STOP_SECS = 2.0  # per attempt to stop the link's tasks (see SyncLink.stop)
 # An event with placements goes out at the end of the event-loop turn that decided them (a peer
 # deciding a request of the same group a moment later must know); one with counts and finish
 # reports only waits up to this long for more to join it, which halves the messages under load
@@ -148,11 +149,25 @@ class SyncLink:
         self._tasks = [asyncio.create_task(t) for t in (self._run(), self._send_forever(), self._heartbeat_forever(), self._snapshots_forever())]
 
     async def stop(self) -> None:
-        for t in [*self._tasks, *self._serving]:
+        """Stop within a bounded time: a task whose cancellation a library loses (Python 3.11's
+        ``asyncio.wait_for`` can swallow one that arrives as its inner call completes, which nats-py's
+        connect loop hit under load in a test run) is cancelled again, then left behind, never waited
+        for forever: a shutdown must not hang on the sync link."""
+        tasks = [*self._tasks, *self._serving]
+        for t in tasks:
             t.cancel()
-        for t in [*self._tasks, *self._serving]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        pending = set(tasks)
+        for _ in range(2):
+            if not pending:
+                break
+            _, pending = await asyncio.wait(pending, timeout=STOP_SECS)
+            for t in pending:
+                t.cancel()
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: a task that failed while stopping is not news
+        if pending:
+            log.warning("sync_stop_incomplete", tasks=len(pending))
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 2.0)

@@ -4,7 +4,7 @@ import importlib
 import random
 
 from bench.sim.engine import ServiceModel, Sim, Topology, prepare
-from bench.sim.policies import LiteLLM, Single, upper_policies
+from bench.sim.policies import LiteLLM, PrefixRouter, Single, upper_policies
 from bench.sim.workloads import WORKLOADS, Req
 
 
@@ -78,7 +78,8 @@ def test_the_reuse_bound_is_above_every_policy_and_every_capacity():
 def test_capacity_levels_are_distinct():
     from bench.eval import capacities
 
-    prepared = prepare(WORKLOADS["loogle"](random.Random(1)))
+    # a synthetic workload: the traces live beside the project (../shared), not in a clone of it
+    prepared = prepare(WORKLOADS["shared_prefix"](random.Random(1), groups=4, prompts=3))
     caps = capacities(prepared)
     assert len(set(caps.values())) == len(caps) and caps["fits"] == max(caps.values())
     assert min(caps.values()) >= 2 * max(p.prompt_tokens for p in prepared)
@@ -135,3 +136,18 @@ def test_the_targets_are_judged_at_their_boundaries():
     agg = cells(rows)
     (v,) = verdicts(agg)
     assert v["hit_ok"] and (v["hit_min"], v["hit_max"]) == (0.70, 0.90)
+
+
+def test_observed_hits_shrink_the_tree_only_where_the_caches_forgot():
+    from bench.sim.policies import ObservedHits
+
+    prepared = prepare(WORKLOADS["multi_turn"](random.Random(6), sessions=8, turns=4))
+    roomy = ObservedHits(seed=6)
+    Sim(prepared, roomy, Topology(routers=2, workers=1, capacity_tokens=1 << 24), ServiceModel(), seed=6).run()
+    assert roomy.budget == {}  # every report confirmed the tree
+    tight = ObservedHits(seed=6)
+    Sim(prepared, tight, Topology(routers=2, workers=1, capacity_tokens=3_000), ServiceModel(), seed=6).run()
+    assert tight.budget and all(tight.tree.held(u) <= b * 1.0001 + 1 for u, b in tight.budget.items())
+    untaught = PrefixRouter()
+    Sim(prepared, untaught, Topology(routers=2, workers=1, capacity_tokens=3_000), ServiceModel(), seed=6).run()
+    assert sum(tight.tree.tenant_chars().values()) < sum(untaught.tree.tenant_chars().values())

@@ -184,6 +184,28 @@ async def test_a_new_replica_warms_up_from_a_peer_and_splices_live_events(nats_s
         await la.stop()
 
 
+async def test_stop_returns_even_when_a_task_loses_its_cancellation(nats_server):
+    """A cancellation swallowed inside a library (asyncio.wait_for's race in Python 3.11) once
+    hung a test run's shutdown for good; stop() must come back anyway."""
+    _, link = replica(nats_server.url)
+    await link.start()
+
+    async def loses_the_first_cancel():
+        for _ in range(2):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                continue
+
+    link._tasks.append(asyncio.create_task(loses_the_first_cancel()))
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(link.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=30)  # a liveness bound: the old stop() never returned
+    if not done:
+        stopping.cancel()
+    assert stopping in done and all(t.done() for t in link._tasks)
+
+
 def _holder(d: Director, prompt: str) -> str | None:
     m = d.tree.match(_partition(d), _text(d, body(prompt)))
     return m.deepest[0] if m.matched == len(_text(d, body(prompt))) and m.deepest else None

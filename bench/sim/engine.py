@@ -194,6 +194,7 @@ class Sim:
         self.records.append((ttft, self.now, p.prompt_tokens, hit, p.req.output_tokens))
         finished = getattr(self.upper, "finished", None)
         if finished:
+            self.last_hit = hit  # what the worker reported cached (tokens), for policies that observe it
             finished(p, r, self)
         q = self.sessions[p.req.session]
         q.popleft()

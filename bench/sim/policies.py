@@ -7,6 +7,7 @@ others are what operators run today or what the alternatives do, as FIELD-NOTES 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import OrderedDict
 
 import orjson
@@ -34,7 +35,49 @@ class PrefixRouter:
             text = p.texts[self.form] = routing_input("/v1/chat/completions", p.body, **{**DEFAULTS.parse_options(), "form": self.form}).text
         d = decide(self.tree, _loads(sim), p.partition, text, sim.now, self.cfg, sim.rng)
         self.last_reason = d.reason
+        self.last_decision = d
         return int(d.upstream)
+
+
+class ObservedHits(PrefixRouter):
+    """The default policy with observed cache hits fed back (the design [quality] asks for, in the
+    simulator first). For a ``sample`` of requests the upstream's answer reports the cached prefix
+    (``cached_tokens``). Far less than the tree predicted (below ``stale`` of it) means the
+    upstream's caches are smaller than the tree believes: the tree's budget for that upstream
+    shrinks to what it holds x (1 - ``shrink``), its least recently used entries go, and the next
+    decisions stop counting on them; a report that confirms the prediction lets the budget grow
+    back by ``grow``. (Trimming just the reported path would be wrong: serving the request put its
+    prompt back in the cache.)"""
+
+    def __init__(self, sample: float = 1.0, stale: float = 0.5, shrink: float = 0.1, grow: float = 0.02, seed: int = 0) -> None:
+        super().__init__()
+        self.sample, self.stale, self.shrink, self.grow = sample, stale, shrink, grow
+        self.budget: dict[str, float] = {}
+        self.pending: dict[int, tuple[str, int, int]] = {}
+        self.sampler = random.Random(seed)
+
+    def choose(self, p, sim) -> int:
+        r = super().choose(p, sim)
+        up = str(r)
+        d = self.last_decision
+        if d.text_len and self.sampler.random() < self.sample:
+            self.pending[id(p)] = (up, d.matched, d.text_len)
+        budget = self.budget.get(up)
+        if budget is not None and self.tree.held(up) > budget:
+            self.tree.evict(up, int(budget))
+        return r
+
+    def finished(self, p, r, sim) -> None:
+        rec = self.pending.pop(id(p), None)
+        if rec is None:
+            return
+        up, predicted, length = rec
+        observed = sim.last_hit / p.prompt_tokens * length if p.prompt_tokens else 0.0  # tokens -> routing-text characters
+        if predicted > 0 and observed < self.stale * predicted:
+            self.budget[up] = self.tree.held(up) * (1 - self.shrink)
+            self.tree.evict(up, int(self.budget[up]))
+        elif up in self.budget:
+            self.budget[up] *= 1 + self.grow
 
 
 class RoundRobin:

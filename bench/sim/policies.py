@@ -49,9 +49,11 @@ class ObservedHits(PrefixRouter):
     back by ``grow``. (Trimming just the reported path would be wrong: serving the request put its
     prompt back in the cache.)"""
 
-    def __init__(self, sample: float = 1.0, stale: float = 0.5, shrink: float = 0.1, grow: float = 0.02, seed: int = 0) -> None:
+    def __init__(self, sample: float = 1.0, stale: float = 0.5, shrink: float = 0.1, grow: float = 0.02, seed: int = 0,
+                 min_predicted: int = 0) -> None:
         super().__init__()
         self.sample, self.stale, self.shrink, self.grow = sample, stale, shrink, grow
+        self.min_predicted = min_predicted  # shorter predictions say nothing (a cache block is 64 characters)
         self.budget: dict[str, float] = {}
         self.pending: dict[int, tuple[str, int, int]] = {}
         self.sampler = random.Random(seed)
@@ -73,7 +75,7 @@ class ObservedHits(PrefixRouter):
             return
         up, predicted, length = rec
         observed = sim.last_hit / p.prompt_tokens * length if p.prompt_tokens else 0.0  # tokens -> routing-text characters
-        if predicted > 0 and observed < self.stale * predicted:
+        if predicted > max(0, self.min_predicted) and observed < self.stale * predicted:
             self.budget[up] = self.tree.held(up) * (1 - self.shrink)
             self.tree.evict(up, int(self.budget[up]))
         elif up in self.budget:

@@ -7,6 +7,8 @@ answering every request directly. In the same run, wrk (one thread, 10 s each, -
 
 - ``envoy-direct``: Envoy routing straight to the two upstreams (round robin): the baseline;
 - ``envoy+prefix-router duplex`` / ``buffered``: the shipped configs with the service deciding;
+- ``envoy+prefix-router buffered, every response read``: ``--observe-sample 1``, the cost of a
+  sampled request (its response's headers and body pass through the service);
 - ``sglang-router``: one sglang-router (cache_aware) over the same two upstreams, the single-layer
   alternative.
 
@@ -113,14 +115,17 @@ def main(seconds: int = 10) -> dict:
         envoy("direct", direct_config(da, dl, ups), da)
         variants = {"envoy-direct": f"http://{HOST}:{dl}/v1/chat/completions"}
         stacks = []
-        for mode in ("duplex", "buffered"):
+        # the last: every response read for its usage (--observe-sample 1), the cost of a sampled request
+        for name, mode, extra in (("duplex", "duplex", []), ("buffered", "buffered", []),
+                                  ("buffered, every response read", "buffered", ["--observe-sample", "1"])):
             ports = Ports.free(2, 0)
             ports.routers = ups
-            s = Stack(ports, envoy_config=ENVOY_DIR / f"{mode}.yaml", workdir=work / mode, service_args=["--health-interval-secs", "5"])
+            s = Stack(ports, envoy_config=ENVOY_DIR / f"{mode}.yaml", workdir=work / name.replace(" ", "").replace(",", "-"),
+                      service_args=["--health-interval-secs", "5", *extra])
             s.start_service()
             s.start_envoy()
             stacks.append(s)
-            variants[f"envoy+prefix-router {mode}"] = f"{s.base_url}/chat/completions"
+            variants[f"envoy+prefix-router {name}"] = f"{s.base_url}/chat/completions"
         router_port = free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(router_port),

@@ -311,6 +311,13 @@ class Config:
         1, _number(int, 1, 256),
         "serve: start N replicas, each on the next port of every listener (--grpc-listen 50051 gives 50051..50050+N); "
         "they share one view through --sync-url, or through a nats-server started for them", SYNC, metavar="N")
+    observe_sample: float = opt(
+        0.0, _number(float, 0.0, 1.0),
+        "share of requests whose response the service reads for the cache hit the worker reports (cached_tokens): "
+        "observed hit ratio per upstream and the tree's prediction error in the metrics and on the status page. Needs "
+        "allow_mode_override in Envoy's ext_proc filter and the buffered body mode (envoy/buffered.yaml): Envoy ignores "
+        "the override in full-duplex mode", POLICY, metavar="P",
+    )
     log_level: str = opt("info", _choice(("debug", "info", "warning", "error")), "debug, info, warning or error (debug logs each decision)", LOGS, metavar="LEVEL")
     log_format: str = opt("auto", _choice(("auto", "json", "console")), "json, console, or auto (console on a terminal)", LOGS, metavar="FMT")
     log_prompts: bool = opt(False, _bool, "include routing text in debug logs (off: prompts are private)", LOGS)

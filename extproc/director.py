@@ -57,6 +57,10 @@ class RequestInfo:
     content_encoding: str | None = None
     request_id: str = ""
     ticket: str = ""  # set by :meth:`Director.route` once an upstream holds the request
+    # what the decision predicted, kept for a sampled response (--observe-sample)
+    upstream: str = ""
+    matched: int = 0
+    text_len: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,8 @@ class Director:
         # Running totals of decisions per (upstream, reason), for the status page's recent windows
         # (one dict increment per decision; the page samples it, see extproc.status).
         self.decided: dict[tuple[str, str], int] = {}
+        # Sampled responses per upstream: [prompt tokens, cached tokens, responses] (--observe-sample)
+        self.observed_totals: dict[str, list[int]] = {}
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
         # instead of at the next interval.
         self.wake_sweeper: Callable[[], None] = lambda: None
@@ -161,6 +167,7 @@ class Director:
             self.outbox.changed()
         elapsed = time.perf_counter() - started
         metrics.DECISIONS.labels(decision.reason).inc()
+        info.upstream, info.matched, info.text_len = decision.upstream, decision.matched, decision.text_len
         key = (decision.upstream, decision.reason)
         self.decided[key] = self.decided.get(key, 0) + 1
         metrics.DECISION_SECONDS.observe(elapsed)
@@ -176,6 +183,30 @@ class Director:
             decision_us=round(elapsed * 1e6, 1),
         )
         return decision.upstream
+
+    def observe_now(self) -> bool:
+        """Whether to read this request's response for the cache hit its worker reports."""
+        sample = self.cfg.observe_sample
+        return sample > 0 and self.rng.random() < sample
+
+    def observed(self, info: RequestInfo, prompt_tokens: int, cached_tokens: int) -> None:
+        """A sampled response's report: the observed hit ratio of its upstream, and how far the
+        tree's prediction (matched share of the routing text) was from the cached share."""
+        up = info.upstream
+        if not up or up not in self.pool.upstreams:
+            return
+        metrics.OBSERVED_PROMPT.labels(up).inc(prompt_tokens)
+        metrics.OBSERVED_CACHED.labels(up).inc(cached_tokens)
+        metrics.OBSERVATIONS.labels("read").inc()
+        totals = self.observed_totals.setdefault(up, [0, 0, 0])
+        totals[0] += prompt_tokens
+        totals[1] += cached_tokens
+        totals[2] += 1
+        if info.text_len:
+            error = info.matched / info.text_len - cached_tokens / prompt_tokens
+            metrics.PREDICTION_ERROR.observe(error)
+            log.debug("observed", request_id=info.request_id, upstream=up, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+                      predicted_share=round(info.matched / info.text_len, 3), error=round(error, 3))
 
     def _routing_input(self, path: str, body: bytes | None, content_encoding: str | None) -> RoutingInput:
         """The payload parser under this configuration's form and caps."""
@@ -361,6 +392,8 @@ class Director:
         if removed:  # the status page's counts stay bounded by the pool
             gone = set(removed)
             self.decided = {k: n for k, n in self.decided.items() if k[0] not in gone}
+            for a in gone:
+                self.observed_totals.pop(a, None)
         return added, removed
 
     def record_check(self, address: str, ok: bool) -> bool | None:

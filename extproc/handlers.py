@@ -3,7 +3,10 @@
 Two body modes are served, told apart by the ``protocol_config`` Envoy sends on the first message:
 
 - ``BUFFERED``: answer the headers with CONTINUE, then put the decision (header mutation plus
-  ``clear_route_cache``) in the answer to the whole buffered body.
+  ``clear_route_cache``) in the answer to the whole buffered body. For a sample of requests
+  (``--observe-sample``) the headers' answer also asks Envoy (``mode_override``) for the response's
+  headers and body, streamed: each chunk is answered CONTINUE unchanged, and the usage at its end
+  tells the director what the worker reused (:mod:`extproc.usage`).
 - ``FULL_DUPLEX_STREAMED``: answer nothing until the body's end of stream, then the headers response
   with the decision, then the body back unchanged in chunks of at most ``CHUNK`` bytes.
 
@@ -25,7 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
-from . import logs, metrics
+from . import logs, metrics, usage
 from .director import TICKET_HEADER, Director, RequestInfo
 
 log = logs.get("prefix_router.handlers")
@@ -39,6 +42,15 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 _CONTINUE_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
 _CONTINUE_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_MODE = processing_mode_pb2.ProcessingMode
+# A sampled buffered request: the configured request phases, plus the response's headers and body.
+_OBSERVE = _MODE(
+    request_header_mode=_MODE.SEND, request_body_mode=_MODE.BUFFERED, request_trailer_mode=_MODE.SKIP,
+    response_header_mode=_MODE.SEND, response_body_mode=_MODE.STREAMED, response_trailer_mode=_MODE.SKIP,
+)
+_OBSERVE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=_OBSERVE)
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
 
 def headers_dict(msg: pb.HttpHeaders) -> dict[str, str]:
@@ -105,7 +117,7 @@ class Exchange:
     has been handed to gRPC. A stream that ends in between must give the request back: :meth:`close`.
     """
 
-    __slots__ = ("director", "info", "answered", "decided", "delivered")
+    __slots__ = ("director", "info", "answered", "decided", "delivered", "observing", "response", "response_size")
 
     def __init__(self, director: Director, headers: dict[str, str]) -> None:
         self.director = director
@@ -113,6 +125,34 @@ class Exchange:
         self.answered = False
         self.decided = False
         self.delivered = False
+        self.observing = False  # the response is being read for its usage (--observe-sample)
+        self.response = bytearray()
+        self.response_size = 0
+
+    def on_response_headers(self, msg: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+        if self.observing:
+            # :status reaches the service only if the forward rules allow it (the shipped ones do not:
+            # an error then shows as a body without usage)
+            status = headers_dict(msg).get(":status", "200")
+            if status != "200" or msg.end_of_stream:
+                self.observing = False
+                metrics.OBSERVATIONS.labels("not_ok" if status != "200" else "no_usage").inc()
+        return [_CONTINUE_RESPONSE_HEADERS]
+
+    def on_response_body(self, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        """Each chunk goes on unchanged; the usage is read at the end."""
+        if self.observing:
+            self.response_size += len(msg.body)
+            whole = usage.keep(self.response, msg.body, self.response_size)
+            if msg.end_of_stream:
+                self.observing = False
+                found = usage.prompt_and_cached(self.response, whole) if self.decided else None
+                self.response = bytearray()
+                if found is None:
+                    metrics.OBSERVATIONS.labels("no_usage").inc()
+                else:
+                    self.director.observed(self.info, *found)
+        return [_CONTINUE_RESPONSE_BODY]
 
     def _decide(self, on_headers: bool, body: bytes | None, body_too_large: bool = False) -> pb.ProcessingResponse:
         """The decision as the answer to the request headers (``on_headers``) or to the request
@@ -146,6 +186,14 @@ class Exchange:
     def close(self) -> bool:
         """The stream ended; a decision that never reached Envoy is given back. Returns whether
         the stream ended before its answer went out."""
+        if self.observing and self.delivered:
+            # Envoy may close the stream without a last end-of-stream message: what arrived is read
+            found = usage.prompt_and_cached(self.response, self.response_size <= usage.KEEP_BYTES) if self.response and self.decided else None
+            if found is None:
+                metrics.OBSERVATIONS.labels("cut").inc()  # the response never ended (reset, client gone)
+            else:
+                self.director.observed(self.info, *found)
+            self.observing = False
         if self.decided and not self.delivered:
             self.director.abandoned(self.info)
         return not self.delivered
@@ -157,7 +205,12 @@ class BufferedExchange(Exchange):
     __slots__ = ()
 
     def on_headers(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
-        return [self._decide(True, None)] if end_of_stream else [_CONTINUE_HEADERS]
+        if end_of_stream:
+            return [self._decide(True, None)]
+        if self.director.observe_now():
+            self.observing = True
+            return [_OBSERVE_HEADERS]
+        return [_CONTINUE_HEADERS]
 
     def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         if self.answered:  # the answer already went out: nothing more to change
@@ -246,6 +299,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     duplex = req.HasField("protocol_config") and req.protocol_config.request_body_mode == _DUPLEX
                     exchange = (DuplexExchange if duplex else BufferedExchange)(self.director, headers_dict(req.request_headers))
                     out = exchange.on_headers(req.request_headers.end_of_stream)
+                elif kind == "response_headers" and exchange is not None:
+                    out = exchange.on_response_headers(req.response_headers)
+                elif kind == "response_body" and exchange is not None:
+                    out = exchange.on_response_body(req.response_body)
                 elif kind in _PASS_THROUGH:
                     out = [_PASS_THROUGH[kind]]
                 elif exchange is None:

@@ -55,6 +55,21 @@ UPSTREAMS_REFUSED = Counter(
     "prefix_router_upstreams_refused", "Upstream addresses refused by the address policy (--allowed-upstream-cidrs), from any source"
 )
 ADMIN_DENIED = Counter("prefix_router_admin_denied", "Admin API calls refused for a missing or wrong token")
+OBSERVED_PROMPT = Counter("prefix_router_observed_prompt_tokens", "Prompt tokens of the sampled responses (--observe-sample), by upstream", ["upstream"])
+OBSERVED_CACHED = Counter(
+    "prefix_router_observed_cached_tokens",
+    "Prompt tokens the upstream's workers reported cached, of the sampled responses: observed hit ratio = this / prompt tokens",
+    ["upstream"],
+)
+OBSERVATIONS = Counter(
+    "prefix_router_observations", "Sampled responses by result: read, no_usage (reported no cache), not_ok (an error status), cut (stream ended early)",
+    ["result"],
+)
+PREDICTION_ERROR = Histogram(
+    "prefix_router_prediction_error",
+    "Sampled requests: the tree's predicted match share minus the observed cached share (positive: the tree promised more than the cache held)",
+    buckets=(-0.75, -0.5, -0.25, -0.1, -0.02, 0.02, 0.1, 0.25, 0.5, 0.75, 1.0),
+)
 STATUS_DENIED = Counter(
     "prefix_router_status_denied",
     "Status page requests refused: the client outside --status-allowed-cidrs (peer) or a Host that is not an address or localhost (host)",

@@ -130,6 +130,9 @@ def document(
                 "tree_characters": v.tree_characters,
                 "tree_share": v.tree_characters / held if held else 0.0,
                 "budget_used": v.tree_characters / tree.max_tree_size if tree.max_tree_size else 0.0,
+                # sampled responses' reports (--observe-sample): None until the first one
+                "observed_hit_ratio": (lambda t: t[1] / t[0] if t and t[0] else None)(director.observed_totals.get(v.address)),
+                "observed_responses": (director.observed_totals.get(v.address) or [0, 0, 0])[2],
             }
             for v in views
         ],

@@ -287,3 +287,60 @@ async def test_a_stream_closed_right_after_its_answer_keeps_the_request_in_fligh
     await handler.aclose()
     assert director.pool.tickets.outstanding() == 1
     assert metrics.STREAMS_ABANDONED._value.get() == abandoned
+
+
+def response_headers(status="200", eos=False):
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=":status", raw_value=status.encode())]), end_of_stream=eos))
+
+
+def response_body(data: bytes, eos: bool):
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=eos))
+
+
+USAGE = orjson.dumps({"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 100, "prompt_tokens_details": {"cached_tokens": 64}}})
+
+
+async def test_a_sampled_buffered_request_reads_its_response_and_changes_nothing(service):
+    director, ch = service
+    director.cfg = build({"upstreams": POOL, "observe_sample": 1.0}, env={})
+    read = metrics.OBSERVATIONS.labels("read")._value.get()
+    out = await exchange(ch, [headers(), body(chat("x" * 400), True), response_headers(), response_body(USAGE[:50], False), response_body(USAGE[50:], True)])
+    assert [r.WhichOneof("response") for r in out] == ["request_headers", "request_body", "response_headers", "response_body", "response_body"]
+    mode = out[0].mode_override
+    # the configured request phases stay; the response's headers and body are asked for, streamed
+    assert (mode.request_body_mode, mode.response_header_mode, mode.response_body_mode) == (
+        processing_mode_pb2.ProcessingMode.BUFFERED, processing_mode_pb2.ProcessingMode.SEND, processing_mode_pb2.ProcessingMode.STREAMED)
+    for r in out[2:]:  # never a change to what the client receives
+        common = r.response_headers.response if r.HasField("response_headers") else r.response_body.response
+        assert not common.header_mutation.set_headers and not common.HasField("body_mutation") and common.status == 0
+    upstream = mutation(out[1].request_body.response)["x-upstream-host"]
+    assert director.observed_totals == {upstream: [100, 64, 1]}
+    assert metrics.OBSERVATIONS.labels("read")._value.get() == read + 1
+    assert metrics.OBSERVED_CACHED.labels(upstream)._value.get() >= 64
+
+
+async def test_unsampled_errors_and_duplex_requests_are_not_read(service):
+    director, ch = service
+    out = await exchange(ch, [headers(), body(chat(), True)])
+    assert not out[0].HasField("mode_override")  # --observe-sample 0, the default: never asked
+    director.cfg = build({"upstreams": POOL, "observe_sample": 1.0}, env={})
+    not_ok = metrics.OBSERVATIONS.labels("not_ok")._value.get()
+    await exchange(ch, [headers(), body(chat(), True), response_headers("503"), response_body(USAGE, True)])
+    assert metrics.OBSERVATIONS.labels("not_ok")._value.get() == not_ok + 1 and director.observed_totals == {}
+    out = await exchange(ch, [headers(mode="FULL_DUPLEX_STREAMED"), body(chat(), True)])
+    assert not out[0].HasField("mode_override")  # Envoy ignores an override in full-duplex mode
+
+
+async def test_a_response_whose_end_never_comes_is_read_from_what_arrived(service):
+    """Envoy may close the stream without a last end-of-stream message: the usage already seen counts."""
+    director, ch = service
+    director.cfg = build({"upstreams": POOL, "observe_sample": 1.0}, env={})
+    events = b'data: {"choices":[],"usage":{"prompt_tokens":50,"prompt_tokens_details":{"cached_tokens":48}}}\n\ndata: [DONE]\n\n'
+    await exchange(ch, [headers(), body(chat("y" * 300), True), response_headers(), response_body(events, False)])
+    await asyncio.sleep(0.1)  # the stream's close runs after the last answer
+    assert [v[:2] for v in director.observed_totals.values()] == [[50, 48]]
+    cut = metrics.OBSERVATIONS.labels("cut")._value.get()
+    await exchange(ch, [headers(), body(chat("z" * 300), True), response_headers(), response_body(b'data: {"choices":[', False)])
+    await asyncio.sleep(0.1)
+    assert metrics.OBSERVATIONS.labels("cut")._value.get() == cut + 1

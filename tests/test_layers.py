@@ -24,7 +24,7 @@ LAYERS = [
     {"director"},
     {"config"},
     {"policy", "payload", "pool", "metrics", "replicas"},
-    {"tree", "upstream", "inflight", "addresses", "logs", "syncwire"},
+    {"tree", "upstream", "inflight", "addresses", "logs", "syncwire", "usage"},
     {"api"},  # generated admin API messages
 ]
 

@@ -122,6 +122,13 @@ async def test_status_json_shows_each_upstream_its_decisions_and_the_masked_conf
     for w in doc["decisions"]:
         assert sum(n for per in w["by_upstream"].values() for n in per.values()) == 3
     assert doc["config"]["sync_url"] == "nats://***@127.0.0.1:4222"
+    assert [u["observed_hit_ratio"] for u in doc["upstreams"]] == [None, None]  # nothing sampled yet
+    info = RequestInfo(path="/v1/chat/completions")
+    d.route(info, chat("sampled " * 30))
+    d.observed(info, 200, 150)
+    doc = await (await client.get("/status.json")).json()
+    row = next(u for u in doc["upstreams"] if u["address"] == info.upstream)
+    assert (row["observed_hit_ratio"], row["observed_responses"]) == (0.75, 1)
     assert "s3cret" not in (await (await client.get("/status.json")).text())
     assert doc["sync"] is None  # no sync link given to this Admin
     d.pool.upstreams[A].eject(5.0, 60.0, __import__("time").monotonic())

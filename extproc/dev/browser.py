@@ -6,7 +6,8 @@ Debian's package when it is missing). The flags keep Chromium from calling Googl
 a closed network refuses many times a second.
 
 ``python -m extproc.dev.browser --screenshot docs/status.png`` starts the local stack (two synced
-replicas), sends a few conversations through Envoy and saves the page as the README shows it.
+replicas, buffered mode, every response read for its cache hit), sends a few conversations through
+Envoy and saves the page as the README shows it.
 """
 
 from __future__ import annotations
@@ -86,12 +87,14 @@ def conversations(base_url: str, sessions: int = 6, turns: int = 3) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .stack import Ports, Stack
+    from .stack import ENVOY_DIR, Ports, Stack
 
     p = argparse.ArgumentParser(prog="python -m extproc.dev.browser", description=__doc__.split("\n\n")[0])
     p.add_argument("--screenshot", default="docs/status.png", help="where to save the page (PNG)")
     a = p.parse_args(argv)
-    with Stack(Ports.free(routers=2, workers_per_router=2, services=2), worker_args=["--output-tokens", "8"]) as stack:
+    # buffered, every response read: the picture shows the observed hit ratio too
+    with Stack(Ports.free(routers=2, workers_per_router=2, services=2), envoy_config=ENVOY_DIR / "buffered.yaml",
+               service_args=["--observe-sample", "1"], worker_args=["--output-tokens", "8"]) as stack:
         conversations(stack.base_url, sessions=12, turns=3)
         with page(height=1000) as pg:
             pg.goto(stack.service_admin_url(0) + "/")

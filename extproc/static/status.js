@@ -63,6 +63,8 @@ function drawUpstreams(doc) {
     el("td", { class: "n" }, chars(u.tree_characters)),
     el("td", { class: "n" }, pct(u.tree_share), el("span", { class: "bar", width: `${Math.round(60 * u.tree_share)}px` })),
     el("td", { class: "n" }, pct(u.budget_used)),
+    el("td", { class: "n observed", title: `${u.observed_responses} sampled responses` },
+      u.observed_hit_ratio === null ? "–" : pct(u.observed_hit_ratio)),
     el("td", { class: "decisions" }, reasons(w.by_upstream[u.address])),
   )));
 }

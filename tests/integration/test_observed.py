@@ -1,0 +1,50 @@
+"""Observed cache hits through the real stack: Envoy (envoy/buffered.yaml, allow_mode_override), the
+service with --observe-sample 1, real sglang-routers, fake workers that report cached_tokens."""
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(Ports.free(routers=2, workers_per_router=1), envoy_config=ENVOY_DIR / "buffered.yaml", service_args=["--observe-sample", "1"],
+              worker_args=["--output-tokens", "6"], workdir=Path(tmp_path_factory.mktemp("stack-observed")))
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_every_sampled_response_is_read_and_reaches_the_client_unchanged(stack):
+    c = openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=30)
+    msgs = [{"role": "system", "content": "You answer questions about trains. " * 30}]
+    prompt = cached = 0
+    for turn in range(4):
+        msgs.append({"role": "user", "content": f"Question {turn}: which line goes north?"})
+        if turn % 2:
+            r = c.chat.completions.create(model="fake-model", messages=msgs, max_tokens=6)
+            text, u = r.choices[0].message.content, r.usage
+        else:  # streamed, usage in the last event
+            chunks = list(c.chat.completions.create(model="fake-model", messages=msgs, max_tokens=6, stream=True,
+                                                    stream_options={"include_usage": True}))
+            text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            u = chunks[-1].usage
+        assert text == " tok0 tok1 tok2 tok3 tok4 tok5"  # what the worker sent, untouched
+        prompt += u.prompt_tokens
+        cached += u.prompt_tokens_details.cached_tokens
+        msgs.append({"role": "assistant", "content": text})
+    assert cached > 0
+    # the service read exactly what the client was told, for every request (a stream's end may reach
+    # the service after its last bytes reached the client, or never: then the stream's close reads it)
+    wait_until(lambda: stack.service_metric(0, "prefix_router_observations_total", result="read") == 4, 10, "four observations")
+    assert stack.service_metric(0, "prefix_router_observed_prompt_tokens_total") == prompt
+    assert stack.service_metric(0, "prefix_router_observed_cached_tokens_total") == cached
+    assert stack.service_metric(0, "prefix_router_observations_total", result="read") == 4
+    assert stack.service_metric(0, "prefix_router_prediction_error_count") == 4

@@ -127,13 +127,16 @@ def render(command: str, data: dict[str, Any]) -> str:
         cols = [("address", "UPSTREAM"), ("healthy", "HEALTHY"), ("health_check", "CHECK"), ("ejected", "EJECTED"), ("inflight", "IN FLIGHT"), ("tree_characters", "TREE CHARS")]
         return _table(data["upstreams"], cols) + f"\n\nconfigured: {', '.join(data['configured'])}"
     if command == "tree":
-        head = {k: v for k, v in data.items() if k != "characters_per_upstream"}
-        per = [{"upstream": a, "chars": n} for a, n in data["characters_per_upstream"].items()]
-        return _pairs(head) + ("\n\n" + _table(per, [("upstream", "UPSTREAM"), ("chars", "CHARACTERS")]) if per else "")
+        head = {k: v for k, v in data.items() if k not in ("characters_per_upstream", "observed_hit_ratio_per_upstream")}
+        observed = data.get("observed_hit_ratio_per_upstream", {})
+        per = [{"upstream": a, "chars": n, "observed": observed.get(a, "-")} for a, n in data["characters_per_upstream"].items()]
+        cols = [("upstream", "UPSTREAM"), ("chars", "CHARACTERS"), ("observed", "OBSERVED HITS")]
+        return _pairs(head) + ("\n\n" + _table(per, cols) if per else "")
     if command == "explain":
         head = {k: v for k, v in data.items() if k != "upstreams"}
         cols = [("address", "UPSTREAM"), ("matched_characters", "MATCHED"), ("inflight", "IN FLIGHT"), ("healthy", "HEALTHY"),
-                ("recompute_characters", "RECOMPUTE"), ("charged_requests", "CHARGED"), ("cost", "COST")]
+                ("recompute_characters", "RECOMPUTE"), ("charged_requests", "CHARGED"), ("cost", "COST"),
+                ("observed_hit_ratio", "OBSERVED HITS"), ("observed_responses", "SAMPLED")]
         return _pairs(head) + "\n\n" + _table(data["upstreams"], cols)
     return _pairs(data)
 
@@ -152,7 +155,8 @@ def _reply_data(command: str, reply: Any) -> dict[str, Any]:
         }
     if command == "tree":
         return {"stored_characters": reply.stored_characters, "nodes": reply.nodes, "max_tree_size_per_upstream": reply.max_tree_size,
-                "characters_per_upstream": dict(sorted(reply.characters_per_upstream.items()))}
+                "characters_per_upstream": dict(sorted(reply.characters_per_upstream.items())),
+                "observed_hit_ratio_per_upstream": {a: round(r, 4) for a, r in sorted(reply.observed_hit_ratio_per_upstream.items())}}
     if command == "explain":
         out: dict[str, Any] = {"upstream": reply.upstream or None, "reason": reply.reason}
         if reply.no_text_reason:
@@ -160,7 +164,8 @@ def _reply_data(command: str, reply: Any) -> dict[str, Any]:
         out.update(partition=reply.partition, text_characters=reply.text_characters, matched_characters=reply.matched_characters,
                    match_rate=round(reply.match_rate, 4), routing_text_head=reply.routing_text_head)
         out["upstreams"] = [{"address": u.address, "matched_characters": u.matched_characters, "inflight": u.inflight, "healthy": u.healthy,
-                             "recompute_characters": u.recompute_characters, "charged_requests": u.charged_requests, "cost": u.cost}
+                             "recompute_characters": u.recompute_characters, "charged_requests": u.charged_requests, "cost": u.cost,
+                             "observed_hit_ratio": round(u.observed_hit_ratio, 4), "observed_responses": u.observed_responses}
                             for u in reply.upstreams]
         return out
     return orjson.loads(reply.config_json)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import logs, metrics
@@ -83,6 +83,7 @@ class TreeStats:
     nodes: int
     characters_per_upstream: dict[str, int]
     max_tree_size: int
+    observed_hit_ratio_per_upstream: dict[str, float] = field(default_factory=dict)
 
 
 class Director:
@@ -183,6 +184,10 @@ class Director:
             decision_us=round(elapsed * 1e6, 1),
         )
         return decision.upstream
+
+    def _observed(self, address: str) -> dict:
+        prompt, cached, n = self.observed_totals.get(address) or (0, 0, 0)
+        return {"observed_hit_ratio": cached / prompt if prompt else 0.0, "observed_responses": n}
 
     def observe_now(self) -> bool:
         """Whether to read this request's response for the cache hit its worker reports."""
@@ -421,7 +426,8 @@ class Director:
 
     def tree_stats(self) -> TreeStats:
         t = self.tree
-        return TreeStats(t.total_chars(), t.node_count(), t.tenant_chars(), self.cfg.max_tree_size)
+        observed = {a: c / p for a, (p, c, _) in self.observed_totals.items() if p}
+        return TreeStats(t.total_chars(), t.node_count(), t.tenant_chars(), self.cfg.max_tree_size, observed)
 
     def explain(self, path: str, body: bytes | None, content_encoding: str | None = None) -> dict:
         """The decision this request would get now, with every upstream's match; inserts nothing."""
@@ -445,7 +451,8 @@ class Director:
             "match_rate": m.matched / len(ri.text) if ri.text else 0.0,
             "upstreams": [
                 {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy,
-                 **dict(zip(("recompute_characters", "charged_requests", "cost"), terms.get(v.address, (0, 0, 0))))}
+                 **dict(zip(("recompute_characters", "charged_requests", "cost"), terms.get(v.address, (0, 0, 0)))),
+                 **self._observed(v.address)}
                 for v in self.upstreams()
             ],
             "no_text_reason": ri.reason,

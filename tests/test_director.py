@@ -356,3 +356,17 @@ def test_a_refused_connection_ejects_at_once_other_failures_after_a_run(director
     chosen = director.route(info, BODY)
     assert director.finished(info.ticket, Outcome.REFUSED)
     assert [u.address for u in director.upstreams() if not u.healthy] == [chosen]
+
+
+def test_observed_hits_show_in_explain_and_tree(director):
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "v" * 400}]})
+    info = RequestInfo(path="/v1/chat/completions")
+    director.route(info, body)
+    assert director.tree_stats().observed_hit_ratio_per_upstream == {}
+    director.observed(info, 100, 80)
+    director.observed(info, 100, 40)
+    assert director.tree_stats().observed_hit_ratio_per_upstream == {info.upstream: 0.6}
+    rows = {u["address"]: u for u in director.explain("/v1/chat/completions", body)["upstreams"]}
+    assert (rows[info.upstream]["observed_hit_ratio"], rows[info.upstream]["observed_responses"]) == (0.6, 2)
+    other = next(a for a in rows if a != info.upstream)
+    assert rows[other]["observed_responses"] == 0

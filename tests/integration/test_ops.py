@@ -196,6 +196,7 @@ def test_admin_cli_commands(stack, tmp_path):
 
     r = cli("tree", "--admin-grpc", addr, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["stored_characters"] > 0
+    assert json.loads(r.stdout)["observed_hit_ratio_per_upstream"] == {}  # --observe-sample is off here
 
     r = cli("config", "--admin-grpc", addr, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["upstreams"] == stack.router_addresses  # the running service's, not this invocation's

@@ -51,7 +51,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., body: _Optional[bytes] = ..., content_encoding: _Optional[str] = ...) -> None: ...
 
 class UpstreamMatch(_message.Message):
-    __slots__ = ("address", "matched_characters", "inflight", "healthy", "recompute_characters", "charged_requests", "cost")
+    __slots__ = ("address", "matched_characters", "inflight", "healthy", "recompute_characters", "charged_requests", "cost", "observed_hit_ratio", "observed_responses")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MATCHED_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class UpstreamMatch(_message.Message):
     RECOMPUTE_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     CHARGED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_HIT_RATIO_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_RESPONSES_FIELD_NUMBER: _ClassVar[int]
     address: str
     matched_characters: int
     inflight: int
@@ -66,7 +68,9 @@ class UpstreamMatch(_message.Message):
     recompute_characters: int
     charged_requests: int
     cost: int
-    def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ..., recompute_characters: _Optional[int] = ..., charged_requests: _Optional[int] = ..., cost: _Optional[int] = ...) -> None: ...
+    observed_hit_ratio: float
+    observed_responses: int
+    def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ..., recompute_characters: _Optional[int] = ..., charged_requests: _Optional[int] = ..., cost: _Optional[int] = ..., observed_hit_ratio: _Optional[float] = ..., observed_responses: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head")
@@ -95,7 +99,7 @@ class TreeStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TreeStatsResponse(_message.Message):
-    __slots__ = ("stored_characters", "nodes", "characters_per_upstream", "max_tree_size")
+    __slots__ = ("stored_characters", "nodes", "characters_per_upstream", "max_tree_size", "observed_hit_ratio_per_upstream")
     class CharactersPerUpstreamEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,15 +107,24 @@ class TreeStatsResponse(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ObservedHitRatioPerUpstreamEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STORED_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     CHARACTERS_PER_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     MAX_TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_HIT_RATIO_PER_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     stored_characters: int
     nodes: int
     characters_per_upstream: _containers.ScalarMap[str, int]
     max_tree_size: int
-    def __init__(self, stored_characters: _Optional[int] = ..., nodes: _Optional[int] = ..., characters_per_upstream: _Optional[_Mapping[str, int]] = ..., max_tree_size: _Optional[int] = ...) -> None: ...
+    observed_hit_ratio_per_upstream: _containers.ScalarMap[str, float]
+    def __init__(self, stored_characters: _Optional[int] = ..., nodes: _Optional[int] = ..., characters_per_upstream: _Optional[_Mapping[str, int]] = ..., max_tree_size: _Optional[int] = ..., observed_hit_ratio_per_upstream: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class GetConfigRequest(_message.Message):
     __slots__ = ()

@@ -65,12 +65,12 @@ def capacities(prepared) -> dict[str, int]:
     return out
 
 
-def all_policies() -> dict[str, Callable[[], object]]:
-    """Fresh instances of every policy the evaluation compares (one per run: they keep state)."""
-    return {name: (lambda name=name: upper_policies()[name]) for name in upper_policies()}
+def eval_policies() -> dict[str, object]:
+    """Fresh instances of every policy the evaluation compares (new ones for each run: they keep state)."""
+    return {**upper_policies(), SINGLE: Single()}
 
 
-def unit(args: tuple[str, int, tuple[float, ...], Callable[[], dict[str, Callable[[], object]]]]) -> list[dict]:
+def unit(args: tuple[str, int, tuple[float, ...], Callable[[], dict[str, object]]]) -> list[dict]:
     """Every capacity, rate and policy for one workload and seed (one process's share)."""
     name, seed, rates, policies = args
     prepared = prepare(WORKLOADS[name](random.Random(seed)))
@@ -80,18 +80,14 @@ def unit(args: tuple[str, int, tuple[float, ...], Callable[[], dict[str, Callabl
         for rate in rates:
             t = Topology(topo.routers, topo.workers, topo.batch, cap)
             single = Topology(1, topo.routers * topo.workers, topo.batch, cap)
-            for policy, make in policies().items():
-                s = Sim(prepared, make(), single if policy == SINGLE else t, model, seed=seed, rate_scale=rate).run()
+            for policy, upper in policies().items():
+                s = Sim(prepared, upper, single if policy == SINGLE else t, model, seed=seed, rate_scale=rate).run()
                 rows.append({"workload": name, "seed": seed, "capacity": cap_name, "capacity_tokens": cap, "rate": rate, "policy": policy, **s})
     return rows
 
 
-def eval_policies() -> dict[str, Callable[[], object]]:
-    return {**all_policies(), SINGLE: Single}
-
-
 def simulate(sets: dict[str, tuple[tuple[str, ...], tuple[int, ...]]], rates: tuple[float, ...], jobs: int = 2,
-             policies: Callable[[], dict[str, Callable[[], object]]] = eval_policies) -> list[dict]:
+             policies: Callable[[], dict[str, object]] = eval_policies) -> list[dict]:
     units = [(w, s, rates, policies) for workloads, seeds in sets.values() for w in workloads for s in seeds]
     units.sort(key=lambda u: u[0] != "mooncake")  # the longest first
     rows: list[dict] = []

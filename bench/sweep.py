@@ -30,9 +30,10 @@ def name(slack: int, weight: int) -> str:
 
 
 def policies() -> dict:
-    rivals = {p: (lambda p=p: upper_policies()[p]) for p in set(HIT_RIVALS + TTFT_RIVALS) - {SINGLE}}
-    grid = {name(s, w): (lambda s=s, w=w: PrefixRouter(policy_config(inflight_slack=s, inflight_cost_chars=w))) for s in SLACKS for w in WEIGHTS}
-    return {**rivals, SINGLE: Single, **grid}
+    """Fresh instances for one run: the rivals and every setting of the grid."""
+    rivals = {p: u for p, u in upper_policies().items() if p in HIT_RIVALS + TTFT_RIVALS}
+    grid = {name(s, w): PrefixRouter(policy_config(inflight_slack=s, inflight_cost_chars=w)) for s in SLACKS for w in WEIGHTS}
+    return {**rivals, SINGLE: Single(), **grid}
 
 
 def main() -> dict:

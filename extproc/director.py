@@ -185,9 +185,9 @@ class Director:
         )
         return decision.upstream
 
-    def _observed(self, address: str) -> dict:
-        prompt, cached, n = self.observed_totals.get(address) or (0, 0, 0)
-        return {"observed_hit_ratio": cached / prompt if prompt else 0.0, "observed_responses": n}
+    def observed_hits(self) -> dict[str, tuple[float, int]]:
+        """Per upstream with sampled responses: (observed hit ratio, responses) (--observe-sample)."""
+        return {a: (cached / prompt, n) for a, (prompt, cached, n) in self.observed_totals.items() if prompt}
 
     def observe_now(self) -> bool:
         """Whether to read this request's response for the cache hit its worker reports."""
@@ -426,7 +426,7 @@ class Director:
 
     def tree_stats(self) -> TreeStats:
         t = self.tree
-        observed = {a: c / p for a, (p, c, _) in self.observed_totals.items() if p}
+        observed = {a: ratio for a, (ratio, _) in self.observed_hits().items()}
         return TreeStats(t.total_chars(), t.node_count(), t.tenant_chars(), self.cfg.max_tree_size, observed)
 
     def explain(self, path: str, body: bytes | None, content_encoding: str | None = None) -> dict:
@@ -435,6 +435,7 @@ class Director:
         m = self.tree.match(ri.partition, ri.text)
         loads = self.pool.loads()
         terms: dict[str, tuple[int, int, int]] = {}
+        observed = self.observed_hits()
         if loads:
             d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, random.Random(0), insert=False)
             upstream, reason = d.upstream, d.reason
@@ -452,7 +453,7 @@ class Director:
             "upstreams": [
                 {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy,
                  **dict(zip(("recompute_characters", "charged_requests", "cost"), terms.get(v.address, (0, 0, 0)))),
-                 **self._observed(v.address)}
+                 **dict(zip(("observed_hit_ratio", "observed_responses"), observed.get(v.address, (0.0, 0))))}
                 for v in self.upstreams()
             ],
             "no_text_reason": ri.reason,

@@ -126,7 +126,7 @@ class Exchange:
         self.decided = False
         self.delivered = False
         self.observing = False  # the response is being read for its usage (--observe-sample)
-        self.response = bytearray()
+        self.response: bytearray | None = None  # what is kept of it, only while observing
         self.response_size = 0
 
     def on_response_headers(self, msg: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
@@ -142,17 +142,23 @@ class Exchange:
     def on_response_body(self, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         """Each chunk goes on unchanged; the usage is read at the end."""
         if self.observing:
-            self.response_size += len(msg.body)
-            whole = usage.keep(self.response, msg.body, self.response_size)
-            if msg.end_of_stream:
-                self.observing = False
-                found = usage.prompt_and_cached(self.response, whole) if self.decided else None
+            if self.response is None:
                 self.response = bytearray()
-                if found is None:
-                    metrics.OBSERVATIONS.labels("no_usage").inc()
-                else:
-                    self.director.observed(self.info, *found)
+            self.response_size += len(msg.body)
+            usage.keep(self.response, msg.body, self.response_size)
+            if msg.end_of_stream:
+                self._read_response("no_usage")
         return [_CONTINUE_RESPONSE_BODY]
+
+    def _read_response(self, unread: str) -> None:
+        """The observation ends: the usage in what was kept goes to the director, or the outcome
+        ``unread`` is counted."""
+        kept, self.response, self.observing = self.response, None, False
+        found = usage.prompt_and_cached(kept, self.response_size <= usage.KEEP_BYTES) if kept and self.decided else None
+        if found is None:
+            metrics.OBSERVATIONS.labels(unread).inc()
+        else:
+            self.director.observed(self.info, *found)
 
     def _decide(self, on_headers: bool, body: bytes | None, body_too_large: bool = False) -> pb.ProcessingResponse:
         """The decision as the answer to the request headers (``on_headers``) or to the request
@@ -187,13 +193,9 @@ class Exchange:
         """The stream ended; a decision that never reached Envoy is given back. Returns whether
         the stream ended before its answer went out."""
         if self.observing and self.delivered:
-            # Envoy may close the stream without a last end-of-stream message: what arrived is read
-            found = usage.prompt_and_cached(self.response, self.response_size <= usage.KEEP_BYTES) if self.response and self.decided else None
-            if found is None:
-                metrics.OBSERVATIONS.labels("cut").inc()  # the response never ended (reset, client gone)
-            else:
-                self.director.observed(self.info, *found)
-            self.observing = False
+            # Envoy may close the stream without a last end-of-stream message: what arrived is read;
+            # nothing readable means the response never ended (reset, client gone)
+            self._read_response("cut")
         if self.decided and not self.delivered:
             self.director.abandoned(self.info)
         return not self.delivered

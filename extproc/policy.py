@@ -105,7 +105,7 @@ def decide(
 
 def costs(matches: dict[str, int], loads: dict[str, int], cfg: PolicyConfig) -> dict[str, tuple[int, int, int]]:
     """Each upstream's (recompute characters, requests charged, cost): the terms of the cost rule,
-    for ``explain`` to show."""
+    which the decision weighs and ``explain`` shows."""
     deepest = max(matches.values(), default=0)
     free = min(loads.values()) + cfg.inflight_slack
     out = {}
@@ -117,16 +117,9 @@ def costs(matches: dict[str, int], loads: dict[str, int], cfg: PolicyConfig) -> 
 
 def _cheapest(matches: dict[str, int], loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random) -> tuple[str, str, int]:
     """The upstream with the lowest recompute-plus-queue cost (see module doc)."""
-    deepest = max(matches.values(), default=0)
-    per_request, free = cfg.inflight_cost_chars, min(loads.values()) + cfg.inflight_slack
-    best = None
-    cheapest: list[str] = []
-    for t, n in loads.items():
-        cost = deepest - matches.get(t, 0) + per_request * max(0, n - free)
-        if best is None or cost < best:
-            best, cheapest = cost, [t]
-        elif cost == best:
-            cheapest.append(t)
+    terms = costs(matches, loads, cfg)
+    best = min(cost for _, _, cost in terms.values())
+    cheapest = [t for t, (_, _, cost) in terms.items() if cost == best]
     choice = cheapest[0] if cfg.tie_break == "first" else rng.choice(cheapest)
     own = matches.get(choice, 0)
     return choice, "cache_hit" if own / length > cfg.cache_threshold else "cache_miss", own

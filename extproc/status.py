@@ -114,6 +114,7 @@ def document(
     # An upstream's characters count what it holds (shared prefixes for each holder, nodes charged),
     # as its budget does: its share is of their sum, not of the tree's distinct characters.
     held = sum(v.tree_characters for v in views)
+    observed = director.observed_hits()  # sampled responses (--observe-sample); none: the ratio is None
     return {
         "version": __version__,
         "replica": director.replica_id,
@@ -130,9 +131,8 @@ def document(
                 "tree_characters": v.tree_characters,
                 "tree_share": v.tree_characters / held if held else 0.0,
                 "budget_used": v.tree_characters / tree.max_tree_size if tree.max_tree_size else 0.0,
-                # sampled responses' reports (--observe-sample): None until the first one
-                "observed_hit_ratio": (lambda t: t[1] / t[0] if t and t[0] else None)(director.observed_totals.get(v.address)),
-                "observed_responses": (director.observed_totals.get(v.address) or [0, 0, 0])[2],
+                "observed_hit_ratio": observed[v.address][0] if v.address in observed else None,
+                "observed_responses": observed[v.address][1] if v.address in observed else 0,
             }
             for v in views
         ],

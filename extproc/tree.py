@@ -228,56 +228,6 @@ class RadixTree:
             del parent.children[n.text[0]]
         n.parent = None
 
-    def trim(self, partition: str, text: str, tenant: str, keep: int) -> int:
-        """Forget that ``tenant`` holds ``text`` past its first ``keep`` characters: its upstream
-        reported less of this prompt cached than the tree believed (its workers evicted it), so the
-        next decision must not count on it. The tenant leaves the first node on the path that
-        starts at or past ``keep``, with everything below it (a prefix cache holds no continuation
-        without its prefix); a node straddling ``keep`` stays. Returns the budget freed."""
-        node = self._roots.get(partition)
-        if node is None:
-            return 0
-        pos, cut = 0, None
-        while pos < len(text):
-            child = node.children.get(text[pos])
-            if child is None or tenant not in child.tenants:
-                return 0
-            if pos >= keep:
-                cut = child
-                break
-            k = common_prefix_len(child.text, text, pos)
-            if k < len(child.text):
-                return 0  # the text leaves the tree inside this edge: nothing of it lies deeper
-            pos += k
-            node = child
-        if cut is None:
-            return 0
-        freed = 0
-        stack = [cut]
-        while stack:
-            n = stack.pop()
-            if n.tenants.pop(tenant, None) is None:
-                continue
-            freed += len(n.text) + NODE_CHARS
-            stack.extend(n.children.values())
-        # what no tenant holds any more goes (its subtree holds nothing either: tenants close upwards)
-        stack = [cut]
-        while stack:
-            n = stack.pop()
-            if not n.tenants:
-                self._unlink(n)
-            else:
-                stack.extend(n.children.values())
-        left = self._chars.get(tenant, 0) - freed
-        if left > 0:
-            self._chars[tenant] = left
-        else:
-            self._chars.pop(tenant, None)
-        root = self._roots.get(partition)
-        if root is not None and not root.children:
-            del self._roots[partition]
-        return freed
-
     def evict(self, tenant: str, max_chars: int) -> int:
         """Drop ``tenant``'s least-recently-used leaves until it holds at most ``max_chars``.
 

@@ -17,7 +17,8 @@ TAIL_BYTES = 64 * 1024
 
 def keep(buffer: bytearray, chunk: bytes, total: int) -> bool:
     """Add ``chunk`` to what is kept of a response; returns whether the buffer still holds the whole
-    body (``total`` bytes so far, chunk included). Past ``KEEP_BYTES`` only the last ``TAIL_BYTES``."""
+    body (``total`` bytes so far, chunk included, at most ``KEEP_BYTES``). Past that only the last
+    ``TAIL_BYTES`` stay."""
     buffer += chunk
     if total <= KEEP_BYTES:
         return True

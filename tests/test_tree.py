@@ -196,33 +196,6 @@ class TreeMachine(RuleBasedStateMachine):
         self.evicted.add(tenant)
         self._forget_empty_partitions()
 
-    @rule(part=PARTS, text=TEXTS, tenant=TENANTS, keep=st.integers(0, 9))
-    def trim(self, part, text, tenant, keep):
-        """The tenant's match on ``text`` ends at the last of its nodes on the path that starts
-        before ``keep`` (or stays whole when none starts at or past it)."""
-        ends, starts = [], []
-        node, pos = self.tree._roots.get(part), 0
-        while node is not None and pos < len(text):
-            child = node.children.get(text[pos])
-            if child is None or tenant not in child.tenants:
-                break
-            k = common_prefix_len(child.text, text, pos)
-            starts.append(pos)
-            ends.append(pos + k)
-            if k < len(child.text):
-                break
-            node, pos = child, pos + k
-        before = self.tree.match(part, text).tenants.get(tenant, 0)
-        freed = self.tree.trim(part, text, tenant, keep)
-        after = self.tree.match(part, text).tenants.get(tenant, 0)
-        cut = next((i for i, s in enumerate(starts) if s >= keep), None)
-        if cut is None:
-            assert after == before and freed == 0
-        else:
-            assert after == (ends[cut - 1] if cut else 0) and freed > 0
-        self.evicted.add(tenant)
-        self._forget_empty_partitions()
-
     @rule(tenant=TENANTS)
     def remove(self, tenant):
         self.tree.remove_tenant(tenant)
@@ -255,29 +228,6 @@ class TreeMachine(RuleBasedStateMachine):
 
 TreeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_tree_against_model = TreeMachine.TestCase
-
-
-def test_trim_forgets_a_tenant_past_what_its_upstream_reported():
-    t = RadixTree()
-    t.insert("m", "system prompt|conversation one|turn two", "a", 1)
-    t.insert("m", "system prompt|conversation one|turn three", "a", 2)
-    t.insert("m", "system prompt|other", "b", 3)
-    t.insert("m", "system prompt|conversation one|turn two", "b", 4)
-    nodes_before = t.node_count()
-    # a reported only 14 characters cached: the node past "system prompt|" goes, with its subtree
-    freed = t.trim("m", "system prompt|conversation one|turn two", "a", 14)
-    assert freed > 0 and t.held("a") == held_by(t, "a") == len("system prompt|") + NODE_CHARS
-    assert t.match("m", "system prompt|conversation one|turn three").tenants == {"b": len("system prompt|conversation one|turn t"), "a": 14}
-    # b still holds its own; the "turn three" leaf only a held is gone from the tree
-    assert t.match("m", "system prompt|other").tenants["b"] == len("system prompt|other")
-    assert t.node_count() == nodes_before - 1
-    # nothing past keep, another path, an unknown partition: nothing changes
-    assert t.trim("m", "system prompt|", "b", 14) == 0
-    assert t.trim("m", "unrelated", "b", 0) == 0 and t.trim("zz", "system", "b", 0) == 0
-    # keep 0 drops the whole branch; the partition goes with its last node
-    t.trim("m", "system prompt|other", "b", 0)
-    t.trim("m", "system prompt|", "a", 0)
-    assert t.partitions() == 0 and t.tenant_chars() == {}
 
 
 def test_sliced_eviction_yields_every_step_and_reports_what_it_removed():

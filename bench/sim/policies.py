@@ -15,7 +15,7 @@ import orjson
 from extproc.dev.fakeworker import BLOCK_TOKENS, CHARS_PER_TOKEN
 from extproc.payload import routing_input
 from extproc.config import DEFAULTS, policy_config
-from extproc.policy import PolicyConfig, decide, least_loaded
+from extproc.policy import PolicyConfig, costs, decide, least_loaded
 from extproc.tree import RadixTree
 
 
@@ -166,11 +166,9 @@ class TrueCache:
         if self.greedy:
             best = max(chars)
             return int(least_loaded({str(i): loads[i] for i in range(len(loads)) if chars[i] == best}, "random", sim.rng))
-        cfg = policy_config()
-        free = min(loads) + cfg.inflight_slack
-        costs = [max(chars) - chars[i] + cfg.inflight_cost_chars * max(0, loads[i] - free) for i in range(len(loads))]
-        low = min(costs)
-        return sim.rng.choice([i for i, c in enumerate(costs) if c == low])
+        terms = costs({str(i): c for i, c in enumerate(chars)}, {str(i): n for i, n in enumerate(loads)}, policy_config())
+        low = min(cost for _, _, cost in terms.values())
+        return int(sim.rng.choice([t for t, (_, _, cost) in terms.items() if cost == low]))
 
 
 class Single:

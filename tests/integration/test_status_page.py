@@ -1,6 +1,7 @@
 """The status page in a real headless browser (Debian's chromium driven by Playwright), on the
 local stack: two synced replicas behind a real Envoy, two sglang-routers."""
 
+import contextlib
 import re
 import urllib.error
 import urllib.request
@@ -28,6 +29,15 @@ def stack(tmp_path_factory):
         s.stop()
 
 
+@contextlib.contextmanager
+def status_page(stack, replica: int = 0):
+    """Replica ``replica``'s status page in headless chromium, loaded with its upstreams drawn."""
+    with browser.page() as pg:
+        pg.goto(stack.service_admin_url(replica) + "/")
+        pg.wait_for_selector("#upstreams tbody tr")
+        yield pg
+
+
 def all_decisions(pg) -> int:
     """The 'all' row of the decisions table, longest window (15 minutes: since the stack started)."""
     cells = pg.locator('#reasons tr[data-reason="all"] th.n')
@@ -35,9 +45,7 @@ def all_decisions(pg) -> int:
 
 
 def test_the_page_loads_shows_each_upstream_and_replica_and_updates_after_traffic(stack):
-    with browser.page() as pg:
-        pg.goto(stack.service_admin_url(0) + "/")
-        pg.wait_for_selector("#upstreams tbody tr")
+    with status_page(stack) as pg:
         rows = pg.locator("#upstreams tbody tr")
         assert sorted(rows.nth(i).get_attribute("data-upstream") for i in range(rows.count())) == sorted(stack.router_addresses)
         for i in range(rows.count()):
@@ -64,9 +72,7 @@ def test_the_page_loads_shows_each_upstream_and_replica_and_updates_after_traffi
 
 
 def test_the_page_shows_an_upstream_going_down(stack):
-    with browser.page() as pg:
-        pg.goto(stack.service_admin_url(1) + "/")
-        pg.wait_for_selector("#upstreams tbody tr")
+    with status_page(stack, 1) as pg:
         stack.kill_router(1)
         try:
             down = f'#upstreams tr[data-upstream="{stack.router_addresses[1]}"] .state'
@@ -79,9 +85,7 @@ def test_the_page_shows_an_upstream_going_down(stack):
 
 
 def test_the_page_says_so_when_the_service_is_gone_and_recovers(stack):
-    with browser.page() as pg:
-        pg.goto(stack.service_admin_url(0) + "/")
-        pg.wait_for_selector("#upstreams tbody tr")
+    with status_page(stack) as pg:
         stack.stop_service(0)
         try:
             wait_until(lambda: pg.locator("#error").is_visible(), 10, "the page to say it is not updated")

@@ -107,6 +107,7 @@ class AdminApi(pb_grpc.AdminServicer):
             upstreams=[pb.UpstreamMatch(**u) for u in e["upstreams"]],
             no_text_reason=e["no_text_reason"] or "",
             routing_text_head=e["routing_text_head"],
+            continuation=e["continuation"],
         )
 
     async def TreeStats(self, request: pb.TreeStatsRequest, context: grpc.aio.ServicerContext) -> pb.TreeStatsResponse:  # noqa: N802

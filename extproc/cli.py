@@ -162,7 +162,7 @@ def _reply_data(command: str, reply: Any) -> dict[str, Any]:
         if reply.no_text_reason:
             out["no_text_reason"] = reply.no_text_reason
         out.update(partition=reply.partition, text_characters=reply.text_characters, matched_characters=reply.matched_characters,
-                   match_rate=round(reply.match_rate, 4), routing_text_head=reply.routing_text_head)
+                   match_rate=round(reply.match_rate, 4), continuation=reply.continuation, routing_text_head=reply.routing_text_head)
         out["upstreams"] = [{"address": u.address, "matched_characters": u.matched_characters, "inflight": u.inflight, "healthy": u.healthy,
                              "recompute_characters": u.recompute_characters, "charged_requests": u.charged_requests, "cost": u.cost,
                              "observed_hit_ratio": round(u.observed_hit_ratio, 4), "observed_responses": u.observed_responses}

@@ -271,6 +271,12 @@ class Config:
         "with --hit-choice cost: requests an upstream may have in flight above the least loaded one at no cost; 3 keeps short "
         "dialogues home but failed the held-out workloads (README, Choosing the defaults)", POLICY, metavar="N",
     )
+    continuation_knee: int = opt(
+        8, _number(int, 0),
+        "with --hit-choice cost: a request that continues a whole earlier prompt (a conversation's next turn) is charged "
+        "nothing for in-flight requests on the upstreams holding that prompt until they have more than this many (a decode "
+        "batch's knee); 0: off (README, Choosing the defaults)", POLICY, metavar="N",
+    )
     tie_break: str = opt("random", _choice(TIE_BREAKS), "among equally good upstreams (sglang-router 0.3.2 takes the first)", POLICY, metavar="|".join(TIE_BREAKS))
     routing_text: str = opt("sglang", _choice(FORMS), "what the tree matches on: sglang (as sglang-router) or template (ChatML-like)", PAYLOAD, metavar="|".join(FORMS))
     max_routing_chars: int = opt(1 << 20, _number(int, 1), "only this many leading characters of a prompt are matched and stored", PAYLOAD, metavar="N")
@@ -337,6 +343,7 @@ class Config:
             tie_break=self.tie_break,
             inflight_cost_chars=self.inflight_cost_chars,
             inflight_slack=self.inflight_slack,
+            continuation_knee=self.continuation_knee,
         )
 
     def parse_options(self) -> dict[str, Any]:

@@ -440,7 +440,7 @@ class Director:
             d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, random.Random(0), insert=False)
             upstream, reason = d.upstream, d.reason
             if self.policy.hit_choice == "cost" and ri.text:
-                terms = costs(m.tenants, loads, self.policy)
+                terms = costs(m, loads, self.policy)
         else:
             upstream, reason = None, "no_healthy_upstream"
         return {
@@ -450,6 +450,7 @@ class Director:
             "text_characters": len(ri.text),
             "matched_characters": m.matched,
             "match_rate": m.matched / len(ri.text) if ri.text else 0.0,
+            "continuation": m.whole,
             "upstreams": [
                 {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy,
                  **dict(zip(("recompute_characters", "charged_requests", "cost"), terms.get(v.address, (0, 0, 0)))),

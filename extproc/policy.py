@@ -10,12 +10,16 @@ Per request (load = in-flight requests per upstream):
    ``hit_choice = cost`` (the default) instead gives every upstream a cost: the characters it would
    have to recompute that the best-placed upstream would not (deepest match minus its own match)
    plus ``inflight_cost_chars`` for each request it has in flight beyond the least-loaded
-   upstream's count plus ``inflight_slack``; the cheapest wins (ties at random). Below a router's
-   batch knee an extra request costs next to nothing (a decode step is as fast with 8 requests as
-   with 1), so a small load difference must not move a conversation off its cache: the slack
-   absorbs it. A long prefix of its own keeps a conversation home through a burst; a prefix that
-   any upstream could rebuild cheaply (a shared system prompt) no longer pins everyone to the first
-   upstream that saw it. The threshold then only names the outcome (a hit or a miss).
+   upstream's count plus ``inflight_slack``; the cheapest wins (ties at random). When the request
+   continues a whole earlier prompt (``Match.whole``: a conversation's next turn, an agent's next
+   step), the upstreams holding that prompt are charged only for requests beyond
+   ``continuation_knee`` (if that is more): below a batch's knee an extra request costs next to
+   nothing (a decode step is as fast with 8 requests as with 1, FIELD-NOTES), so a small load
+   difference must not move a conversation off its own history, however short. A new session
+   that shares only a prefix (a system prompt) gets no such allowance: sessions piling onto the
+   first holder would fill its batches and its cache, so it goes where recompute plus queue is
+   cheapest, and a prefix that any upstream could rebuild cheaply no longer pins everyone to one.
+   The threshold then only names the outcome (a hit or a miss).
 3. Else the least-loaded upstream (``tie_break``: first in registry order as sglang-router 0.3.2, or
    random, its later fix).
 4. The text is inserted for the chosen upstream.
@@ -28,7 +32,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .tree import RadixTree
+from .tree import Match, RadixTree
 
 HIT_CHOICES = ("cost", "creator", "least_loaded")
 TIE_BREAKS = ("random", "first")
@@ -45,6 +49,7 @@ class PolicyConfig:
     tie_break: str
     inflight_cost_chars: int
     inflight_slack: int = 0  # requests in flight above the least loaded that cost nothing
+    continuation_knee: int = 0  # requests in flight that cost a continuing conversation's home nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +90,7 @@ def decide(
     if is_imbalanced(loads, cfg):
         choice, reason, matched = least_loaded(loads, cfg.tie_break, rng), "imbalance", 0
     elif cfg.hit_choice == "cost":
-        choice, reason, matched = _cheapest(tree.match(partition, text).tenants, loads, len(text), cfg, rng)
+        choice, reason, matched = _cheapest(tree.match(partition, text), loads, len(text), cfg, rng)
     else:
         m = tree.match(partition, text)
         matched = m.matched
@@ -103,23 +108,27 @@ def decide(
     return Decision(choice, reason, matched, len(text))
 
 
-def costs(matches: dict[str, int], loads: dict[str, int], cfg: PolicyConfig) -> dict[str, tuple[int, int, int]]:
+def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig) -> dict[str, tuple[int, int, int]]:
     """Each upstream's (recompute characters, requests charged, cost): the terms of the cost rule,
     which the decision weighs and ``explain`` shows."""
+    matches = match.tenants
     deepest = max(matches.values(), default=0)
     free = min(loads.values()) + cfg.inflight_slack
+    home = max(free, cfg.continuation_knee) if match.whole else free
     out = {}
     for t, n in loads.items():
-        recompute, charged = deepest - matches.get(t, 0), max(0, n - free)
+        own = matches.get(t, 0)
+        recompute = deepest - own
+        charged = max(0, n - (home if own == deepest and deepest else free))
         out[t] = (recompute, charged, recompute + cfg.inflight_cost_chars * charged)
     return out
 
 
-def _cheapest(matches: dict[str, int], loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random) -> tuple[str, str, int]:
+def _cheapest(match: Match, loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random) -> tuple[str, str, int]:
     """The upstream with the lowest recompute-plus-queue cost (see module doc)."""
-    terms = costs(matches, loads, cfg)
+    terms = costs(match, loads, cfg)
     best = min(cost for _, _, cost in terms.values())
     cheapest = [t for t, (_, _, cost) in terms.items() if cost == best]
     choice = cheapest[0] if cfg.tie_break == "first" else rng.choice(cheapest)
-    own = matches.get(choice, 0)
+    own = match.tenants.get(choice, 0)
     return choice, "cache_hit" if own / length > cfg.cache_threshold else "cache_miss", own

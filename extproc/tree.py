@@ -66,12 +66,16 @@ class Match:
 
     ``matched`` is the deepest match over all tenants; ``tenants`` gives each tenant that shares any
     prefix its own matched length; ``deepest`` lists the tenants holding the deepest match, creator
-    first.
+    first. ``whole``: the deepest match ends where a stored text ends and nothing stored goes on
+    from there, so this text extends (or repeats) a whole earlier one, as a conversation's next
+    turn extends its last prompt; a new session that shares only a system prompt stops inside
+    stored texts instead.
     """
 
     matched: int = 0
     tenants: dict[str, int] = field(default_factory=dict)
     deepest: list[str] = field(default_factory=list)
+    whole: bool = False
 
 
 class RadixTree:
@@ -139,6 +143,7 @@ class RadixTree:
         if last is not None:
             result.matched = pos
             result.deepest = list(last.tenants)
+            result.whole = node is last and not last.children
         return result
 
     # -- updates ---------------------------------------------------------------------------------

@@ -243,11 +243,19 @@ def test_explain_reports_every_field_and_inserts_nothing(director):
     # the cost rule's terms: the other upstream would recompute all 300 characters, nothing is charged
     assert (rows[e["upstream"]]["recompute_characters"], rows[e["upstream"]]["cost"]) == (0, 0)
     assert (rows[other]["recompute_characters"], rows[other]["charged_requests"], rows[other]["cost"]) == (300, 0, 300)
-    for _ in range(director.cfg.inflight_slack + 2):  # the holder, loaded two requests beyond the slack
+    # the same body again repeats a whole stored prompt: a continuation, its holder free up to the knee
+    assert e["continuation"] is True
+    knee = max(director.cfg.inflight_slack, director.cfg.continuation_knee)
+    for _ in range(knee + 2):  # the holder, loaded two requests beyond the knee
         director.pool.tickets.issue(e["upstream"], 0.0)
     rows = {u["address"]: u for u in director.explain("/v1/chat/completions", body)["upstreams"]}
     assert rows[e["upstream"]]["charged_requests"] == 2
     assert rows[e["upstream"]]["cost"] == 2 * director.cfg.inflight_cost_chars
+    # a body that shares only part of it is not one: the holder is charged from the least loaded (0) + slack
+    other_body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "w" * 200 + "v" * 100}]})
+    e2 = director.explain("/v1/chat/completions", other_body)
+    assert e2["continuation"] is False
+    assert {u["address"]: u for u in e2["upstreams"]}[e["upstream"]]["charged_requests"] == knee + 2 - director.cfg.inflight_slack
     empty = director.explain("/v1/models", None)
     assert (empty["match_rate"], empty["reason"], empty["no_text_reason"]) == (0.0, "no_routing_text", "no_routing_endpoint")
     for u in director.pool.upstreams.values():

@@ -4,7 +4,7 @@ import random
 
 from extproc.config import policy_config
 from extproc.policy import costs, decide, is_imbalanced, least_loaded
-from extproc.tree import RadixTree
+from extproc.tree import Match, RadixTree
 
 CFG = policy_config()
 
@@ -61,7 +61,7 @@ def test_threshold_is_strict():
 
 
 def test_cost_weighs_the_prefix_to_recompute_against_the_queue():
-    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1000, inflight_slack=0)
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1000, inflight_slack=0, continuation_knee=0)
     tree = RadixTree()
     history = "a conversation of its own " * 200  # 5,200 characters only "a" holds
     tree.insert("m", history, "a", 0)
@@ -87,7 +87,7 @@ def test_cost_spreads_sessions_that_share_only_a_short_prefix():
 
 
 def test_the_slack_keeps_a_short_conversation_home_through_small_load_differences():
-    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1536, inflight_slack=3)
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1536, inflight_slack=3, continuation_knee=0)
     history = "a short chat " * 130  # 1,690 characters only "a" holds
 
     def goes_to(loads):
@@ -102,10 +102,50 @@ def test_the_slack_keeps_a_short_conversation_home_through_small_load_difference
 
 
 def test_cost_terms_are_what_the_decision_weighs():
-    cfg = policy_config(hit_choice="cost", inflight_cost_chars=100, inflight_slack=1)
-    terms = costs({"a": 500, "b": 200}, {"a": 4, "b": 1, "c": 0}, cfg)
-    # deepest 500; free = least loaded (0) + slack (1)
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=100, inflight_slack=1, continuation_knee=3)
+    terms = costs(Match(500, {"a": 500, "b": 200}, ["a"]), {"a": 4, "b": 1, "c": 0}, cfg)
+    # deepest 500; free = least loaded (0) + slack (1); not a continuation, so the knee plays no part
     assert terms == {"a": (0, 3, 300), "b": (300, 0, 300), "c": (500, 0, 500)}
+    # a continuation: its holder (a) is charged only beyond the knee (3), the others as before
+    terms = costs(Match(500, {"a": 500, "b": 200}, ["a"], whole=True), {"a": 4, "b": 1, "c": 0}, cfg)
+    assert terms == {"a": (0, 1, 100), "b": (300, 0, 300), "c": (500, 0, 500)}
+    # the knee never charges more than the slack would
+    terms = costs(Match(500, {"a": 500}, ["a"], whole=True), {"a": 14, "b": 10}, cfg)
+    assert terms["a"] == (0, 3, 300)
+
+
+def test_a_conversation_continuing_its_own_history_stays_home_below_the_knee():
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1024, inflight_slack=0, continuation_knee=8)
+    history = "a short chat " * 100  # 1,300 characters only "a" holds: cheap to rebuild elsewhere
+
+    def goes_to(loads, text):
+        tree = RadixTree()
+        tree.insert("m", history, "a", 0)
+        whole = tree.match("m", text).whole
+        return run(tree, loads, text, cfg).upstream, whole
+
+    # the next turn extends the whole earlier prompt: home up to 8 in flight, and one more (1,024 < 1,300)
+    assert [goes_to({"a": n, "b": 0}, history + " next turn") for n in (7, 8, 9, 10)] == [
+        ("a", True), ("a", True), ("a", True), ("b", True)]
+    # past the knee the usual rule holds: 2 beyond the least loaded cost more than rebuilding 1,300
+    assert goes_to({"a": 12, "b": 10}, history + " next turn") == ("b", True)
+    assert goes_to({"a": 11, "b": 10}, history + " next turn") == ("a", True)
+    # a new session sharing only part of that text is not a continuation: the load decides
+    assert goes_to({"a": 2, "b": 0}, history[:1200] + " another session") == ("b", False)
+
+
+def test_only_a_whole_stored_text_that_nothing_extends_is_a_continuation():
+    tree = RadixTree()
+    tree.insert("m", "system prompt. user: hi", "a", 0)
+    assert tree.match("m", "system prompt. user: hi. assistant: hello. user: more").whole
+    assert tree.match("m", "system prompt. user: hi").whole  # a retry
+    assert not tree.match("m", "system prompt. user: bye").whole  # stops inside it
+    assert not tree.match("m", "system").whole  # a prefix of it
+    tree.insert("m", "system prompt. user: hi. assistant: hello. user: more", "b", 0)
+    # the first turn now goes on in a stored text: only the second is whole
+    assert not tree.match("m", "system prompt. user: hi. other").whole
+    assert tree.match("m", "system prompt. user: hi. assistant: hello. user: more, and more").whole
+    assert not RadixTree().match("m", "anything").whole
 
 
 def test_hit_on_unhealthy_holder_is_a_miss():

@@ -147,11 +147,13 @@ async def test_admin_grpc_api(svc):
         assert svc.director.finished(info.ticket, Outcome.OK)
         e = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=body))
         assert e.reason == "cache_hit" and e.match_rate == 1.0 and e.routing_text_head == "explain this prompt please"
+        assert e.continuation  # the same prompt again: a whole stored text
         assert {u.address: u.matched_characters for u in e.upstreams}[e.upstream] == len("explain this prompt please")
         assert {u.address: u.recompute_characters for u in e.upstreams} == {
             u.address: (0 if u.address == e.upstream else len("explain this prompt please")) for u in e.upstreams}
         chars_before = svc.director.tree.total_chars()
-        await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=b'{"messages":[{"role":"user","content":"new"}]}'))
+        fresh = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=b'{"messages":[{"role":"user","content":"new"}]}'))
+        assert not fresh.continuation
         assert svc.director.tree.total_chars() == chars_before  # a dry run
         bad = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=b"{nope"))
         assert bad.no_text_reason == "invalid_json" and bad.reason == "no_routing_text"

@@ -189,6 +189,7 @@ def test_admin_cli_commands(stack, tmp_path):
     e = json.loads(r.stdout)
     assert e["reason"] == "cache_hit" and e["upstream"] in stack.router_addresses and e["match_rate"] > 0.9
     assert "no_text_reason" not in e  # an empty field is left out
+    assert isinstance(e["continuation"], bool)
     chosen = next(u for u in e["upstreams"] if u["address"] == e["upstream"])
     assert chosen["cost"] == min(u["cost"] for u in e["upstreams"]) and chosen["recompute_characters"] == 0
     text = cli("explain", str(body), "--admin-grpc", addr).stdout

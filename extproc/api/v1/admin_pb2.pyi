@@ -73,7 +73,7 @@ class UpstreamMatch(_message.Message):
     def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ..., recompute_characters: _Optional[int] = ..., charged_requests: _Optional[int] = ..., cost: _Optional[int] = ..., observed_hit_ratio: _Optional[float] = ..., observed_responses: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head")
+    __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head", "continuation")
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class ExplainResponse(_message.Message):
     UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
     NO_TEXT_REASON_FIELD_NUMBER: _ClassVar[int]
     ROUTING_TEXT_HEAD_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     upstream: str
     reason: str
     partition: str
@@ -92,7 +93,8 @@ class ExplainResponse(_message.Message):
     upstreams: _containers.RepeatedCompositeFieldContainer[UpstreamMatch]
     no_text_reason: str
     routing_text_head: str
-    def __init__(self, upstream: _Optional[str] = ..., reason: _Optional[str] = ..., partition: _Optional[str] = ..., text_characters: _Optional[int] = ..., matched_characters: _Optional[int] = ..., match_rate: _Optional[float] = ..., upstreams: _Optional[_Iterable[_Union[UpstreamMatch, _Mapping]]] = ..., no_text_reason: _Optional[str] = ..., routing_text_head: _Optional[str] = ...) -> None: ...
+    continuation: bool
+    def __init__(self, upstream: _Optional[str] = ..., reason: _Optional[str] = ..., partition: _Optional[str] = ..., text_characters: _Optional[int] = ..., matched_characters: _Optional[int] = ..., match_rate: _Optional[float] = ..., upstreams: _Optional[_Iterable[_Union[UpstreamMatch, _Mapping]]] = ..., no_text_reason: _Optional[str] = ..., routing_text_head: _Optional[str] = ..., continuation: _Optional[bool] = ...) -> None: ...
 
 class TreeStatsRequest(_message.Message):
     __slots__ = ()

@@ -320,9 +320,9 @@ class Config:
     observe_sample: float = opt(
         0.0, _number(float, 0.0, 1.0),
         "share of requests whose response the service reads for the cache hit the worker reports (cached_tokens): "
-        "observed hit ratio per upstream and the tree's prediction error in the metrics and on the status page. Needs "
-        "allow_mode_override in Envoy's ext_proc filter and the buffered body mode (envoy/buffered.yaml): Envoy ignores "
-        "the override in full-duplex mode", POLICY, metavar="P",
+        "observed hit ratio per upstream and the tree's prediction error in the metrics and on the status page. Duplex "
+        "mode needs envoy/duplex.yaml's pinned_observed route and observing filter; buffered mode, allow_mode_override "
+        "(envoy/buffered.yaml); the Kubernetes gateways carry neither", POLICY, metavar="P",
     )
     log_level: str = opt("info", _choice(("debug", "info", "warning", "error")), "debug, info, warning or error (debug logs each decision)", LOGS, metavar="LEVEL")
     log_format: str = opt("auto", _choice(("auto", "json", "console")), "json, console, or auto (console on a terminal)", LOGS, metavar="FMT")

@@ -33,6 +33,8 @@ log = logs.get("prefix_router.director")
 
 # The header that carries a request's ticket to its upstream and back in Envoy's access log.
 TICKET_HEADER = "x-prefix-router-ticket"
+# set on a sampled duplex request (--observe-sample): the tree's prediction, "matched/length"
+OBSERVE_HEADER = "x-prefix-router-observe"
 
 # A sweep trims an upstream to this share of its budget: room for 10% more before the next one.
 SWEEP_TO = 0.9

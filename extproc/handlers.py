@@ -8,7 +8,12 @@ Two body modes are served, told apart by the ``protocol_config`` Envoy sends on 
   headers and body, streamed: each chunk is answered CONTINUE unchanged, and the usage at its end
   tells the director what the worker reused (:mod:`extproc.usage`).
 - ``FULL_DUPLEX_STREAMED``: answer nothing until the body's end of stream, then the headers response
-  with the decision, then the body back unchanged in chunks of at most ``CHUNK`` bytes.
+  with the decision, then the body back unchanged in chunks of at most ``CHUNK`` bytes. Envoy
+  ignores ``mode_override`` in this mode, so a sampled request's decision carries one more header
+  (``x-prefix-router-observe: matched/length``, the tree's prediction) that selects a route on
+  which a second ext_proc filter, in observability mode, streams the response to the service
+  without waiting for answers: that stream is an :class:`ObserveExchange`, which reads the usage
+  at the end. It needs no state from the deciding stream, so any replica can read it.
 
 Requests without a body (``end_of_stream`` on the headers) are decided on the headers. Each stream's
 state is one :class:`Exchange` (:class:`BufferedExchange` or :class:`DuplexExchange`), whose methods
@@ -29,7 +34,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from . import logs, metrics, usage
-from .director import TICKET_HEADER, Director, RequestInfo
+from .director import OBSERVE_HEADER, TICKET_HEADER, Director, RequestInfo
 
 log = logs.get("prefix_router.handlers")
 
@@ -61,18 +66,15 @@ def headers_dict(msg: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def decision_mutation(header_name: str, address: str, ticket: str) -> pb.CommonResponse:
+def decision_mutation(header_name: str, address: str, ticket: str, observe: str = "") -> pb.CommonResponse:
+    """The decision as Envoy applies it: the upstream, the ticket, and for a request whose response
+    is to be read in duplex mode the prediction (``observe``) that also selects the observing route."""
+    pairs = [(header_name, address), (TICKET_HEADER, ticket)] + ([(OBSERVE_HEADER, observe)] if observe else [])
     return pb.CommonResponse(
         header_mutation=pb.HeaderMutation(
             set_headers=[
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=header_name, raw_value=address.encode()),
-                    append_action=_OVERWRITE,
-                ),
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=TICKET_HEADER, raw_value=ticket.encode()),
-                    append_action=_OVERWRITE,
-                ),
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+                for k, v in pairs
             ]
         ),
         clear_route_cache=True,
@@ -118,6 +120,7 @@ class Exchange:
     """
 
     __slots__ = ("director", "info", "answered", "decided", "delivered", "observing", "response", "response_size")
+    observe_by_route = False  # a sampled response is read through the observing route (duplex), not mode_override
 
     def __init__(self, director: Director, headers: dict[str, str]) -> None:
         self.director = director
@@ -169,7 +172,9 @@ class Exchange:
         if address is None:
             return unavailable()
         self.decided = True
-        common = decision_mutation(director.header_name, address, self.info.ticket)
+        info = self.info
+        observe = f"{info.matched}/{info.text_len}" if self.observe_by_route and director.observe_now() else ""
+        common = decision_mutation(director.header_name, address, info.ticket, observe)
         if on_headers:
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
@@ -229,6 +234,7 @@ class DuplexExchange(Exchange):
     """
 
     __slots__ = ("chunks", "size")
+    observe_by_route = True
 
     def __init__(self, director: Director, headers: dict[str, str]) -> None:
         super().__init__(director, headers)
@@ -273,6 +279,54 @@ class DuplexExchange(Exchange):
         return [answer, *_body_chunks(chunks, end_of_stream)]
 
 
+class ObserveExchange(Exchange):
+    """The observing filter's stream for one sampled duplex request (``prefix_router.observe`` in
+    envoy/duplex.yaml): its request headers carry the upstream and the prediction the decision put
+    there; its response's usage is read at the end. Nothing is decided or held here. In
+    observability mode Envoy expects no answers, so none are sent (``answers`` False)."""
+
+    __slots__ = ("answers",)
+
+    def __init__(self, director: Director, headers: dict[str, str], answers: bool) -> None:
+        super().__init__(director, headers)
+        self.answers = answers
+        self.decided = self.delivered = True  # the deciding stream owns the request: nothing to give back here
+        parsed = _prediction(headers.get(OBSERVE_HEADER, ""))
+        upstream = headers.get(director.header_name, "")
+        if parsed is None or not upstream:
+            metrics.OBSERVATIONS.labels("bad_header").inc()
+            log.warning("observe_header_invalid", request_id=self.info.request_id)
+            return
+        self.info.upstream, (self.info.matched, self.info.text_len) = upstream, parsed
+        self.observing = True
+
+    def on_headers(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+        return [_CONTINUE_HEADERS] if self.answers else []
+
+    def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        return [_CONTINUE_BODY] if self.answers else []
+
+    def on_trailers(self) -> list[pb.ProcessingResponse]:
+        return [_CONTINUE_TRAILERS] if self.answers else []
+
+    def on_response_headers(self, msg: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
+        out = super().on_response_headers(msg)
+        return out if self.answers else []
+
+    def on_response_body(self, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
+        out = super().on_response_body(msg)
+        return out if self.answers else []
+
+
+def _prediction(value: str) -> tuple[int, int] | None:
+    """``matched/length`` as the decision wrote it, or None for anything else."""
+    matched, sep, length = value.partition("/")
+    if not (sep and matched.isdigit() and length.isdigit() and len(matched) <= 12 and len(length) <= 12):
+        return None
+    m, n = int(matched), int(length)
+    return (m, n) if m <= n else None
+
+
 # Phases the shipped configs never send (their response modes are SKIP/NONE). A config that enables
 # them must not leave Envoy waiting out message_timeout, so each gets an empty "continue".
 _PASS_THROUGH = {
@@ -298,8 +352,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                 if kind == "request_headers":
                     if exchange is not None:
                         raise _ProtocolError("a second request_headers on one stream")
-                    duplex = req.HasField("protocol_config") and req.protocol_config.request_body_mode == _DUPLEX
-                    exchange = (DuplexExchange if duplex else BufferedExchange)(self.director, headers_dict(req.request_headers))
+                    headers = headers_dict(req.request_headers)
+                    # an observing stream never decides: in observability mode Envoy ignores answers,
+                    # so a decision there would hold a request that is not going anywhere
+                    if OBSERVE_HEADER in headers or req.observability_mode:
+                        exchange = ObserveExchange(self.director, headers, answers=not req.observability_mode)
+                    else:
+                        duplex = req.HasField("protocol_config") and req.protocol_config.request_body_mode == _DUPLEX
+                        exchange = (DuplexExchange if duplex else BufferedExchange)(self.director, headers)
                     out = exchange.on_headers(req.request_headers.end_of_stream)
                 elif kind == "response_headers" and exchange is not None:
                     out = exchange.on_response_headers(req.response_headers)

@@ -62,7 +62,8 @@ OBSERVED_CACHED = Counter(
     ["upstream"],
 )
 OBSERVATIONS = Counter(
-    "prefix_router_observations", "Sampled responses by result: read, no_usage (reported no cache), not_ok (an error status), cut (stream ended early)",
+    "prefix_router_observations", "Sampled responses by result: read, no_usage (reported no cache), not_ok (an error status), cut (stream ended early), "
+    "bad_header (an observing stream without the decision's headers)",
     ["result"],
 )
 PREDICTION_ERROR = Histogram(

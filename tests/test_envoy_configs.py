@@ -94,3 +94,30 @@ def test_no_open_proxy(path):
     clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
     assert clusters["sglang_routers_pinned"]["original_dst_lb_config"]["http_header_name"] == "x-upstream-host"
     assert "grpc_health_check" in clusters["prefix_router"]["health_checks"][0]
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem.startswith("duplex")], ids=lambda p: p.name)
+def test_the_observing_filter_reads_only_sampled_pinned_responses_and_never_waits(path):
+    """--observe-sample in duplex mode: the second ext_proc filter runs only on pinned_observed, which
+    only the service's own header selects, in observability mode (no answer awaited, nothing changed)."""
+    cfg = yaml.safe_load(path.read_text())
+    h = hcm(cfg)
+    removed = {m["remove"] for e in h["early_header_mutation_extensions"] for m in e["typed_config"]["mutations"]}
+    assert "x-prefix-router-observe" in removed  # a client cannot select the observing route
+    names = [f["name"] for f in h["http_filters"]]
+    assert names == ["envoy.filters.http.ext_proc", "prefix_router.observe", "envoy.filters.http.router"]
+    observe = h["http_filters"][1]["typed_config"]
+    assert observe["observability_mode"] is True and observe["failure_mode_allow"] is True
+    assert observe["grpc_service"] == ext_proc(cfg)["grpc_service"]
+    assert {p["exact"] for p in observe["forward_rules"]["allowed_headers"]["patterns"]} == {
+        ":status", "x-request-id", "x-upstream-host", "x-prefix-router-observe"}
+    mode = observe["processing_mode"]
+    assert (mode["request_body_mode"], mode["response_body_mode"], mode["response_header_mode"]) == ("NONE", "STREAMED", "SEND")
+    vhost = h["route_config"]["virtual_hosts"][0]
+    assert vhost["typed_per_filter_config"]["prefix_router.observe"]["disabled"] is True
+    routes = {r["name"]: r for r in vhost["routes"]}
+    enabled = [n for n, r in routes.items() if "prefix_router.observe" in r.get("typed_per_filter_config", {})]
+    assert enabled == ["pinned_observed"] and list(routes)[0] == "pinned_observed"
+    observed, pinned = routes["pinned_observed"], routes["pinned"]
+    assert observed["match"]["headers"] == [*pinned["match"]["headers"], {"name": "x-prefix-router-observe", "present_match": True}]
+    assert observed["route"] == pinned["route"]

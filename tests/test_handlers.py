@@ -332,6 +332,72 @@ async def test_unsampled_errors_and_duplex_requests_are_not_read(service):
     assert not out[0].HasField("mode_override")  # Envoy ignores an override in full-duplex mode
 
 
+def observing(extra, observability=True):
+    """The first message of the observing filter's stream (envoy/duplex.yaml, prefix_router.observe)."""
+    req = headers(mode="NONE", extra=extra)
+    req.observability_mode = observability
+    return req
+
+
+async def test_a_sampled_duplex_decision_names_its_prediction_for_the_observing_route(service):
+    director, ch = service
+    out = await exchange(ch, [headers(mode="FULL_DUPLEX_STREAMED"), body(chat("w" * 300), True)])
+    assert "x-prefix-router-observe" not in mutation(out[0].request_headers.response)  # not sampled by default
+    director.cfg = build({"upstreams": POOL, "observe_sample": 1.0}, env={})
+    out = await exchange(ch, [headers(mode="FULL_DUPLEX_STREAMED"), body(chat("w" * 300 + " and more"), True)])
+    set_ = mutation(out[0].request_headers.response)
+
+    def text_len(content: str) -> int:
+        return len(director._routing_input("/v1/chat/completions", chat(content), None).text)
+
+    # the earlier request's text is held there: the prediction is its length, of this text's
+    assert set_["x-prefix-router-observe"] == f"{text_len('w' * 300)}/{text_len('w' * 300 + ' and more')}"
+    assert out[0].request_headers.response.clear_route_cache  # so that Envoy picks the observing route
+    out = await exchange(ch, [headers(mode="BUFFERED"), body(chat("v"), True)])
+    assert "x-prefix-router-observe" not in mutation(out[1].request_body.response)  # buffered mode asks by mode_override
+
+
+async def test_the_observing_stream_reads_the_usage_and_answers_nothing_in_observability_mode(service):
+    director, ch = service
+    up = POOL[1]
+    read = metrics.OBSERVATIONS.labels("read")._value.get()
+    extra = (("x-upstream-host", up), ("x-prefix-router-observe", "90/100"), (":status", "200"))
+    out = await exchange(ch, [observing(extra), response_headers(), response_body(USAGE[:30], False), response_body(USAGE[30:], True)])
+    assert out == []  # Envoy waits for nothing: the client's response is neither changed nor delayed
+    assert director.observed_totals == {up: [100, 64, 1]}
+    assert metrics.OBSERVATIONS.labels("read")._value.get() == read + 1
+    # a config without observability mode gets a "continue" for each message instead of a stall
+    out = await exchange(ch, [observing(extra, observability=False), response_headers(), response_body(USAGE, True)])
+    assert [r.WhichOneof("response") for r in out] == ["request_headers", "response_headers", "response_body"]
+    assert director.observed_totals == {up: [200, 128, 2]}
+    assert director.pool.tickets.outstanding() == 0  # nothing decided, nothing held
+
+
+@pytest.mark.parametrize("value", ["", "90", "a/b", "101/100", "-1/5", "1/" + "9" * 20, "1/2/3"])
+async def test_an_observing_stream_without_a_valid_prediction_is_counted_and_ignored(service, value):
+    director, ch = service
+    bad = metrics.OBSERVATIONS.labels("bad_header")._value.get()
+    extra = (("x-upstream-host", POOL[0]), ("x-prefix-router-observe", value))
+    out = await exchange(ch, [observing(extra), response_headers(), response_body(USAGE, True)])
+    assert out == [] and director.observed_totals == {}
+    assert metrics.OBSERVATIONS.labels("bad_header")._value.get() == bad + 1
+
+
+async def test_a_stream_in_observability_mode_never_decides_even_without_the_header(service):
+    director, ch = service
+    bad = metrics.OBSERVATIONS.labels("bad_header")._value.get()
+    out = await exchange(ch, [observing((("x-upstream-host", POOL[0]),)), body(chat(), True), response_headers(), response_body(USAGE, True)])
+    assert out == [] and director.pool.tickets.outstanding() == 0 and director.tree.node_count() == 0
+    assert metrics.OBSERVATIONS.labels("bad_header")._value.get() == bad + 1
+
+
+async def test_an_observing_stream_for_an_upstream_outside_the_pool_changes_nothing(service):
+    director, ch = service
+    extra = (("x-upstream-host", "10.9.9.9:1"), ("x-prefix-router-observe", "1/2"))
+    await exchange(ch, [observing(extra), response_headers(), response_body(USAGE, True)])
+    assert director.observed_totals == {}
+
+
 async def test_a_response_whose_end_never_comes_is_read_from_what_arrived(service):
     """Envoy may close the stream without a last end-of-stream message: the usage already seen counts."""
     director, ch = service

@@ -1,4 +1,5 @@
-"""Observed cache hits through the real stack: Envoy (envoy/buffered.yaml, allow_mode_override), the
+"""Observed cache hits through the real stack: Envoy in buffered mode (envoy/buffered.yaml,
+allow_mode_override) and in duplex mode (envoy/duplex.yaml: the observing route and filter), the
 service with --observe-sample 1, real sglang-routers, fake workers that report cached_tokens."""
 
 from pathlib import Path
@@ -11,10 +12,10 @@ from extproc.dev.stack import ENVOY_DIR, Ports, Stack, wait_until
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    s = Stack(Ports.free(routers=2, workers_per_router=1), envoy_config=ENVOY_DIR / "buffered.yaml", service_args=["--observe-sample", "1"],
-              worker_args=["--output-tokens", "6"], workdir=Path(tmp_path_factory.mktemp("stack-observed")))
+@pytest.fixture(scope="module", params=["buffered", "duplex"])
+def stack(request, tmp_path_factory):
+    s = Stack(Ports.free(routers=2, workers_per_router=1), envoy_config=ENVOY_DIR / f"{request.param}.yaml", service_args=["--observe-sample", "1"],
+              worker_args=["--output-tokens", "6"], workdir=Path(tmp_path_factory.mktemp(f"stack-observed-{request.param}")))
     s.start()
     try:
         yield s
@@ -48,3 +49,6 @@ def test_every_sampled_response_is_read_and_reaches_the_client_unchanged(stack):
     assert stack.service_metric(0, "prefix_router_observed_cached_tokens_total") == cached
     assert stack.service_metric(0, "prefix_router_observations_total", result="read") == 4
     assert stack.service_metric(0, "prefix_router_prediction_error_count") == 4
+    # every request was pinned (in duplex mode on the observing route), none failed open
+    routes = [e["route"] for e in stack.wait_access_log(0, 4)]
+    assert len(routes) == 4 and set(routes) == {"pinned_observed" if "duplex" in stack.envoy_config.name else "pinned"}

@@ -285,11 +285,12 @@ class ObserveExchange(Exchange):
     there; its response's usage is read at the end. Nothing is decided or held here. In
     observability mode Envoy expects no answers, so none are sent (``answers`` False)."""
 
-    __slots__ = ("answers",)
+    __slots__ = ("answers", "ended")
 
     def __init__(self, director: Director, headers: dict[str, str], answers: bool) -> None:
         super().__init__(director, headers)
         self.answers = answers
+        self.ended = False  # the response's end arrived: nothing more will come that matters
         self.decided = self.delivered = True  # the deciding stream owns the request: nothing to give back here
         parsed = _prediction(headers.get(OBSERVE_HEADER, ""))
         upstream = headers.get(director.header_name, "")
@@ -311,10 +312,12 @@ class ObserveExchange(Exchange):
 
     def on_response_headers(self, msg: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
         out = super().on_response_headers(msg)
+        self.ended = msg.end_of_stream
         return out if self.answers else []
 
     def on_response_body(self, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
         out = super().on_response_body(msg)
+        self.ended = msg.end_of_stream
         return out if self.answers else []
 
 
@@ -382,6 +385,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     exchange.sent()
                 for r in out:
                     yield r
+                if isinstance(exchange, ObserveExchange) and exchange.ended:
+                    # the response ended (and was read): end the stream now. Envoy keeps an observability-mode
+                    # stream open for deferred_close_timeout (5 s) after the request, and every open
+                    # stream counts against the service cluster's limits: closing here frees it.
+                    break
         except _ProtocolError as exc:
             metrics.STREAM_ERRORS.labels("INVALID_ARGUMENT").inc()
             log.warning("stream_protocol_error", error=str(exc), request_id=exchange.info.request_id if exchange else "")

@@ -64,7 +64,7 @@ def test_production_settings(path):
     pinned = h["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
     assert pinned["retry_policy"] == {"num_retries": 0, "per_try_idle_timeout": "120s"}
     clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
-    for name in ("sglang_routers_pinned", "sglang_routers_fallback"):
+    for name in ("sglang_routers_pinned", "sglang_routers_fallback", "prefix_router"):
         limits = clusters[name]["circuit_breakers"]["thresholds"][0]
         assert min(limits["max_requests"], limits["max_pending_requests"], limits["max_connections"]) >= 16384, name
     assert "Authorization" not in text or "never Authorization" in text

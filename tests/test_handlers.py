@@ -373,6 +373,33 @@ async def test_the_observing_stream_reads_the_usage_and_answers_nothing_in_obser
     assert director.pool.tickets.outstanding() == 0  # nothing decided, nothing held
 
 
+async def test_the_service_ends_an_observing_stream_once_the_response_is_read(service):
+    """Envoy holds an observability-mode stream open for 5 s after the request (deferred close), and
+    every open stream counts against the service cluster's 1,024-request circuit breaker: measured
+    with wrk, the first 1,023 sampled requests were served and every later one failed open. So the
+    service ends the stream itself: here Envoy's side never closes, and the call must still end."""
+    director, ch = service
+    extra = (("x-upstream-host", POOL[0]), ("x-prefix-router-observe", "1/2"))
+    held = asyncio.Event()
+
+    async def envoy_side():
+        for m in (observing(extra), response_headers(), response_body(USAGE, True)):
+            yield m
+        await held.wait()  # never half-closes
+
+    call = pb_grpc.ExternalProcessorStub(ch).Process(envoy_side())
+
+    async def answers():
+        return [r async for r in call]
+
+    try:  # the service closed the stream: the iteration ends (a liveness bound, not a timing)
+        assert await asyncio.wait_for(answers(), 10) == []
+    finally:
+        held.set()
+    assert await call.code() == grpc.StatusCode.OK
+    assert director.observed_totals == {POOL[0]: [100, 64, 1]}
+
+
 @pytest.mark.parametrize("value", ["", "90", "a/b", "101/100", "-1/5", "1/" + "9" * 20, "1/2/3"])
 async def test_an_observing_stream_without_a_valid_prediction_is_counted_and_ignored(service, value):
     director, ch = service

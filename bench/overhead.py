@@ -7,13 +7,22 @@ answering every request directly. In the same run, wrk (one thread, 10 s each, -
 
 - ``envoy-direct``: Envoy routing straight to the two upstreams (round robin): the baseline;
 - ``envoy+prefix-router duplex`` / ``buffered``: the shipped configs with the service deciding;
-- ``envoy+prefix-router buffered, every response read``: ``--observe-sample 1``, the cost of a
-  sampled request (its response's headers and body pass through the service);
+- ``envoy+prefix-router duplex|buffered, every response read``: ``--observe-sample 1``, the cost
+  of a sampled request (its response's headers and body pass through the service: in duplex mode
+  through the observing filter, in observability mode; in buffered mode by ``mode_override``);
 - ``sglang-router``: one sglang-router (cache_aware) over the same two upstreams, the single-layer
   alternative.
 
 at 1 connection (added latency) and 16 connections (throughput). The body is a 2 KB chat request.
 Targets ([eval]): added p50 latency <= 1 ms, throughput >= 60% of envoy-direct.
+
+Then, streamed responses (``streamed`` rows): the same request with ``"stream": true`` to two fake
+workers (``extproc.dev.fakeworker``) that answer with ``STREAM_TOKENS`` server-sent events one
+``TOKEN_DELAY`` apart, so each event reaches Envoy as its own chunk, as a real worker's tokens do.
+Each mode with and without ``--observe-sample 1``: a sampled streamed response passes through
+the service chunk by chunk (buffered: one ext_proc message and answer per chunk; duplex: one
+message per chunk, no answer awaited), which is what a sampled request costs when clients stream. The workers are Python processes
+on the same cores, so only the difference between the two rows is the service's.
 """
 
 from __future__ import annotations
@@ -36,6 +45,12 @@ BODY = orjson.dumps({"model": "fake-model", "messages": [
     {"role": "system", "content": "You are a helpful assistant. " * 40},
     {"role": "user", "content": "What is the weather like on the coast today? " * 18},
 ]})
+# (name, envoy/<mode>.yaml, service flags); "every response read": the cost of a sampled request
+VARIANTS = (("duplex", "duplex", []), ("duplex, every response read", "duplex", ["--observe-sample", "1"]),
+            ("buffered", "buffered", []), ("buffered, every response read", "buffered", ["--observe-sample", "1"]))
+STREAM_BODY = orjson.dumps({**orjson.loads(BODY), "stream": True, "stream_options": {"include_usage": True}})
+STREAM_TOKENS = 16
+TOKEN_DELAY = 0.0005
 ANSWER = '{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}'
 
 
@@ -79,14 +94,18 @@ def wrk(url: str, connections: int, seconds: int, script: Path) -> dict:
             "non_2xx": int(non2xx.group(1)) if non2xx else 0}
 
 
+def wrk_script(path: Path, body: bytes) -> Path:
+    """A wrk script that POSTs ``body`` as JSON."""
+    path.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {orjson.dumps(body.decode()).decode()}\n')
+    return path
+
+
 def wrk_setup(prefix: str) -> tuple[Path, Path]:
     """A work folder and the wrk script that POSTs ``BODY``; exits when wrk is missing."""
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix=prefix))
-    script = work / "post.lua"
-    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = {orjson.dumps(BODY.decode()).decode()}\n')
-    return work, script
+    return work, wrk_script(work / "post.lua", BODY)
 
 
 def start_envoy(work: Path, name: str, cfg: dict, admin: int) -> subprocess.Popen:
@@ -116,8 +135,7 @@ def main(seconds: int = 10) -> dict:
         variants = {"envoy-direct": f"http://{HOST}:{dl}/v1/chat/completions"}
         stacks = []
         # the last: every response read for its usage (--observe-sample 1), the cost of a sampled request
-        for name, mode, extra in (("duplex", "duplex", []), ("buffered", "buffered", []),
-                                  ("buffered, every response read", "buffered", ["--observe-sample", "1"])):
+        for name, mode, extra in VARIANTS:
             ports = Ports.free(2, 0)
             ports.routers = ups
             s = Stack(ports, envoy_config=ENVOY_DIR / f"{mode}.yaml", workdir=work / name.replace(" ", "").replace(",", "-"),
@@ -135,23 +153,80 @@ def main(seconds: int = 10) -> dict:
         variants["sglang-router"] = f"http://{HOST}:{router_port}/v1/chat/completions"
         for connections in (1, 16):
             for name, url in variants.items():
-                wrk(url, connections, 2, script)  # warm up
-                rows.append({"path": name, **wrk(url, connections, seconds, script)})
-                print(f"{name:32s} c={connections:<3d} {rows[-1]['rps']:8.0f} req/s  p50 {rows[-1]['p50_ms']:.2f} ms  p99 {rows[-1]['p99_ms']:.2f} ms  non-2xx {rows[-1]['non_2xx']}", flush=True)
+                rows.append({"path": name, **_measure(url, connections, seconds, script)})
     finally:
         for s in locals().get("stacks", []):
             s.stop()
         for p in procs:
             p.terminate()
             p.wait(10)
+    streamed = _streamed(work, seconds)
     base = {r["connections"]: r for r in rows if r["path"] == "envoy-direct"}
     for r in rows:
         r["added_p50_ms"] = r["p50_ms"] - base[r["connections"]]["p50_ms"]
         r["throughput_vs_direct"] = r["rps"] / base[r["connections"]]["rps"]
     result = {"benchmark": "overhead", "seconds": seconds, "body_bytes": len(BODY), "rows": rows,
-              "targets": {"added_p50_ms_max": 1.0, "throughput_vs_direct_min": 0.6}}
+              "targets": {"added_p50_ms_max": 1.0, "throughput_vs_direct_min": 0.6}, "streamed": streamed}
     print(f"wrote {write('overhead', result)}")
     return result
+
+
+def _measure(url: str, connections: int, seconds: int, script: Path) -> dict:
+    wrk(url, connections, 2, script)  # warm up
+    row = wrk(url, connections, seconds, script)
+    print(f"{url:48s} c={connections:<3d} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  non-2xx {row['non_2xx']}", flush=True)
+    return row
+
+
+def _ext_proc_messages(s: Stack) -> tuple[int, int]:
+    """Envoy's count of messages it sent on ext_proc streams, and of streams started (both cumulative)."""
+    stats = http_get(f"http://{HOST}:{s.ports.admin}/stats?filter=ext_proc")[1].decode()
+    def total(name: str) -> int:
+        return sum(int(v) for k, v in re.findall(rf"^(\S*ext_proc\S*\.{name}): (\d+)$", stats, re.M))
+    return total("stream_msgs_sent"), total("streams_started")
+
+
+def _streamed(work: Path, seconds: int) -> dict:
+    """Streamed responses from fake workers, through buffered mode with and without reading them."""
+    script = wrk_script(work / "stream.lua", STREAM_BODY)
+    ports = Ports.free(2, 0)
+    ports.routers = [free_port(), free_port()]
+    rows, stacks, workers = [], [], []
+    try:
+        for i, p in enumerate(ports.routers):
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "extproc.dev.fakeworker", "--host", HOST, "--port", str(p), "--name", f"w{i}",
+                 "--output-tokens", str(STREAM_TOKENS), "--token-delay", str(TOKEN_DELAY)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for i, p in enumerate(ports.routers):
+            wait_until(lambda p=p: http_get(f"http://{HOST}:{p}/health")[0] == 200, 30, "fake worker", workers[i])
+        for name, mode, extra in VARIANTS:
+            s = Stack(Ports.free(2, 0), envoy_config=ENVOY_DIR / f"{mode}.yaml", workdir=work / f"streamed-{len(stacks)}",
+                      service_args=["--health-interval-secs", "5", *extra])
+            s.ports.routers = ports.routers
+            s.start_service()
+            s.start_envoy()
+            stacks.append((name, s))
+        for connections in (1, 16):
+            for name, s in stacks:
+                before = _ext_proc_messages(s)
+                row = {"path": f"streamed, {name}", **_measure(f"{s.base_url}/chat/completions", connections, seconds, script)}
+                after = _ext_proc_messages(s)
+                row["responses_read"] = s.service_metric(0, "prefix_router_observations_total", result="read")
+                row["ext_proc_messages_per_request"] = (after[0] - before[0]) / max(1, after[1] - before[1])
+                rows.append(row)
+    finally:
+        for _, s in stacks:
+            s.stop()
+        for w in workers:
+            w.terminate()
+            w.wait(10)
+    for r in rows:
+        unsampled = r["path"].split(",")[1].strip()  # the same mode without reading
+        base = next(b for b in rows if b["connections"] == r["connections"] and b["path"] == f"streamed, {unsampled}")
+        r["added_p50_ms"] = r["p50_ms"] - base["p50_ms"]
+        r["throughput_vs_unsampled"] = r["rps"] / base["rps"]
+    return {"tokens_per_response": STREAM_TOKENS, "token_delay_s": TOKEN_DELAY, "rows": rows}
 
 
 if __name__ == "__main__":

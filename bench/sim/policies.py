@@ -16,7 +16,7 @@ from extproc.dev.fakeworker import BLOCK_TOKENS, CHARS_PER_TOKEN
 from extproc.payload import routing_input
 from extproc.config import DEFAULTS, policy_config
 from extproc.policy import PolicyConfig, costs, decide, least_loaded
-from extproc.tree import RadixTree
+from extproc.tree import Match, RadixTree
 
 
 def _loads(sim) -> dict[str, int]:
@@ -153,12 +153,14 @@ class LiteLLM:
 class TrueCache:
     """Knows every worker's cache (no real router can). ``greedy``: the router whose best worker
     holds the longest cached prefix of this very prompt (ties to the least loaded). Otherwise the
-    default policy's cost rule computed from the true cached lengths instead of the tree's guess.
+    default policy's cost rule computed from the true cached lengths instead of the tree's guess
+    (a tree of its own still tells whether the request continues a whole earlier prompt).
     Not an upper bound (its greed can cost later hits): the bound is the simulator's
     ``reuse_bound``."""
 
     def __init__(self, greedy: bool = False) -> None:
         self.greedy = greedy
+        self.tree = RadixTree()
 
     def choose(self, p, sim) -> int:
         loads = [r.inflight for r in sim.routers]
@@ -166,9 +168,13 @@ class TrueCache:
         if self.greedy:
             best = max(chars)
             return int(least_loaded({str(i): loads[i] for i in range(len(loads)) if chars[i] == best}, "random", sim.rng))
-        terms = costs({str(i): c for i, c in enumerate(chars)}, {str(i): n for i, n in enumerate(loads)}, policy_config())
+        whole = self.tree.match(p.partition, p.sglang_text).whole
+        m = Match(max(chars), {str(i): c for i, c in enumerate(chars)}, [], whole)
+        terms = costs(m, {str(i): n for i, n in enumerate(loads)}, policy_config())
         low = min(cost for _, _, cost in terms.values())
-        return int(sim.rng.choice([t for t, (_, _, cost) in terms.items() if cost == low]))
+        choice = sim.rng.choice([t for t, (_, _, cost) in terms.items() if cost == low])
+        self.tree.insert(p.partition, p.sglang_text, choice, sim.now)
+        return int(choice)
 
 
 class Single:
@@ -187,8 +193,10 @@ def upper_policies() -> dict[str, object]:
         "prefix-router/creator": PrefixRouter(policy_config(hit_choice="creator")),
         "prefix-router/least-loaded-hit": PrefixRouter(policy_config(hit_choice="least_loaded")),
         "prefix-router/sglang-0.3.2": PrefixRouter(policy_config(hit_choice="creator", tie_break="first")),
-        # the tuning set's winner (bench.sweep), which the held-out set did not confirm
-        "prefix-router/tuning-winner": PrefixRouter(policy_config(inflight_slack=3, inflight_cost_chars=1536)),
+        # earlier defaults: the rule without its continuation term, and the previous round's tuning
+        # winner, which the held-out set did not confirm
+        "prefix-router/previous-default": PrefixRouter(policy_config(continuation_knee=0)),
+        "prefix-router/slack-3": PrefixRouter(policy_config(continuation_knee=0, inflight_slack=3, inflight_cost_chars=1536)),
         "round-robin": RoundRobin(),
         "random": Random(),
         "least-loaded": LeastLoaded(),

@@ -170,6 +170,8 @@ class Director:
             self.outbox.changed()
         elapsed = time.perf_counter() - started
         metrics.DECISIONS.labels(decision.reason).inc()
+        if decision.continuation:
+            metrics.CONTINUATIONS.labels(decision.continuation).inc()
         info.upstream, info.matched, info.text_len = decision.upstream, decision.matched, decision.text_len
         key = (decision.upstream, decision.reason)
         self.decided[key] = self.decided.get(key, 0) + 1

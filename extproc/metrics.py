@@ -17,6 +17,12 @@ from prometheus_client.registry import Collector
 disable_created_metrics()
 
 DECISIONS = Counter("prefix_router_decisions", "Routing decisions by reason", ["reason"])
+CONTINUATIONS = Counter(
+    "prefix_router_continuations",
+    "Decisions for requests continuing a whole earlier prompt (a conversation's next turn), by where they went: home (an "
+    "upstream holding that prompt) or moved (--continuation-knee keeps them home below that many in flight)",
+    ["where"],
+)
 BAD_INPUT = Counter("prefix_router_bad_input", "Requests whose body gave no routing text, by reason", ["reason"])
 STREAM_ERRORS = Counter("prefix_router_stream_errors", "ext_proc or access-log streams that failed (protocol violation or a fault here), by gRPC code", ["code"])
 STREAMS_ABANDONED = Counter(

@@ -58,6 +58,9 @@ class Decision:
     reason: str  # cache_hit | cache_miss | imbalance | no_routing_text
     matched: int = 0
     text_len: int = 0
+    # for a request continuing a whole earlier prompt (Match.whole): "home" when it went to a holder
+    # of that prompt, "moved" when elsewhere; "" otherwise
+    continuation: str = ""
 
 
 def least_loaded(loads: dict[str, int], tie_break: str, rng: random.Random) -> str:
@@ -87,12 +90,12 @@ def decide(
     """Choose an upstream among ``loads`` (healthy upstreams, registry order) for one request."""
     if not text:
         return Decision(least_loaded(loads, cfg.tie_break, rng), "no_routing_text")
+    m = tree.match(partition, text)
     if is_imbalanced(loads, cfg):
         choice, reason, matched = least_loaded(loads, cfg.tie_break, rng), "imbalance", 0
     elif cfg.hit_choice == "cost":
-        choice, reason, matched = _cheapest(tree.match(partition, text), loads, len(text), cfg, rng)
+        choice, reason, matched = _cheapest(m, loads, len(text), cfg, rng)
     else:
-        m = tree.match(partition, text)
         matched = m.matched
         holders = [t for t in m.deepest if t in loads]
         if holders and matched / len(text) > cfg.cache_threshold:
@@ -105,7 +108,8 @@ def decide(
             choice, reason = least_loaded(loads, cfg.tie_break, rng), "cache_miss"
     if insert:
         tree.insert(partition, text, choice, now)
-    return Decision(choice, reason, matched, len(text))
+    continuation = ("home" if choice in m.deepest else "moved") if m.whole else ""
+    return Decision(choice, reason, matched, len(text), continuation)
 
 
 def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig) -> dict[str, tuple[int, int, int]]:

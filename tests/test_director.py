@@ -378,3 +378,16 @@ def test_observed_hits_show_in_explain_and_tree(director):
     assert (rows[info.upstream]["observed_hit_ratio"], rows[info.upstream]["observed_responses"]) == (0.6, 2)
     other = next(a for a in rows if a != info.upstream)
     assert rows[other]["observed_responses"] == 0
+
+
+def test_continuations_are_counted_by_where_they_went(director):
+    home = metrics.CONTINUATIONS.labels("home")._value.get()
+    moved = metrics.CONTINUATIONS.labels("moved")._value.get()
+    first = RequestInfo(path="/v1/chat/completions")
+    director.route(first, BODY)
+    director.finished(first.ticket, Outcome.OK)
+    director.route(RequestInfo(path="/v1/chat/completions"), BODY)  # the same prompt again: a continuation, nothing in flight
+    assert metrics.CONTINUATIONS.labels("home")._value.get() == home + 1
+    assert metrics.CONTINUATIONS.labels("moved")._value.get() == moved
+    director.route(RequestInfo(path="/v1/chat/completions"), orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "other"}]}))
+    assert metrics.CONTINUATIONS.labels("home")._value.get() == home + 1  # a new prompt is not one

@@ -134,6 +134,21 @@ def test_a_conversation_continuing_its_own_history_stays_home_below_the_knee():
     assert goes_to({"a": 2, "b": 0}, history[:1200] + " another session") == ("b", False)
 
 
+def test_a_decision_says_whether_a_continuation_stayed_home():
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1024, inflight_slack=0, continuation_knee=8)
+    history = "a short chat " * 100
+
+    def decision(loads, text):
+        tree = RadixTree()
+        tree.insert("m", history, "a", 0)
+        return run(tree, loads, text, cfg)
+
+    assert decision({"a": 9, "b": 0}, history + " next").continuation == "home"
+    assert decision({"a": 10, "b": 0}, history + " next").continuation == "moved"
+    assert decision({"a": 0, "b": 0}, history[:500] + " other").continuation == ""  # not a continuation
+    assert decision({"a": 100, "b": 0}, history + " next").continuation == "moved"  # imbalance sends it away
+
+
 def test_only_a_whole_stored_text_that_nothing_extends_is_a_continuation():
     tree = RadixTree()
     tree.insert("m", "system prompt. user: hi", "a", 0)

@@ -34,6 +34,10 @@ PANELS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
           (f"histogram_quantile(0.99, sum by (le) (rate(prefix_router_decision_seconds_bucket[{RATE}])))", "p99")]),
         ("Matched share of the prompt", "percentunit", "matched characters / routing-text characters, median",
          [(f"histogram_quantile(0.5, sum by (le) (rate(prefix_router_match_rate_bucket[{RATE}])))", "median match rate")]),
+        ("Conversations kept home", "percentunit",
+         "requests continuing a whole earlier prompt that went to an upstream holding it (--continuation-knee)",
+         [(f'sum(rate(prefix_router_continuations_total{{where="home"}}[{RATE}])) / '
+           f"sum(rate(prefix_router_continuations_total[{RATE}]))", "home share")]),
         ("Observed hit ratio (sampled responses)", "percentunit",
          "cached / prompt tokens the workers reported, per upstream (--observe-sample); the tree's prediction error beside it",
          [(f"sum by (upstream) (rate(prefix_router_observed_cached_tokens_total[{RATE}])) / "

@@ -10,6 +10,12 @@ uncached token, a delay per output token, no batch limit, prefills overlapping).
 through the stack is read from the workers' reported ``cached_tokens``. Random tie-breaks and the
 real stack's timing make single runs differ, so each case is the mean of three seeds on both
 sides, and the agreement is judged against a stated tolerance (``TOLERANCE_POINTS``).
+
+The same sessions also go, through real processes, to two rivals ([quality]'s targets through the
+real stack): ``one-layer`` (one sglang-router over all four workers, the clients straight to it)
+and ``envoy round robin`` (an Envoy spreading requests over the two routers with no regard to
+prefixes, what a plain gateway does). Each reports the hit ratio and the p50/p90 request latency
+the clients saw (non-streamed requests, so latency, not TTFT).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from pathlib import Path
 
 import openai
 
-from extproc.dev.stack import ENVOY_DIR, Ports, Stack
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port
+
+from .overhead import direct_config, start_envoy
 
 from .common import write
 from .sim.engine import ServiceModel, Sim, Topology, prepare
@@ -54,16 +62,22 @@ def main() -> dict:
         for clients in CONCURRENCY:
             for seed in SEEDS:
                 rows.append(replay(name, kwargs, capacity, clients, seed))
+                for rival in RIVALS:
+                    rows[-1][rival] = replay_rival(rival, name, kwargs, capacity, clients, seed)
     summary = []
     for name in CASES:
         for clients in CONCURRENCY:
             mine = [r for r in rows if r["workload"] == name and r["concurrency"] == clients]
             sim = statistics.mean(r["simulated_hit_ratio"] for r in mine)
             real = statistics.mean(r["stack_hit_ratio"] for r in mine)
+            rivals = {rival: {k: statistics.mean(r[rival][k] for r in mine) for k in ("hit_ratio", "latency_p50_s", "latency_p90_s")} for rival in RIVALS}
             summary.append({"workload": name, "concurrency": clients, "simulated_mean": sim, "stack_mean": real, "difference_points": 100 * (real - sim),
                             "simulated_range": [min(r["simulated_hit_ratio"] for r in mine), max(r["simulated_hit_ratio"] for r in mine)],
-                            "stack_range": [min(r["stack_hit_ratio"] for r in mine), max(r["stack_hit_ratio"] for r in mine)]})
-            print(f"{name} x{clients}: simulated {sim:.3f}, through the stack {real:.3f} ({100 * (real - sim):+.1f} points)", flush=True)
+                            "stack_range": [min(r["stack_hit_ratio"] for r in mine), max(r["stack_hit_ratio"] for r in mine)],
+                            "stack_latency_p50_s": statistics.mean(r["stack_latency_p50_s"] for r in mine),
+                            "stack_latency_p90_s": statistics.mean(r["stack_latency_p90_s"] for r in mine), "rivals": rivals})
+            print(f"{name} x{clients}: simulated {sim:.3f}, through the stack {real:.3f} ({100 * (real - sim):+.1f} points); "
+                  + ", ".join(f"{k} {v['hit_ratio']:.3f}" for k, v in rivals.items()), flush=True)
     within = sum(abs(s["difference_points"]) <= TOLERANCE_POINTS for s in summary)
     description = (f"Closed loop of 8 and 16 clients, random tie-breaks on both sides, the service's defaults; 2 sglang-routers x 2 fake workers "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
@@ -81,27 +95,51 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> d
         p.req.output_tokens = OUTPUT_TOKENS
     simulated = Sim(prepared, PrefixRouter(), Topology(routers=2, workers=2, batch=1 << 20, capacity_tokens=capacity), FAKE_WORKER,
                     seed=seed, clients=clients).run()
-    sessions: deque[list] = deque()
+    work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-"))
+    stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work)
+    t0 = time.time()
+    with stack:
+        totals = drive(f"{stack.base_url}", prepared, clients)
+    real = totals["hit_ratio"]
+    row = {"workload": name, "concurrency": clients, "seed": seed, "requests": len(prepared), "failed": totals["failed"], "capacity_tokens": capacity,
+           "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
+           "stack_latency_p50_s": totals["latency_p50_s"], "stack_latency_p90_s": totals["latency_p90_s"], "replay_seconds": time.time() - t0}
+    print(f"{name} x{clients} seed {seed}: {len(prepared)} requests ({totals['failed']} failed), simulated {simulated['hit_ratio']:.3f}, "
+          f"through the stack {real:.3f} ({row['difference_points']:+.1f} points)", flush=True)
+    return row
+
+
+RIVALS = ("one-layer", "envoy round robin")
+
+
+def _worker_args(capacity: int) -> list[str]:
+    return ["--capacity-tokens", str(capacity), "--output-tokens", str(OUTPUT_TOKENS), "--token-delay", str(TOKEN_DELAY),
+            "--prefill-delay-per-token", str(PREFILL_DELAY)]
+
+
+def _sessions(prepared) -> deque[list]:
     by_session: dict[str, list] = {}
     for p in prepared:
         by_session.setdefault(p.req.session, []).append(p)
-    sessions.extend(by_session.values())
-    work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-"))
-    worker_args = ["--capacity-tokens", str(capacity), "--output-tokens", str(OUTPUT_TOKENS), "--token-delay", str(TOKEN_DELAY),
-                   "--prefill-delay-per-token", str(PREFILL_DELAY)]
-    stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=worker_args, workdir=work)
+    return deque(by_session.values())
+
+
+def drive(base_url: str, prepared, clients: int) -> dict:
+    """The closed loop through ``base_url``: hit ratio from the workers' reports, request latency."""
+    sessions = _sessions(prepared)
     totals = {"prompt": 0, "cached": 0, "failed": 0}
+    latencies: list[float] = []
     lock = threading.Lock()
-    t0 = time.time()
 
     def client() -> None:
-        c = openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=120)
+        c = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
         while True:
             with lock:
                 if not sessions:
                     return
                 turns = sessions.popleft()
             for p in turns:
+                started = time.perf_counter()
                 try:
                     r = c.chat.completions.create(model="fake-model", messages=p.req.messages, tools=p.req.tools or openai.NOT_GIVEN, max_tokens=OUTPUT_TOKENS)
                 except openai.APIError:
@@ -109,22 +147,48 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> d
                         totals["failed"] += 1
                     continue
                 with lock:
+                    latencies.append(time.perf_counter() - started)
                     totals["prompt"] += r.usage.prompt_tokens
                     totals["cached"] += r.usage.prompt_tokens_details.cached_tokens
 
-    with stack:
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    real = totals["cached"] / totals["prompt"]
-    row = {"workload": name, "concurrency": clients, "seed": seed, "requests": len(prepared), "failed": totals["failed"], "capacity_tokens": capacity,
-           "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
-           "replay_seconds": time.time() - t0}
-    print(f"{name} x{clients} seed {seed}: {len(prepared)} requests ({totals['failed']} failed), simulated {simulated['hit_ratio']:.3f}, "
-          f"through the stack {real:.3f} ({row['difference_points']:+.1f} points)", flush=True)
-    return row
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    n = len(latencies)
+    return {"hit_ratio": totals["cached"] / totals["prompt"], "failed": totals["failed"],
+            "latency_p50_s": latencies[n // 2], "latency_p90_s": latencies[min(n - 1, int(n * 0.9))]}
+
+
+def replay_rival(rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> dict:
+    """The same sessions through a rival made of real processes (see the module doc)."""
+    prepared = prepare(WORKLOADS[name](random.Random(seed), **kwargs))
+    for p in prepared:
+        p.req.output_tokens = OUTPUT_TOKENS
+    work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-rival-"))
+    one_layer = rival == "one-layer"
+    stack = Stack(Ports.free(1, 4) if one_layer else Ports.free(2, 2), worker_args=_worker_args(capacity), workdir=work)
+    envoy = None
+    try:
+        stack.start_workers()
+        for r in range(len(stack.ports.routers)):
+            stack.start_router(r)
+        if one_layer:
+            url = f"http://{HOST}:{stack.ports.routers[0]}/v1"
+        else:
+            admin, listen = free_port(), free_port()
+            envoy = start_envoy(work, "round-robin", direct_config(admin, listen, stack.ports.routers), admin)
+            url = f"http://{HOST}:{listen}/v1"
+        out = drive(url, prepared, clients)
+    finally:
+        if envoy is not None:
+            envoy.terminate()
+            envoy.wait(10)
+        stack.stop()
+    print(f"{name} x{clients} seed {seed} {rival}: hit {out['hit_ratio']:.3f}, latency p90 {out['latency_p90_s'] * 1000:.0f} ms ({out['failed']} failed)", flush=True)
+    return out
 
 
 if __name__ == "__main__":

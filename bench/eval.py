@@ -267,6 +267,14 @@ def _measured_sections() -> list[str]:
         lines += [f"| {r['workload']} | {cache.get(r['workload'])} | {r.get('concurrency', 1)} | {r['simulated_mean']:.3f} | {r['stack_mean']:.3f} | "
                   f"{r['difference_points']:+.1f} | {'yes' if abs(r['difference_points']) <= d.get('tolerance_points', 1e9) else 'NO'} |" for r in d["summary"]]
         lines.append("")
+        if d["summary"] and "rivals" in d["summary"][0]:
+            names = list(d["summary"][0]["rivals"])
+            lines += ["The same sessions through rivals made of real processes: hit ratio / request latency p90 in ms (mean of the seeds).", "",
+                      "| workload | concurrency | prefix-router | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+            lines += [f"| {r['workload']} | {r['concurrency']} | {r['stack_mean']:.3f} / {1000 * r['stack_latency_p90_s']:.0f} | "
+                      + " | ".join(f"{r['rivals'][n]['hit_ratio']:.3f} / {1000 * r['rivals'][n]['latency_p90_s']:.0f}" for n in names) + " |"
+                      for r in d["summary"]]
+            lines.append("")
     overhead = RESULTS / "overhead.json"
     if overhead.exists():
         d = json.loads(overhead.read_text())

@@ -52,3 +52,18 @@ def test_every_sampled_response_is_read_and_reaches_the_client_unchanged(stack):
     # every request was pinned (in duplex mode on the observing route), none failed open
     routes = [e["route"] for e in stack.wait_access_log(0, 4)]
     assert len(routes) == 4 and set(routes) == {"pinned_observed" if "duplex" in stack.envoy_config.name else "pinned"}
+
+
+def test_a_client_cannot_select_the_observing_route(tmp_path):
+    """The observing route is the service's to select: a client's own x-prefix-router-observe is
+    removed before route selection, so with sampling off nothing is read and no made-up prediction
+    reaches the metrics."""
+    s = Stack(Ports.free(routers=1, workers_per_router=1), envoy_config=ENVOY_DIR / "duplex.yaml", workdir=tmp_path)
+    with s:
+        c = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=30)
+        for i in range(3):
+            c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": f"forged {i}"}], max_tokens=4,
+                                      extra_headers={"x-prefix-router-observe": "0/1"})
+        assert {e["route"] for e in s.wait_access_log(0, 3)} == {"pinned"}
+        assert s.service_metric(0, "prefix_router_observations_total") == 0
+        assert s.service_metric(0, "prefix_router_prediction_error_count") == 0

@@ -90,16 +90,14 @@ def main() -> dict:
 
 def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> dict:
     """One seed of one case at one concurrency: simulate, then replay the same sessions through the stack."""
-    prepared = prepare(WORKLOADS[name](random.Random(seed), **kwargs))
-    for p in prepared:
-        p.req.output_tokens = OUTPUT_TOKENS
+    prepared = _prepared(name, kwargs, seed)
     simulated = Sim(prepared, PrefixRouter(), Topology(routers=2, workers=2, batch=1 << 20, capacity_tokens=capacity), FAKE_WORKER,
                     seed=seed, clients=clients).run()
     work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-"))
     stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work)
     t0 = time.time()
     with stack:
-        totals = drive(f"{stack.base_url}", prepared, clients)
+        totals = drive(stack.base_url, prepared, clients)
     real = totals["hit_ratio"]
     row = {"workload": name, "concurrency": clients, "seed": seed, "requests": len(prepared), "failed": totals["failed"], "capacity_tokens": capacity,
            "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
@@ -110,6 +108,14 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> d
 
 
 RIVALS = ("one-layer", "envoy round robin")
+
+
+def _prepared(name: str, kwargs: dict, seed: int) -> list:
+    """One case's sessions for one seed, every answer ``OUTPUT_TOKENS`` long (what the fake workers send)."""
+    prepared = prepare(WORKLOADS[name](random.Random(seed), **kwargs))
+    for p in prepared:
+        p.req.output_tokens = OUTPUT_TOKENS
+    return prepared
 
 
 def _worker_args(capacity: int) -> list[str]:
@@ -164,9 +170,7 @@ def drive(base_url: str, prepared, clients: int) -> dict:
 
 def replay_rival(rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> dict:
     """The same sessions through a rival made of real processes (see the module doc)."""
-    prepared = prepare(WORKLOADS[name](random.Random(seed), **kwargs))
-    for p in prepared:
-        p.req.output_tokens = OUTPUT_TOKENS
+    prepared = _prepared(name, kwargs, seed)
     work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-rival-"))
     one_layer = rival == "one-layer"
     stack = Stack(Ports.free(1, 4) if one_layer else Ports.free(2, 2), worker_args=_worker_args(capacity), workdir=work)

@@ -183,9 +183,8 @@ def headline(result: dict) -> list[str]:
 def summary_lines(result: dict) -> list[str]:
     v = result["verdicts"]
     out = []
-    alternates = {name: verdicts({(c["set"], c["workload"], c["capacity"], c["rate"], DEFAULT if c["policy"] == name else c["policy"]): c
-                                  for c in result["cells"] if c["policy"] != DEFAULT})
-                  for name in ALTERNATES if any(c["policy"] == name for c in result["cells"])}
+    agg = {(c["set"], c["workload"], c["capacity"], c["rate"], c["policy"]): c for c in result["cells"]}
+    alternates = {name: verdicts(agg, name) for name in ALTERNATES if any(c["policy"] == name for c in result["cells"])}
     for st in result["sets"]:
         mine = [x for x in v if x["set"] == st]
         if mine:

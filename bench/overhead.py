@@ -136,12 +136,7 @@ def main(seconds: int = 10) -> dict:
         stacks = []
         # the last: every response read for its usage (--observe-sample 1), the cost of a sampled request
         for name, mode, extra in VARIANTS:
-            ports = Ports.free(2, 0)
-            ports.routers = ups
-            s = Stack(ports, envoy_config=ENVOY_DIR / f"{mode}.yaml", workdir=work / name.replace(" ", "").replace(",", "-"),
-                      service_args=["--health-interval-secs", "5", *extra])
-            s.start_service()
-            s.start_envoy()
+            s = _service_stack(work / name.replace(" ", "").replace(",", "-"), mode, extra, ups)
             stacks.append(s)
             variants[f"envoy+prefix-router {name}"] = f"{s.base_url}/chat/completions"
         router_port = free_port()
@@ -171,6 +166,16 @@ def main(seconds: int = 10) -> dict:
     return result
 
 
+def _service_stack(workdir: Path, mode: str, extra: list[str], upstreams: list[int]) -> Stack:
+    """The service (with ``extra`` flags) and Envoy's ``envoy/<mode>.yaml`` in front of ``upstreams``."""
+    ports = Ports.free(2, 0)
+    ports.routers = upstreams
+    s = Stack(ports, envoy_config=ENVOY_DIR / f"{mode}.yaml", workdir=workdir, service_args=["--health-interval-secs", "5", *extra])
+    s.start_service()
+    s.start_envoy()
+    return s
+
+
 def _measure(url: str, connections: int, seconds: int, script: Path) -> dict:
     wrk(url, connections, 2, script)  # warm up
     row = wrk(url, connections, seconds, script)
@@ -187,7 +192,7 @@ def _ext_proc_messages(s: Stack) -> tuple[int, int]:
 
 
 def _streamed(work: Path, seconds: int) -> dict:
-    """Streamed responses from fake workers, through buffered mode with and without reading them."""
+    """Streamed responses from fake workers, through each mode with and without reading them."""
     script = wrk_script(work / "stream.lua", STREAM_BODY)
     ports = Ports.free(2, 0)
     ports.routers = [free_port(), free_port()]
@@ -201,29 +206,24 @@ def _streamed(work: Path, seconds: int) -> dict:
         for i, p in enumerate(ports.routers):
             wait_until(lambda p=p: http_get(f"http://{HOST}:{p}/health")[0] == 200, 30, "fake worker", workers[i])
         for name, mode, extra in VARIANTS:
-            s = Stack(Ports.free(2, 0), envoy_config=ENVOY_DIR / f"{mode}.yaml", workdir=work / f"streamed-{len(stacks)}",
-                      service_args=["--health-interval-secs", "5", *extra])
-            s.ports.routers = ports.routers
-            s.start_service()
-            s.start_envoy()
-            stacks.append((name, s))
+            stacks.append((name, mode, bool(extra), _service_stack(work / f"streamed-{len(stacks)}", mode, extra, ports.routers)))
         for connections in (1, 16):
-            for name, s in stacks:
+            for name, mode, reads, s in stacks:
                 before = _ext_proc_messages(s)
-                row = {"path": f"streamed, {name}", **_measure(f"{s.base_url}/chat/completions", connections, seconds, script)}
+                row = {"path": f"streamed, {name}", "mode": mode, "reads_responses": reads,
+                       **_measure(f"{s.base_url}/chat/completions", connections, seconds, script)}
                 after = _ext_proc_messages(s)
                 row["responses_read"] = s.service_metric(0, "prefix_router_observations_total", result="read")
                 row["ext_proc_messages_per_request"] = (after[0] - before[0]) / max(1, after[1] - before[1])
                 rows.append(row)
     finally:
-        for _, s in stacks:
+        for *_, s in stacks:
             s.stop()
         for w in workers:
             w.terminate()
             w.wait(10)
-    for r in rows:
-        unsampled = r["path"].split(",")[1].strip()  # the same mode without reading
-        base = next(b for b in rows if b["connections"] == r["connections"] and b["path"] == f"streamed, {unsampled}")
+    for r in rows:  # against the same mode without reading
+        base = next(b for b in rows if b["connections"] == r["connections"] and b["mode"] == r["mode"] and not b["reads_responses"])
         r["added_p50_ms"] = r["p50_ms"] - base["p50_ms"]
         r["throughput_vs_unsampled"] = r["rps"] / base["rps"]
     return {"tokens_per_response": STREAM_TOKENS, "token_delay_s": TOKEN_DELAY, "rows": rows}

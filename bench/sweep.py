@@ -20,7 +20,7 @@ import statistics
 from extproc.config import DEFAULTS, policy_config
 
 from .common import write
-from .eval import DEFAULT, HIT_RIVALS, SETS, SINGLE, TTFT_RIVALS, RATES, cells, simulate, verdicts
+from .eval import HIT_RIVALS, SETS, SINGLE, TTFT_RIVALS, RATES, cells, simulate, verdicts
 from .sim.policies import PrefixRouter, Single, upper_policies
 
 KNEES = (0, 4, 8, 16, 32)
@@ -48,8 +48,7 @@ def main() -> dict:
     table = []
     for knee, w, slack in GRID:
         n = name(knee, w, slack)
-        as_default = {(c[0], c[1], c[2], c[3], DEFAULT if c[4] == n else c[4]): v for c, v in agg.items() if c[4] != DEFAULT}
-        v = verdicts(as_default)
+        v = verdicts(agg, n)
         per_workload = {wl: statistics.mean(100 * (x["hit_ratio"] - x["best_rival_hit"]) for x in v if x["workload"] == wl) for wl in SETS["tuning"][0]}
         table.append({
             "continuation_knee": knee, "inflight_cost_chars": w, "inflight_slack": slack, "cells": len(v),

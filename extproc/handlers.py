@@ -188,6 +188,11 @@ class Exchange:
     def on_trailers(self) -> list[pb.ProcessingResponse]:
         return [_CONTINUE_TRAILERS]
 
+    @property
+    def finished(self) -> bool:
+        """Nothing more on this stream matters to the service, so it may end it now."""
+        return False
+
     def sent(self) -> None:
         """The answers returned so far are being handed to gRPC (yielded, with no await between
         the decision and the yield: a stream cannot end in between)."""
@@ -301,24 +306,32 @@ class ObserveExchange(Exchange):
         self.info.upstream, (self.info.matched, self.info.text_len) = upstream, parsed
         self.observing = True
 
+    @property
+    def finished(self) -> bool:
+        # Envoy keeps an observability-mode stream open for deferred_close_timeout (5 s) after the
+        # request, and every open stream counts against the service cluster's limits: once the
+        # response ended (and was read), the service ends the stream itself.
+        return self.ended
+
+    def _reply(self, out: list[pb.ProcessingResponse]) -> list[pb.ProcessingResponse]:
+        return out if self.answers else []
+
     def on_headers(self, end_of_stream: bool) -> list[pb.ProcessingResponse]:
-        return [_CONTINUE_HEADERS] if self.answers else []
+        return self._reply([_CONTINUE_HEADERS])
 
     def on_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
-        return [_CONTINUE_BODY] if self.answers else []
+        return self._reply([_CONTINUE_BODY])
 
     def on_trailers(self) -> list[pb.ProcessingResponse]:
-        return [_CONTINUE_TRAILERS] if self.answers else []
+        return self._reply([_CONTINUE_TRAILERS])
 
     def on_response_headers(self, msg: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
-        out = super().on_response_headers(msg)
         self.ended = msg.end_of_stream
-        return out if self.answers else []
+        return self._reply(super().on_response_headers(msg))
 
     def on_response_body(self, msg: pb.HttpBody) -> list[pb.ProcessingResponse]:
-        out = super().on_response_body(msg)
         self.ended = msg.end_of_stream
-        return out if self.answers else []
+        return self._reply(super().on_response_body(msg))
 
 
 def _prediction(value: str) -> tuple[int, int] | None:
@@ -385,10 +398,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     exchange.sent()
                 for r in out:
                     yield r
-                if isinstance(exchange, ObserveExchange) and exchange.ended:
-                    # the response ended (and was read): end the stream now. Envoy keeps an observability-mode
-                    # stream open for deferred_close_timeout (5 s) after the request, and every open
-                    # stream counts against the service cluster's limits: closing here frees it.
+                if exchange is not None and exchange.finished:
                     break
         except _ProtocolError as exc:
             metrics.STREAM_ERRORS.labels("INVALID_ARGUMENT").inc()

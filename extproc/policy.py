@@ -115,8 +115,7 @@ def decide(
 def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig) -> dict[str, tuple[int, int, int]]:
     """Each upstream's (recompute characters, requests charged, cost): the terms of the cost rule,
     which the decision weighs and ``explain`` shows."""
-    matches = match.tenants
-    deepest = max(matches.values(), default=0)
+    matches, deepest = match.tenants, match.matched
     free = min(loads.values()) + cfg.inflight_slack
     home = max(free, cfg.continuation_knee) if match.whole else free
     out = {}

@@ -2,7 +2,7 @@
 the service (its defaults: random tie-breaks, the cost rule), real sglang-routers and fake workers,
 with 8 and 16 concurrent clients; hit ratios compared.
 
-    .venv/bin/python -m bench.e2e          → bench/results/e2e.json (about 8 minutes)
+    .venv/bin/python -m bench.e2e          → bench/results/e2e.json (about 35 minutes)
 
 Each client sends one session's turns back to back, then takes the next session; the simulator
 runs the same closed loop (``Sim(clients=...)``) with the fake workers' timing (prefill per
@@ -11,11 +11,17 @@ through the stack is read from the workers' reported ``cached_tokens``. Random t
 real stack's timing make single runs differ, so each case is the mean of three seeds on both
 sides, and the agreement is judged against a stated tolerance (``TOLERANCE_POINTS``).
 
-The same sessions also go, through real processes, to two rivals ([quality]'s targets through the
-real stack): ``one-layer`` (one sglang-router over all four workers, the clients straight to it)
-and ``envoy round robin`` (an Envoy spreading requests over the two routers with no regard to
-prefixes, what a plain gateway does). Each reports the hit ratio and the p50/p90 request latency
-the clients saw (non-streamed requests, so latency, not TTFT).
+The same sessions also go, through real processes, to the rivals of [quality]'s targets that real
+parts can play (``RIVALS``): ``one-layer`` (one sglang-router over all four workers, the clients
+straight to it); a plain Envoy over the two routers with ``ROUND_ROBIN``, ``LEAST_REQUEST`` (the
+least loaded), or ``RING_HASH`` on an ``x-session-id`` header the clients send for it (a
+consistent hash by conversation: sticky sessions, which needs the clients' help); and the service's
+other rules through the same stack: ``--hit-choice creator``, ``--hit-choice least_loaded`` and
+sglang-router 0.3.2's rule one layer up (``creator`` with ``--tie-break first``). LiteLLM's real
+strategies are measured by ``bench.litellm``. Each reports the hit ratio and the p50/p90 request
+latency the clients saw (non-streamed requests, so latency, not TTFT). The targets, per case: hit
+ratio at least the best rival's minus one point; latency p90 at most 1.1x the best upper-layer
+rival's (every rival but one-layer, a different topology).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -49,6 +56,7 @@ CASES = {
 CONCURRENCY = (8, 16)
 SEEDS = (3, 4, 5)
 TOLERANCE_POINTS = 3.0
+HIT_SLACK_POINTS, LATENCY_FACTOR = 1.0, 1.1
 OUTPUT_TOKENS = 8
 TOKEN_DELAY = 0.02  # s per output token at the fake workers
 PREFILL_DELAY = 0.00005  # s per uncached prompt token
@@ -79,10 +87,19 @@ def main() -> dict:
             print(f"{name} x{clients}: simulated {sim:.3f}, through the stack {real:.3f} ({100 * (real - sim):+.1f} points); "
                   + ", ".join(f"{k} {v['hit_ratio']:.3f}" for k, v in rivals.items()), flush=True)
     within = sum(abs(s["difference_points"]) <= TOLERANCE_POINTS for s in summary)
+    for s in summary:
+        s.update(verdict(s))
+        print(f"{s['workload']} x{s['concurrency']}: hit {s['stack_mean']:.3f} vs best rival {s['best_hit_rival']} {s['best_hit']:.3f}; "
+              f"latency p90 {s['stack_latency_p90_s'] * 1000:.0f} ms vs best upper-layer {s['best_latency_rival']} "
+              f"{s['best_latency_p90_s'] * 1000:.0f} ms; targets {'met' if s['targets_met'] else 'MISSED'}", flush=True)
+    met = sum(s["targets_met"] for s in summary)
     description = (f"Closed loop of 8 and 16 clients, random tie-breaks on both sides, the service's defaults; 2 sglang-routers x 2 fake workers "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
-                   f"prompt token); mean of seeds {', '.join(map(str, SEEDS))}. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within.")
-    result = {"benchmark": "e2e", "description": description, "tolerance_points": TOLERANCE_POINTS, "rows": rows, "summary": summary}
+                   f"prompt token); mean of seeds {', '.join(map(str, SEEDS))}. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
+                   f"Targets against the real rivals (hit ratio within {HIT_SLACK_POINTS:g} point of the best, latency p90 at most "
+                   f"{LATENCY_FACTOR:g}x the best upper-layer rival's): met in {met} of {len(summary)} cases.")
+    result = {"benchmark": "e2e", "description": description, "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS,
+              "latency_factor": LATENCY_FACTOR, "rivals": {k: v.describe() for k, v in RIVALS.items()}, "rows": rows, "summary": summary}
     print(description)
     print(f"wrote {write('e2e', result)}")
     return result
@@ -107,7 +124,46 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> d
     return row
 
 
-RIVALS = ("one-layer", "envoy round robin")
+@dataclass(frozen=True)
+class Rival:
+    """A rival made of real processes: ``one_layer`` (one sglang-router over every worker), a plain
+    Envoy with ``lb_policy`` over the routers, or the stack itself with other ``service_args``."""
+
+    one_layer: bool = False
+    lb_policy: str = ""
+    session_header: bool = False  # the clients send x-session-id; Envoy's ring hashes it
+    service_args: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.one_layer:
+            return "one sglang-router over all four workers"
+        if self.lb_policy:
+            return f"Envoy {self.lb_policy} over the two routers" + (" on x-session-id (sent by the clients)" if self.session_header else "")
+        return "the stack with prefix-router " + " ".join(self.service_args)
+
+
+RIVALS = {
+    "one-layer": Rival(one_layer=True),
+    "envoy round robin": Rival(lb_policy="ROUND_ROBIN"),
+    "envoy least request": Rival(lb_policy="LEAST_REQUEST"),
+    "envoy session hash": Rival(lb_policy="RING_HASH", session_header=True),
+    "hit-choice creator": Rival(service_args=("--hit-choice", "creator")),
+    "hit-choice least_loaded": Rival(service_args=("--hit-choice", "least_loaded")),
+    "sglang-router 0.3.2 rule": Rival(service_args=("--hit-choice", "creator", "--tie-break", "first")),
+}
+UPPER_LAYER = tuple(k for k, v in RIVALS.items() if not v.one_layer)
+
+
+def verdict(case: dict) -> dict:
+    """[quality]'s targets for one case against the rivals' means."""
+    rivals = case["rivals"]
+    best_hit = max(rivals, key=lambda k: rivals[k]["hit_ratio"])
+    best_lat = min(UPPER_LAYER, key=lambda k: rivals[k]["latency_p90_s"])
+    hit_ok = case["stack_mean"] >= rivals[best_hit]["hit_ratio"] - HIT_SLACK_POINTS / 100
+    lat_ok = case["stack_latency_p90_s"] <= LATENCY_FACTOR * rivals[best_lat]["latency_p90_s"]
+    return {"best_hit_rival": best_hit, "best_hit": rivals[best_hit]["hit_ratio"], "hit_target_met": hit_ok,
+            "best_latency_rival": best_lat, "best_latency_p90_s": rivals[best_lat]["latency_p90_s"], "latency_target_met": lat_ok,
+            "targets_met": hit_ok and lat_ok}
 
 
 def _prepared(name: str, kwargs: dict, seed: int) -> list:
@@ -130,8 +186,9 @@ def _sessions(prepared) -> deque[list]:
     return deque(by_session.values())
 
 
-def drive(base_url: str, prepared, clients: int) -> dict:
-    """The closed loop through ``base_url``: hit ratio from the workers' reports, request latency."""
+def drive(base_url: str, prepared, clients: int, session_header: bool = False) -> dict:
+    """The closed loop through ``base_url``: hit ratio from the workers' reports, request latency.
+    ``session_header``: each request carries its conversation's id as ``x-session-id``."""
     sessions = _sessions(prepared)
     totals = {"prompt": 0, "cached": 0, "failed": 0}
     latencies: list[float] = []
@@ -147,7 +204,8 @@ def drive(base_url: str, prepared, clients: int) -> dict:
             for p in turns:
                 started = time.perf_counter()
                 try:
-                    r = c.chat.completions.create(model="fake-model", messages=p.req.messages, tools=p.req.tools or openai.NOT_GIVEN, max_tokens=OUTPUT_TOKENS)
+                    r = c.chat.completions.create(model="fake-model", messages=p.req.messages, tools=p.req.tools or openai.NOT_GIVEN, max_tokens=OUTPUT_TOKENS,
+                                                  extra_headers={"x-session-id": str(p.req.session)} if session_header else None)
                 except openai.APIError:
                     with lock:
                         totals["failed"] += 1
@@ -168,30 +226,38 @@ def drive(base_url: str, prepared, clients: int) -> dict:
             "latency_p50_s": latencies[n // 2], "latency_p90_s": latencies[min(n - 1, int(n * 0.9))]}
 
 
-def replay_rival(rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> dict:
-    """The same sessions through a rival made of real processes (see the module doc)."""
+def replay_rival(name_of_rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> dict:
+    """The same sessions through a rival made of real processes (``RIVALS``)."""
+    rival = RIVALS[name_of_rival]
     prepared = _prepared(name, kwargs, seed)
     work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-rival-"))
-    one_layer = rival == "one-layer"
-    stack = Stack(Ports.free(1, 4) if one_layer else Ports.free(2, 2), worker_args=_worker_args(capacity), workdir=work)
-    envoy = None
-    try:
-        stack.start_workers()
-        for r in range(len(stack.ports.routers)):
-            stack.start_router(r)
-        if one_layer:
-            url = f"http://{HOST}:{stack.ports.routers[0]}/v1"
-        else:
-            admin, listen = free_port(), free_port()
-            envoy = start_envoy(work, "round-robin", direct_config(admin, listen, stack.ports.routers), admin)
-            url = f"http://{HOST}:{listen}/v1"
-        out = drive(url, prepared, clients)
-    finally:
-        if envoy is not None:
-            envoy.terminate()
-            envoy.wait(10)
-        stack.stop()
-    print(f"{name} x{clients} seed {seed} {rival}: hit {out['hit_ratio']:.3f}, latency p90 {out['latency_p90_s'] * 1000:.0f} ms ({out['failed']} failed)", flush=True)
+    if rival.service_args:
+        stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
+                      service_args=list(rival.service_args))
+        with stack:
+            out = drive(stack.base_url, prepared, clients)
+    else:
+        stack = Stack(Ports.free(1, 4) if rival.one_layer else Ports.free(2, 2), worker_args=_worker_args(capacity), workdir=work)
+        envoy = None
+        try:
+            stack.start_workers()
+            for r in range(len(stack.ports.routers)):
+                stack.start_router(r)
+            if rival.one_layer:
+                url = f"http://{HOST}:{stack.ports.routers[0]}/v1"
+            else:
+                admin, listen = free_port(), free_port()
+                hash_on = "x-session-id" if rival.session_header else None
+                envoy = start_envoy(work, rival.lb_policy.lower(), direct_config(admin, listen, stack.ports.routers, rival.lb_policy, hash_on), admin)
+                url = f"http://{HOST}:{listen}/v1"
+            out = drive(url, prepared, clients, rival.session_header)
+        finally:
+            if envoy is not None:
+                envoy.terminate()
+                envoy.wait(10)
+            stack.stop()
+    print(f"{name} x{clients} seed {seed} {name_of_rival}: hit {out['hit_ratio']:.3f}, latency p90 {out['latency_p90_s'] * 1000:.0f} ms "
+          f"({out['failed']} failed)", flush=True)
     return out
 
 

@@ -69,13 +69,18 @@ def upstream_config(admin: int, ports: list[int]) -> dict:
                                                 "filter_chains": [{"filters": [_hcm(route)]}]} for i, p in enumerate(ports)]}}
 
 
-def direct_config(admin: int, listen: int, upstreams: list[int]) -> dict:
-    """Envoy routing straight to the upstreams: the baseline without prefix-router."""
+def direct_config(admin: int, listen: int, upstreams: list[int], lb_policy: str = "ROUND_ROBIN", hash_header: str | None = None) -> dict:
+    """Envoy routing straight to the upstreams: the baseline without prefix-router; with
+    ``hash_header``, a consistent hash (``lb_policy`` RING_HASH) of that request header."""
+    route: dict = {"cluster": "direct", "timeout": "120s"}
+    if hash_header:
+        route["hash_policy"] = [{"header": {"header_name": hash_header}}]
     return {"admin": {"address": {"socket_address": {"address": HOST, "port_value": admin}}},
             "static_resources": {
                 "listeners": [{"name": "ingress", "address": {"socket_address": {"address": HOST, "port_value": listen}},
-                               "filter_chains": [{"filters": [_hcm({"match": {"prefix": "/"}, "route": {"cluster": "direct"}})]}]}],
-                "clusters": [{"name": "direct", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {"cluster_name": "direct", "endpoints": [
+                               "filter_chains": [{"filters": [_hcm({"match": {"prefix": "/"}, "route": route})]}]}],
+                "clusters": [{"name": "direct", "type": "STATIC", "connect_timeout": "1s", "lb_policy": lb_policy,
+                              "load_assignment": {"cluster_name": "direct", "endpoints": [
                     {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": HOST, "port_value": p}}}} for p in upstreams]}]}}]}}
 
 

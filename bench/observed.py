@@ -4,12 +4,14 @@ rule and the same rule fed the workers' true caches (``true-cache-cost``) a samp
 
     .venv/bin/python -m bench.observed     → bench/results/observed.json (about 4 minutes)
 
-Policies: the default; ``ObservedHits`` (bench/sim/policies.py) with every request reported and
-with one in ten; ``true-cache-cost``. Its constants (a report below half the prediction is stale;
-the upstream's budget in the tree shrinks by 10 % of what it holds, grows back 2 % per confirming
-report) were fixed before this run, not swept. Both sets of bench.eval, their seeds, capacity
-levels ``quarter`` and ``sixteenth``, rates x1 and x4. This is the simulator's answer to whether
-the feedback is worth building into the service; the service does not read responses yet.
+Policies: the default; ``ObservedHits`` (bench/sim/policies.py, the service's own functions from
+extproc.feedback), unguarded (any prediction counts, a stale report cuts 10 % of what the upstream
+holds) with every request reported and with one in ten, and guarded — the rule ``--observe-feedback``
+ships (predictions of 1,024+ characters, 2 %) — with every request and one in ten;
+``true-cache-cost``. The constants (a report below half the prediction is stale, 2 % growth per
+other report) were fixed before the first run, not swept. Both sets of bench.eval, their seeds,
+capacity levels ``quarter`` and ``sixteenth``, rates x1 and x4. The simulator's answer to whether
+the service should correct its tree by default.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import random
 import statistics
 from concurrent.futures import ProcessPoolExecutor
+
+from extproc.feedback import FeedbackRule
 
 from .common import write
 from .eval import SETS, capacities
@@ -26,12 +30,15 @@ from .sim.workloads import WORKLOADS
 
 LEVELS = ("quarter", "sixteenth")
 RATES = (1.0, 4.0)
+# unguarded: any prediction counts and a stale report cuts 10 %; the service's rule
+# (--observe-feedback, FeedbackRule's defaults): predictions of 1,024+ characters, 2 %
+UNGUARDED = FeedbackRule(min_predicted=0, shrink=0.1)
 POLICIES = {
     "prefix-router": lambda seed: PrefixRouter(),
-    "observed, every request": lambda seed: ObservedHits(sample=1.0, seed=seed),
-    "observed, 1 in 10": lambda seed: ObservedHits(sample=0.1, seed=seed),
-    # guarded: only predictions of 1,024+ characters count, and the budget moves by 2 %
-    "observed, guarded": lambda seed: ObservedHits(sample=1.0, seed=seed, min_predicted=1024, shrink=0.02),
+    "observed, every request": lambda seed: ObservedHits(sample=1.0, seed=seed, rule=UNGUARDED),
+    "observed, 1 in 10": lambda seed: ObservedHits(sample=0.1, seed=seed, rule=UNGUARDED),
+    "observed, guarded": lambda seed: ObservedHits(sample=1.0, seed=seed),
+    "observed, guarded, 1 in 10": lambda seed: ObservedHits(sample=0.1, seed=seed),
     "true-cache-cost": lambda seed: TrueCache(),
 }
 
@@ -67,7 +74,7 @@ def main() -> dict:
             ttft = {p: statistics.mean(r["ttft_p90_s"] for r in mine if r["policy"] == p) for p in POLICIES}
             gap = mean["true-cache-cost"] - mean["prefix-router"]
             row = {"set": st, "workload": w, "hit_ratio": mean, "ttft_p90_s": ttft, "gap_points": 100 * gap}
-            for p in ("observed, every request", "observed, 1 in 10", "observed, guarded"):
+            for p in ("observed, every request", "observed, 1 in 10", "observed, guarded", "observed, guarded, 1 in 10"):
                 row[f"closed: {p}"] = (mean[p] - mean["prefix-router"]) / gap if abs(gap) > 0.005 else None
             summary.append(row)
             print(f"{st:8s} {w:17s} default {100 * mean['prefix-router']:.1f}  observed {100 * mean['observed, every request']:.1f} / "

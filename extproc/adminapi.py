@@ -118,6 +118,7 @@ class AdminApi(pb_grpc.AdminServicer):
             characters_per_upstream=t.characters_per_upstream,
             max_tree_size=t.max_tree_size,
             observed_hit_ratio_per_upstream=t.observed_hit_ratio_per_upstream,
+            learnt_budget_per_upstream=t.learnt_budget_per_upstream,
         )
 
     async def GetConfig(self, request: pb.GetConfigRequest, context: grpc.aio.ServicerContext) -> pb.GetConfigResponse:  # noqa: N802

@@ -127,10 +127,13 @@ def render(command: str, data: dict[str, Any]) -> str:
         cols = [("address", "UPSTREAM"), ("healthy", "HEALTHY"), ("health_check", "CHECK"), ("ejected", "EJECTED"), ("inflight", "IN FLIGHT"), ("tree_characters", "TREE CHARS")]
         return _table(data["upstreams"], cols) + f"\n\nconfigured: {', '.join(data['configured'])}"
     if command == "tree":
-        head = {k: v for k, v in data.items() if k not in ("characters_per_upstream", "observed_hit_ratio_per_upstream")}
+        per_upstream = ("characters_per_upstream", "observed_hit_ratio_per_upstream", "learnt_budget_per_upstream")
+        head = {k: v for k, v in data.items() if k not in per_upstream}
         observed = data.get("observed_hit_ratio_per_upstream", {})
-        per = [{"upstream": a, "chars": n, "observed": observed.get(a, "-")} for a, n in data["characters_per_upstream"].items()]
-        cols = [("upstream", "UPSTREAM"), ("chars", "CHARACTERS"), ("observed", "OBSERVED HITS")]
+        learnt = data.get("learnt_budget_per_upstream", {})
+        per = [{"upstream": a, "chars": n, "observed": observed.get(a, "-"), "budget": learnt.get(a, "-")}
+               for a, n in data["characters_per_upstream"].items()]
+        cols = [("upstream", "UPSTREAM"), ("chars", "CHARACTERS"), ("observed", "OBSERVED HITS"), ("budget", "LEARNT BUDGET")]
         return _pairs(head) + ("\n\n" + _table(per, cols) if per else "")
     if command == "explain":
         head = {k: v for k, v in data.items() if k != "upstreams"}
@@ -156,7 +159,8 @@ def _reply_data(command: str, reply: Any) -> dict[str, Any]:
     if command == "tree":
         return {"stored_characters": reply.stored_characters, "nodes": reply.nodes, "max_tree_size_per_upstream": reply.max_tree_size,
                 "characters_per_upstream": dict(sorted(reply.characters_per_upstream.items())),
-                "observed_hit_ratio_per_upstream": {a: round(r, 4) for a, r in sorted(reply.observed_hit_ratio_per_upstream.items())}}
+                "observed_hit_ratio_per_upstream": {a: round(r, 4) for a, r in sorted(reply.observed_hit_ratio_per_upstream.items())},
+                "learnt_budget_per_upstream": dict(sorted(reply.learnt_budget_per_upstream.items()))}
     if command == "explain":
         out: dict[str, Any] = {"upstream": reply.upstream or None, "reason": reply.reason}
         if reply.no_text_reason:

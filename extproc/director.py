@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 from . import logs, metrics
 from .config import Config
+from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
 from .policy import Decision, costs, decide, least_loaded
 from .pool import Pool
@@ -86,6 +87,8 @@ class TreeStats:
     characters_per_upstream: dict[str, int]
     max_tree_size: int
     observed_hit_ratio_per_upstream: dict[str, float] = field(default_factory=dict)
+    # upstreams whose share of the tree observed hits have cut below max_tree_size (--observe-feedback)
+    learnt_budget_per_upstream: dict[str, int] = field(default_factory=dict)
 
 
 class Director:
@@ -108,6 +111,10 @@ class Director:
         self.decided: dict[tuple[str, str], int] = {}
         # Sampled responses per upstream: [prompt tokens, cached tokens, responses] (--observe-sample)
         self.observed_totals: dict[str, list[int]] = {}
+        # What an upstream may keep in the tree, learnt from stale reports (--observe-feedback);
+        # absent: the configured budget.
+        self.shares: dict[str, float] = {}
+        self.feedback_rule = FeedbackRule()
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
         # instead of at the next interval.
         self.wake_sweeper: Callable[[], None] = lambda: None
@@ -119,6 +126,8 @@ class Director:
         self.pool.tickets.grace = cfg.lost_report_grace_secs
         self.tree.max_partitions = cfg.max_partitions
         self.peers.timeout = cfg.sync_peer_timeout_secs
+        if not cfg.observe_feedback:
+            self.shares.clear()
 
     # -- what the handlers need to know, read per request so that a reload takes effect ----------
 
@@ -216,6 +225,29 @@ class Director:
             metrics.PREDICTION_ERROR.observe(error)
             log.debug("observed", request_id=info.request_id, upstream=up, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
                       predicted_share=round(info.matched / info.text_len, 3), error=round(error, 3))
+            if self.cfg.observe_feedback:
+                self._feed_back(up, info.matched, observed_chars(cached_tokens, prompt_tokens, info.text_len))
+
+    def _feed_back(self, up: str, predicted: int, observed: float) -> None:
+        """Shrink the upstream's share of the tree on a stale report, grow it back on another
+        (extproc.feedback); the sweep then evicts its least recently used entries."""
+        held = self.tree.held(up)
+        share = next_share(self.shares.get(up), held, predicted, observed, self.feedback_rule, self.cfg.max_tree_size * SWEEP_TO)
+        if share is None:
+            self.shares.pop(up, None)
+        else:
+            self.shares[up] = share
+        if is_stale(predicted, observed, self.feedback_rule):
+            metrics.TREE_SHRINKS.labels(up).inc()
+            log.info("tree_share_shrunk", upstream=up, predicted_characters=predicted, observed_characters=int(observed),
+                     held=held, share=int(share or 0))
+            self.wake_sweeper()
+
+    def budget(self, upstream: str) -> int:
+        """Characters ``upstream`` may hold in the tree: ``max_tree_size``, or less where observed
+        hits have shown its workers keep less (a sweep trims it to ``SWEEP_TO`` of this: its share)."""
+        share = self.shares.get(upstream)
+        return self.cfg.max_tree_size if share is None else min(self.cfg.max_tree_size, max(1, int(share / SWEEP_TO)))
 
     def _routing_input(self, path: str, body: bytes | None, content_encoding: str | None) -> RoutingInput:
         """The payload parser under this configuration's form and caps."""
@@ -246,7 +278,7 @@ class Director:
         self._insert(partition, text, upstream, time.monotonic())
 
     def _insert(self, partition: str, text: str, upstream: str, when: float) -> None:
-        budget = self.cfg.max_tree_size
+        budget = self.budget(upstream)
         tree = self.tree
         dropped = tree.partitions_dropped
         if not tree.insert(partition, text, upstream, when, limit=budget):
@@ -403,6 +435,7 @@ class Director:
             self.decided = {k: n for k, n in self.decided.items() if k[0] not in gone}
             for a in gone:
                 self.observed_totals.pop(a, None)
+                self.shares.pop(a, None)
         return added, removed
 
     def record_check(self, address: str, ok: bool) -> bool | None:
@@ -431,7 +464,8 @@ class Director:
     def tree_stats(self) -> TreeStats:
         t = self.tree
         observed = {a: ratio for a, (ratio, _) in self.observed_hits().items()}
-        return TreeStats(t.total_chars(), t.node_count(), t.tenant_chars(), self.cfg.max_tree_size, observed)
+        learnt = {a: self.budget(a) for a in self.shares}
+        return TreeStats(t.total_chars(), t.node_count(), t.tenant_chars(), self.cfg.max_tree_size, observed, learnt)
 
     def explain(self, path: str, body: bytes | None, content_encoding: str | None = None) -> dict:
         """The decision this request would get now, with every upstream's match; inserts nothing."""
@@ -474,11 +508,11 @@ class Director:
         insert. Removing a tenant that left the pool is not sliced: it visits only that tenant's
         nodes."""
         deadline = time.perf_counter() + slice_secs
-        target = int(self.cfg.max_tree_size * SWEEP_TO)
         for tenant in list(self.tree.tenant_chars()):
             if tenant not in self.pool:
                 self.tree.remove_tenant(tenant)
                 continue
+            target = int(self.budget(tenant) * SWEEP_TO)
             removed = 0
             for removed in self.tree.evict_steps(tenant, target):
                 if time.perf_counter() >= deadline:

@@ -67,6 +67,10 @@ OBSERVED_CACHED = Counter(
     "Prompt tokens the upstream's workers reported cached, of the sampled responses: observed hit ratio = this / prompt tokens",
     ["upstream"],
 )
+TREE_SHRINKS = Counter(
+    "prefix_router_tree_shrinks", "Stale sampled reports (--observe-feedback): the upstream's workers held far less than the tree predicted, "
+    "so its share of the tree was cut", ["upstream"],
+)
 OBSERVATIONS = Counter(
     "prefix_router_observations", "Sampled responses by result: read, no_usage (reported no cache), not_ok (an error status), cut (stream ended early), "
     "bad_header (an observing stream without the decision's headers)",

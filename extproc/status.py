@@ -130,7 +130,9 @@ def document(
                 "inflight": v.inflight,
                 "tree_characters": v.tree_characters,
                 "tree_share": v.tree_characters / held if held else 0.0,
-                "budget_used": v.tree_characters / tree.max_tree_size if tree.max_tree_size else 0.0,
+                # of its own budget: max_tree_size, or less once observed hits cut it (--observe-feedback)
+                "budget": director.budget(v.address),
+                "budget_used": v.tree_characters / director.budget(v.address),
                 "observed_hit_ratio": observed[v.address][0] if v.address in observed else None,
                 "observed_responses": observed[v.address][1] if v.address in observed else 0,
             }

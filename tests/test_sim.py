@@ -145,10 +145,10 @@ def test_observed_hits_shrink_the_tree_only_where_the_caches_forgot():
     prepared = prepare(WORKLOADS["multi_turn"](random.Random(6), sessions=8, turns=4))
     roomy = ObservedHits(seed=6)
     Sim(prepared, roomy, Topology(routers=2, workers=1, capacity_tokens=1 << 24), ServiceModel(), seed=6).run()
-    assert roomy.budget == {}  # every report confirmed the tree
+    assert roomy.share == {}  # every report confirmed the tree
     tight = ObservedHits(seed=6)
     Sim(prepared, tight, Topology(routers=2, workers=1, capacity_tokens=3_000), ServiceModel(), seed=6).run()
-    assert tight.budget and all(tight.tree.held(u) <= b * 1.0001 + 1 for u, b in tight.budget.items())
+    assert tight.share and all(tight.tree.held(u) <= b * 1.0001 + 1 for u, b in tight.share.items())
     untaught = PrefixRouter()
     Sim(prepared, untaught, Topology(routers=2, workers=1, capacity_tokens=3_000), ServiceModel(), seed=6).run()
     assert sum(tight.tree.tenant_chars().values()) < sum(untaught.tree.tenant_chars().values())

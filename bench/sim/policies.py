@@ -15,6 +15,7 @@ import orjson
 from extproc.dev.fakeworker import BLOCK_TOKENS, CHARS_PER_TOKEN
 from extproc.payload import routing_input
 from extproc.config import DEFAULTS, policy_config
+from extproc.feedback import FeedbackRule, is_stale, next_share, observed_chars
 from extproc.policy import PolicyConfig, costs, decide, least_loaded
 from extproc.tree import Match, RadixTree
 
@@ -40,21 +41,15 @@ class PrefixRouter:
 
 
 class ObservedHits(PrefixRouter):
-    """The default policy with observed cache hits fed back (the design [quality] asks for, in the
-    simulator first). For a ``sample`` of requests the upstream's answer reports the cached prefix
-    (``cached_tokens``). Far less than the tree predicted (below ``stale`` of it) means the
-    upstream's caches are smaller than the tree believes: the tree's budget for that upstream
-    shrinks to what it holds x (1 - ``shrink``), its least recently used entries go, and the next
-    decisions stop counting on them; a report that confirms the prediction lets the budget grow
-    back by ``grow``. (Trimming just the reported path would be wrong: serving the request put its
-    prompt back in the cache.)"""
+    """The default policy with observed cache hits fed back, as ``--observe-feedback`` does it
+    (the same functions, extproc.feedback): for a ``sample`` of requests the upstream's answer
+    reports the cached prefix (``cached_tokens``); a stale report cuts the upstream's share of the
+    tree (its least recently used entries go at once), other reports let it grow back."""
 
-    def __init__(self, sample: float = 1.0, stale: float = 0.5, shrink: float = 0.1, grow: float = 0.02, seed: int = 0,
-                 min_predicted: int = 0) -> None:
+    def __init__(self, sample: float = 1.0, seed: int = 0, rule: FeedbackRule = FeedbackRule()) -> None:
         super().__init__()
-        self.sample, self.stale, self.shrink, self.grow = sample, stale, shrink, grow
-        self.min_predicted = min_predicted  # shorter predictions say nothing (a cache block is 64 characters)
-        self.budget: dict[str, float] = {}
+        self.sample, self.rule = sample, rule
+        self.share: dict[str, float] = {}
         self.pending: dict[int, tuple[str, int, int]] = {}
         self.sampler = random.Random(seed)
 
@@ -64,9 +59,9 @@ class ObservedHits(PrefixRouter):
         d = self.last_decision
         if d.text_len and self.sampler.random() < self.sample:
             self.pending[id(p)] = (up, d.matched, d.text_len)
-        budget = self.budget.get(up)
-        if budget is not None and self.tree.held(up) > budget:
-            self.tree.evict(up, int(budget))
+        share = self.share.get(up)
+        if share is not None and self.tree.held(up) > share:
+            self.tree.evict(up, int(share))
         return r
 
     def finished(self, p, r, sim) -> None:
@@ -74,12 +69,14 @@ class ObservedHits(PrefixRouter):
         if rec is None:
             return
         up, predicted, length = rec
-        observed = sim.last_hit / p.prompt_tokens * length if p.prompt_tokens else 0.0  # tokens -> routing-text characters
-        if predicted > max(0, self.min_predicted) and observed < self.stale * predicted:
-            self.budget[up] = self.tree.held(up) * (1 - self.shrink)
-            self.tree.evict(up, int(self.budget[up]))
-        elif up in self.budget:
-            self.budget[up] *= 1 + self.grow
+        observed = observed_chars(sim.last_hit, p.prompt_tokens, length)
+        share = next_share(self.share.get(up), self.tree.held(up), predicted, observed, self.rule, float("inf"))
+        if share is None:
+            self.share.pop(up, None)
+            return
+        self.share[up] = share
+        if is_stale(predicted, observed, self.rule):
+            self.tree.evict(up, int(share))
 
 
 class RoundRobin:

@@ -60,6 +60,8 @@ PANELS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         ("Evictions and refusals", "short", "characters evicted by the sweep; routing texts not learnt at the budget",
          [(f"sum(rate(prefix_router_evicted_characters_total[{RATE}]))", "evicted chars/s"),
           (f"sum(rate(prefix_router_tree_inserts_refused_total[{RATE}]))", "inserts refused/s")]),
+        ("Budgets cut by observed hits", "short", "stale sampled reports that cut an upstream's share of the tree (--observe-feedback)",
+         [(f"sum by (upstream) (increase(prefix_router_tree_shrinks_total[{RATE}]))", "{{upstream}}")]),
     ]),
     ("Errors", [
         ("Bad input", "reqps", "requests whose body gave no routing text, by reason (routed by load)",

@@ -67,3 +67,35 @@ def test_a_client_cannot_select_the_observing_route(tmp_path):
         assert {e["route"] for e in s.wait_access_log(0, 3)} == {"pinned"}
         assert s.service_metric(0, "prefix_router_observations_total") == 0
         assert s.service_metric(0, "prefix_router_prediction_error_count") == 0
+
+
+def test_stale_reports_cut_the_upstreams_budget_in_the_tree(tmp_path):
+    """--observe-feedback through the real stack: a worker whose small cache has evicted a prompt
+    reports far less cached than the tree predicts; the upstream's budget in the tree is cut
+    (admin ``tree``), and the eviction sweep trims it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    s = Stack(Ports.free(routers=1, workers_per_router=1), envoy_config=ENVOY_DIR / "duplex.yaml",
+              service_args=["--observe-sample", "1", "--observe-feedback"], worker_args=["--output-tokens", "2", "--capacity-tokens", "700"],
+              workdir=tmp_path)
+    with s:
+        c = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=30)
+
+        def ask(topic: str) -> int:
+            r = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": f"Tell me about {topic}. " * 100}], max_tokens=2)
+            return r.usage.prompt_tokens_details.cached_tokens
+
+        ask("trains")
+        ask("boats")  # each prompt ~600 tokens: the worker's 700-token cache keeps one
+        assert ask("trains") == 0  # the worker forgot it; the tree still holds it
+        wait_until(lambda: s.service_metric(0, "prefix_router_tree_shrinks_total") >= 1, 10, "a stale report")
+        env = dict(os.environ, PREFIX_ROUTER_ADMIN_TOKEN_FILE=str(s.admin_token_file))
+        out = subprocess.run([sys.executable, "-m", "extproc", "tree", "--admin-grpc", f"127.0.0.1:{s.ports.service_admin_grpc[0]}", "--json"],
+                             capture_output=True, text=True, timeout=30, env=env)
+        tree = json.loads(out.stdout)
+        (router,) = s.router_addresses
+        assert 0 < tree["learnt_budget_per_upstream"][router] < tree["max_tree_size_per_upstream"]
+        assert s.service_metric(0, "prefix_router_observations_total", result="read") == 3

@@ -101,7 +101,7 @@ class TreeStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TreeStatsResponse(_message.Message):
-    __slots__ = ("stored_characters", "nodes", "characters_per_upstream", "max_tree_size", "observed_hit_ratio_per_upstream")
+    __slots__ = ("stored_characters", "nodes", "characters_per_upstream", "max_tree_size", "observed_hit_ratio_per_upstream", "learnt_budget_per_upstream")
     class CharactersPerUpstreamEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,17 +116,26 @@ class TreeStatsResponse(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class LearntBudgetPerUpstreamEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     STORED_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     CHARACTERS_PER_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     MAX_TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_HIT_RATIO_PER_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    LEARNT_BUDGET_PER_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     stored_characters: int
     nodes: int
     characters_per_upstream: _containers.ScalarMap[str, int]
     max_tree_size: int
     observed_hit_ratio_per_upstream: _containers.ScalarMap[str, float]
-    def __init__(self, stored_characters: _Optional[int] = ..., nodes: _Optional[int] = ..., characters_per_upstream: _Optional[_Mapping[str, int]] = ..., max_tree_size: _Optional[int] = ..., observed_hit_ratio_per_upstream: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    learnt_budget_per_upstream: _containers.ScalarMap[str, int]
+    def __init__(self, stored_characters: _Optional[int] = ..., nodes: _Optional[int] = ..., characters_per_upstream: _Optional[_Mapping[str, int]] = ..., max_tree_size: _Optional[int] = ..., observed_hit_ratio_per_upstream: _Optional[_Mapping[str, float]] = ..., learnt_budget_per_upstream: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GetConfigRequest(_message.Message):
     __slots__ = ()

@@ -322,7 +322,7 @@ class Config:
         "share of requests whose response the service reads for the cache hit the worker reports (cached_tokens): "
         "observed hit ratio per upstream and the tree's prediction error in the metrics and on the status page. Duplex "
         "mode needs envoy/duplex.yaml's pinned_observed route and observing filter; buffered mode, allow_mode_override "
-        "(envoy/buffered.yaml); the Kubernetes gateways carry neither", POLICY, metavar="P",
+        "(envoy/buffered.yaml); the Kubernetes gateways' objects carry the duplex ones", POLICY, metavar="P",
     )
     observe_feedback: bool = opt(
         False, _bool,

@@ -218,8 +218,10 @@ def test_each_gateway_with_its_patches_is_accepted_by_envoy(tmp_path, gateway):
 
 @pytest.mark.parametrize("gateway", ["istio", "envoy-gateway"])
 def test_the_assembled_gateway_does_what_the_shipped_config_does(gateway):
-    """Same early removal, same ext_proc settings (but the cluster's name), ext_proc before the
-    router, the pinned route first, the same ORIGINAL_DST cluster and service health checks."""
+    """Same early removal, same ext_proc settings (but the cluster's name), ext_proc then the
+    observing filter before the router, the observing filter off on the virtual host and on only on
+    pinned_observed, pinned_observed and pinned first, the same ORIGINAL_DST cluster, service
+    health checks and circuit breakers."""
     shipped = yaml.safe_load((ENVOY_DIR / "duplex.yaml").read_text())["static_resources"]
     s_hcm = shipped["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     boot = assembled()[gateway]["static_resources"]
@@ -229,7 +231,11 @@ def test_the_assembled_gateway_does_what_the_shipped_config_does(gateway):
     assert hcm["early_header_mutation_extensions"] == s_hcm["early_header_mutation_extensions"]
     names = [f["name"] for f in hcm["http_filters"]]
     ext = next(f for f in hcm["http_filters"] if "ext_proc" in f["name"])["typed_config"]
-    assert names.index(next(n for n in names if "ext_proc" in n)) == len(names) - 2 and names[-1] == mesh.ROUTER
+    assert names.index(next(n for n in names if "ext_proc" in n)) == len(names) - 3 and names[-2:] == [mesh.OBSERVE_FILTER, mesh.ROUTER]
+    observe = hcm["http_filters"][-2]
+    s_observe = copy.deepcopy(next(f for f in s_hcm["http_filters"] if f["name"] == mesh.OBSERVE_FILTER))
+    s_observe["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = service
+    assert observe == s_observe and observe["typed_config"]["observability_mode"] is True
     s_ext = copy.deepcopy(s_hcm["http_filters"][0]["typed_config"])
     s_ext["grpc_service"]["envoy_grpc"]["cluster_name"] = service
     for key in ("forward_rules", "failure_mode_allow", "message_timeout"):
@@ -241,15 +247,19 @@ def test_the_assembled_gateway_does_what_the_shipped_config_does(gateway):
     grpc_log = next(a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc")
     assert grpc_log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == service
     assert grpc_log["typed_config"]["additional_request_headers_to_log"] == ["x-prefix-router-ticket", "x-upstream-host"]
-    first = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
-    # the shipped config's pinned route (its pinned_observed route and observing filter stay out of
-    # the gateways: --observe-sample's sampled requests take the pinned route there, unread)
-    s_pinned = next(r for r in s_hcm["route_config"]["virtual_hosts"][0]["routes"] if r["name"] == "pinned")
-    assert first == s_pinned and first["name"] == "pinned"
+    vhost = next(v for v in hcm["route_config"]["virtual_hosts"] if len(v["routes"]) > 1)
+    s_vhost = s_hcm["route_config"]["virtual_hosts"][0]
+    assert vhost["typed_per_filter_config"][mesh.OBSERVE_FILTER] == s_vhost["typed_per_filter_config"][mesh.OBSERVE_FILTER] == {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}
+    # the shipped config's pinned_observed and pinned routes, in that order, before the gateway's own
+    s_routes = {r["name"]: r for r in s_vhost["routes"]}
+    assert vhost["routes"][:2] == [s_routes["pinned_observed"], s_routes["pinned"]]
+    assert mesh.OBSERVE_FILTER in vhost["routes"][0]["typed_per_filter_config"]
+    assert all(mesh.OBSERVE_FILTER not in r.get("typed_per_filter_config", {}) for r in vhost["routes"][1:])
     clusters = {c["name"]: c for c in boot["clusters"]}
     s_clusters = {c["name"]: c for c in shipped["clusters"]}
     assert clusters["sglang_routers_pinned"] == s_clusters["sglang_routers_pinned"]
-    for key in ("health_checks", "outlier_detection", "common_lb_config"):
+    for key in ("health_checks", "outlier_detection", "common_lb_config", "circuit_breakers"):
         assert clusters[service][key] == s_clusters["prefix_router"][key], key
 
 

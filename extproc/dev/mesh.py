@@ -7,8 +7,11 @@
 What each gateway needs, taken from ``envoy/duplex.yaml``: the early removal of the client's
 ``x-upstream-host`` (and the ticket and request id), the ext_proc filter before the router, the gRPC
 access log that tells the service a request finished, the ``pinned`` route first in the virtual
-host, the ORIGINAL_DST cluster, and the health checks and outlier detection of the service's
-cluster. The gateways name the service's cluster themselves; that name is the one thing changed.
+host, the ORIGINAL_DST cluster, and the health checks, outlier detection and circuit breakers of
+the service's cluster; and for ``--observe-sample``, the observing filter after the ext_proc filter,
+switched off on the virtual host and on again only on the ``pinned_observed`` route, which goes
+before ``pinned``. The gateways name the service's cluster themselves; that name is the one thing
+changed.
 
 For the tests, :func:`istio_bootstrap` and :func:`eg_bootstrap` apply these patches to a skeleton
 shaped like what each control plane generates (its names, its listener and route layout), the way
@@ -50,6 +53,10 @@ EG_FILTER = f"envoy.filters.http.ext_proc/envoyextensionpolicy/{NAMESPACE}/{SERV
 HCM = "envoy.filters.network.http_connection_manager"
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "envoy.filters.http.router"
+OBSERVE_FILTER = "prefix_router.observe"  # envoy/duplex.yaml's observing filter (--observe-sample)
+# what the service's cluster takes from envoy/duplex.yaml's (the circuit breakers: observing streams
+# last as long as responses, past Envoy's default 1,024 at once)
+SERVICE_CLUSTER_KEYS = ("health_checks", "outlier_detection", "common_lb_config", "circuit_breakers")
 
 
 class Header(yaml.SafeDumper):
@@ -70,15 +77,19 @@ def pieces(source: Path = SOURCE) -> dict[str, Any]:
     listener = cfg["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
-    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    vhost = hcm["route_config"]["virtual_hosts"][0]
+    routes = vhost["routes"]
     service = clusters["prefix_router"]
     return copy.deepcopy({
         "early_header_mutation_extensions": hcm["early_header_mutation_extensions"],
         "grpc_access_log": next(a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"),
         "ext_proc": next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"),
+        "observe_filter": next(f for f in hcm["http_filters"] if f["name"] == OBSERVE_FILTER),
+        "observe_off": vhost["typed_per_filter_config"],  # the observing filter, off on the virtual host
         "pinned_route": next(r for r in routes if r["name"] == "pinned"),
+        "observed_route": next(r for r in routes if r["name"] == "pinned_observed"),
         "pinned_cluster": clusters["sglang_routers_pinned"],
-        "service_cluster": {k: service[k] for k in ("health_checks", "outlier_detection", "common_lb_config")},
+        "service_cluster": {k: service[k] for k in SERVICE_CLUSTER_KEYS},
     })
 
 
@@ -86,6 +97,7 @@ def _to_cluster(p: dict[str, Any], cluster: str) -> dict[str, Any]:
     """The ext_proc filter and the access log aimed at the gateway's name for the service."""
     p = copy.deepcopy(p)
     p["ext_proc"]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster
+    p["observe_filter"]["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster
     p["grpc_access_log"]["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster
     return p
 
@@ -117,10 +129,25 @@ def istio_envoyfilter(p: dict[str, Any]) -> dict[str, Any]:
                     "match": {**gateway, "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}},
                     "patch": {"operation": "INSERT_BEFORE", "value": p["ext_proc"]},
                 },
+                {  # after the ext_proc filter (inserted before the router after it)
+                    "applyTo": "HTTP_FILTER",
+                    "match": {**gateway, "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}},
+                    "patch": {"operation": "INSERT_BEFORE", "value": p["observe_filter"]},
+                },
+                {  # the observing filter is off on the host's routes but pinned_observed
+                    "applyTo": "VIRTUAL_HOST",
+                    "match": {**gateway, "routeConfiguration": {"vhost": {"name": ISTIO_VHOST}}},
+                    "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": p["observe_off"]}},
+                },
                 {  # first in the virtual host: taken only once the service set x-upstream-host
                     "applyTo": "HTTP_ROUTE",
                     "match": {**gateway, "routeConfiguration": {"vhost": {"name": ISTIO_VHOST}}},
                     "patch": {"operation": "INSERT_FIRST", "value": p["pinned_route"]},
+                },
+                {  # before it: a sampled request's, whose response the observing filter reads
+                    "applyTo": "HTTP_ROUTE",
+                    "match": {**gateway, "routeConfiguration": {"vhost": {"name": ISTIO_VHOST}}},
+                    "patch": {"operation": "INSERT_FIRST", "value": p["observed_route"]},
                 },
                 {"applyTo": "CLUSTER", "match": gateway, "patch": {"operation": "ADD", "value": p["pinned_cluster"]}},
                 {  # Istio's cluster for the service, given the health checks of envoy/duplex.yaml
@@ -195,6 +222,9 @@ def istio_bootstrap(envoyfilter: dict[str, Any]) -> dict[str, Any]:
             filters = hcm["typed_config"]["http_filters"]
             sub = match["listener"]["filterChain"]["filter"]["subFilter"]["name"]
             filters.insert(next(i for i, f in enumerate(filters) if f["name"] == sub), value)
+        elif cp["applyTo"] == "VIRTUAL_HOST" and op == "MERGE":
+            _merge(next(v for v in hcm["typed_config"]["route_config"]["virtual_hosts"]
+                        if v["name"] == match["routeConfiguration"]["vhost"]["name"]), value)
         elif cp["applyTo"] == "HTTP_ROUTE" and op == "INSERT_FIRST":
             vhost = next(v for v in hcm["typed_config"]["route_config"]["virtual_hosts"]
                          if v["name"] == match["routeConfiguration"]["vhost"]["name"])
@@ -237,6 +267,7 @@ def eg_patch_policy(p: dict[str, Any]) -> dict[str, Any]:
     hcm = "/default_filter_chain/filters/0/typed_config"
     listener = "type.googleapis.com/envoy.config.listener.v3.Listener"
     cluster = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    route = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
     def op(type_: str, name: str, path: str, value: Any) -> dict:
         return {"type": type_, "name": name, "operation": {"op": "add", "path": path, "value": value}}
@@ -256,7 +287,11 @@ def eg_patch_policy(p: dict[str, Any]) -> dict[str, Any]:
                 # is the gateway's only filter before the router (check: egctl config envoy-proxy listener)
                 op(listener, EG_LISTENER, f"{hcm}/http_filters/0/typed_config/forward_rules", ext["forward_rules"]),
                 op(listener, EG_LISTENER, f"{hcm}/http_filters/0/typed_config/grpc_service/timeout", ext["grpc_service"]["timeout"]),
-                op("type.googleapis.com/envoy.config.route.v3.RouteConfiguration", EG_LISTENER, "/virtual_hosts/0/routes/0", p["pinned_route"]),
+                # the observing filter right after it (--observe-sample), off on the virtual host
+                op(listener, EG_LISTENER, f"{hcm}/http_filters/1", p["observe_filter"]),
+                op(route, EG_LISTENER, "/virtual_hosts/0/typed_per_filter_config", p["observe_off"]),
+                op(route, EG_LISTENER, "/virtual_hosts/0/routes/0", p["pinned_route"]),
+                op(route, EG_LISTENER, "/virtual_hosts/0/routes/0", p["observed_route"]),  # before pinned
                 *(op(cluster, EG_CLUSTER, f"/{k}", v) for k, v in p["service_cluster"].items()),
             ],
         },
@@ -360,7 +395,8 @@ def render(source: Path = SOURCE) -> dict[Path, str]:
 The ingress gateway (label istio=ingressgateway) gets what envoy/duplex.yaml has: the early removal of
 the client's routing headers, the ext_proc filter before the router, the access log that reports each
 request finished, the pinned route first in the virtual host {ISTIO_VHOST}, the ORIGINAL_DST cluster,
-and the health checks of the service's cluster ({ISTIO_CLUSTER}).
+the health checks and circuit breakers of the service's cluster ({ISTIO_CLUSTER}), and for
+--observe-sample the observing filter and its pinned_observed route.
 The fallback route is your VirtualService's own (virtualservice.yaml): the routers' Service.
 """),
         OVERLAYS / "envoy-gateway" / "extension-policy.yaml": _dump([eg_extension_policy(p)], f"""
@@ -374,8 +410,9 @@ What the Gateway API cannot say, patched into what Envoy Gateway generates for t
 (enable EnvoyPatchPolicy in Envoy Gateway's config: extensionApis.enableEnvoyPatchPolicy: true):
 the ORIGINAL_DST cluster, the early removal of the client's routing headers, the access log that
 reports each request finished, the ext_proc filter's header rules and stream timeout, the pinned route,
-and the health checks of the service's cluster. The names are Envoy Gateway's: listener and route
-configuration {EG_LISTENER}, cluster {EG_CLUSTER}.
+the health checks and circuit breakers of the service's cluster, and for --observe-sample the observing
+filter and its pinned_observed route. The names are Envoy Gateway's: listener and route configuration
+{EG_LISTENER}, cluster {EG_CLUSTER}.
 """),
     }
 

@@ -274,6 +274,26 @@ def _measured_sections() -> list[str]:
                       + " | ".join(f"{r['rivals'][n]['hit_ratio']:.3f} / {1000 * r['rivals'][n]['latency_p90_s']:.0f}" for n in names) + " |"
                       for r in d["summary"]]
             lines.append("")
+            if "targets_met" in d["summary"][0]:
+                lines += [f"Targets per case: hit ratio at least the best rival's minus {d['hit_slack_points']:g} point, latency p90 at most "
+                          f"{d['latency_factor']:g}x the best upper-layer rival's (every rival but one-layer).", "",
+                          "| workload | concurrency | hit: prefix-router / best rival (who) | latency p90: prefix-router / best upper-layer (who) | both met |",
+                          "|---|---|---|---|---|"]
+                lines += [f"| {r['workload']} | {r['concurrency']} | {r['stack_mean']:.3f} / {r['best_hit']:.3f} ({r['best_hit_rival']}) | "
+                          f"{1000 * r['stack_latency_p90_s']:.0f} / {1000 * r['best_latency_p90_s']:.0f} ms ({r['best_latency_rival']}) | "
+                          f"{'yes' if r['targets_met'] else 'NO'} |" for r in d["summary"]]
+                lines.append("")
+    observed = RESULTS / "observed.json"
+    if observed.exists():
+        d = json.loads(observed.read_text())
+        policies = list(d["summary"][0]["hit_ratio"])
+        lines += ["## Observed cache hits fed back, simulated (`python -m bench.observed`)", "",
+                  f"Hit ratio, mean over seeds, capacity levels {', '.join(d['levels'])} and rates {', '.join(f'x{r:g}' for r in d['rates'])}; "
+                  "the gap is what the default loses to the same rule fed the workers' true caches.", "",
+                  "| set | workload | " + " | ".join(policies) + " | gap (points) |", "|---|---|" + "---|" * (len(policies) + 1)]
+        lines += [f"| {r['set']} | {r['workload']} | " + " | ".join(f"{r['hit_ratio'][q]:.3f}" for q in policies) + f" | {r['gap_points']:.1f} |"
+                  for r in d["summary"]]
+        lines.append("")
     overhead = RESULTS / "overhead.json"
     if overhead.exists():
         d = json.loads(overhead.read_text())

@@ -35,10 +35,10 @@ RATES = (1.0, 4.0)
 UNGUARDED = FeedbackRule(min_predicted=0, shrink=0.1)
 POLICIES = {
     "prefix-router": lambda seed: PrefixRouter(),
-    "observed, every request": lambda seed: ObservedHits(sample=1.0, seed=seed, rule=UNGUARDED),
-    "observed, 1 in 10": lambda seed: ObservedHits(sample=0.1, seed=seed, rule=UNGUARDED),
-    "observed, guarded": lambda seed: ObservedHits(sample=1.0, seed=seed),
-    "observed, guarded, 1 in 10": lambda seed: ObservedHits(sample=0.1, seed=seed),
+    "unguarded, every request": lambda seed: ObservedHits(sample=1.0, seed=seed, rule=UNGUARDED),
+    "unguarded, 1 in 10": lambda seed: ObservedHits(sample=0.1, seed=seed, rule=UNGUARDED),
+    "--observe-feedback, every request": lambda seed: ObservedHits(sample=1.0, seed=seed),
+    "--observe-feedback, 1 in 10": lambda seed: ObservedHits(sample=0.1, seed=seed),
     "true-cache-cost": lambda seed: TrueCache(),
 }
 
@@ -74,12 +74,10 @@ def main() -> dict:
             ttft = {p: statistics.mean(r["ttft_p90_s"] for r in mine if r["policy"] == p) for p in POLICIES}
             gap = mean["true-cache-cost"] - mean["prefix-router"]
             row = {"set": st, "workload": w, "hit_ratio": mean, "ttft_p90_s": ttft, "gap_points": 100 * gap}
-            for p in ("observed, every request", "observed, 1 in 10", "observed, guarded", "observed, guarded, 1 in 10"):
+            for p in ("unguarded, every request", "unguarded, 1 in 10", "--observe-feedback, every request", "--observe-feedback, 1 in 10"):
                 row[f"closed: {p}"] = (mean[p] - mean["prefix-router"]) / gap if abs(gap) > 0.005 else None
             summary.append(row)
-            print(f"{st:8s} {w:17s} default {100 * mean['prefix-router']:.1f}  observed {100 * mean['observed, every request']:.1f} / "
-                  f"{100 * mean['observed, 1 in 10']:.1f} (1 in 10) / {100 * mean['observed, guarded']:.1f} (guarded)  "
-                  f"true-cache {100 * mean['true-cache-cost']:.1f}", flush=True)
+            print(f"{st:8s} {w:17s} " + ", ".join(f"{q} {100 * v:.1f}" for q, v in mean.items()), flush=True)
     path = write("observed", {"benchmark": "observed", "levels": list(LEVELS), "rates": list(RATES), "rows": rows, "summary": summary})
     print(f"wrote {path}")
     return {"summary": summary}

@@ -152,3 +152,14 @@ def test_observed_hits_shrink_the_tree_only_where_the_caches_forgot():
     untaught = PrefixRouter()
     Sim(prepared, untaught, Topology(routers=2, workers=1, capacity_tokens=3_000), ServiceModel(), seed=6).run()
     assert sum(tight.tree.tenant_chars().values()) < sum(untaught.tree.tenant_chars().values())
+
+
+def test_the_real_stack_targets_judge_hit_against_every_rival_and_latency_against_the_upper_layer():
+    from bench.e2e import RIVALS, verdict
+
+    rivals = {k: {"hit_ratio": 0.5, "latency_p90_s": 0.2} for k in RIVALS}
+    rivals["one-layer"] = {"hit_ratio": 0.8, "latency_p90_s": 0.01}  # a different topology: its latency is not a target
+    v = verdict({"stack_mean": 0.795, "stack_latency_p90_s": 0.215, "rivals": rivals})
+    assert v["targets_met"] and v["best_hit_rival"] == "one-layer" and v["best_latency_p90_s"] == 0.2
+    assert not verdict({"stack_mean": 0.785, "stack_latency_p90_s": 0.215, "rivals": rivals})["hit_target_met"]
+    assert not verdict({"stack_mean": 0.795, "stack_latency_p90_s": 0.225, "rivals": rivals})["latency_target_met"]

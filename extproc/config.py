@@ -329,7 +329,7 @@ class Config:
         "with --observe-sample: correct the tree from the sampled reports. When an upstream's workers report under half of a "
         "predicted match of 1,024+ characters, its share of the tree shrinks to 98% of what it holds (its least recently used "
         "entries go); other reports let it grow back 2% each. Off: in the simulator (bench.observed) it moved hit ratio by "
-        "-0.4 to +1.2 points", POLICY,
+        "-0.4 to +1.3 points", POLICY,
     )
     log_level: str = opt("info", _choice(("debug", "info", "warning", "error")), "debug, info, warning or error (debug logs each decision)", LOGS, metavar="LEVEL")
     log_format: str = opt("auto", _choice(("auto", "json", "console")), "json, console, or auto (console on a terminal)", LOGS, metavar="FMT")

@@ -23,7 +23,7 @@ LAYERS = [
     {"health", "discovery", "status"},
     {"director"},
     {"config"},
-    {"policy", "payload", "pool", "metrics", "replicas"},
+    {"policy", "feedback", "payload", "pool", "metrics", "replicas"},
     {"tree", "upstream", "inflight", "addresses", "logs", "syncwire", "usage"},
     {"api"},  # generated admin API messages
 ]

@@ -110,11 +110,8 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> d
     prepared = _prepared(name, kwargs, seed)
     simulated = Sim(prepared, PrefixRouter(), Topology(routers=2, workers=2, batch=1 << 20, capacity_tokens=capacity), FAKE_WORKER,
                     seed=seed, clients=clients).run()
-    work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-"))
-    stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work)
     t0 = time.time()
-    with stack:
-        totals = drive(stack.base_url, prepared, clients)
+    totals = _through_service(prepared, capacity, clients, Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-")))
     real = totals["hit_ratio"]
     row = {"workload": name, "concurrency": clients, "seed": seed, "requests": len(prepared), "failed": totals["failed"], "capacity_tokens": capacity,
            "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
@@ -232,33 +229,45 @@ def replay_rival(name_of_rival: str, name: str, kwargs: dict, capacity: int, cli
     prepared = _prepared(name, kwargs, seed)
     work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-rival-"))
     if rival.service_args:
-        stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
-                      service_args=list(rival.service_args))
-        with stack:
-            out = drive(stack.base_url, prepared, clients)
+        out = _through_service(prepared, capacity, clients, work, rival.service_args)
     else:
-        stack = Stack(Ports.free(1, 4) if rival.one_layer else Ports.free(2, 2), worker_args=_worker_args(capacity), workdir=work)
-        envoy = None
-        try:
-            stack.start_workers()
-            for r in range(len(stack.ports.routers)):
-                stack.start_router(r)
-            if rival.one_layer:
-                url = f"http://{HOST}:{stack.ports.routers[0]}/v1"
-            else:
-                admin, listen = free_port(), free_port()
-                hash_on = "x-session-id" if rival.session_header else None
-                envoy = start_envoy(work, rival.lb_policy.lower(), direct_config(admin, listen, stack.ports.routers, rival.lb_policy, hash_on), admin)
-                url = f"http://{HOST}:{listen}/v1"
-            out = drive(url, prepared, clients, rival.session_header)
-        finally:
-            if envoy is not None:
-                envoy.terminate()
-                envoy.wait(10)
-            stack.stop()
+        out = _through_plain(rival, prepared, capacity, clients, work)
     print(f"{name} x{clients} seed {seed} {name_of_rival}: hit {out['hit_ratio']:.3f}, latency p90 {out['latency_p90_s'] * 1000:.0f} ms "
           f"({out['failed']} failed)", flush=True)
     return out
+
+
+def _through_service(prepared, capacity: int, clients: int, work: Path, service_args: tuple[str, ...] = ()) -> dict:
+    """The sessions through the whole stack: envoy/duplex.yaml, the service (with ``service_args``),
+    two sglang-routers over two fake workers each."""
+    stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
+                  service_args=list(service_args))
+    with stack:
+        return drive(stack.base_url, prepared, clients)
+
+
+def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Path) -> dict:
+    """The sessions through a rival without the service: one sglang-router over every worker, or a
+    plain Envoy over the routers."""
+    stack = Stack(Ports.free(1, 4) if rival.one_layer else Ports.free(2, 2), worker_args=_worker_args(capacity), workdir=work)
+    envoy = None
+    try:
+        stack.start_workers()
+        for r in range(len(stack.ports.routers)):
+            stack.start_router(r)
+        if rival.one_layer:
+            url = f"http://{HOST}:{stack.ports.routers[0]}/v1"
+        else:
+            admin, listen = free_port(), free_port()
+            hash_on = "x-session-id" if rival.session_header else None
+            envoy = start_envoy(work, rival.lb_policy.lower(), direct_config(admin, listen, stack.ports.routers, rival.lb_policy, hash_on), admin)
+            url = f"http://{HOST}:{listen}/v1"
+        return drive(url, prepared, clients, rival.session_header)
+    finally:
+        if envoy is not None:
+            envoy.terminate()
+            envoy.wait(10)
+        stack.stop()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ seed (bench.eval's cells), against the same rivals as the evaluation.
 The choice: the setting meeting both targets of bench.eval (hit ratio within a point of the best
 rival, TTFT p90 within 1.1x of the best upper-layer rival) in the most cells; ties to the smaller
 mean hit-ratio deficit. The held-out set is never run here. The choice replaces the shipped
-defaults only if bench.eval's held-out set confirms it (``prefix-router/tuning-winner`` there when
-it differs from the defaults). History: the previous round swept only the slack and the charge
+defaults only if bench.eval's held-out set confirms it (the earlier defaults run there beside it,
+``ALTERNATES``). History: the previous round swept only the slack and the charge
 (no continuation term); its winner (slack 3, 1,536 characters) failed the held-out set and was
 not shipped (README).
 """

@@ -157,7 +157,7 @@ class Exchange:
         """The observation ends: the usage in what was kept goes to the director, or the outcome
         ``unread`` is counted."""
         kept, self.response, self.observing = self.response, None, False
-        found = usage.prompt_and_cached(kept, self.response_size <= usage.KEEP_BYTES) if kept and self.decided else None
+        found = usage.prompt_and_cached(kept, usage.is_whole(self.response_size)) if kept and self.decided else None
         if found is None:
             metrics.OBSERVATIONS.labels(unread).inc()
         else:

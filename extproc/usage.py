@@ -15,12 +15,17 @@ KEEP_BYTES = 1 << 20  # a whole JSON answer up to this size; past it only the ta
 TAIL_BYTES = 64 * 1024
 
 
+def is_whole(total: int) -> bool:
+    """Whether a response of ``total`` bytes is kept whole (else only its tail)."""
+    return total <= KEEP_BYTES
+
+
 def keep(buffer: bytearray, chunk: bytes, total: int) -> bool:
     """Add ``chunk`` to what is kept of a response; returns whether the buffer still holds the whole
-    body (``total`` bytes so far, chunk included, at most ``KEEP_BYTES``). Past that only the last
+    body (``total`` bytes so far, chunk included: :func:`is_whole`). Past that only the last
     ``TAIL_BYTES`` stay."""
     buffer += chunk
-    if total <= KEEP_BYTES:
+    if is_whole(total):
         return True
     if len(buffer) > TAIL_BYTES:
         del buffer[: len(buffer) - TAIL_BYTES]

@@ -109,6 +109,14 @@ def istio_envoyfilter(p: dict[str, Any]) -> dict[str, Any]:
     p = _to_cluster(p, ISTIO_CLUSTER)
     gateway = {"context": "GATEWAY"}
     on_hcm = {**gateway, "listener": {"filterChain": {"filter": {"name": HCM}}}}
+
+    # fresh dicts each time: a shared one would be written as a YAML alias
+    def before_router() -> dict:
+        return {**gateway, "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}}
+
+    def on_vhost() -> dict:
+        return {**gateway, "routeConfiguration": {"vhost": {"name": ISTIO_VHOST}}}
+
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
@@ -126,27 +134,27 @@ def istio_envoyfilter(p: dict[str, Any]) -> dict[str, Any]:
                 },
                 {
                     "applyTo": "HTTP_FILTER",
-                    "match": {**gateway, "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}},
+                    "match": before_router(),
                     "patch": {"operation": "INSERT_BEFORE", "value": p["ext_proc"]},
                 },
                 {  # after the ext_proc filter (inserted before the router after it)
                     "applyTo": "HTTP_FILTER",
-                    "match": {**gateway, "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}},
+                    "match": before_router(),
                     "patch": {"operation": "INSERT_BEFORE", "value": p["observe_filter"]},
                 },
                 {  # the observing filter is off on the host's routes but pinned_observed
                     "applyTo": "VIRTUAL_HOST",
-                    "match": {**gateway, "routeConfiguration": {"vhost": {"name": ISTIO_VHOST}}},
+                    "match": on_vhost(),
                     "patch": {"operation": "MERGE", "value": {"typed_per_filter_config": p["observe_off"]}},
                 },
                 {  # first in the virtual host: taken only once the service set x-upstream-host
                     "applyTo": "HTTP_ROUTE",
-                    "match": {**gateway, "routeConfiguration": {"vhost": {"name": ISTIO_VHOST}}},
+                    "match": on_vhost(),
                     "patch": {"operation": "INSERT_FIRST", "value": p["pinned_route"]},
                 },
                 {  # before it: a sampled request's, whose response the observing filter reads
                     "applyTo": "HTTP_ROUTE",
-                    "match": {**gateway, "routeConfiguration": {"vhost": {"name": ISTIO_VHOST}}},
+                    "match": on_vhost(),
                     "patch": {"operation": "INSERT_FIRST", "value": p["observed_route"]},
                 },
                 {"applyTo": "CLUSTER", "match": gateway, "patch": {"operation": "ADD", "value": p["pinned_cluster"]}},
@@ -212,6 +220,10 @@ def istio_bootstrap(envoyfilter: dict[str, Any]) -> dict[str, Any]:
     listener = boot["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]
     clusters = boot["static_resources"]["clusters"]
+
+    def vhost(match: dict) -> dict:
+        return next(v for v in hcm["typed_config"]["route_config"]["virtual_hosts"] if v["name"] == match["routeConfiguration"]["vhost"]["name"])
+
     for cp in envoyfilter["spec"]["configPatches"]:
         op, value, match = cp["patch"]["operation"], copy.deepcopy(cp["patch"]["value"]), cp["match"]
         assert match["context"] == "GATEWAY"
@@ -223,12 +235,9 @@ def istio_bootstrap(envoyfilter: dict[str, Any]) -> dict[str, Any]:
             sub = match["listener"]["filterChain"]["filter"]["subFilter"]["name"]
             filters.insert(next(i for i, f in enumerate(filters) if f["name"] == sub), value)
         elif cp["applyTo"] == "VIRTUAL_HOST" and op == "MERGE":
-            _merge(next(v for v in hcm["typed_config"]["route_config"]["virtual_hosts"]
-                        if v["name"] == match["routeConfiguration"]["vhost"]["name"]), value)
+            _merge(vhost(match), value)
         elif cp["applyTo"] == "HTTP_ROUTE" and op == "INSERT_FIRST":
-            vhost = next(v for v in hcm["typed_config"]["route_config"]["virtual_hosts"]
-                         if v["name"] == match["routeConfiguration"]["vhost"]["name"])
-            vhost["routes"].insert(0, value)
+            vhost(match)["routes"].insert(0, value)
         elif cp["applyTo"] == "CLUSTER" and op == "ADD":
             clusters.append(value)
         elif cp["applyTo"] == "CLUSTER" and op == "MERGE":

@@ -277,6 +277,12 @@ class Config:
         "nothing for in-flight requests on the upstreams holding that prompt until they have more than this many (a decode "
         "batch's knee); 0: off (README, Choosing the defaults)", POLICY, metavar="N",
     )
+    continuation_tail: int = opt(
+        64, _number(int, 0),
+        "with --hit-choice cost: a request whose match runs this many characters or more into one earlier chain of "
+        "prompts (a turn that edits, retries or cuts its own history) counts as continuing it too (--continuation-knee); "
+        "0: only a request extending a whole earlier prompt does (README, Choosing the defaults)", POLICY, metavar="N",
+    )
     tie_break: str = opt("random", _choice(TIE_BREAKS), "among equally good upstreams (sglang-router 0.3.2 takes the first)", POLICY, metavar="|".join(TIE_BREAKS))
     routing_text: str = opt("sglang", _choice(FORMS), "what the tree matches on: sglang (as sglang-router) or template (ChatML-like)", PAYLOAD, metavar="|".join(FORMS))
     max_routing_chars: int = opt(1 << 20, _number(int, 1), "only this many leading characters of a prompt are matched and stored", PAYLOAD, metavar="N")
@@ -351,6 +357,7 @@ class Config:
             inflight_cost_chars=self.inflight_cost_chars,
             inflight_slack=self.inflight_slack,
             continuation_knee=self.continuation_knee,
+            continuation_tail=self.continuation_tail,
         )
 
     def parse_options(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from . import logs, metrics
 from .config import Config
 from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
-from .policy import Decision, costs, decide, least_loaded
+from .policy import Decision, continues, costs, decide, least_loaded
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
 from .syncwire import REPLICA_ID, Event, SnapshotRecord
@@ -488,7 +488,7 @@ class Director:
             "text_characters": len(ri.text),
             "matched_characters": m.matched,
             "match_rate": m.matched / len(ri.text) if ri.text else 0.0,
-            "continuation": m.whole,
+            "continuation": continues(m, self.policy),
             "upstreams": [
                 {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy,
                  **dict(zip(("recompute_characters", "charged_requests", "cost"), terms.get(v.address, (0, 0, 0)))),

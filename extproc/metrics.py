@@ -19,8 +19,9 @@ disable_created_metrics()
 DECISIONS = Counter("prefix_router_decisions", "Routing decisions by reason", ["reason"])
 CONTINUATIONS = Counter(
     "prefix_router_continuations",
-    "Decisions for requests continuing a whole earlier prompt (a conversation's next turn), by where they went: home (an "
-    "upstream holding that prompt) or moved (--continuation-knee keeps them home below that many in flight)",
+    "Decisions for requests continuing an earlier conversation (a next turn: a whole earlier prompt; or a turn editing its own "
+    "history: --continuation-tail), by where they went: home (an upstream holding the deepest match) or moved "
+    "(--continuation-knee keeps them home below that many in flight)",
     ["where"],
 )
 BAD_INPUT = Counter("prefix_router_bad_input", "Requests whose body gave no routing text, by reason", ["reason"])

@@ -11,14 +11,17 @@ Per request (load = in-flight requests per upstream):
    have to recompute that the best-placed upstream would not (deepest match minus its own match)
    plus ``inflight_cost_chars`` for each request it has in flight beyond the least-loaded
    upstream's count plus ``inflight_slack``; the cheapest wins (ties at random). When the request
-   continues a whole earlier prompt (``Match.whole``: a conversation's next turn, an agent's next
-   step), the upstreams holding that prompt are charged only for requests beyond
-   ``continuation_knee`` (if that is more): below a batch's knee an extra request costs next to
-   nothing (a decode step is as fast with 8 requests as with 1, FIELD-NOTES), so a small load
-   difference must not move a conversation off its own history, however short. A new session
-   that shares only a prefix (a system prompt) gets no such allowance: sessions piling onto the
-   first holder would fill its batches and its cache, so it goes where recompute plus queue is
-   cheapest, and a prefix that any upstream could rebuild cheaply no longer pins everyone to one.
+   continues an earlier conversation of its own (``continues``: it extends a whole earlier prompt,
+   as a conversation's next turn or an agent's next step does, or its match runs
+   ``continuation_tail`` characters into one earlier chain of prompts, as a turn that edits,
+   retries or cuts its history does), the upstreams holding the deepest match are charged only for
+   requests beyond ``continuation_knee`` (if that is more): below a batch's knee an extra request
+   costs next to nothing (a decode step is as fast with 8 requests as with 1, FIELD-NOTES), so a
+   small load difference must not move a conversation off its own history, however short. A new
+   session that shares only a prefix (a system prompt) with several others stops where their texts
+   branch and gets no such allowance: sessions piling onto the first holder would fill its batches
+   and its cache, so it goes where recompute plus queue is cheapest, and a prefix that any upstream
+   could rebuild cheaply no longer pins everyone to one.
    The threshold then only names the outcome (a hit or a miss).
 3. Else the least-loaded upstream (``tie_break``: first in registry order as sglang-router 0.3.2, or
    random, its later fix).
@@ -50,6 +53,7 @@ class PolicyConfig:
     inflight_cost_chars: int
     inflight_slack: int = 0  # requests in flight above the least loaded that cost nothing
     continuation_knee: int = 0  # requests in flight that cost a continuing conversation's home nothing
+    continuation_tail: int = 0  # a match this far into one earlier chain of texts continues it too (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +62,8 @@ class Decision:
     reason: str  # cache_hit | cache_miss | imbalance | no_routing_text
     matched: int = 0
     text_len: int = 0
-    # for a request continuing a whole earlier prompt (Match.whole): "home" when it went to a holder
-    # of that prompt, "moved" when elsewhere; "" otherwise
+    # for a request continuing an earlier conversation (``continues``): "home" when it went to a
+    # holder of the deepest match, "moved" when elsewhere; "" otherwise
     continuation: str = ""
 
 
@@ -108,8 +112,16 @@ def decide(
             choice, reason = least_loaded(loads, cfg.tie_break, rng), "cache_miss"
     if insert:
         tree.insert(partition, text, choice, now)
-    continuation = ("home" if choice in m.deepest else "moved") if m.whole else ""
+    continuation = ("home" if choice in m.deepest else "moved") if continues(m, cfg) else ""
     return Decision(choice, reason, matched, len(text), continuation)
+
+
+def continues(match: Match, cfg: PolicyConfig) -> bool:
+    """Whether the request carries on an earlier conversation of its own: it extends a whole
+    earlier prompt (``Match.whole``), or its match runs ``continuation_tail`` characters or more
+    into one earlier chain of prompts (``Match.tail``: a turn that edits, retries or cuts its own
+    history). A few characters past a branch are chance; a cache block's worth is not."""
+    return match.whole or 0 < cfg.continuation_tail <= match.tail
 
 
 def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig) -> dict[str, tuple[int, int, int]]:
@@ -117,7 +129,7 @@ def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig) -> dict[str, t
     which the decision weighs and ``explain`` shows."""
     matches, deepest = match.tenants, match.matched
     free = min(loads.values()) + cfg.inflight_slack
-    home = max(free, cfg.continuation_knee) if match.whole else free
+    home = max(free, cfg.continuation_knee) if continues(match, cfg) else free
     out = {}
     for t, n in loads.items():
         own = matches.get(t, 0)

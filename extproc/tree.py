@@ -69,13 +69,18 @@ class Match:
     first. ``whole``: the deepest match ends where a stored text ends and nothing stored goes on
     from there, so this text extends (or repeats) a whole earlier one, as a conversation's next
     turn extends its last prompt; a new session that shares only a system prompt stops inside
-    stored texts instead.
+    stored texts instead. ``tail``: how many characters the match runs past the last point where
+    stored texts branch (a node with two or more children; the root): into one earlier chain of
+    texts, each extending the one before, as a conversation's turns do. A turn that edits or cuts
+    its own history runs far into its own chain; a new session sharing a system prompt with
+    several others stops at their branch (or a few characters past it, by chance).
     """
 
     matched: int = 0
     tenants: dict[str, int] = field(default_factory=dict)
     deepest: list[str] = field(default_factory=list)
     whole: bool = False
+    tail: int = 0
 
 
 class RadixTree:
@@ -128,6 +133,7 @@ class RadixTree:
         pos = 0
         lengths = result.tenants
         last: Node | None = None
+        branch = 0  # where the last node with two or more children ends
         while pos < len(text):
             child = node.children.get(text[pos])
             if child is None:
@@ -140,10 +146,13 @@ class RadixTree:
             if k < len(child.text):
                 break
             node = child
+            if len(child.children) > 1:
+                branch = pos
         if last is not None:
             result.matched = pos
             result.deepest = list(last.tenants)
             result.whole = node is last and not last.children
+            result.tail = pos - branch
         return result
 
     # -- updates ---------------------------------------------------------------------------------

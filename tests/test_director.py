@@ -251,11 +251,18 @@ def test_explain_reports_every_field_and_inserts_nothing(director):
     rows = {u["address"]: u for u in director.explain("/v1/chat/completions", body)["upstreams"]}
     assert rows[e["upstream"]]["charged_requests"] == 2
     assert rows[e["upstream"]]["cost"] == 2 * director.cfg.inflight_cost_chars
-    # a body that shares only part of it is not one: the holder is charged from the least loaded (0) + slack
-    other_body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "w" * 200 + "v" * 100}]})
+    # a body sharing only its first characters (fewer than --continuation-tail) is not one: the holder
+    # is charged from the least loaded (0) + slack
+    assert director.cfg.continuation_tail > 20
+    other_body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "w" * 20 + "v" * 280}]})
     e2 = director.explain("/v1/chat/completions", other_body)
     assert e2["continuation"] is False
     assert {u["address"]: u for u in e2["upstreams"]}[e["upstream"]]["charged_requests"] == knee + 2 - director.cfg.inflight_slack
+    # one that edits it 200 characters in (a turn editing its own history) is: charged beyond the knee
+    assert director.cfg.continuation_tail <= 200
+    edited = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "w" * 200 + "v" * 100}]})
+    e3 = director.explain("/v1/chat/completions", edited)
+    assert e3["continuation"] is True and {u["address"]: u for u in e3["upstreams"]}[e["upstream"]]["charged_requests"] == 2
     empty = director.explain("/v1/models", None)
     assert (empty["match_rate"], empty["reason"], empty["no_text_reason"]) == (0.0, "no_routing_text", "no_routing_endpoint")
     for u in director.pool.upstreams.values():

@@ -3,7 +3,7 @@
 import random
 
 from extproc.config import policy_config
-from extproc.policy import costs, decide, is_imbalanced, least_loaded
+from extproc.policy import continues, costs, decide, is_imbalanced, least_loaded
 from extproc.tree import Match, RadixTree
 
 CFG = policy_config()
@@ -78,8 +78,9 @@ def test_cost_spreads_sessions_that_share_only_a_short_prefix():
     tree = RadixTree()
     system = "You are a helpful airline agent. " * 30  # ~1,000 characters
     tree.insert("m", system + "session 1", "a", 0)
+    tree.insert("m", system + "session 0", "a", 0)  # two sessions: stored texts branch after the prompt
     d = run(tree, {"a": 1, "b": 0}, system + "session 2", cfg)
-    assert d.upstream == "b"  # rebuilding 1,000 characters beats queueing behind a request
+    assert d.upstream == "b" and d.continuation == ""  # rebuilding 1,000 characters beats queueing behind a request
     fresh = RadixTree()
     fresh.insert("m", system + "session 1", "a", 0)
     d = run(fresh, {"a": 0, "b": 0}, system + "session 3", cfg)
@@ -121,6 +122,7 @@ def test_a_conversation_continuing_its_own_history_stays_home_below_the_knee():
     def goes_to(loads, text):
         tree = RadixTree()
         tree.insert("m", history, "a", 0)
+        tree.insert("m", history[:1200] + " a second session", "a", 0)  # the shared part now branches
         whole = tree.match("m", text).whole
         return run(tree, loads, text, cfg).upstream, whole
 
@@ -130,7 +132,7 @@ def test_a_conversation_continuing_its_own_history_stays_home_below_the_knee():
     # past the knee the usual rule holds: 2 beyond the least loaded cost more than rebuilding 1,300
     assert goes_to({"a": 12, "b": 10}, history + " next turn") == ("b", True)
     assert goes_to({"a": 11, "b": 10}, history + " next turn") == ("a", True)
-    # a new session sharing only part of that text is not a continuation: the load decides
+    # a third session sharing only the part the other two share is not a continuation: the load decides
     assert goes_to({"a": 2, "b": 0}, history[:1200] + " another session") == ("b", False)
 
 
@@ -141,12 +143,56 @@ def test_a_decision_says_whether_a_continuation_stayed_home():
     def decision(loads, text):
         tree = RadixTree()
         tree.insert("m", history, "a", 0)
+        tree.insert("m", history[:500] + " a second session", "a", 0)
         return run(tree, loads, text, cfg)
 
     assert decision({"a": 9, "b": 0}, history + " next").continuation == "home"
     assert decision({"a": 10, "b": 0}, history + " next").continuation == "moved"
     assert decision({"a": 0, "b": 0}, history[:500] + " other").continuation == ""  # not a continuation
     assert decision({"a": 100, "b": 0}, history + " next").continuation == "moved"  # imbalance sends it away
+
+
+def test_the_tail_is_how_far_a_match_runs_past_the_last_branch():
+    tree = RadixTree()
+    tree.insert("m", "sys|alpha one", "a", 0)
+    assert tree.match("m", "sys|alpha two").tail == len("sys|alpha ")  # one stored text: all of it is its own
+    tree.insert("m", "sys|beta one", "b", 0)  # texts now branch after "sys|"
+    assert tree.match("m", "sys|gamma").tail == 0  # stops at the branch
+    assert tree.match("m", "sys|alpha two").tail == len("alpha ")  # runs into alpha's own part
+    assert tree.match("m", "sys").tail == 3  # inside the shared edge: nothing branches above it
+    # a chain: the next turn extends the first; where one text ends and the next goes on is not a
+    # branch, so an edit inside the earlier turn counts the whole chain
+    tree.insert("m", "sys|alpha one, then alpha two", "a", 0)
+    assert tree.match("m", "sys|alpha one, then X").tail == len("alpha one, then ")
+    assert tree.match("m", "sys|alpha one!").tail == len("alpha one")  # stops at the chain's node
+    m = tree.match("m", "sys|alpha one, then alpha two, then three")
+    assert m.whole and m.tail == len("alpha one, then alpha two")
+    assert RadixTree().match("m", "x").tail == 0
+
+
+def test_a_turn_editing_its_own_history_stays_home_below_the_knee():
+    system = "a system prompt that every session shares. " * 20
+    chat = "the user's own turns, several hundred characters of them. " * 8
+
+    def decision(n, text, tail=64):
+        cfg = policy_config(hit_choice="cost", inflight_cost_chars=1024, inflight_slack=0, continuation_knee=8, continuation_tail=tail)
+        tree = RadixTree()
+        for up, session in (("a", chat), ("b", "another session's turns"), ("c", "a third session's turns")):
+            tree.insert("m", system + session, up, 0)
+        return run(tree, {"a": n, "b": 0, "c": 0}, text, cfg)
+
+    edited = system + chat[:300] + " (edited)"  # 300 characters into its own history, then a change
+    assert [(decision(n, edited).upstream, decision(n, edited).continuation) for n in (1, 8)] == [("a", "home")] * 2
+    # past the knee the usual rule: one request beyond it (1,024) costs more than rebuilding 300
+    assert (decision(9, edited).upstream, decision(9, edited).continuation) in (("b", "moved"), ("c", "moved"))
+    # off (0): only a whole earlier prompt continues, so one request in flight moves it
+    assert decision(1, edited, tail=0).upstream != "a" and decision(1, edited, tail=0).continuation == ""
+    # 30 characters past the branch are chance, not history
+    short = system + chat[:30] + " (edited)"
+    assert decision(1, short).upstream != "a" and decision(1, short).continuation == ""
+    assert not continues(Match(100, {}, [], whole=False, tail=63), policy_config(continuation_tail=64))
+    assert continues(Match(100, {}, [], whole=False, tail=64), policy_config(continuation_tail=64))
+    assert continues(Match(100, {}, [], whole=True, tail=0), policy_config(continuation_tail=0))
 
 
 def test_only_a_whole_stored_text_that_nothing_extends_is_a_continuation():
@@ -220,7 +266,7 @@ def test_cost_rule_boundaries():
     # an upstream without any match pays the whole deepest match in recompute
     t3 = RadixTree()
     t3.insert("m", "z" * 2000, "a", 0)
-    cfg = policy_config(inflight_cost_chars=1000, inflight_slack=0)
+    cfg = policy_config(inflight_cost_chars=1000, inflight_slack=0, continuation_knee=0)
     assert run(t3, {"a": 1, "b": 0}, "z" * 2000 + "?", cfg).upstream == "a"  # 1,000 < 2,000
     assert run(t3, {"a": 3, "b": 0}, "z" * 2000 + "!", cfg).upstream == "b"  # 3,000 > 2,000
 

@@ -151,7 +151,7 @@ class TrueCache:
     """Knows every worker's cache (no real router can). ``greedy``: the router whose best worker
     holds the longest cached prefix of this very prompt (ties to the least loaded). Otherwise the
     default policy's cost rule computed from the true cached lengths instead of the tree's guess
-    (a tree of its own still tells whether the request continues a whole earlier prompt).
+    (a tree of its own still tells whether the request continues an earlier conversation).
     Not an upper bound (its greed can cost later hits): the bound is the simulator's
     ``reuse_bound``."""
 
@@ -165,8 +165,8 @@ class TrueCache:
         if self.greedy:
             best = max(chars)
             return int(least_loaded({str(i): loads[i] for i in range(len(loads)) if chars[i] == best}, "random", sim.rng))
-        whole = self.tree.match(p.partition, p.sglang_text).whole
-        m = Match(max(chars), {str(i): c for i, c in enumerate(chars)}, [], whole)
+        own = self.tree.match(p.partition, p.sglang_text)
+        m = Match(max(chars), {str(i): c for i, c in enumerate(chars)}, [], own.whole, own.tail)
         terms = costs(m, {str(i): n for i, n in enumerate(loads)}, policy_config())
         low = min(cost for _, _, cost in terms.values())
         choice = sim.rng.choice([t for t, (_, _, cost) in terms.items() if cost == low])
@@ -190,10 +190,11 @@ def upper_policies() -> dict[str, object]:
         "prefix-router/creator": PrefixRouter(policy_config(hit_choice="creator")),
         "prefix-router/least-loaded-hit": PrefixRouter(policy_config(hit_choice="least_loaded")),
         "prefix-router/sglang-0.3.2": PrefixRouter(policy_config(hit_choice="creator", tie_break="first")),
-        # earlier defaults: the rule without its continuation term, and the previous round's tuning
-        # winner, which the held-out set did not confirm
-        "prefix-router/previous-default": PrefixRouter(policy_config(continuation_knee=0)),
-        "prefix-router/slack-3": PrefixRouter(policy_config(continuation_knee=0, inflight_slack=3, inflight_cost_chars=1536)),
+        # earlier defaults: only whole prompts continuing (no tail), the rule without its continuation
+        # term, and an earlier round's tuning winner, which the held-out set did not confirm
+        "prefix-router/previous-default": PrefixRouter(policy_config(continuation_tail=0)),
+        "prefix-router/knee-0": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0)),
+        "prefix-router/slack-3": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0, inflight_slack=3, inflight_cost_chars=1536)),
         "round-robin": RoundRobin(),
         "random": Random(),
         "least-loaded": LeastLoaded(),

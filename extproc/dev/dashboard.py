@@ -35,7 +35,7 @@ PANELS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
         ("Matched share of the prompt", "percentunit", "matched characters / routing-text characters, median",
          [(f"histogram_quantile(0.5, sum by (le) (rate(prefix_router_match_rate_bucket[{RATE}])))", "median match rate")]),
         ("Conversations kept home", "percentunit",
-         "requests continuing a whole earlier prompt that went to an upstream holding it (--continuation-knee)",
+         "requests continuing an earlier conversation that went to an upstream holding it (--continuation-knee, --continuation-tail)",
          [(f'sum(rate(prefix_router_continuations_total{{where="home"}}[{RATE}])) / '
            f"sum(rate(prefix_router_continuations_total[{RATE}]))", "home share")]),
         ("Observed hit ratio (sampled responses)", "percentunit",

@@ -273,9 +273,9 @@ class Config:
     )
     continuation_knee: int = opt(
         8, _number(int, 0),
-        "with --hit-choice cost: a request that continues a whole earlier prompt (a conversation's next turn) is charged "
-        "nothing for in-flight requests on the upstreams holding that prompt until they have more than this many (a decode "
-        "batch's knee); 0: off (README, Choosing the defaults)", POLICY, metavar="N",
+        "with --hit-choice cost: a request that continues an earlier conversation (a next turn, or a turn editing its "
+        "history: --continuation-tail) is charged nothing for in-flight requests on the upstreams holding its deepest match "
+        "until they have more than this many (a decode batch's knee); 0: off (README, Choosing the defaults)", POLICY, metavar="N",
     )
     continuation_tail: int = opt(
         64, _number(int, 0),

@@ -139,6 +139,17 @@ def test_the_targets_are_judged_at_their_boundaries():
     assert v["hit_ok"] and (v["hit_min"], v["hit_max"]) == (0.70, 0.90)
 
 
+def test_the_sweep_ranks_by_cells_then_hit_to_a_tenth_of_a_point_then_latency():
+    from bench.sweep import rank
+
+    def r(name, both, deficit, ttft):
+        return {"name": name, "both": both, "mean_hit_deficit_points": deficit, "mean_ttft_ratio": ttft}
+
+    table = [r("more hit, slower", 42, 0.1234, 0.962), r("faster", 42, 0.1231, 0.960), r("fewer cells", 41, 0.9, 0.5),
+             r("a tenth more hit", 42, 0.2, 0.99)]
+    assert [x["name"] for x in rank(table)] == ["a tenth more hit", "faster", "more hit, slower", "fewer cells"]
+
+
 def test_observed_hits_shrink_the_tree_only_where_the_caches_forgot():
     from bench.sim.policies import ObservedHits
 

@@ -398,3 +398,9 @@ def test_continuations_are_counted_by_where_they_went(director):
     assert metrics.CONTINUATIONS.labels("moved")._value.get() == moved
     director.route(RequestInfo(path="/v1/chat/completions"), orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "other"}]}))
     assert metrics.CONTINUATIONS.labels("home")._value.get() == home + 1  # a new prompt is not one
+    # a turn that edits a stored conversation 200 characters in (past --continuation-tail) is one
+    long = [{"role": "user", "content": "q" * 300}]
+    director.route(RequestInfo(path="/v1/chat/completions"), orjson.dumps({"model": "m", "messages": long}))
+    edited = [{"role": "user", "content": "q" * 200 + "edited"}]
+    director.route(RequestInfo(path="/v1/chat/completions"), orjson.dumps({"model": "m", "messages": edited}))
+    assert metrics.CONTINUATIONS.labels("home")._value.get() + metrics.CONTINUATIONS.labels("moved")._value.get() == home + moved + 2

@@ -115,6 +115,8 @@ def document(
     # as its budget does: its share is of their sum, not of the tree's distinct characters.
     held = sum(v.tree_characters for v in views)
     observed = director.observed_hits()  # sampled responses (--observe-sample); none: the ratio is None
+    # each upstream's own budget: max_tree_size, or less once observed hits cut it (--observe-feedback)
+    budgets = {v.address: director.budget(v.address) for v in views}
     return {
         "version": __version__,
         "replica": director.replica_id,
@@ -130,9 +132,8 @@ def document(
                 "inflight": v.inflight,
                 "tree_characters": v.tree_characters,
                 "tree_share": v.tree_characters / held if held else 0.0,
-                # of its own budget: max_tree_size, or less once observed hits cut it (--observe-feedback)
-                "budget": director.budget(v.address),
-                "budget_used": v.tree_characters / director.budget(v.address),
+                "budget": budgets[v.address],
+                "budget_used": v.tree_characters / budgets[v.address],
                 "observed_hit_ratio": observed[v.address][0] if v.address in observed else None,
                 "observed_responses": observed[v.address][1] if v.address in observed else 0,
             }

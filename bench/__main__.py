@@ -15,6 +15,7 @@ for name, run in (
     ("inflight", inflight.main),
     ("sweep", sweep.main),  # chooses the cost rule's defaults on the tuning set; eval then reports both sets
     ("eval", lambda: routing_eval.main([])),
+    *((f"eval {t}", lambda t=t: routing_eval.main(["--topology", t])) for t in routing_eval.OTHER_TOPOLOGIES),
     ("observed", observed.main),
     ("e2e", e2e.main),
     ("overhead", overhead.main),

@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.eval            → bench/results/eval.json, bench/results/REPORT.md, PNG plots (~10 min)
     .venv/bin/python -m bench.eval --quick    → one seed, two rates (a couple of minutes; not for the report)
     .venv/bin/python -m bench.eval --report-only   → REPORT.md again from eval.json (and e2e.json, overhead.json)
+    .venv/bin/python -m bench.eval --topology 3x3  → eval-3x3.json and its section of REPORT.md (set-ups the defaults were not chosen on)
 
 Topology: 4 SGLang routers x 2 workers (each running up to 32 requests, the costs of an 8B model
 on an H200: bench/sim/engine.py), plus the one-layer reference (one sglang-router over all 8
@@ -56,6 +57,11 @@ HIT_SLACK, TTFT_FACTOR = 0.01, 1.1
 ALTERNATES = {"prefix-router/previous-default": "The previous default (only whole prompts continue, `--continuation-tail 0`)",
               "prefix-router/knee-0": "The default before it (no continuation term, `--continuation-knee 0`)",
               "prefix-router/slack-3": "An earlier round's tuning winner (`--continuation-knee 0 --inflight-slack 3 --inflight-cost-chars 1536`)"}
+# set-ups the defaults were not chosen on (`make bench` runs each): the independent evaluation's
+# 3 routers x 3 workers, fewer bigger routers, many one-worker routers
+OTHER_TOPOLOGIES = ("3x3", "2x4", "8x1")
+# the upper-layer rules put in the default's place on other topologies
+IN_PLACE = (DEFAULT, "prefix-router/creator", "prefix-router/least-loaded-hit", "least-loaded", "litellm-v1", "consistent-hash", "round-robin")
 HEADLINE = (DEFAULT, "prefix-router/previous-default", SINGLE, "prefix-router/creator", "prefix-router/least-loaded-hit", "round-robin", "least-loaded", "consistent-hash",
             "litellm-v1", "true-cache-cost")
 
@@ -77,11 +83,11 @@ def eval_policies() -> dict[str, object]:
     return {**upper_policies(), SINGLE: Single()}
 
 
-def unit(args: tuple[str, int, tuple[float, ...], Callable[[], dict[str, object]]]) -> list[dict]:
+def unit(args: tuple[str, int, tuple[float, ...], Callable[[], dict[str, object]], Topology]) -> list[dict]:
     """Every capacity, rate and policy for one workload and seed (one process's share)."""
-    name, seed, rates, policies = args
+    name, seed, rates, policies, topo = args
     prepared = prepare(WORKLOADS[name](random.Random(seed)))
-    topo, model = Topology(), ServiceModel()
+    model = ServiceModel()
     rows = []
     for cap_name, cap in capacities(prepared).items():
         for rate in rates:
@@ -94,8 +100,8 @@ def unit(args: tuple[str, int, tuple[float, ...], Callable[[], dict[str, object]
 
 
 def simulate(sets: dict[str, tuple[tuple[str, ...], tuple[int, ...]]], rates: tuple[float, ...], jobs: int = 2,
-             policies: Callable[[], dict[str, object]] = eval_policies) -> list[dict]:
-    units = [(w, s, rates, policies) for workloads, seeds in sets.values() for w in workloads for s in seeds]
+             policies: Callable[[], dict[str, object]] = eval_policies, topo: Topology = Topology()) -> list[dict]:
+    units = [(w, s, rates, policies, topo) for workloads, seeds in sets.values() for w in workloads for s in seeds]
     units.sort(key=lambda u: u[0] != "mooncake")  # the longest first
     rows: list[dict] = []
     t0 = time.time()
@@ -142,14 +148,14 @@ def verdicts(agg: dict[tuple, dict], policy: str = DEFAULT) -> list[dict]:
     return out
 
 
-def run(quick: bool, only: list[str] | None) -> dict:
+def run(quick: bool, only: list[str] | None, topo: Topology = Topology()) -> dict:
     sets = {k: (tuple(w for w in ws if not only or w in only), seeds[:1] if quick else seeds) for k, (ws, seeds) in SETS.items()}
     rates = (1.0, 4.0) if quick else RATES
-    rows = simulate(sets, rates)
+    rows = simulate(sets, rates, topo=topo)
     agg = cells(rows)
     return {
         "benchmark": "eval", "sets": {k: {"workloads": list(ws), "seeds": list(s)} for k, (ws, s) in sets.items()},
-        "topology": vars(Topology()), "service_model": vars(ServiceModel()), "rates": list(rates), "levels": dict(LEVELS),
+        "topology": vars(topo), "service_model": vars(ServiceModel()), "rates": list(rates), "levels": dict(LEVELS),
         "targets": {"hit_slack": HIT_SLACK, "ttft_factor": TTFT_FACTOR, "hit_rivals": list(HIT_RIVALS), "ttft_rivals": list(TTFT_RIVALS)},
         "cells": [{"set": k[0], "workload": k[1], "capacity": k[2], "rate": k[3], "policy": k[4], **v} for k, v in agg.items()],
         "verdicts": verdicts(agg),
@@ -207,10 +213,10 @@ def report(result: dict) -> str:
     lines = [
         "# Routing evaluation (simulated)", "",
         "Made by `python -m bench.eval`; numbers from `bench/results/eval.json`; the defaults were chosen by `python -m bench.sweep` "
-        "on the tuning set only (`bench/results/sweep.json`). Topology: 4 SGLang routers x 2 workers, each worker running up to "
+        f"on the tuning set only (`bench/results/sweep.json`). Topology: {_topology(result)}, each worker running up to "
         f"{result['topology']['batch']} requests with an 8B model's costs on an H200 (FIELD-NOTES): prefill ~30 µs per uncached token, "
         "one prefill at a time per worker, a decode step flat up to 8 running requests and ~0.87 ms slower per request beyond. "
-        "The one-layer reference is one sglang-router over all 8 workers. Hit ratio = cached prompt tokens / prompt tokens "
+        f"The one-layer reference is one sglang-router over all {result['topology']['routers'] * result['topology']['workers']} workers. Hit ratio = cached prompt tokens / prompt tokens "
         "(leading cached run). Capacity levels per worker: `fits` = the workload's unique tokens, `quarter`, `sixteenth` "
         "(never below twice the longest prompt; a level equal to a larger one is dropped, so no cell counts twice). "
         f"Rates x{', x'.join(f'{r:g}' for r in result['rates'])} of each workload's own arrival speed.", "",
@@ -249,7 +255,53 @@ def report(result: dict) -> str:
                      f"{_pct(x['best_rival_hit'])} ({x['best_rival_hit_policy']}) | {x['ttft_p90_s']:.3f} | {x['best_rival_ttft_p90_s']:.3f} ({x['best_rival_ttft_policy']}) | {what} |")
     lines += ["", "Plots: `eval-hit-ratio.png` (hit ratio against capacity, rate x1), `eval-ttft.png` (TTFT p90 against rate, capacity `quarter`), "
               "means over seeds.", ""]
-    return "\n".join(lines + _measured_sections())
+    return "\n".join(lines + _other_topologies() + _measured_sections())
+
+
+def _topology(result: dict) -> str:
+    return f"{result['topology']['routers']} SGLang routers x {result['topology']['workers']} workers"
+
+
+def topology_name(topo: Topology) -> str:
+    """The results file of an evaluation on a topology other than the default's (``eval-3x3``)."""
+    return f"eval-{topo.routers}x{topo.workers}"
+
+
+def _other_topologies() -> list[str]:
+    """The summary of every ``--topology`` run on record: the same sets, seeds and targets on
+    set-ups the defaults were not chosen on, and how each upper-layer rule would fare there in the
+    default's place (a rule that is only best on the topology it was tuned on is not a default)."""
+    import json
+
+    runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("eval-*x*.json"))]
+    if not runs:
+        return []
+    main = RESULTS / "eval.json"
+    runs = ([json.loads(main.read_text())] if main.exists() else []) + runs
+    lines = ["## Other topologies (`python -m bench.eval --topology RxW`)", "",
+             "The same workloads, seeds, capacity levels, rates and targets on set-ups the defaults were not chosen on. "
+             "Each upper-layer rule in the default's place: cells meeting both targets, of all cells of both sets (mean hit ratio %).", "",
+             "| topology | " + " | ".join(IN_PLACE) + " |", "|---|" + "---|" * len(IN_PLACE)]
+    for d in runs:
+        agg = {(c["set"], c["workload"], c["capacity"], c["rate"], c["policy"]): c for c in d["cells"]}
+        row = []
+        for name in IN_PLACE:
+            v = verdicts(agg, name)
+            row.append(f"{sum(x['hit_ok'] and x['ttft_ok'] for x in v)} of {len(v)} ({_pct(statistics.mean(x['hit_ratio'] for x in v))})" if v else "-")
+        chosen = " (the defaults chosen here)" if d is runs[0] and main.exists() else ""
+        lines.append(f"| {d['topology']['routers']}x{d['topology']['workers']}{chosen} | " + " | ".join(row) + " |")
+    lines.append("")
+    for d in runs[1:] if main.exists() else runs:
+        lines += [f"**{_topology(d)}** (one-layer reference over all {d['topology']['routers'] * d['topology']['workers']} workers):", "",
+                  *summary_lines(d), ""]
+        missed = [x for x in d["verdicts"] if not (x["hit_ok"] and x["ttft_ok"])]
+        if missed:
+            lines += ["Missed: " + "; ".join(
+                f"{x['workload']} {x['capacity']} x{x['rate']:g} ("
+                + ", ".join(f"{n} {a}" for n, ok, a in (("hit", x["hit_ok"], f"{100 * (x['hit_ratio'] - x['best_rival_hit']):+.1f} vs {x['best_rival_hit_policy']}"),
+                                                      ("TTFT", x["ttft_ok"], f"{x['ttft_p90_s'] / x['best_rival_ttft_p90_s']:.2f}x {x['best_rival_ttft_policy']}")) if not ok)
+                + ")" for x in missed) + ".", ""]
+    return lines
 
 
 def _measured_sections() -> list[str]:
@@ -363,7 +415,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="one seed, two rates (not for the report)")
     p.add_argument("--workload", action="append", help="only these workloads (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from the last eval.json (e.g. after bench.e2e)")
+    p.add_argument("--topology", default=f"{Topology.routers}x{Topology.workers}", metavar="RxW",
+                   help="routers x workers per router; other than the default's, results go to eval-RxW.json and a section of REPORT.md")
     a = p.parse_args(argv)
+    routers, workers = (int(n) for n in a.topology.split("x"))
+    topo = Topology(routers, workers)
     if a.report_only:
         import json
 
@@ -371,7 +427,15 @@ def main(argv: list[str] | None = None) -> dict:
         (RESULTS / "REPORT.md").write_text(report(result))
         print(f"wrote {RESULTS / 'REPORT.md'}")
         return result
-    result = run(a.quick, a.workload)
+    result = run(a.quick, a.workload, topo)
+    if topo != Topology():
+        import json
+
+        write(topology_name(topo), result)
+        (RESULTS / "REPORT.md").write_text(report(json.loads((RESULTS / "eval.json").read_text())))
+        print(f"wrote {RESULTS / topology_name(topo)}.json and its section of {RESULTS / 'REPORT.md'}")
+        print("\n".join(summary_lines(result)))
+        return result
     write("eval", result)
     (RESULTS / "REPORT.md").write_text(report(result))
     plots(result)

@@ -1,11 +1,11 @@
 """`make bench`: every benchmark in turn; each writes its JSON to bench/results/.
 
-Single ones: python -m bench.payload | bench.codec | bench.tree | bench.inflight | bench.sweep | bench.eval | bench.observed | bench.e2e | bench.overhead | bench.attacks |
+Single ones: python -m bench.payload | bench.codec | bench.tree | bench.inflight | bench.sweep | bench.eval | bench.observed | bench.e2e | bench.overhead | bench.cpu | bench.attacks |
 bench.replicas | bench.replicas_e2e | bench.sync |
 bench.litellm (needs `make litellm`)
 """
 
-from . import attacks, codec, e2e, inflight, litellm, observed, overhead, payload, replicas, replicas_e2e, sweep, sync, tree
+from . import attacks, codec, cpu, e2e, inflight, litellm, observed, overhead, payload, replicas, replicas_e2e, sweep, sync, tree
 from . import eval as routing_eval
 
 for name, run in (
@@ -19,6 +19,7 @@ for name, run in (
     ("observed", observed.main),
     ("e2e", e2e.main),
     ("overhead", overhead.main),
+    ("cpu", lambda: cpu.main([])),
     ("attacks", lambda: attacks.main([])),
     ("replicas", lambda: replicas.main([])),
     ("sync", sync.main),

@@ -410,16 +410,26 @@ def plots(result: dict) -> list[Path]:
     return out
 
 
+def _parse_topology(value: str) -> Topology:
+    """``RxW``: R routers of W workers each, both at least 1."""
+    try:
+        routers, workers = (int(n) for n in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROUTERSxWORKERS like 3x3, got {value!r}") from None
+    if routers < 1 or workers < 1:
+        raise argparse.ArgumentTypeError(f"routers and workers must be at least 1, got {value!r}")
+    return Topology(routers, workers)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.eval")
     p.add_argument("--quick", action="store_true", help="one seed, two rates (not for the report)")
     p.add_argument("--workload", action="append", help="only these workloads (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from the last eval.json (e.g. after bench.e2e)")
-    p.add_argument("--topology", default=f"{Topology.routers}x{Topology.workers}", metavar="RxW",
+    p.add_argument("--topology", default=Topology(), type=_parse_topology, metavar="RxW",
                    help="routers x workers per router; other than the default's, results go to eval-RxW.json and a section of REPORT.md")
     a = p.parse_args(argv)
-    routers, workers = (int(n) for n in a.topology.split("x"))
-    topo = Topology(routers, workers)
+    topo = a.topology
     if a.report_only:
         import json
 

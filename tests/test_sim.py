@@ -3,6 +3,8 @@
 import importlib
 import random
 
+import pytest
+
 from bench.sim.engine import ServiceModel, Sim, Topology, prepare
 from bench.sim.policies import LiteLLM, PrefixRouter, Single, upper_policies
 from bench.sim.workloads import WORKLOADS, Req
@@ -195,6 +197,13 @@ def test_the_evaluation_runs_on_the_topology_it_is_given(monkeypatch):
     assert seen == {"upper": {(3, 3)}, "single": {(1, 9)}}
     assert {r["policy"] for r in rows} == set(pick)
     assert ev.topology_name(ev.Topology(3, 3)) == "eval-3x3"
+    # the option's values: RxW, nothing else
+    import argparse
+
+    assert ev._parse_topology("3x3") == ev.Topology(3, 3)
+    for bad in ("3y3", "0x3", "3", "3x3x3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ev._parse_topology(bad)
 
 
 def test_the_report_puts_each_rule_in_the_defaults_place_on_every_topology(tmp_path, monkeypatch):

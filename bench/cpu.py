@@ -12,7 +12,8 @@ flight (bench.overhead's 16 connections), and charged the server process's CPU t
   grpcio's asyncio layer, HTTP/2 and the messages' (de)serialization, none of this project's code;
 - ``service``: the real service (``extproc.server.Service``, default settings, two upstreams);
 - ``in process``: the service's handlers (``ExternalProcessor``, ``AccessLogReceiver``) called
-  directly, without gRPC: parsing, the tree, the decision, the responses, metrics and logs.
+  directly, without gRPC: parsing, the tree, the decision, the responses, metrics and logs (and
+  building each access-log entry, which over gRPC is parsed instead).
 
 Then a profile of the in-process path, its time by package. Requests differ (16 sessions of
 growing conversations sharing a system prompt), so the tree matches and grows as in use.
@@ -97,9 +98,8 @@ def access_log(ticket: str) -> als_pb2.StreamAccessLogsMessage:
 # -- the servers (each in a process of its own: `python -m bench.cpu --serve KIND PORT`) ----------
 
 def _service_config(listen: str, upstreams: list[str] = UPSTREAMS):
-    from extproc.config import build
-
     from extproc import logs
+    from extproc.config import build
 
     cfg = build({"grpc_listen": listen, "admin_listen": "127.0.0.1:0", "admin_grpc_listen": "127.0.0.1:0", "upstreams": upstreams}, env={})
     logs.configure(cfg.log_level, "json")  # as the service's command line does (the default level: info)

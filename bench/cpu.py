@@ -98,12 +98,17 @@ def access_log(ticket: str) -> als_pb2.StreamAccessLogsMessage:
 # -- the servers (each in a process of its own: `python -m bench.cpu --serve KIND PORT`) ----------
 
 def _service_config(listen: str, upstreams: list[str] = UPSTREAMS):
-    from extproc import logs
     from extproc.config import build
 
-    cfg = build({"grpc_listen": listen, "admin_listen": "127.0.0.1:0", "admin_grpc_listen": "127.0.0.1:0", "upstreams": upstreams}, env={})
-    logs.configure(cfg.log_level, "json")  # as the service's command line does (the default level: info)
-    return cfg
+    return build({"grpc_listen": listen, "admin_listen": "127.0.0.1:0", "admin_grpc_listen": "127.0.0.1:0", "upstreams": upstreams}, env={})
+
+
+def _configure_logs() -> None:
+    """Logs as the service's command line sets them (the default level, info): once per process,
+    and only in the benchmark's own processes (structlog's set-up is process-wide)."""
+    from extproc import logs
+
+    logs.configure(_service_config("127.0.0.1:0").log_level, "json")
 
 
 class _Floor(pb_grpc.ExternalProcessorServicer, als_pb2_grpc.AccessLogServiceServicer):
@@ -126,6 +131,7 @@ class _Floor(pb_grpc.ExternalProcessorServicer, als_pb2_grpc.AccessLogServiceSer
 
 
 async def _serve(kind: str, port: int) -> None:
+    _configure_logs()
     listen = f"{HOST}:{port}"
     if kind == "service":
         from extproc.server import Service
@@ -292,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.serve:
         asyncio.run(_serve(a.serve[0], int(a.serve[1])))
         return {}
+    _configure_logs()  # for the in-process runs
     payloads = bodies(WARMUP + REQUESTS)
     runs: list[dict] = []
     for _ in range(REPEATS):  # interleaved, so that a slow minute of this VM hits every set-up alike

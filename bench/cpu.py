@@ -44,12 +44,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc.dev.stack import HOST, free_port
+from extproc.director import TICKET_HEADER
 
 from .common import write
 from .overhead import BODY
 
 UPSTREAMS = ["127.0.0.1:30001", "127.0.0.1:30002"]
-TICKET = "x-prefix-router-ticket"
 HEADERS = [(":path", "/v1/chat/completions"), (":method", "POST"), (":authority", "llm.example"), ("content-type", "application/json"),
            ("x-request-id", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), ("user-agent", "OpenAI/Python 1.40")]
 CONCURRENCY = 16
@@ -85,13 +85,13 @@ def ticket_of(responses: list[pb.ProcessingResponse]) -> str:
     for r in responses:
         if r.WhichOneof("response") == "request_headers":
             for h in r.request_headers.response.header_mutation.set_headers:
-                if h.header.key == TICKET:
+                if h.header.key == TICKET_HEADER:
                     return (h.header.raw_value or h.header.value.encode()).decode()
     raise RuntimeError(f"no ticket in the answer: the request was not routed ({[str(r)[:300] for r in responses]})")
 
 
 def access_log(ticket: str) -> als_pb2.StreamAccessLogsMessage:
-    entry = accesslog_pb2.HTTPAccessLogEntry(request=accesslog_pb2.HTTPRequestProperties(request_headers={TICKET: ticket}))
+    entry = accesslog_pb2.HTTPAccessLogEntry(request=accesslog_pb2.HTTPRequestProperties(request_headers={TICKET_HEADER: ticket}))
     return als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=[entry]))
 
 

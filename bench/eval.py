@@ -27,6 +27,7 @@ upper-layer policy: it is a different topology).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
@@ -148,6 +149,15 @@ def verdicts(agg: dict[tuple, dict], policy: str = DEFAULT) -> list[dict]:
     return out
 
 
+def by_cell(result: dict) -> dict[tuple, dict]:
+    """A result file's cells keyed as :func:`cells` keys them, for :func:`verdicts`."""
+    return {(c["set"], c["workload"], c["capacity"], c["rate"], c["policy"]): c for c in result["cells"]}
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
 def run(quick: bool, only: list[str] | None, topo: Topology = Topology()) -> dict:
     sets = {k: (tuple(w for w in ws if not only or w in only), seeds[:1] if quick else seeds) for k, (ws, seeds) in SETS.items()}
     rates = (1.0, 4.0) if quick else RATES
@@ -191,7 +201,7 @@ def headline(result: dict) -> list[str]:
 def summary_lines(result: dict) -> list[str]:
     v = result["verdicts"]
     out = []
-    agg = {(c["set"], c["workload"], c["capacity"], c["rate"], c["policy"]): c for c in result["cells"]}
+    agg = by_cell(result)
     alternates = {name: verdicts(agg, name) for name in ALTERNATES if any(c["policy"] == name for c in result["cells"])}
     for st in result["sets"]:
         mine = [x for x in v if x["set"] == st]
@@ -230,7 +240,7 @@ def report(result: dict) -> str:
         "## Summary", "", *summary_lines(result), "",
         "## Per workload (averaged over capacity levels and rates)", "", *headline(result), "",
     ]
-    agg = {(c["set"], c["workload"], c["capacity"], c["rate"], c["policy"]): c for c in result["cells"]}
+    agg = by_cell(result)
     top = max(result["rates"])
     for st, meta in sets.items():
         lines += [f"## {st}: hit ratio % / TTFT p90 s at rate x{top:g}", "", "| workload | capacity | " + " | ".join(HEADLINE) + " |",
@@ -271,19 +281,17 @@ def _other_topologies() -> list[str]:
     """The summary of every ``--topology`` run on record: the same sets, seeds and targets on
     set-ups the defaults were not chosen on, and how each upper-layer rule would fare there in the
     default's place (a rule that is only best on the topology it was tuned on is not a default)."""
-    import json
-
-    runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("eval-*x*.json"))]
+    runs = [_read(path) for path in sorted(RESULTS.glob("eval-*x*.json"))]
     if not runs:
         return []
     main = RESULTS / "eval.json"
-    runs = ([json.loads(main.read_text())] if main.exists() else []) + runs
+    runs = ([_read(main)] if main.exists() else []) + runs
     lines = ["## Other topologies (`python -m bench.eval --topology RxW`)", "",
              "The same workloads, seeds, capacity levels, rates and targets on set-ups the defaults were not chosen on. "
              "Each upper-layer rule in the default's place: cells meeting both targets, of all cells of both sets (mean hit ratio %).", "",
              "| topology | " + " | ".join(IN_PLACE) + " |", "|---|" + "---|" * len(IN_PLACE)]
     for d in runs:
-        agg = {(c["set"], c["workload"], c["capacity"], c["rate"], c["policy"]): c for c in d["cells"]}
+        agg = by_cell(d)
         row = []
         for name in IN_PLACE:
             v = verdicts(agg, name)
@@ -306,12 +314,10 @@ def _other_topologies() -> list[str]:
 
 def _measured_sections() -> list[str]:
     """The end-to-end check and the overhead through Envoy, from their own runs' JSON when present."""
-    import json
-
     lines: list[str] = []
     e2e = RESULTS / "e2e.json"
     if e2e.exists():
-        d = json.loads(e2e.read_text())
+        d = _read(e2e)
         cache = {r["workload"]: r.get("capacity_tokens") for r in d["rows"]}
         lines += ["## The simulator against the real stack (`python -m bench.e2e`)", "",
                   d.get("description", "").replace("cache per workload below", "cache per worker in the table"), "",
@@ -339,7 +345,7 @@ def _measured_sections() -> list[str]:
                 lines.append("")
     observed = RESULTS / "observed.json"
     if observed.exists():
-        d = json.loads(observed.read_text())
+        d = _read(observed)
         policies = list(d["summary"][0]["hit_ratio"])
         lines += ["## Observed cache hits fed back, simulated (`python -m bench.observed`)", "",
                   f"Hit ratio, mean over seeds, capacity levels {', '.join(d['levels'])} and rates {', '.join(f'x{r:g}' for r in d['rates'])}; "
@@ -350,7 +356,7 @@ def _measured_sections() -> list[str]:
         lines.append("")
     overhead = RESULTS / "overhead.json"
     if overhead.exists():
-        d = json.loads(overhead.read_text())
+        d = _read(overhead)
         lines += ["## Overhead through Envoy (`python -m bench.overhead`)", "",
                   "wrk, one thread, 10 s per cell, 2 KB chat bodies, upstreams answering at once. Targets: added p50 <= "
                   f"{d['targets']['added_p50_ms_max']} ms, throughput >= {d['targets']['throughput_vs_direct_min']:.0%} of Envoy-direct.", "",
@@ -431,18 +437,14 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     topo = a.topology
     if a.report_only:
-        import json
-
-        result = json.loads((RESULTS / "eval.json").read_text())
+        result = _read(RESULTS / "eval.json")
         (RESULTS / "REPORT.md").write_text(report(result))
         print(f"wrote {RESULTS / 'REPORT.md'}")
         return result
     result = run(a.quick, a.workload, topo)
     if topo != Topology():
-        import json
-
         write(topology_name(topo), result)
-        (RESULTS / "REPORT.md").write_text(report(json.loads((RESULTS / "eval.json").read_text())))
+        (RESULTS / "REPORT.md").write_text(report(_read(RESULTS / "eval.json")))
         print(f"wrote {RESULTS / topology_name(topo)}.json and its section of {RESULTS / 'REPORT.md'}")
         print("\n".join(summary_lines(result)))
         return result

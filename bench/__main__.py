@@ -17,7 +17,8 @@ for name, run in (
     ("eval", lambda: routing_eval.main([])),
     *((f"eval {t}", lambda t=t: routing_eval.main(["--topology", t])) for t in routing_eval.OTHER_TOPOLOGIES),
     ("observed", observed.main),
-    ("e2e", e2e.main),
+    ("e2e", lambda: e2e.main([])),
+    ("e2e 3x3", lambda: e2e.main(["--topology", "3x3", "--clients", "12"])),  # the independent evaluation's shape
     ("overhead", overhead.main),
     ("cpu", lambda: cpu.main([])),
     ("attacks", lambda: attacks.main([])),

@@ -3,6 +3,8 @@ the service (its defaults: random tie-breaks, the cost rule), real sglang-router
 with 8 and 16 concurrent clients; hit ratios compared.
 
     .venv/bin/python -m bench.e2e          → bench/results/e2e.json (about 35 minutes)
+    .venv/bin/python -m bench.e2e --topology 3x3 --clients 12
+                                           → bench/results/e2e-3x3.json (another set-up; about 25 minutes)
 
 Each client sends one session's turns back to back, then takes the next session; the simulator
 runs the same closed loop (``Sim(clients=...)``) with the fake workers' timing (prefill per
@@ -11,9 +13,14 @@ through the stack is read from the workers' reported ``cached_tokens``. Random t
 real stack's timing make single runs differ, so each case is the mean of three seeds on both
 sides, and the agreement is judged against a stated tolerance (``TOLERANCE_POINTS``).
 
+The set-up is 2 sglang-routers of 2 workers unless ``--topology`` names another (3x3 is the shape
+of the independent evaluation behind [quality]); there each worker gets the cache that keeps the
+whole stack's cache what it is in the 2x2 set-up (``worker_capacity``), so a case loads the caches
+alike on every topology and what changes is only how the stack is cut.
+
 The same sessions also go, through real processes, to the rivals of [quality]'s targets that real
-parts can play (``RIVALS``): ``one-layer`` (one sglang-router over all four workers, the clients
-straight to it); a plain Envoy over the two routers with ``ROUND_ROBIN``, ``LEAST_REQUEST`` (the
+parts can play (``RIVALS``): ``one-layer`` (one sglang-router over all the workers, the clients
+straight to it); a plain Envoy over the routers with ``ROUND_ROBIN``, ``LEAST_REQUEST`` (the
 least loaded), or ``RING_HASH`` on an ``x-session-id`` header the clients send for it (a
 consistent hash by conversation: sticky sessions, which needs the clients' help); and the service's
 other rules through the same stack: ``--hit-choice creator``, ``--hit-choice least_loaded`` and
@@ -26,6 +33,7 @@ rival's (every rival but one-layer, a different topology).
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import tempfile
@@ -42,7 +50,7 @@ from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port
 from .overhead import direct_config, start_envoy
 
 from .common import write
-from .sim.engine import ServiceModel, Sim, Topology, prepare
+from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare
 from .sim.policies import PrefixRouter
 from .sim.workloads import WORKLOADS
 
@@ -54,6 +62,7 @@ CASES = {
     "dialogue": ({"sessions": 64}, 3000),
 }
 CONCURRENCY = (8, 16)
+BASE = Topology(routers=2, workers=2, batch=1 << 20)  # the set-up the cases' capacities are for
 SEEDS = (3, 4, 5)
 TOLERANCE_POINTS = 3.0
 HIT_SLACK_POINTS, LATENCY_FACTOR = 1.0, 1.1
@@ -64,17 +73,31 @@ FAKE_WORKER = ServiceModel(prefill_base=0.0, prefill_per_token=PREFILL_DELAY, de
                            serial_prefill=False)
 
 
-def main() -> dict:
+def worker_capacity(capacity: int, topo: Topology) -> int:
+    """A case's cache per worker (given for ``BASE``) on ``topo``: the same cache in the whole stack."""
+    return capacity * BASE.routers * BASE.workers // (topo.routers * topo.workers)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.e2e")
+    p.add_argument("--topology", default=BASE, type=parse_topology, metavar="RxW",
+                   help="sglang-routers x fake workers each; other than 2x2, results go to e2e-RxW.json and a section of REPORT.md")
+    p.add_argument("--clients", default=",".join(map(str, CONCURRENCY)), metavar="N[,N...]",
+                   type=lambda v: tuple(int(n) for n in v.split(",")), help="concurrent clients, one case each")
+    p.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable)")
+    a = p.parse_args(argv)
+    topo = Topology(a.topology.routers, a.topology.workers, BASE.batch)
+    cases = {k: v for k, v in CASES.items() if not a.case or k in a.case}
     rows = []
-    for name, (kwargs, capacity) in CASES.items():
-        for clients in CONCURRENCY:
+    for name, (kwargs, capacity) in cases.items():
+        for clients in a.clients:
             for seed in SEEDS:
-                rows.append(replay(name, kwargs, capacity, clients, seed))
+                rows.append(replay(name, kwargs, capacity, clients, seed, topo))
                 for rival in RIVALS:
-                    rows[-1][rival] = replay_rival(rival, name, kwargs, capacity, clients, seed)
+                    rows[-1][rival] = replay_rival(rival, name, kwargs, capacity, clients, seed, topo)
     summary = []
-    for name in CASES:
-        for clients in CONCURRENCY:
+    for name in cases:
+        for clients in a.clients:
             mine = [r for r in rows if r["workload"] == name and r["concurrency"] == clients]
             sim = statistics.mean(r["simulated_hit_ratio"] for r in mine)
             real = statistics.mean(r["stack_hit_ratio"] for r in mine)
@@ -93,25 +116,33 @@ def main() -> dict:
               f"latency p90 {s['stack_latency_p90_s'] * 1000:.0f} ms vs best upper-layer {s['best_latency_rival']} "
               f"{s['best_latency_p90_s'] * 1000:.0f} ms; targets {'met' if s['targets_met'] else 'MISSED'}", flush=True)
     met = sum(s["targets_met"] for s in summary)
-    description = (f"Closed loop of 8 and 16 clients, random tie-breaks on both sides, the service's defaults; 2 sglang-routers x 2 fake workers "
+    description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients, random tie-breaks on both sides, the service's defaults; "
+                   f"{topo.routers} sglang-routers x {topo.workers} fake workers "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
                    f"prompt token); mean of seeds {', '.join(map(str, SEEDS))}. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
                    f"Targets against the real rivals (hit ratio within {HIT_SLACK_POINTS:g} point of the best, latency p90 at most "
                    f"{LATENCY_FACTOR:g}x the best upper-layer rival's): met in {met} of {len(summary)} cases.")
-    result = {"benchmark": "e2e", "description": description, "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS,
-              "latency_factor": LATENCY_FACTOR, "rivals": {k: v.describe() for k, v in RIVALS.items()}, "rows": rows, "summary": summary}
+    result = {"benchmark": "e2e", "description": description, "topology": {"routers": topo.routers, "workers": topo.workers},
+              "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS, "latency_factor": LATENCY_FACTOR,
+              "rivals": {k: v.describe(topo) for k, v in RIVALS.items()}, "rows": rows, "summary": summary}
     print(description)
-    print(f"wrote {write('e2e', result)}")
+    print(f"wrote {write(results_name(topo), result)}")
     return result
 
 
-def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> dict:
+def results_name(topo: Topology) -> str:
+    """``e2e`` for the 2x2 set-up, ``e2e-3x3`` for another."""
+    return "e2e" if (topo.routers, topo.workers) == (BASE.routers, BASE.workers) else f"e2e-{topo.routers}x{topo.workers}"
+
+
+def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE) -> dict:
     """One seed of one case at one concurrency: simulate, then replay the same sessions through the stack."""
     prepared = _prepared(name, kwargs, seed)
-    simulated = Sim(prepared, PrefixRouter(), Topology(routers=2, workers=2, batch=1 << 20, capacity_tokens=capacity), FAKE_WORKER,
+    capacity = worker_capacity(capacity, topo)
+    simulated = Sim(prepared, PrefixRouter(), Topology(topo.routers, topo.workers, BASE.batch, capacity), FAKE_WORKER,
                     seed=seed, clients=clients).run()
     t0 = time.time()
-    totals = _through_service(prepared, capacity, clients, Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-")))
+    totals = _through_service(prepared, capacity, clients, Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-")), topo=topo)
     real = totals["hit_ratio"]
     row = {"workload": name, "concurrency": clients, "seed": seed, "requests": len(prepared), "failed": totals["failed"], "capacity_tokens": capacity,
            "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
@@ -131,11 +162,11 @@ class Rival:
     session_header: bool = False  # the clients send x-session-id; Envoy's ring hashes it
     service_args: tuple[str, ...] = ()
 
-    def describe(self) -> str:
+    def describe(self, topo: Topology = BASE) -> str:
         if self.one_layer:
-            return "one sglang-router over all four workers"
+            return f"one sglang-router over all {topo.routers * topo.workers} workers"
         if self.lb_policy:
-            return f"Envoy {self.lb_policy} over the two routers" + (" on x-session-id (sent by the clients)" if self.session_header else "")
+            return f"Envoy {self.lb_policy} over the {topo.routers} routers" + (" on x-session-id (sent by the clients)" if self.session_header else "")
         return "the stack with prefix-router " + " ".join(self.service_args)
 
 
@@ -223,33 +254,35 @@ def drive(base_url: str, prepared, clients: int, session_header: bool = False) -
             "latency_p50_s": latencies[n // 2], "latency_p90_s": latencies[min(n - 1, int(n * 0.9))]}
 
 
-def replay_rival(name_of_rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int) -> dict:
+def replay_rival(name_of_rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE) -> dict:
     """The same sessions through a rival made of real processes (``RIVALS``)."""
     rival = RIVALS[name_of_rival]
     prepared = _prepared(name, kwargs, seed)
+    capacity = worker_capacity(capacity, topo)
     work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-rival-"))
     if rival.service_args:
-        out = _through_service(prepared, capacity, clients, work, rival.service_args)
+        out = _through_service(prepared, capacity, clients, work, rival.service_args, topo)
     else:
-        out = _through_plain(rival, prepared, capacity, clients, work)
+        out = _through_plain(rival, prepared, capacity, clients, work, topo)
     print(f"{name} x{clients} seed {seed} {name_of_rival}: hit {out['hit_ratio']:.3f}, latency p90 {out['latency_p90_s'] * 1000:.0f} ms "
           f"({out['failed']} failed)", flush=True)
     return out
 
 
-def _through_service(prepared, capacity: int, clients: int, work: Path, service_args: tuple[str, ...] = ()) -> dict:
+def _through_service(prepared, capacity: int, clients: int, work: Path, service_args: tuple[str, ...] = (), topo: Topology = BASE) -> dict:
     """The sessions through the whole stack: envoy/duplex.yaml, the service (with ``service_args``),
-    two sglang-routers over two fake workers each."""
-    stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
+    the sglang-routers over their fake workers (``topo``)."""
+    stack = Stack(Ports.free(topo.routers, topo.workers), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
                   service_args=list(service_args))
     with stack:
         return drive(stack.base_url, prepared, clients)
 
 
-def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Path) -> dict:
+def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Path, topo: Topology = BASE) -> dict:
     """The sessions through a rival without the service: one sglang-router over every worker, or a
     plain Envoy over the routers."""
-    stack = Stack(Ports.free(1, 4) if rival.one_layer else Ports.free(2, 2), worker_args=_worker_args(capacity), workdir=work)
+    n = topo.routers * topo.workers
+    stack = Stack(Ports.free(1, n) if rival.one_layer else Ports.free(topo.routers, topo.workers), worker_args=_worker_args(capacity), workdir=work)
     envoy = None
     try:
         stack.start_workers()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from .common import RESULTS, write
-from .sim.engine import ServiceModel, Sim, Topology, prepare
+from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare
 from .sim.policies import Single, upper_policies
 from .sim.workloads import WORKLOADS
 
@@ -312,37 +312,46 @@ def _other_topologies() -> list[str]:
     return lines
 
 
+def _e2e_lines(d: dict, title: str) -> list[str]:
+    """One ``bench.e2e`` run: the simulator against the stack, and the stack against its real rivals."""
+    cache = {r["workload"]: r.get("capacity_tokens") for r in d["rows"]}
+    lines = [title, "",
+             d.get("description", "").replace("cache per workload below", "cache per worker in the table"), "",
+             "| workload | cache per worker (tokens) | concurrency | simulated | stack | difference (points) | within tolerance |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['workload']} | {cache.get(r['workload'])} | {r.get('concurrency', 1)} | {r['simulated_mean']:.3f} | {r['stack_mean']:.3f} | "
+              f"{r['difference_points']:+.1f} | {'yes' if abs(r['difference_points']) <= d.get('tolerance_points', 1e9) else 'NO'} |" for r in d["summary"]]
+    lines.append("")
+    if d["summary"] and "rivals" in d["summary"][0]:
+        names = list(d["summary"][0]["rivals"])
+        lines += ["The same sessions through rivals made of real processes: hit ratio / request latency p90 in ms (mean of the seeds).", "",
+                  "| workload | concurrency | prefix-router | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        lines += [f"| {r['workload']} | {r['concurrency']} | {r['stack_mean']:.3f} / {1000 * r['stack_latency_p90_s']:.0f} | "
+                  + " | ".join(f"{r['rivals'][n]['hit_ratio']:.3f} / {1000 * r['rivals'][n]['latency_p90_s']:.0f}" for n in names) + " |"
+                  for r in d["summary"]]
+        lines.append("")
+        if "targets_met" in d["summary"][0]:
+            lines += [f"Targets per case: hit ratio at least the best rival's minus {d['hit_slack_points']:g} point, latency p90 at most "
+                      f"{d['latency_factor']:g}x the best upper-layer rival's (every rival but one-layer).", "",
+                      "| workload | concurrency | hit: prefix-router / best rival (who) | latency p90: prefix-router / best upper-layer (who) | both met |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {r['workload']} | {r['concurrency']} | {r['stack_mean']:.3f} / {r['best_hit']:.3f} ({r['best_hit_rival']}) | "
+                      f"{1000 * r['stack_latency_p90_s']:.0f} / {1000 * r['best_latency_p90_s']:.0f} ms ({r['best_latency_rival']}) | "
+                      f"{'yes' if r['targets_met'] else 'NO'} |" for r in d["summary"]]
+            lines.append("")
+    return lines
+
+
 def _measured_sections() -> list[str]:
     """The end-to-end check and the overhead through Envoy, from their own runs' JSON when present."""
     lines: list[str] = []
     e2e = RESULTS / "e2e.json"
     if e2e.exists():
-        d = _read(e2e)
-        cache = {r["workload"]: r.get("capacity_tokens") for r in d["rows"]}
-        lines += ["## The simulator against the real stack (`python -m bench.e2e`)", "",
-                  d.get("description", "").replace("cache per workload below", "cache per worker in the table"), "",
-                  "| workload | cache per worker (tokens) | concurrency | simulated | stack | difference (points) | within tolerance |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['workload']} | {cache.get(r['workload'])} | {r.get('concurrency', 1)} | {r['simulated_mean']:.3f} | {r['stack_mean']:.3f} | "
-                  f"{r['difference_points']:+.1f} | {'yes' if abs(r['difference_points']) <= d.get('tolerance_points', 1e9) else 'NO'} |" for r in d["summary"]]
-        lines.append("")
-        if d["summary"] and "rivals" in d["summary"][0]:
-            names = list(d["summary"][0]["rivals"])
-            lines += ["The same sessions through rivals made of real processes: hit ratio / request latency p90 in ms (mean of the seeds).", "",
-                      "| workload | concurrency | prefix-router | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
-            lines += [f"| {r['workload']} | {r['concurrency']} | {r['stack_mean']:.3f} / {1000 * r['stack_latency_p90_s']:.0f} | "
-                      + " | ".join(f"{r['rivals'][n]['hit_ratio']:.3f} / {1000 * r['rivals'][n]['latency_p90_s']:.0f}" for n in names) + " |"
-                      for r in d["summary"]]
-            lines.append("")
-            if "targets_met" in d["summary"][0]:
-                lines += [f"Targets per case: hit ratio at least the best rival's minus {d['hit_slack_points']:g} point, latency p90 at most "
-                          f"{d['latency_factor']:g}x the best upper-layer rival's (every rival but one-layer).", "",
-                          "| workload | concurrency | hit: prefix-router / best rival (who) | latency p90: prefix-router / best upper-layer (who) | both met |",
-                          "|---|---|---|---|---|"]
-                lines += [f"| {r['workload']} | {r['concurrency']} | {r['stack_mean']:.3f} / {r['best_hit']:.3f} ({r['best_hit_rival']}) | "
-                          f"{1000 * r['stack_latency_p90_s']:.0f} / {1000 * r['best_latency_p90_s']:.0f} ms ({r['best_latency_rival']}) | "
-                          f"{'yes' if r['targets_met'] else 'NO'} |" for r in d["summary"]]
-                lines.append("")
+        lines += _e2e_lines(_read(e2e), "## The simulator against the real stack (`python -m bench.e2e`)")
+    for path in sorted(RESULTS.glob("e2e-*x*.json")):
+        d = _read(path)
+        shape = f"{d['topology']['routers']}x{d['topology']['workers']}"
+        lines += _e2e_lines(d, f"### The same on {shape} (`python -m bench.e2e --topology {shape}`)")
     observed = RESULTS / "observed.json"
     if observed.exists():
         d = _read(observed)
@@ -416,23 +425,12 @@ def plots(result: dict) -> list[Path]:
     return out
 
 
-def _parse_topology(value: str) -> Topology:
-    """``RxW``: R routers of W workers each, both at least 1."""
-    try:
-        routers, workers = (int(n) for n in value.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ROUTERSxWORKERS like 3x3, got {value!r}") from None
-    if routers < 1 or workers < 1:
-        raise argparse.ArgumentTypeError(f"routers and workers must be at least 1, got {value!r}")
-    return Topology(routers, workers)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.eval")
     p.add_argument("--quick", action="store_true", help="one seed, two rates (not for the report)")
     p.add_argument("--workload", action="append", help="only these workloads (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from the last eval.json (e.g. after bench.e2e)")
-    p.add_argument("--topology", default=Topology(), type=_parse_topology, metavar="RxW",
+    p.add_argument("--topology", default=Topology(), type=parse_topology, metavar="RxW",
                    help="routers x workers per router; other than the default's, results go to eval-RxW.json and a section of REPORT.md")
     a = p.parse_args(argv)
     topo = a.topology

@@ -178,6 +178,54 @@ def test_the_real_stack_targets_judge_hit_against_every_rival_and_latency_agains
     assert not verdict({"stack_mean": 0.795, "stack_latency_p90_s": 0.225, "rivals": rivals})["latency_target_met"]
 
 
+def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
+    """``bench.e2e --topology 3x3``: the stack, the one-layer rival and the simulator it is checked
+    against all get 3 routers of 3 workers (one router over all 9 for one-layer), each worker the
+    cache that keeps the whole stack's cache what the 2x2 case gives it."""
+    import bench.e2e as e2e
+
+    stacks, sims = [], []
+
+    class Recording:
+        def __init__(self, ports, worker_args, **kw):
+            stacks.append(([len(w) for w in ports.workers], worker_args[worker_args.index("--capacity-tokens") + 1]))
+            self.ports, self.base_url = ports, "http://127.0.0.1:1/v1"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def start_workers(self):
+            pass
+
+        def start_router(self, r):
+            pass
+
+        def stop(self):
+            pass
+
+    real_sim = e2e.Sim
+
+    def sim(prepared, upper, topo, *a, **kw):
+        sims.append((topo.routers, topo.workers, topo.capacity_tokens))
+        return real_sim(prepared, upper, topo, *a, **kw)
+
+    monkeypatch.setattr(e2e, "Stack", Recording)
+    monkeypatch.setattr(e2e, "Sim", sim)
+    monkeypatch.setattr(e2e, "drive", lambda *a, **kw: {"hit_ratio": 0.5, "failed": 0, "latency_p50_s": 0.1, "latency_p90_s": 0.2})
+    three = e2e.Topology(3, 3, e2e.BASE.batch)
+    row = e2e.replay("dialogue", {"sessions": 4}, 3000, 2, 3, three)
+    e2e.replay_rival("one-layer", "dialogue", {"sessions": 4}, 3000, 2, 3, three)
+    e2e.replay_rival("hit-choice creator", "dialogue", {"sessions": 4}, 3000, 2, 3, three)
+    assert sims == [(3, 3, 1333)] and row["capacity_tokens"] == 1333
+    assert stacks == [([3, 3, 3], "1333"), ([9], "1333"), ([3, 3, 3], "1333")]
+    assert e2e.worker_capacity(3000, e2e.BASE) == 3000
+    assert (e2e.results_name(three), e2e.results_name(e2e.BASE)) == ("e2e-3x3", "e2e")
+    assert e2e.RIVALS["one-layer"].describe(three) == "one sglang-router over all 9 workers"
+
+
 def test_the_evaluation_runs_on_the_topology_it_is_given(monkeypatch):
     """``bench.eval --topology 3x3``: every upper-layer policy sees 3 routers of 3 workers, and the
     one-layer reference one router over all 9 (a set-up the defaults were not chosen on)."""
@@ -200,10 +248,10 @@ def test_the_evaluation_runs_on_the_topology_it_is_given(monkeypatch):
     # the option's values: RxW, nothing else
     import argparse
 
-    assert ev._parse_topology("3x3") == ev.Topology(3, 3)
+    assert ev.parse_topology("3x3") == ev.Topology(3, 3)
     for bad in ("3y3", "0x3", "3", "3x3x3"):
         with pytest.raises(argparse.ArgumentTypeError):
-            ev._parse_topology(bad)
+            ev.parse_topology(bad)
 
 
 def test_the_report_puts_each_rule_in_the_defaults_place_on_every_topology(tmp_path, monkeypatch):
@@ -234,3 +282,30 @@ def test_the_report_puts_each_rule_in_the_defaults_place_on_every_topology(tmp_p
     assert rows["4x2 (the defaults chosen here)"][1].strip() == "1 of 1 (80.0)" and rows["4x2 (the defaults chosen here)"][hash_col].strip() == "0 of 1 (70.0)"
     assert rows["3x3"][1].strip() == "0 of 1 (60.0)" and rows["3x3"][hash_col].strip() == "1 of 1 (62.0)"
     assert "**3 SGLang routers x 3 workers**" in text and "w fits x1 (hit -2.0 vs consistent-hash)" in text
+
+
+def test_the_report_shows_each_real_stack_run_by_its_topology(tmp_path, monkeypatch):
+    """REPORT.md carries the 2x2 run of ``bench.e2e`` and, under it, each ``--topology`` run with its
+    own cache, cases and verdicts."""
+    import json
+
+    import bench.eval as ev
+
+    def run(routers, workers, capacity, hit, best):
+        case = {"workload": "dialogue", "concurrency": 12, "simulated_mean": 0.5, "stack_mean": hit, "difference_points": 100 * (hit - 0.5),
+                "stack_latency_p90_s": 0.2, "rivals": {"one-layer": {"hit_ratio": best, "latency_p90_s": 0.2}}, "best_hit": best,
+                "best_hit_rival": "one-layer", "best_latency_p90_s": 0.2, "best_latency_rival": "envoy round robin", "targets_met": hit >= best - 0.01}
+        return {"description": f"{routers} sglang-routers x {workers} fake workers", "topology": {"routers": routers, "workers": workers},
+                "tolerance_points": 3.0, "hit_slack_points": 1.0, "latency_factor": 1.1,
+                "rows": [{"workload": "dialogue", "capacity_tokens": capacity}], "summary": [case]}
+
+    monkeypatch.setattr(ev, "RESULTS", tmp_path)
+    (tmp_path / "e2e.json").write_text(json.dumps(run(2, 2, 3000, 0.55, 0.55)))
+    (tmp_path / "e2e-3x3.json").write_text(json.dumps(run(3, 3, 1333, 0.51, 0.55)))
+    text = "\n".join(ev._measured_sections())
+    main, _, other = text.partition("### The same on 3x3 (`python -m bench.e2e --topology 3x3`)")
+    assert "## The simulator against the real stack" in main and other
+    assert "2 sglang-routers x 2 fake workers" in main and "| dialogue | 3000 | 12 | 0.500 | 0.550 | +5.0 | NO |" in main
+    assert "| dialogue | 12 | 0.550 / 0.550 (one-layer) | 200 / 200 ms (envoy round robin) | yes |" in main
+    assert "3 sglang-routers x 3 fake workers" in other and "| dialogue | 1333 | 12 | 0.500 | 0.510 | +1.0 | yes |" in other
+    assert "| dialogue | 12 | 0.510 / 0.550 (one-layer) | 200 / 200 ms (envoy round robin) | NO |" in other

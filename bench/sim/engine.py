@@ -17,6 +17,7 @@ what prefix-router and sglang-router count.
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import itertools
 import random
@@ -41,6 +42,17 @@ class Topology:
     workers: int = 2  # per router
     batch: int = 32  # requests a worker runs at once (the rest queue)
     capacity_tokens: int = 1 << 20  # per worker
+
+
+def parse_topology(value: str) -> Topology:
+    """``RxW`` (a command-line value): R routers of W workers each, both at least 1."""
+    try:
+        routers, workers = (int(n) for n in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROUTERSxWORKERS like 3x3, got {value!r}") from None
+    if routers < 1 or workers < 1:
+        raise argparse.ArgumentTypeError(f"routers and workers must be at least 1, got {value!r}")
+    return Topology(routers, workers)
 
 
 @dataclass(frozen=True)

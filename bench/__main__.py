@@ -16,9 +16,12 @@ for name, run in (
     ("sweep", sweep.main),  # chooses the cost rule's defaults on the tuning set; eval then reports both sets
     ("eval", lambda: routing_eval.main([])),
     *((f"eval {t}", lambda t=t: routing_eval.main(["--topology", t])) for t in routing_eval.OTHER_TOPOLOGIES),
+    *((f"eval {t} threshold {x:g}", lambda t=t, x=x: routing_eval.main(["--topology", t, "--router-cache-threshold", str(x)]))
+      for t, x in routing_eval.ROUTER_THRESHOLDS),
     ("observed", observed.main),
     ("e2e", lambda: e2e.main([])),
     ("e2e 3x3", lambda: e2e.main(["--topology", "3x3", "--clients", "12"])),  # the independent evaluation's shape
+    ("e2e 3x3 threshold 0.7", lambda: e2e.main(["--topology", "3x3", "--clients", "12", "--router-cache-threshold", "0.7"])),
     ("overhead", overhead.main),
     ("cpu", lambda: cpu.main([])),
     ("attacks", lambda: attacks.main([])),

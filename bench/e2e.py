@@ -4,7 +4,9 @@ with 8 and 16 concurrent clients; hit ratios compared.
 
     .venv/bin/python -m bench.e2e          → bench/results/e2e.json (about 35 minutes)
     .venv/bin/python -m bench.e2e --topology 3x3 --clients 12
-                                           → bench/results/e2e-3x3.json (another set-up; about 25 minutes)
+                                           → bench/results/e2e-3x3.json (another set-up; about 20 minutes)
+    .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --router-cache-threshold 0.7
+                                           → bench/results/e2e-3x3-threshold0.7.json (the routers at another threshold)
 
 Each client sends one session's turns back to back, then takes the next session; the simulator
 runs the same closed loop (``Sim(clients=...)``) with the fake workers' timing (prefill per
@@ -16,7 +18,9 @@ sides, and the agreement is judged against a stated tolerance (``TOLERANCE_POINT
 The set-up is 2 sglang-routers of 2 workers unless ``--topology`` names another (3x3 is the shape
 of the independent evaluation behind [quality]); there each worker gets the cache that keeps the
 whole stack's cache what it is in the 2x2 set-up (``worker_capacity``), so a case loads the caches
-alike on every topology and what changes is only how the stack is cut.
+alike on every topology and what changes is only how the stack is cut. ``--router-cache-threshold``
+starts every sglang-router (the stack's, and the rivals') with that ``--cache-threshold`` and
+simulates them so.
 
 The same sessions also go, through real processes, to the rivals of [quality]'s targets that real
 parts can play (``RIVALS``): ``one-layer`` (one sglang-router over all the workers, the clients
@@ -40,7 +44,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import openai
@@ -85,8 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clients", default=",".join(map(str, CONCURRENCY)), metavar="N[,N...]",
                    type=lambda v: tuple(int(n) for n in v.split(",")), help="concurrent clients, one case each")
     p.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable)")
+    p.add_argument("--router-cache-threshold", type=float, default=BASE.router_threshold, metavar="X",
+                   help="every sglang-router's --cache-threshold (its default 0.3); other than that, results go to e2e-RxW-thresholdX.json")
     a = p.parse_args(argv)
-    topo = Topology(a.topology.routers, a.topology.workers, BASE.batch)
+    topo = Topology(a.topology.routers, a.topology.workers, BASE.batch, router_threshold=a.router_cache_threshold)
     cases = {k: v for k, v in CASES.items() if not a.case or k in a.case}
     rows = []
     for name, (kwargs, capacity) in cases.items():
@@ -116,13 +122,15 @@ def main(argv: list[str] | None = None) -> dict:
               f"latency p90 {s['stack_latency_p90_s'] * 1000:.0f} ms vs best upper-layer {s['best_latency_rival']} "
               f"{s['best_latency_p90_s'] * 1000:.0f} ms; targets {'met' if s['targets_met'] else 'MISSED'}", flush=True)
     met = sum(s["targets_met"] for s in summary)
+    at = "" if topo.router_threshold == BASE.router_threshold else f" at --cache-threshold {topo.router_threshold:g}"
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients, random tie-breaks on both sides, the service's defaults; "
-                   f"{topo.routers} sglang-routers x {topo.workers} fake workers "
+                   f"{topo.routers} sglang-routers{at} x {topo.workers} fake workers "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
                    f"prompt token); mean of seeds {', '.join(map(str, SEEDS))}. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
                    f"Targets against the real rivals (hit ratio within {HIT_SLACK_POINTS:g} point of the best, latency p90 at most "
                    f"{LATENCY_FACTOR:g}x the best upper-layer rival's): met in {met} of {len(summary)} cases.")
-    result = {"benchmark": "e2e", "description": description, "topology": {"routers": topo.routers, "workers": topo.workers},
+    result = {"benchmark": "e2e", "description": description,
+              "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},
               "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS, "latency_factor": LATENCY_FACTOR,
               "rivals": {k: v.describe(topo) for k, v in RIVALS.items()}, "rows": rows, "summary": summary}
     print(description)
@@ -131,15 +139,21 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def results_name(topo: Topology) -> str:
-    """``e2e`` for the 2x2 set-up, ``e2e-3x3`` for another."""
-    return "e2e" if (topo.routers, topo.workers) == (BASE.routers, BASE.workers) else f"e2e-{topo.routers}x{topo.workers}"
+    """``e2e`` for the 2x2 set-up, ``e2e-3x3`` for another, ``e2e-3x3-threshold0.7`` with the
+    routers at another --cache-threshold."""
+    t = "" if topo.router_threshold == BASE.router_threshold else f"-threshold{topo.router_threshold:g}"
+    return "e2e" if (topo.routers, topo.workers, t) == (BASE.routers, BASE.workers, "") else f"e2e-{topo.routers}x{topo.workers}{t}"
+
+
+def _router_args(topo: Topology) -> list[str]:
+    return [] if topo.router_threshold == BASE.router_threshold else ["--cache-threshold", f"{topo.router_threshold:g}"]
 
 
 def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE) -> dict:
     """One seed of one case at one concurrency: simulate, then replay the same sessions through the stack."""
     prepared = _prepared(name, kwargs, seed)
     capacity = worker_capacity(capacity, topo)
-    simulated = Sim(prepared, PrefixRouter(), Topology(topo.routers, topo.workers, BASE.batch, capacity), FAKE_WORKER,
+    simulated = Sim(prepared, PrefixRouter(), replace(topo, capacity_tokens=capacity), FAKE_WORKER,
                     seed=seed, clients=clients).run()
     t0 = time.time()
     totals = _through_service(prepared, capacity, clients, Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-")), topo=topo)
@@ -273,7 +287,7 @@ def _through_service(prepared, capacity: int, clients: int, work: Path, service_
     """The sessions through the whole stack: envoy/duplex.yaml, the service (with ``service_args``),
     the sglang-routers over their fake workers (``topo``)."""
     stack = Stack(Ports.free(topo.routers, topo.workers), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
-                  service_args=list(service_args))
+                  service_args=list(service_args), router_args=_router_args(topo))
     with stack:
         return drive(stack.base_url, prepared, clients)
 
@@ -282,7 +296,8 @@ def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Pa
     """The sessions through a rival without the service: one sglang-router over every worker, or a
     plain Envoy over the routers."""
     n = topo.routers * topo.workers
-    stack = Stack(Ports.free(1, n) if rival.one_layer else Ports.free(topo.routers, topo.workers), worker_args=_worker_args(capacity), workdir=work)
+    stack = Stack(Ports.free(1, n) if rival.one_layer else Ports.free(topo.routers, topo.workers), worker_args=_worker_args(capacity), workdir=work,
+                  router_args=_router_args(topo))
     envoy = None
     try:
         stack.start_workers()

@@ -32,6 +32,7 @@ import random
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +62,9 @@ ALTERNATES = {"prefix-router/previous-default": "The previous default (only whol
 # set-ups the defaults were not chosen on (`make bench` runs each): the independent evaluation's
 # 3 routers x 3 workers, fewer bigger routers, many one-worker routers
 OTHER_TOPOLOGIES = ("3x3", "2x4", "8x1")
+# ... and with the routers at another --cache-threshold than sglang-router's 0.3, one past a shared
+# system prompt's share of a new session's text, so that new sessions are not all sent to its creator
+ROUTER_THRESHOLDS = (("4x2", 0.7), ("3x3", 0.7), ("2x4", 0.7))
 # the upper-layer rules put in the default's place on other topologies
 IN_PLACE = (DEFAULT, "prefix-router/creator", "prefix-router/least-loaded-hit", "least-loaded", "litellm-v1", "consistent-hash", "round-robin")
 HEADLINE = (DEFAULT, "prefix-router/previous-default", SINGLE, "prefix-router/creator", "prefix-router/least-loaded-hit", "round-robin", "least-loaded", "consistent-hash",
@@ -92,8 +96,8 @@ def unit(args: tuple[str, int, tuple[float, ...], Callable[[], dict[str, object]
     rows = []
     for cap_name, cap in capacities(prepared).items():
         for rate in rates:
-            t = Topology(topo.routers, topo.workers, topo.batch, cap)
-            single = Topology(1, topo.routers * topo.workers, topo.batch, cap)
+            t = replace(topo, capacity_tokens=cap)
+            single = replace(topo, routers=1, workers=topo.routers * topo.workers, capacity_tokens=cap)
             for policy, upper in policies().items():
                 s = Sim(prepared, upper, single if policy == SINGLE else t, model, seed=seed, rate_scale=rate).run()
                 rows.append({"workload": name, "seed": seed, "capacity": cap_name, "capacity_tokens": cap, "rate": rate, "policy": policy, **s})
@@ -268,20 +272,37 @@ def report(result: dict) -> str:
     return "\n".join(lines + _other_topologies() + _measured_sections())
 
 
+def _threshold(result: dict) -> float | None:
+    """The routers' --cache-threshold of a run, when not sglang-router's default."""
+    t = result["topology"].get("router_threshold", Topology.router_threshold)
+    return None if t == Topology.router_threshold else t
+
+
 def _topology(result: dict) -> str:
-    return f"{result['topology']['routers']} SGLang routers x {result['topology']['workers']} workers"
+    t = _threshold(result)
+    return (f"{result['topology']['routers']} SGLang routers x {result['topology']['workers']} workers"
+            + (f", each router at `--cache-threshold {t:g}`" if t is not None else ""))
+
+
+def _shape(result: dict) -> str:
+    """The short label of a run's set-up in the topologies table (``3x3``, ``3x3, routers at 0.7``)."""
+    t = _threshold(result)
+    return f"{result['topology']['routers']}x{result['topology']['workers']}" + (f", routers' threshold {t:g}" if t is not None else "")
 
 
 def topology_name(topo: Topology) -> str:
-    """The results file of an evaluation on a topology other than the default's (``eval-3x3``)."""
-    return f"eval-{topo.routers}x{topo.workers}"
+    """The results file of an evaluation on a set-up other than the default's (``eval-3x3``,
+    ``eval-3x3-threshold0.7`` with the routers at another --cache-threshold)."""
+    t = "" if topo.router_threshold == Topology.router_threshold else f"-threshold{topo.router_threshold:g}"
+    return f"eval-{topo.routers}x{topo.workers}{t}"
 
 
 def _other_topologies() -> list[str]:
     """The summary of every ``--topology`` run on record: the same sets, seeds and targets on
     set-ups the defaults were not chosen on, and how each upper-layer rule would fare there in the
     default's place (a rule that is only best on the topology it was tuned on is not a default)."""
-    runs = [_read(path) for path in sorted(RESULTS.glob("eval-*x*.json"))]
+    # each topology, then its runs with the routers at another threshold
+    runs = [_read(path) for path in sorted(RESULTS.glob("eval-*x*.json"), key=lambda p: (p.stem.split("-threshold")[0], p.stem))]
     if not runs:
         return []
     main = RESULTS / "eval.json"
@@ -297,7 +318,7 @@ def _other_topologies() -> list[str]:
             v = verdicts(agg, name)
             row.append(f"{sum(x['hit_ok'] and x['ttft_ok'] for x in v)} of {len(v)} ({_pct(statistics.mean(x['hit_ratio'] for x in v))})" if v else "-")
         chosen = " (the defaults chosen here)" if d is runs[0] and main.exists() else ""
-        lines.append(f"| {d['topology']['routers']}x{d['topology']['workers']}{chosen} | " + " | ".join(row) + " |")
+        lines.append(f"| {_shape(d)}{chosen} | " + " | ".join(row) + " |")
     lines.append("")
     for d in runs[1:] if main.exists() else runs:
         lines += [f"**{_topology(d)}** (one-layer reference over all {d['topology']['routers'] * d['topology']['workers']} workers):", "",
@@ -350,8 +371,9 @@ def _measured_sections() -> list[str]:
         lines += _e2e_lines(_read(e2e), "## The simulator against the real stack (`python -m bench.e2e`)")
     for path in sorted(RESULTS.glob("e2e-*x*.json")):
         d = _read(path)
-        shape = f"{d['topology']['routers']}x{d['topology']['workers']}"
-        lines += _e2e_lines(d, f"### The same on {shape} (`python -m bench.e2e --topology {shape}`)")
+        shape, t = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold(d)
+        at, flag = (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
+        lines += _e2e_lines(d, f"### The same on {shape}{at} (`python -m bench.e2e --topology {shape}{flag}`)")
     observed = RESULTS / "observed.json"
     if observed.exists():
         d = _read(observed)
@@ -432,8 +454,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from the last eval.json (e.g. after bench.e2e)")
     p.add_argument("--topology", default=Topology(), type=parse_topology, metavar="RxW",
                    help="routers x workers per router; other than the default's, results go to eval-RxW.json and a section of REPORT.md")
+    p.add_argument("--router-cache-threshold", type=float, default=Topology.router_threshold, metavar="X",
+                   help="each simulated sglang-router's --cache-threshold (its default 0.3); other than that, results go to eval-RxW-thresholdX.json")
     a = p.parse_args(argv)
-    topo = a.topology
+    topo = replace(a.topology, router_threshold=a.router_cache_threshold)
     if a.report_only:
         result = _read(RESULTS / "eval.json")
         (RESULTS / "REPORT.md").write_text(report(result))

@@ -187,8 +187,8 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     stacks, sims = [], []
 
     class Recording:
-        def __init__(self, ports, worker_args, **kw):
-            stacks.append(([len(w) for w in ports.workers], worker_args[worker_args.index("--capacity-tokens") + 1]))
+        def __init__(self, ports, worker_args, router_args=(), **kw):
+            stacks.append(([len(w) for w in ports.workers], worker_args[worker_args.index("--capacity-tokens") + 1], *router_args))
             self.ports, self.base_url = ports, "http://127.0.0.1:1/v1"
 
         def __enter__(self):
@@ -209,12 +209,21 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     real_sim = e2e.Sim
 
     def sim(prepared, upper, topo, *a, **kw):
-        sims.append((topo.routers, topo.workers, topo.capacity_tokens))
+        sims.append((topo.routers, topo.workers, topo.capacity_tokens) + ((topo.router_threshold,) if topo.router_threshold != 0.3 else ()))
         return real_sim(prepared, upper, topo, *a, **kw)
 
     monkeypatch.setattr(e2e, "Stack", Recording)
     monkeypatch.setattr(e2e, "Sim", sim)
     monkeypatch.setattr(e2e, "drive", lambda *a, **kw: {"hit_ratio": 0.5, "failed": 0, "latency_p50_s": 0.1, "latency_p90_s": 0.2})
+
+    class NoEnvoy:
+        def terminate(self):
+            pass
+
+        def wait(self, timeout):
+            pass
+
+    monkeypatch.setattr(e2e, "start_envoy", lambda *a, **kw: NoEnvoy())
     three = e2e.Topology(3, 3, e2e.BASE.batch)
     row = e2e.replay("dialogue", {"sessions": 4}, 3000, 2, 3, three)
     e2e.replay_rival("one-layer", "dialogue", {"sessions": 4}, 3000, 2, 3, three)
@@ -224,6 +233,37 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     assert e2e.worker_capacity(3000, e2e.BASE) == 3000
     assert (e2e.results_name(three), e2e.results_name(e2e.BASE)) == ("e2e-3x3", "e2e")
     assert e2e.RIVALS["one-layer"].describe(three) == "one sglang-router over all 9 workers"
+    # --router-cache-threshold: every router of the stack and of the rivals started with it, and simulated so
+    stacks.clear(), sims.clear()
+    at = e2e.replace(three, router_threshold=0.7)
+    e2e.replay("dialogue", {"sessions": 4}, 3000, 2, 3, at)
+    e2e.replay_rival("envoy round robin", "dialogue", {"sessions": 4}, 3000, 2, 3, at)
+    assert stacks == [([3, 3, 3], "1333", "--cache-threshold", "0.7")] * 2 and sims == [(3, 3, 1333, 0.7)]
+    assert e2e.results_name(at) == "e2e-3x3-threshold0.7"
+
+
+def test_the_simulated_routers_pin_a_hot_shared_prefix_to_one_worker_below_their_threshold():
+    """sglang-router 0.3.2 sends every request whose match rate passes its --cache-threshold to the
+    prefix's creator (FIELD-NOTES, "hot shared prefix"): new sessions that are mostly a shared
+    system prompt all land on one worker at 0.3, and spread at a threshold they do not pass."""
+    from collections import Counter
+
+    prepared = prepare(WORKLOADS["multi_turn"](random.Random(5), sessions=12, turns=2, shared_chars=3000, session_chars=500))
+    used = {}
+    for threshold in (0.3, 0.9):
+        sim = Sim(prepared, Single(), Topology(routers=1, workers=3, router_threshold=threshold), ServiceModel(), seed=5)
+        got: Counter = Counter()
+
+        def recording(p, s, choose=sim.routers[0].choose, got=got):
+            worker = choose(p, s)
+            got[worker] += 1
+            return worker
+
+        sim.routers[0].choose = recording
+        sim.run()
+        used[threshold] = got
+    assert len(used[0.3]) == 1 and sum(used[0.3].values()) == len(prepared)
+    assert len(used[0.9]) == 3
 
 
 def test_the_evaluation_runs_on_the_topology_it_is_given(monkeypatch):
@@ -235,16 +275,22 @@ def test_the_evaluation_runs_on_the_topology_it_is_given(monkeypatch):
     real = ev.Sim
 
     def recording(prepared, upper, topo, *a, **kw):
-        seen.setdefault("single" if isinstance(upper, ev.Single) else "upper", set()).add((topo.routers, topo.workers))
+        seen.setdefault("single" if isinstance(upper, ev.Single) else "upper", set()).add((topo.routers, topo.workers, topo.router_threshold))
         return real(prepared, upper, topo, *a, **kw)
 
     monkeypatch.setattr(ev, "Sim", recording)
     monkeypatch.setitem(ev.WORKLOADS, "tiny", lambda rng: WORKLOADS["multi_turn"](rng, sessions=4, turns=2))
     pick = {"prefix-router": upper_policies()["prefix-router"], ev.SINGLE: ev.Single()}
     rows = ev.unit(("tiny", 1, (1.0,), lambda: dict(pick), ev.Topology(3, 3)))
-    assert seen == {"upper": {(3, 3)}, "single": {(1, 9)}}
+    assert seen == {"upper": {(3, 3, 0.3)}, "single": {(1, 9, 0.3)}}
     assert {r["policy"] for r in rows} == set(pick)
     assert ev.topology_name(ev.Topology(3, 3)) == "eval-3x3"
+    # --router-cache-threshold: every router of both set-ups at it, and a results file of its own
+    seen.clear()
+    ev.unit(("tiny", 1, (1.0,), lambda: dict(pick), ev.Topology(3, 3, router_threshold=0.7)))
+    assert seen == {"upper": {(3, 3, 0.7)}, "single": {(1, 9, 0.7)}}
+    assert ev.topology_name(ev.Topology(3, 3, router_threshold=0.7)) == "eval-3x3-threshold0.7"
+    assert ev.topology_name(ev.Topology(router_threshold=0.7)) == "eval-4x2-threshold0.7"
     # the option's values: RxW, nothing else
     import argparse
 
@@ -282,6 +328,13 @@ def test_the_report_puts_each_rule_in_the_defaults_place_on_every_topology(tmp_p
     assert rows["4x2 (the defaults chosen here)"][1].strip() == "1 of 1 (80.0)" and rows["4x2 (the defaults chosen here)"][hash_col].strip() == "0 of 1 (70.0)"
     assert rows["3x3"][1].strip() == "0 of 1 (60.0)" and rows["3x3"][hash_col].strip() == "1 of 1 (62.0)"
     assert "**3 SGLang routers x 3 workers**" in text and "w fits x1 (hit -2.0 vs consistent-hash)" in text
+    # a run with the routers at another --cache-threshold is its own row, labelled with it
+    at = result(3, 3, [row(ev.DEFAULT, 0.66, 0.1), row("consistent-hash", 0.62, 0.1)])
+    at["topology"]["router_threshold"] = 0.7
+    (tmp_path / "eval-3x3-threshold0.7.json").write_text(json.dumps(at))
+    text = "\n".join(ev._other_topologies())
+    assert "| 3x3, routers' threshold 0.7 | 1 of 1 (66.0) |" in text and "| 3x3 | 0 of 1 (60.0) |" in text
+    assert "**3 SGLang routers x 3 workers, each router at `--cache-threshold 0.7`**" in text
 
 
 def test_the_report_shows_each_real_stack_run_by_its_topology(tmp_path, monkeypatch):

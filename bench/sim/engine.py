@@ -42,6 +42,9 @@ class Topology:
     workers: int = 2  # per router
     batch: int = 32  # requests a worker runs at once (the rest queue)
     capacity_tokens: int = 1 << 20  # per worker
+    # each router's --cache-threshold: above this match rate it sends a request to the prefix's
+    # creator (sglang-router 0.3.2's default 0.3; FIELD-NOTES "hot shared prefix")
+    router_threshold: float = 0.3
 
 
 def parse_topology(value: str) -> Topology:
@@ -104,16 +107,15 @@ class Worker:
 class SglangRouter:
     """sglang-router 0.3.2's cache_aware over its own workers (creator on a hit, first on ties)."""
 
-    CFG = policy_config(hit_choice="creator", tie_break="first")
-
-    def __init__(self, workers: list[int]) -> None:
+    def __init__(self, workers: list[int], threshold: float = 0.3) -> None:
         self.workers = workers
+        self.cfg = policy_config(hit_choice="creator", tie_break="first", cache_threshold=threshold)
         self.tree = RadixTree()
         self.inflight = 0
 
     def choose(self, p: Prepared, sim: "Sim") -> int:
         loads = {str(w): sim.workers[w].inflight for w in self.workers}
-        d = decide(self.tree, loads, p.partition, p.sglang_text, sim.now, self.CFG, sim.rng)
+        d = decide(self.tree, loads, p.partition, p.sglang_text, sim.now, self.cfg, sim.rng)
         return int(d.upstream)
 
 
@@ -125,7 +127,7 @@ class Sim:
         self.topo, self.model, self.upper = topo, model, upper
         self.rng = random.Random(seed)
         self.workers = [Worker(topo) for _ in range(topo.routers * topo.workers)]
-        self.routers = [SglangRouter(list(range(r * topo.workers, (r + 1) * topo.workers))) for r in range(topo.routers)]
+        self.routers = [SglangRouter(list(range(r * topo.workers, (r + 1) * topo.workers)), topo.router_threshold) for r in range(topo.routers)]
         self.now = 0.0
         self.events: list = []
         self.seq = itertools.count()

@@ -239,6 +239,7 @@ class Stack:
     tls_dir: Path | None = None  # with envoy/duplex-mtls.yaml: certificates from extproc.dev.certs
     upstream_flags: bool = True  # False: the service takes its upstreams from --config or the environment
     worker_args: list[str] = field(default_factory=list)
+    router_args: list[str] = field(default_factory=list)  # more sglang-router flags (bench.e2e --router-cache-threshold)
     # Replicas share their view through a nats-server the stack starts (default: with 2+ replicas)
     sync: bool | None = None
     workdir: Path | None = None
@@ -311,7 +312,7 @@ class Stack:
         return [
             "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(self.ports.routers[r]),
             "--worker-urls", *self.worker_urls(r), "--policy", "cache_aware",
-            "--prometheus-host", HOST, "--prometheus-port", str(self.ports.prometheus[r]), "--log-level", "warn",
+            "--prometheus-host", HOST, "--prometheus-port", str(self.ports.prometheus[r]), "--log-level", "warn", *self.router_args,
         ]
 
     def nats_argv(self) -> list[str]:

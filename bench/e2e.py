@@ -54,7 +54,7 @@ from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port
 from .overhead import direct_config, start_envoy
 
 from .common import write
-from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare
+from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
 from .sim.policies import PrefixRouter
 from .sim.workloads import WORKLOADS
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
 def results_name(topo: Topology) -> str:
     """``e2e`` for the 2x2 set-up, ``e2e-3x3`` for another, ``e2e-3x3-threshold0.7`` with the
     routers at another --cache-threshold."""
-    t = "" if topo.router_threshold == BASE.router_threshold else f"-threshold{topo.router_threshold:g}"
+    t = threshold_suffix(topo)
     return "e2e" if (topo.routers, topo.workers, t) == (BASE.routers, BASE.workers, "") else f"e2e-{topo.routers}x{topo.workers}{t}"
 
 

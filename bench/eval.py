@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from .common import RESULTS, write
-from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare
+from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
 from .sim.policies import Single, upper_policies
 from .sim.workloads import WORKLOADS
 
@@ -293,8 +293,7 @@ def _shape(result: dict) -> str:
 def topology_name(topo: Topology) -> str:
     """The results file of an evaluation on a set-up other than the default's (``eval-3x3``,
     ``eval-3x3-threshold0.7`` with the routers at another --cache-threshold)."""
-    t = "" if topo.router_threshold == Topology.router_threshold else f"-threshold{topo.router_threshold:g}"
-    return f"eval-{topo.routers}x{topo.workers}{t}"
+    return f"eval-{topo.routers}x{topo.workers}{threshold_suffix(topo)}"
 
 
 def _other_topologies() -> list[str]:

@@ -47,6 +47,12 @@ class Topology:
     router_threshold: float = 0.3
 
 
+def threshold_suffix(topo: Topology) -> str:
+    """What a results file's name adds for routers at another --cache-threshold than
+    sglang-router's (``-threshold0.7``); nothing for the default."""
+    return "" if topo.router_threshold == Topology.router_threshold else f"-threshold{topo.router_threshold:g}"
+
+
 def parse_topology(value: str) -> Topology:
     """``RxW`` (a command-line value): R routers of W workers each, both at least 1."""
     try:

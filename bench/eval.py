@@ -368,11 +368,12 @@ def _measured_sections() -> list[str]:
     e2e = RESULTS / "e2e.json"
     if e2e.exists():
         lines += _e2e_lines(_read(e2e), "## The simulator against the real stack (`python -m bench.e2e`)")
-    for path in sorted(RESULTS.glob("e2e-*x*.json")):
+    for path in sorted(RESULTS.glob("e2e-*x*.json"), key=lambda p: (p.stem.split("-threshold")[0], p.stem)):
         d = _read(path)
         shape, t = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold(d)
+        clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))
         at, flag = (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
-        lines += _e2e_lines(d, f"### The same on {shape}{at} (`python -m bench.e2e --topology {shape}{flag}`)")
+        lines += _e2e_lines(d, f"### The same on {shape}{at} (`python -m bench.e2e --topology {shape} --clients {clients}{flag}`)")
     observed = RESULTS / "observed.json"
     if observed.exists():
         d = _read(observed)

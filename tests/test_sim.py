@@ -356,7 +356,7 @@ def test_the_report_shows_each_real_stack_run_by_its_topology(tmp_path, monkeypa
     (tmp_path / "e2e.json").write_text(json.dumps(run(2, 2, 3000, 0.55, 0.55)))
     (tmp_path / "e2e-3x3.json").write_text(json.dumps(run(3, 3, 1333, 0.51, 0.55)))
     text = "\n".join(ev._measured_sections())
-    main, _, other = text.partition("### The same on 3x3 (`python -m bench.e2e --topology 3x3`)")
+    main, _, other = text.partition("### The same on 3x3 (`python -m bench.e2e --topology 3x3 --clients 12`)")
     assert "## The simulator against the real stack" in main and other
     assert "2 sglang-routers x 2 fake workers" in main and "| dialogue | 3000 | 12 | 0.500 | 0.550 | +5.0 | NO |" in main
     assert "| dialogue | 12 | 0.550 / 0.550 (one-layer) | 200 / 200 ms (envoy round robin) | yes |" in main

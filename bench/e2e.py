@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
               "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS, "latency_factor": LATENCY_FACTOR,
               "rivals": {k: v.describe(topo) for k, v in RIVALS.items()}, "rows": rows, "summary": summary}
     print(description)
-    print(f"wrote {write(results_name(topo), result)}")
+    # a run of some of the cases keeps the whole run's file (and REPORT.md's section) intact
+    subset = bool(a.case) or (topo == replace(BASE, router_threshold=topo.router_threshold) and a.clients != CONCURRENCY)
+    print(f"wrote {write(results_name(topo) + ('-subset' if subset else ''), result)}")
     return result
 
 

@@ -368,7 +368,8 @@ def _measured_sections() -> list[str]:
     e2e = RESULTS / "e2e.json"
     if e2e.exists():
         lines += _e2e_lines(_read(e2e), "## The simulator against the real stack (`python -m bench.e2e`)")
-    for path in sorted(RESULTS.glob("e2e-*x*.json"), key=lambda p: (p.stem.split("-threshold")[0], p.stem)):
+    runs = [p for p in RESULTS.glob("e2e-*x*.json") if not p.stem.endswith("-subset")]
+    for path in sorted(runs, key=lambda p: (p.stem.split("-threshold")[0], p.stem)):
         d = _read(path)
         shape, t = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold(d)
         clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))

@@ -355,10 +355,29 @@ def test_the_report_shows_each_real_stack_run_by_its_topology(tmp_path, monkeypa
     monkeypatch.setattr(ev, "RESULTS", tmp_path)
     (tmp_path / "e2e.json").write_text(json.dumps(run(2, 2, 3000, 0.55, 0.55)))
     (tmp_path / "e2e-3x3.json").write_text(json.dumps(run(3, 3, 1333, 0.51, 0.55)))
+    (tmp_path / "e2e-3x3-subset.json").write_text(json.dumps(run(3, 3, 1333, 0.99, 0.55)))  # a run of some cases: not reported
     text = "\n".join(ev._measured_sections())
+    assert "0.990" not in text and text.count("### The same on") == 1
     main, _, other = text.partition("### The same on 3x3 (`python -m bench.e2e --topology 3x3 --clients 12`)")
     assert "## The simulator against the real stack" in main and other
     assert "2 sglang-routers x 2 fake workers" in main and "| dialogue | 3000 | 12 | 0.500 | 0.550 | +5.0 | NO |" in main
     assert "| dialogue | 12 | 0.550 / 0.550 (one-layer) | 200 / 200 ms (envoy round robin) | yes |" in main
     assert "3 sglang-routers x 3 fake workers" in other and "| dialogue | 1333 | 12 | 0.500 | 0.510 | +1.0 | yes |" in other
     assert "| dialogue | 12 | 0.510 / 0.550 (one-layer) | 200 / 200 ms (envoy round robin) | NO |" in other
+
+
+def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeypatch):
+    """``bench.e2e --case X`` (or other clients on the 2x2 set-up) writes a ``-subset`` file, which
+    the report does not read; full runs write the file of their set-up."""
+    import bench.e2e as e2e
+
+    row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2}
+    rival = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2}
+    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, **row})
+    monkeypatch.setattr(e2e, "replay_rival", lambda *a: dict(rival))
+    written = []
+    monkeypatch.setattr(e2e, "write", lambda name, result: written.append(name) or name)
+    for argv in ([], ["--case", "dialogue"], ["--clients", "8"], ["--topology", "3x3", "--clients", "12"],
+                 ["--topology", "3x3", "--clients", "12", "--case", "dialogue"], ["--topology", "3x3", "--clients", "12", "--router-cache-threshold", "0.7"]):
+        e2e.main(argv)
+    assert written == ["e2e", "e2e-subset", "e2e-subset", "e2e-3x3", "e2e-3x3-subset", "e2e-3x3-threshold0.7"]

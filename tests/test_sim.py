@@ -371,8 +371,8 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
     the report does not read; full runs write the file of their set-up."""
     import bench.e2e as e2e
 
-    row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2}
-    rival = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2}
+    row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0}
+    rival = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
     monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, **row})
     monkeypatch.setattr(e2e, "replay_rival", lambda *a: dict(rival))
     written = []
@@ -381,3 +381,31 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
                  ["--topology", "3x3", "--clients", "12", "--case", "dialogue"], ["--topology", "3x3", "--clients", "12", "--router-cache-threshold", "0.7"]):
         e2e.main(argv)
     assert written == ["e2e", "e2e-subset", "e2e-subset", "e2e-3x3", "e2e-3x3-subset", "e2e-3x3-threshold0.7"]
+    # failed requests (which make a case meaningless) are counted where the result is described
+    results = []
+    monkeypatch.setattr(e2e, "write", lambda name, result: results.append(result) or name)
+    e2e.main(["--case", "dialogue", "--clients", "8"])
+    monkeypatch.setattr(e2e, "replay_rival", lambda *a: {**rival, "failed": 2})
+    e2e.main(["--case", "dialogue", "--clients", "8"])
+    n = len(e2e.SEEDS) * len(e2e.RIVALS)
+    assert results[0]["description"].endswith("Requests failed: 0.") and results[1]["description"].endswith(f"Requests failed: {2 * n}.")
+
+
+def test_the_real_stack_check_names_the_call_each_tool_result_answers(monkeypatch):
+    """sglang-router refuses a tool message without ``tool_call_id`` (the SWE-agent trace has none):
+    bench.e2e adds the id of the assistant's last call before it, and leaves messages that have one."""
+    import bench.e2e as e2e
+    from bench.e2e import with_tool_call_ids
+
+    call = lambda i: {"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}}  # noqa: E731
+    msgs = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": [call("a"), call("b")]},
+            {"role": "tool", "content": "1"}, {"role": "assistant", "content": "", "tool_calls": [call("c")]},
+            {"role": "tool", "content": "2"}, {"role": "tool", "content": "3", "tool_call_id": "x"}]
+    got = with_tool_call_ids(msgs)
+    assert [m.get("tool_call_id") for m in got] == [None, None, "b", None, "c", "x"]
+    assert "tool_call_id" not in msgs[2]  # the trace's own messages are not changed
+    assert got[:2] == msgs[:2] and got[3] == msgs[3] and got[5] == msgs[5]  # nothing else changes
+    assert {**got[2], "tool_call_id": None} == {**msgs[2], "tool_call_id": None}
+    # what a case replays (and simulates) is the mended chat
+    monkeypatch.setitem(e2e.WORKLOADS, "tools", lambda rng: [Req("s", msgs[:3])])
+    assert e2e._prepared("tools", {}, 1)[0].req.messages[2]["tool_call_id"] == "b"

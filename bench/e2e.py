@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--router-cache-threshold", type=float, default=BASE.router_threshold, metavar="X",
                    help="every sglang-router's --cache-threshold (its default 0.3); other than that, results go to e2e-RxW-thresholdX.json")
     a = p.parse_args(argv)
-    topo = Topology(a.topology.routers, a.topology.workers, BASE.batch, router_threshold=a.router_cache_threshold)
+    topo = replace(a.topology, batch=BASE.batch, router_threshold=a.router_cache_threshold)
     cases = {k: v for k, v in CASES.items() if not a.case or k in a.case}
     rows = []
     for name, (kwargs, capacity) in cases.items():
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{s['best_latency_p90_s'] * 1000:.0f} ms; targets {'met' if s['targets_met'] else 'MISSED'}", flush=True)
     met = sum(s["targets_met"] for s in summary)
     failed = sum(r["failed"] + sum(r[rival]["failed"] for rival in RIVALS) for r in rows)  # a failed request makes its case meaningless
-    at = "" if topo.router_threshold == BASE.router_threshold else f" at --cache-threshold {topo.router_threshold:g}"
+    at = f" at --cache-threshold {topo.router_threshold:g}" if threshold_suffix(topo) else ""
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients, random tie-breaks on both sides, the service's defaults; "
                    f"{topo.routers} sglang-routers{at} x {topo.workers} fake workers "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
               "rivals": {k: v.describe(topo) for k, v in RIVALS.items()}, "rows": rows, "summary": summary}
     print(description)
     # a run of some of the cases keeps the whole run's file (and REPORT.md's section) intact
-    subset = bool(a.case) or (topo == replace(BASE, router_threshold=topo.router_threshold) and a.clients != CONCURRENCY)
+    subset = bool(a.case) or ((topo.routers, topo.workers) == (BASE.routers, BASE.workers) and a.clients != CONCURRENCY)
     print(f"wrote {write(results_name(topo) + ('-subset' if subset else ''), result)}")
     return result
 
@@ -155,7 +155,7 @@ def results_name(topo: Topology) -> str:
 
 
 def _router_args(topo: Topology) -> list[str]:
-    return [] if topo.router_threshold == BASE.router_threshold else ["--cache-threshold", f"{topo.router_threshold:g}"]
+    return ["--cache-threshold", f"{topo.router_threshold:g}"] if threshold_suffix(topo) else []
 
 
 def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE) -> dict:

@@ -296,12 +296,18 @@ def topology_name(topo: Topology) -> str:
     return f"eval-{topo.routers}x{topo.workers}{threshold_suffix(topo)}"
 
 
+def _runs_on_record(benchmark: str) -> list[Path]:
+    """A benchmark's results files on other set-ups (``eval-3x3.json``): each topology, then its
+    runs with the routers at another threshold; runs of some cases only (``-subset``) left out."""
+    paths = [p for p in RESULTS.glob(f"{benchmark}-*x*.json") if not p.stem.endswith("-subset")]
+    return sorted(paths, key=lambda p: (p.stem.split("-threshold")[0], p.stem))
+
+
 def _other_topologies() -> list[str]:
     """The summary of every ``--topology`` run on record: the same sets, seeds and targets on
     set-ups the defaults were not chosen on, and how each upper-layer rule would fare there in the
     default's place (a rule that is only best on the topology it was tuned on is not a default)."""
-    # each topology, then its runs with the routers at another threshold
-    runs = [_read(path) for path in sorted(RESULTS.glob("eval-*x*.json"), key=lambda p: (p.stem.split("-threshold")[0], p.stem))]
+    runs = [_read(path) for path in _runs_on_record("eval")]
     if not runs:
         return []
     main = RESULTS / "eval.json"
@@ -368,8 +374,7 @@ def _measured_sections() -> list[str]:
     e2e = RESULTS / "e2e.json"
     if e2e.exists():
         lines += _e2e_lines(_read(e2e), "## The simulator against the real stack (`python -m bench.e2e`)")
-    runs = [p for p in RESULTS.glob("e2e-*x*.json") if not p.stem.endswith("-subset")]
-    for path in sorted(runs, key=lambda p: (p.stem.split("-threshold")[0], p.stem)):
+    for path in _runs_on_record("e2e"):
         d = _read(path)
         shape, t = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold(d)
         clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))

@@ -45,14 +45,13 @@ def upstream_failed(entry: accesslog_pb2.HTTPAccessLogEntry) -> Outcome:
     """How this request went for the router: fine, failed by the router's doing, or refused
     outright (nothing listens: the router is down). Envoy's own and the client's doings are fine."""
     f = entry.common_properties.response_flags
-    if not f.ListFields():  # no flag at all, as for nearly every request: one C call, not 27 lookups
-        return Outcome.FAILED if entry.response.response_code.value in _GATEWAY_ERRORS else Outcome.OK
-    if any(getattr(f, name) for name in _NOT_THE_ROUTER) or f.HasField("unauthorized_details"):
-        return Outcome.OK
-    if f.upstream_connection_failure:
-        return Outcome.REFUSED
-    if any(getattr(f, name) for name in _ROUTER_FAULTS):
-        return Outcome.FAILED
+    if f.ListFields():  # any flag at all? (nearly every request has none: one C call, not 27 lookups)
+        if any(getattr(f, name) for name in _NOT_THE_ROUTER) or f.HasField("unauthorized_details"):
+            return Outcome.OK
+        if f.upstream_connection_failure:
+            return Outcome.REFUSED
+        if any(getattr(f, name) for name in _ROUTER_FAULTS):
+            return Outcome.FAILED
     return Outcome.FAILED if entry.response.response_code.value in _GATEWAY_ERRORS else Outcome.OK
 
 

@@ -1,6 +1,7 @@
 """The whole path through real Envoy with the official openai client, in both body modes."""
 
 import asyncio
+import collections
 import concurrent.futures
 import threading
 import time
@@ -174,19 +175,24 @@ def test_service_killed_under_load_requests_keep_succeeding(stack):
     BUFFERED loses nothing: Envoy fails open before the body goes out. FULL_DUPLEX_STREAMED can fail
     open only until the first body chunk went to the service (an Envoy limit), so a crash costs the
     requests caught mid-body at the moment of the crash or before Envoy ejects the dead replica
-    (outlier detection on the first refused connection): at most one per client, all within a
-    second of the kill. A graceful stop (SIGTERM) loses nothing in either mode (previous test).
+    (outlier detection on the first refused connection): all within a second of the kill, at most
+    two per client. A client whose request was cut sends its next at once (urllib, a connection per
+    request), and that one can still be lost: on Envoy's other worker thread, whose own connection
+    to the service is not yet seen closed, or on a new connection refused only after the first body
+    chunk went out, before the ejection reached the thread. Locally 0-4 lost in 28 runs, never two
+    for one client; once in CI 5 within 3 ms, so one client lost two. A graceful stop (SIGTERM)
+    loses nothing in either mode (previous test).
     """
     clients = 4
     stop = threading.Event()
-    results: list[tuple[float, int, str]] = []
+    results: list[tuple[float, int, str, int]] = []
 
     def load(i: int) -> None:
         n = 0
         while not stop.is_set():
             body = orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": f"client {i} message {n}"}]})
             status, headers, data = post(stack, "/v1/chat/completions", body)
-            results.append((time.monotonic(), status, headers.get("x-prefix-router-upstream", "")))
+            results.append((time.monotonic(), status, headers.get("x-prefix-router-upstream", ""), i))
             n += 1
 
     with concurrent.futures.ThreadPoolExecutor(clients) as ex:
@@ -205,8 +211,9 @@ def test_service_killed_under_load_requests_keep_succeeding(stack):
     if stack.envoy_config.stem == "buffered":
         assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:5]}"
     else:
-        assert len(failed) <= clients, f"{len(failed)} of {len(results)} failed"
-        assert all(killed_at <= t <= killed_at + 1.0 and status == 500 for t, status, _ in failed), failed
-    assert all(u in stack.router_addresses for _, status, u in results if status == 200)
+        per_client = collections.Counter(c for *_, c in failed)
+        assert max(per_client.values(), default=0) <= 2, f"{len(failed)} of {len(results)} failed: {per_client}"
+        assert all(killed_at <= t <= killed_at + 1.0 and status == 500 for t, status, _, _ in failed), failed
+    assert all(u in stack.router_addresses for _, status, u, _ in results if status == 200)
     routes = [e["route"] for e in stack.wait_access_log(0, len(results))]
     assert "fallback" in routes and routes[-1] == "pinned"

@@ -368,6 +368,20 @@ def _e2e_lines(d: dict, title: str) -> list[str]:
     return lines
 
 
+def _e2e_rivals_lines(d: dict) -> list[str]:
+    """One ``bench.e2e_rivals`` run: each real rival simulated in lockstep and with the stack's
+    overhead, beside what the real stack measured."""
+    shape, t = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold(d)
+    at, flag = (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
+    names = list(d["cases"][0]["policies"]) if d["cases"] else []
+    lines = [f"### The real rivals simulated on {shape}{at} (`python -m bench.e2e_rivals --topology {shape} --clients {','.join(map(str, d['clients']))}{flag}`)", "",
+             d["description"], "", "Hit ratio: simulated in lockstep / with the overhead / through the real stack.", "",
+             "| workload | concurrency | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    cell = lambda r: f"{r['lockstep']:.3f} / {r['overhead']:.3f} / " + ("–" if r["stack"] is None else f"{r['stack']:.3f}")  # noqa: E731
+    lines += [f"| {c['workload']} | {c['concurrency']} | " + " | ".join(cell(c["policies"][n]) for n in names) + " |" for c in d["cases"]]
+    return lines + [""]
+
+
 def _measured_sections() -> list[str]:
     """The end-to-end check and the overhead through Envoy, from their own runs' JSON when present."""
     lines: list[str] = []
@@ -380,6 +394,8 @@ def _measured_sections() -> list[str]:
         clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))
         at, flag = (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
         lines += _e2e_lines(d, f"### The same on {shape}{at} (`python -m bench.e2e --topology {shape} --clients {clients}{flag}`)")
+    for path in _runs_on_record("e2e_rivals"):
+        lines += _e2e_rivals_lines(_read(path))
     observed = RESULTS / "observed.json"
     if observed.exists():
         d = _read(observed)

@@ -409,3 +409,119 @@ def test_the_real_stack_check_names_the_call_each_tool_result_answers(monkeypatc
     # what a case replays (and simulates) is the mended chat
     monkeypatch.setitem(e2e.WORKLOADS, "tools", lambda rng: [Req("s", msgs[:3])])
     assert e2e._prepared("tools", {}, 1)[0].req.messages[2]["tool_call_id"] == "b"
+
+
+def test_a_closed_loop_in_lockstep_makes_round_robin_sticky_and_the_stacks_overhead_breaks_it():
+    """Clients that send the moment their answer arrives reach the balancer in the same order every
+    round: round robin then sends each conversation to one router every time, a sticky rule no
+    real stack plays (it scattered the SWE-agent trace's turns through the real 3x3 stack). The
+    per-request overhead a real stack adds (``overhead``) breaks the lockstep."""
+    from bench.sim.policies import RoundRobin
+
+    prepared = prepare(WORKLOADS["multi_turn"](random.Random(6), sessions=6, turns=5))
+    even = ServiceModel(prefill_base=0.0, prefill_per_token=0.0, decode_step=0.02, knee=1 << 30, step_over_knee=0.0, serial_prefill=False)
+    routers_seen = {}
+    for overhead in ((0.0, 0.0), (0.01, 0.04)):
+        policy, seen = RoundRobin(), {}
+        choose = policy.choose
+
+        def recording(p, sim, choose=choose, seen=seen):
+            r = choose(p, sim)
+            seen.setdefault(p.req.session, set()).add(r)
+            return r
+
+        policy.choose = recording
+        s = Sim(prepared, policy, Topology(routers=3, workers=1), even, seed=6, clients=6, overhead=overhead).run()
+        assert s["requests"] == len(prepared)
+        routers_seen[overhead] = sorted(len(v) for v in seen.values())
+    assert routers_seen[(0.0, 0.0)] == [1] * 6
+    assert max(routers_seen[(0.01, 0.04)]) > 1
+
+
+def test_envoys_least_request_picks_the_less_loaded_of_two_routers_drawn_at_random():
+    """Envoy's LEAST_REQUEST (equal weights) is power of two choices: the least loaded router of all
+    is not always taken, the most loaded never."""
+    from bench.sim.policies import LeastRequest
+
+    class Router:
+        def __init__(self, inflight):
+            self.inflight = inflight
+
+    class FakeSim:
+        routers = [Router(0), Router(5), Router(9)]
+        rng = random.Random(7)
+
+    picks = [LeastRequest().choose(None, FakeSim()) for _ in range(300)]
+    assert 2 not in picks and picks.count(1) > 50 and picks.count(0) > 150
+
+
+def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path, monkeypatch):
+    """``bench.e2e_rivals`` simulates each of bench.e2e's real rivals in lockstep and with the
+    stack's overhead, on bench.e2e's cases, seeds and cache sizes (per worker, for the topology),
+    and puts the real stack's figure for the same set-up and clients beside them."""
+    import json
+
+    import bench.e2e_rivals as er
+
+    calls = []
+
+    def fake_sim(prepared, policy, topo, model, seed, clients, overhead):
+        calls.append((type(policy).__name__, topo.routers, topo.workers, topo.capacity_tokens, seed, clients, overhead, topo.router_threshold))
+
+        class Run:
+            def run(self):
+                return {"hit_ratio": 0.4 if overhead[1] else 0.3}
+
+        return Run()
+
+    monkeypatch.setattr(er, "Sim", fake_sim)
+    monkeypatch.setattr(er, "_prepared", lambda name, kwargs, seed: [])
+    monkeypatch.setattr(er, "RESULTS", tmp_path)
+    written = {}
+    monkeypatch.setattr(er, "write", lambda name, result: written.update({name: result}) or name)
+    summary = {"workload": "dialogue", "concurrency": 12, "stack_mean": 0.45, "rivals": {"envoy round robin": {"hit_ratio": 0.31}, "one-layer": {"hit_ratio": 0.44}}}
+    (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [summary, {**summary, "concurrency": 8, "stack_mean": 0.9}]}))
+    er.main(["--topology", "3x3", "--clients", "12", "--case", "dialogue"])
+    result = written["e2e_rivals-3x3-subset"]
+    row = result["cases"][0]
+    assert row["workload"] == "dialogue" and row["concurrency"] == 12
+    assert row["policies"]["prefix-router"]["stack"] == 0.45 and row["policies"]["envoy round robin"]["stack"] == 0.31
+    assert row["policies"]["envoy least request"]["stack"] is None
+    assert row["policies"]["one-layer"] == {"lockstep": 0.3, "lockstep_range": [0.3, 0.3], "overhead": 0.4, "overhead_range": [0.4, 0.4], "stack": 0.44}
+    per_worker = er.worker_capacity(er.CASES["dialogue"][1], er.parse_topology("3x3"))
+    assert {c[1:3] for c in calls if c[0] == "Single"} == {(1, 9)} and {c[1:3] for c in calls if c[0] != "Single"} == {(3, 3)}
+    assert {c[3] for c in calls} == {per_worker} and {c[4] for c in calls} == set(er.SEEDS) and {c[5] for c in calls} == {12}
+    assert {c[6] for c in calls} == {(0.0, 0.0), er.STACK_OVERHEAD_S}
+    er.main(["--topology", "3x3", "--clients", "12"])
+    assert "e2e_rivals-3x3" in written and len(written["e2e_rivals-3x3"]["cases"]) == len(er.CASES)
+    # the routers at another threshold: simulated so, beside the real run at that threshold
+    calls.clear()
+    (tmp_path / "e2e-3x3-threshold0.5.json").write_text(json.dumps({"summary": [{**summary, "stack_mean": 0.8}]}))
+    er.main(["--topology", "3x3", "--clients", "12", "--case", "dialogue", "--router-cache-threshold", "0.5"])
+    row = written["e2e_rivals-3x3-threshold0.5-subset"]["cases"][0]
+    assert row["policies"]["prefix-router"]["stack"] == 0.8 and {c[7] for c in calls} == {0.5}
+
+
+def test_the_report_shows_the_rivals_simulated_beside_the_stack(tmp_path, monkeypatch):
+    """REPORT.md gets a section per ``bench.e2e_rivals`` run (each topology), never the ``-subset`` ones."""
+    import json
+
+    import bench.eval as ev
+
+    def run(hit):
+        cell = {"lockstep": 0.335, "lockstep_range": [0.3, 0.4], "overhead": hit, "overhead_range": [0.4, 0.5], "stack": 0.46}
+        return {"description": "Closed loop of 12 clients", "topology": {"routers": 3, "workers": 3}, "clients": [12],
+                "cases": [{"workload": "sweagent", "concurrency": 12, "policies": {"envoy round robin": cell, "one-layer": {**cell, "stack": None}}}]}
+
+    monkeypatch.setattr(ev, "RESULTS", tmp_path)
+    (tmp_path / "e2e_rivals-3x3.json").write_text(json.dumps(run(0.467)))
+    (tmp_path / "e2e_rivals-3x3-subset.json").write_text(json.dumps(run(0.999)))
+    at = run(0.777)
+    at["topology"]["router_threshold"] = 0.5
+    (tmp_path / "e2e_rivals-3x3-threshold0.5.json").write_text(json.dumps(at))
+    text = "\n".join(ev._measured_sections())
+    assert "### The real rivals simulated on 3x3, every router at `--cache-threshold 0.5` (`python -m bench.e2e_rivals --topology 3x3 --clients 12 --router-cache-threshold 0.5`)" in text
+    assert text.index("0.777") > text.index("0.467")
+    assert text.count("### The real rivals simulated on 3x3 (`python -m bench.e2e_rivals --topology 3x3 --clients 12`)") == 1
+    assert "| workload | concurrency | envoy round robin | one-layer |" in text
+    assert "| sweagent | 12 | 0.335 / 0.467 / 0.460 | 0.335 / 0.467 / – |" in text and "0.999" not in text

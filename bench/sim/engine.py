@@ -127,11 +127,17 @@ class SglangRouter:
 
 class Sim:
     def __init__(self, prepared: list[Prepared], upper, topo: Topology, model: ServiceModel, seed: int = 0, rate_scale: float = 1.0,
-                 clients: int | None = None) -> None:
+                 clients: int | None = None, overhead: tuple[float, float] = (0.0, 0.0)) -> None:
         """``clients``: closed loop instead of the workload's arrival times: that many clients, each
-        sending one session's turns back to back, then taking the next session (bench.e2e's replay)."""
+        sending one session's turns back to back, then taking the next session (bench.e2e's replay).
+        ``overhead``: in the closed loop, each request after a client's first is sent that long
+        (seconds, drawn uniformly from the range) after the last answer: what a real stack adds to
+        the workers' own time (HTTP, proxies, the client). Without it every client moves in
+        lockstep, so a per-request rule like round robin sends each client's turns to the same
+        router every time: a sticky rule that no real stack plays (bench.e2e --simulate-rivals)."""
         self.topo, self.model, self.upper = topo, model, upper
         self.rng = random.Random(seed)
+        self.overhead = overhead
         self.workers = [Worker(topo) for _ in range(topo.routers * topo.workers)]
         self.routers = [SglangRouter(list(range(r * topo.workers, (r + 1) * topo.workers)), topo.router_threshold) for r in range(topo.routers)]
         self.now = 0.0
@@ -218,10 +224,11 @@ class Sim:
             finished(p, r, self)
         q = self.sessions[p.req.session]
         q.popleft()
+        gap = self.rng.uniform(*self.overhead) if self.clients and self.overhead[1] else 0.0
         if q:
-            self._push(self.now + (0.0 if self.clients else q[0].req.after), "arrive", q[0])
+            self._push(self.now + (gap if self.clients else q[0].req.after), "arrive", q[0])
         elif self.clients and self.waiting:
-            self._push(self.now, "arrive", self.waiting.popleft()[0])
+            self._push(self.now + gap, "arrive", self.waiting.popleft()[0])
         self._start(w)
 
     def summary(self) -> dict:

@@ -98,6 +98,15 @@ class LeastLoaded:
         return int(least_loaded(_loads(sim), "random", sim.rng))
 
 
+class LeastRequest:
+    """Envoy's LEAST_REQUEST with equal weights: the less loaded of two routers drawn at random
+    (power of two choices), not the least loaded of all."""
+
+    def choose(self, p, sim) -> int:
+        a, b = sim.rng.sample(range(len(sim.routers)), 2) if len(sim.routers) > 1 else (0, 0)
+        return a if sim.routers[a].inflight <= sim.routers[b].inflight else b
+
+
 class ConsistentHash:
     """Hash of the routing text's first ``k`` characters (a common gateway option)."""
 

@@ -1,0 +1,115 @@
+"""The real stack's rivals, simulated: does the simulator reproduce what bench.e2e measured for them?
+
+    .venv/bin/python -m bench.e2e_rivals --topology 3x3 --clients 12
+                                           → bench/results/e2e_rivals-3x3.json (seconds)
+    .venv/bin/python -m bench.e2e_rivals --topology 2x2 --clients 8,16
+                                           → bench/results/e2e_rivals-2x2.json
+    .venv/bin/python -m bench.e2e_rivals --topology 3x3 --clients 12 --router-cache-threshold 0.5
+                                           → bench/results/e2e_rivals-3x3-threshold0.5.json (every router at 0.5)
+
+bench.e2e checks the simulator against the real stack for prefix-router's rule only; its rivals
+(round robin and least request over the routers, the one-layer reference) are measured through
+real processes and never simulated. This runs them in the simulator on the same cases, seeds,
+cache sizes and closed loop, twice: in lockstep (the clients send the moment an answer comes back,
+as bench.e2e's replay simulates), and with the per-request overhead a real stack adds
+(``STACK_OVERHEAD_S``), next to what bench.e2e measured through the real stack on that set-up.
+
+Why: on the SWE-agent trace at 3x3, round robin beat prefix-router through the real stack by 12
+points, while the lockstep simulator gave both the same hit ratio. In lockstep, 12 clients over 3
+routers reach the balancer in the same order every round, so round robin sends each conversation
+to one router every time: a sticky rule no real stack plays. With the overhead it scatters the
+turns as the real stack does, and the simulator reproduces the measured figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import replace
+
+from .common import RESULTS, write
+from .e2e import BASE, CASES, FAKE_WORKER, SEEDS, _prepared, results_name, worker_capacity
+from .sim.engine import Sim, Topology, parse_topology, threshold_suffix
+from .sim.policies import LeastRequest, PrefixRouter, RoundRobin, Single
+
+# What a real stack adds to each request beyond the fake workers' own time, seconds: measured here
+# as request latency through one real sglang-router minus the workers' model (SWE-agent, 4 clients):
+# 13-37 ms from p10 to p90. Its spread, not its size, is what breaks the lockstep.
+STACK_OVERHEAD_S = (0.010, 0.040)
+
+# name in bench.e2e's results → the simulator's policy
+POLICIES = {
+    "prefix-router": PrefixRouter,
+    "envoy round robin": RoundRobin,
+    "envoy least request": LeastRequest,
+    "one-layer": Single,
+}
+
+
+def simulate(name: str, policy: str, topo: Topology, clients: int, overhead: tuple[float, float]) -> list[float]:
+    """Hit ratio per seed of one case under one policy."""
+    kwargs, capacity = CASES[name]
+    t = replace(topo, capacity_tokens=worker_capacity(capacity, topo))
+    if policy == "one-layer":
+        t = replace(t, routers=1, workers=topo.routers * topo.workers)
+    return [Sim(_prepared(name, kwargs, seed), POLICIES[policy](), t, FAKE_WORKER, seed=seed, clients=clients, overhead=overhead).run()["hit_ratio"]
+            for seed in SEEDS]
+
+
+def measured(topo: Topology, clients: int) -> dict[str, dict[str, float]]:
+    """What bench.e2e measured through the real stack on this set-up, per case and policy."""
+    path = RESULTS / f"{results_name(topo)}.json"
+    if not path.exists():
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for row in json.loads(path.read_text())["summary"]:
+        if row["concurrency"] == clients:
+            out[row["workload"]] = {"prefix-router": row["stack_mean"], **{k: v["hit_ratio"] for k, v in row["rivals"].items()}}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.e2e_rivals")
+    p.add_argument("--topology", default=parse_topology("3x3"), type=parse_topology, metavar="RxW", help="sglang-routers x fake workers each")
+    p.add_argument("--clients", default=(12,), metavar="N[,N...]", type=lambda v: tuple(int(n) for n in v.split(",")),
+                   help="concurrent clients (the closed loop), one case each")
+    p.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable)")
+    p.add_argument("--router-cache-threshold", type=float, default=BASE.router_threshold, metavar="X",
+                   help="every simulated sglang-router's --cache-threshold (its default 0.3); the real figures are read from the "
+                        "bench.e2e run at the same threshold")
+    a = p.parse_args(argv)
+    topo = replace(a.topology, batch=BASE.batch, router_threshold=a.router_cache_threshold)
+    cases = []
+    for clients in a.clients:
+        real = measured(topo, clients)
+        for name in CASES:
+            if a.case and name not in a.case:
+                continue
+            row = {"workload": name, "concurrency": clients, "policies": {}}
+            for policy in POLICIES:
+                lockstep = simulate(name, policy, topo, clients, (0.0, 0.0))
+                overhead = simulate(name, policy, topo, clients, STACK_OVERHEAD_S)
+                row["policies"][policy] = {"lockstep": statistics.mean(lockstep), "lockstep_range": [min(lockstep), max(lockstep)],
+                                           "overhead": statistics.mean(overhead), "overhead_range": [min(overhead), max(overhead)],
+                                           "stack": real.get(name, {}).get(policy)}
+                r = row["policies"][policy]
+                print(f"{name} x{clients} {policy}: lockstep {r['lockstep']:.3f}, with overhead {r['overhead']:.3f}, "
+                      f"stack {'-' if r['stack'] is None else format(r['stack'], '.3f')}", flush=True)
+            cases.append(row)
+    at = f" at --cache-threshold {topo.router_threshold:g}" if threshold_suffix(topo) else ""
+    description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients on {topo.routers} sglang-routers{at} x {topo.workers} fake workers, bench.e2e's cases, "
+                   f"cache sizes and seeds ({', '.join(map(str, SEEDS))}; mean); the simulator in lockstep and with "
+                   f"{STACK_OVERHEAD_S[0] * 1000:g}-{STACK_OVERHEAD_S[1] * 1000:g} ms of overhead per request, against bench.e2e's "
+                   f"measurement through real processes ({results_name(topo)}.json).")
+    result = {"benchmark": "e2e_rivals", "description": description,
+              "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},
+              "clients": list(a.clients), "overhead_s": list(STACK_OVERHEAD_S), "cases": cases}
+    print(description)
+    suffix = "-subset" if a.case else ""
+    print(f"wrote {write(f'e2e_rivals-{topo.routers}x{topo.workers}{threshold_suffix(topo)}{suffix}', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

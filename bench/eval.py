@@ -278,6 +278,13 @@ def _threshold(result: dict) -> float | None:
     return None if t == Topology.router_threshold else t
 
 
+def _threshold_words(result: dict) -> tuple[str, str]:
+    """A run's routers' threshold for a section title, and the flag that reproduces it ("" twice at
+    sglang-router's default)."""
+    t = _threshold(result)
+    return (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
+
+
 def _topology(result: dict) -> str:
     t = _threshold(result)
     return (f"{result['topology']['routers']} SGLang routers x {result['topology']['workers']} workers"
@@ -371,8 +378,7 @@ def _e2e_lines(d: dict, title: str) -> list[str]:
 def _e2e_rivals_lines(d: dict) -> list[str]:
     """One ``bench.e2e_rivals`` run: each real rival simulated in lockstep and with the stack's
     overhead, beside what the real stack measured."""
-    shape, t = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold(d)
-    at, flag = (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
+    shape, (at, flag) = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold_words(d)
     names = list(d["cases"][0]["policies"]) if d["cases"] else []
     lines = [f"### The real rivals simulated on {shape}{at} (`python -m bench.e2e_rivals --topology {shape} --clients {','.join(map(str, d['clients']))}{flag}`)", "",
              d["description"], "", "Hit ratio: simulated in lockstep / with the overhead / through the real stack.", "",
@@ -390,9 +396,8 @@ def _measured_sections() -> list[str]:
         lines += _e2e_lines(_read(e2e), "## The simulator against the real stack (`python -m bench.e2e`)")
     for path in _runs_on_record("e2e"):
         d = _read(path)
-        shape, t = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold(d)
+        shape, (at, flag) = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold_words(d)
         clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))
-        at, flag = (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
         lines += _e2e_lines(d, f"### The same on {shape}{at} (`python -m bench.e2e --topology {shape} --clients {clients}{flag}`)")
     for path in _runs_on_record("e2e_rivals"):
         lines += _e2e_rivals_lines(_read(path))

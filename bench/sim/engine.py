@@ -134,7 +134,7 @@ class Sim:
         (seconds, drawn uniformly from the range) after the last answer: what a real stack adds to
         the workers' own time (HTTP, proxies, the client). Without it every client moves in
         lockstep, so a per-request rule like round robin sends each client's turns to the same
-        router every time: a sticky rule that no real stack plays (bench.e2e --simulate-rivals)."""
+        router every time: a sticky rule that no real stack plays (bench.e2e_rivals)."""
         self.topo, self.model, self.upper = topo, model, upper
         self.rng = random.Random(seed)
         self.overhead = overhead

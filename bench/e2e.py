@@ -45,11 +45,13 @@ import statistics
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import openai
+import orjson
 
 from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port
 
@@ -169,7 +171,8 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo
     real = totals["hit_ratio"]
     row = {"workload": name, "concurrency": clients, "seed": seed, "requests": len(prepared), "failed": totals["failed"], "capacity_tokens": capacity,
            "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
-           "stack_latency_p50_s": totals["latency_p50_s"], "stack_latency_p90_s": totals["latency_p90_s"], "replay_seconds": time.time() - t0}
+           "stack_latency_p50_s": totals["latency_p50_s"], "stack_latency_p90_s": totals["latency_p90_s"],
+           "stack_requests_per_worker": totals["requests_per_worker"], "replay_seconds": time.time() - t0}
     print(f"{name} x{clients} seed {seed}: {len(prepared)} requests ({totals['failed']} failed), simulated {simulated['hit_ratio']:.3f}, "
           f"through the stack {real:.3f} ({row['difference_points']:+.1f} points)", flush=True)
     return row
@@ -317,7 +320,16 @@ def _through_service(prepared, capacity: int, clients: int, work: Path, service_
     stack = Stack(Ports.free(topo.routers, topo.workers), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
                   service_args=list(service_args), router_args=_router_args(topo))
     with stack:
-        return drive(stack.base_url, prepared, clients)
+        out = drive(stack.base_url, prepared, clients)
+        out["requests_per_worker"] = requests_per_worker(stack)
+        return out
+
+
+def requests_per_worker(stack: Stack) -> list[int]:
+    """How many requests each fake worker served (its ``/stats``), router by router: where the
+    routers put them, which a case's hit ratio alone does not say."""
+    return [orjson.loads(urllib.request.urlopen(f"http://{HOST}:{p}/stats", timeout=10).read())["requests"]
+            for ports in stack.ports.workers for p in ports]
 
 
 def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Path, topo: Topology = BASE) -> dict:
@@ -338,7 +350,9 @@ def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Pa
             hash_on = "x-session-id" if rival.session_header else None
             envoy = start_envoy(work, rival.lb_policy.lower(), direct_config(admin, listen, stack.ports.routers, rival.lb_policy, hash_on), admin)
             url = f"http://{HOST}:{listen}/v1"
-        return drive(url, prepared, clients, rival.session_header)
+        out = drive(url, prepared, clients, rival.session_header)
+        out["requests_per_worker"] = requests_per_worker(stack)
+        return out
     finally:
         if envoy is not None:
             envoy.terminate()

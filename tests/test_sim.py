@@ -224,10 +224,13 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
             pass
 
     monkeypatch.setattr(e2e, "start_envoy", lambda *a, **kw: NoEnvoy())
+    # where the routers put the requests, worker by worker, kept with each run (the stack's and the rivals')
+    monkeypatch.setattr(e2e, "requests_per_worker", lambda stack: [len(p) for p in stack.ports.workers])
     three = e2e.Topology(3, 3, e2e.BASE.batch)
     row = e2e.replay("dialogue", {"sessions": 4}, 3000, 2, 3, three)
-    e2e.replay_rival("one-layer", "dialogue", {"sessions": 4}, 3000, 2, 3, three)
-    e2e.replay_rival("hit-choice creator", "dialogue", {"sessions": 4}, 3000, 2, 3, three)
+    one = e2e.replay_rival("one-layer", "dialogue", {"sessions": 4}, 3000, 2, 3, three)
+    creator = e2e.replay_rival("hit-choice creator", "dialogue", {"sessions": 4}, 3000, 2, 3, three)
+    assert row["stack_requests_per_worker"] == creator["requests_per_worker"] == [3, 3, 3] and one["requests_per_worker"] == [9]
     assert sims == [(3, 3, 1333)] and row["capacity_tokens"] == 1333
     assert stacks == [([3, 3, 3], "1333"), ([9], "1333"), ([3, 3, 3], "1333")]
     assert e2e.worker_capacity(3000, e2e.BASE) == 3000

@@ -320,9 +320,14 @@ def _through_service(prepared, capacity: int, clients: int, work: Path, service_
     stack = Stack(Ports.free(topo.routers, topo.workers), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
                   service_args=list(service_args), router_args=_router_args(topo))
     with stack:
-        out = drive(stack.base_url, prepared, clients)
-        out["requests_per_worker"] = requests_per_worker(stack)
-        return out
+        return _drive_counted(stack, stack.base_url, prepared, clients)
+
+
+def _drive_counted(stack: Stack, url: str, prepared, clients: int, session_header: bool = False) -> dict:
+    """``drive``, and then where the routers put the requests."""
+    out = drive(url, prepared, clients, session_header)
+    out["requests_per_worker"] = requests_per_worker(stack)
+    return out
 
 
 def requests_per_worker(stack: Stack) -> list[int]:
@@ -350,9 +355,7 @@ def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Pa
             hash_on = "x-session-id" if rival.session_header else None
             envoy = start_envoy(work, rival.lb_policy.lower(), direct_config(admin, listen, stack.ports.routers, rival.lb_policy, hash_on), admin)
             url = f"http://{HOST}:{listen}/v1"
-        out = drive(url, prepared, clients, rival.session_header)
-        out["requests_per_worker"] = requests_per_worker(stack)
-        return out
+        return _drive_counted(stack, url, prepared, clients, rival.session_header)
     finally:
         if envoy is not None:
             envoy.terminate()

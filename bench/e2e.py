@@ -45,7 +45,6 @@ import statistics
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,7 +52,7 @@ from pathlib import Path
 import openai
 import orjson
 
-from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, http_get
 
 from .overhead import direct_config, start_envoy
 
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--topology", default=BASE, type=parse_topology, metavar="RxW",
                    help="sglang-routers x fake workers each; other than 2x2, results go to e2e-RxW.json and a section of REPORT.md")
     p.add_argument("--clients", default=",".join(map(str, CONCURRENCY)), metavar="N[,N...]",
-                   type=lambda v: tuple(int(n) for n in v.split(",")), help="concurrent clients, one case each")
+                   type=parse_clients, help="concurrent clients, one case each")
     p.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable)")
     p.add_argument("--router-cache-threshold", type=float, default=BASE.router_threshold, metavar="X",
                    help="every sglang-router's --cache-threshold (its default 0.3); other than that, results go to e2e-RxW-thresholdX.json")
@@ -131,9 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{s['best_latency_p90_s'] * 1000:.0f} ms; targets {'met' if s['targets_met'] else 'MISSED'}", flush=True)
     met = sum(s["targets_met"] for s in summary)
     failed = sum(r["failed"] + sum(r[rival]["failed"] for rival in RIVALS) for r in rows)  # a failed request makes its case meaningless
-    at = f" at --cache-threshold {topo.router_threshold:g}" if threshold_suffix(topo) else ""
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients, random tie-breaks on both sides, the service's defaults; "
-                   f"{topo.routers} sglang-routers{at} x {topo.workers} fake workers "
+                   f"{describe_setup(topo)} "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
                    f"prompt token); mean of seeds {', '.join(map(str, SEEDS))}. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
                    f"Targets against the real rivals (hit ratio within {HIT_SLACK_POINTS:g} point of the best, latency p90 at most "
@@ -147,6 +145,17 @@ def main(argv: list[str] | None = None) -> dict:
     subset = bool(a.case) or ((topo.routers, topo.workers) == (BASE.routers, BASE.workers) and a.clients != CONCURRENCY)
     print(f"wrote {write(results_name(topo) + ('-subset' if subset else ''), result)}")
     return result
+
+
+def parse_clients(value: str) -> tuple[int, ...]:
+    """``--clients 8,16``: one closed loop per count."""
+    return tuple(int(n) for n in value.split(","))
+
+
+def describe_setup(topo: Topology) -> str:
+    """The routers and workers of a run in words, with the routers' threshold when not sglang-router's."""
+    at = f" at --cache-threshold {topo.router_threshold:g}" if threshold_suffix(topo) else ""
+    return f"{topo.routers} sglang-routers{at} x {topo.workers} fake workers"
 
 
 def results_name(topo: Topology) -> str:
@@ -333,8 +342,8 @@ def _drive_counted(stack: Stack, url: str, prepared, clients: int, session_heade
 def requests_per_worker(stack: Stack) -> list[int]:
     """How many requests each fake worker served (its ``/stats``), router by router: where the
     routers put them, which a case's hit ratio alone does not say."""
-    return [orjson.loads(urllib.request.urlopen(f"http://{HOST}:{p}/stats", timeout=10).read())["requests"]
-            for ports in stack.ports.workers for p in ports]
+    return [orjson.loads(http_get(f"{u}/stats", timeout=10)[1])["requests"]
+            for r in range(len(stack.ports.workers)) for u in stack.worker_urls(r)]
 
 
 def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Path, topo: Topology = BASE) -> dict:

@@ -29,7 +29,7 @@ import statistics
 from dataclasses import replace
 
 from .common import RESULTS, write
-from .e2e import BASE, CASES, FAKE_WORKER, SEEDS, _prepared, results_name, worker_capacity
+from .e2e import BASE, CASES, FAKE_WORKER, SEEDS, _prepared, describe_setup, parse_clients, results_name, worker_capacity
 from .sim.engine import Sim, Topology, parse_topology, threshold_suffix
 from .sim.policies import LeastRequest, PrefixRouter, RoundRobin, Single
 
@@ -72,7 +72,7 @@ def measured(topo: Topology, clients: int) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.e2e_rivals")
     p.add_argument("--topology", default=parse_topology("3x3"), type=parse_topology, metavar="RxW", help="sglang-routers x fake workers each")
-    p.add_argument("--clients", default=(12,), metavar="N[,N...]", type=lambda v: tuple(int(n) for n in v.split(",")),
+    p.add_argument("--clients", default=(12,), metavar="N[,N...]", type=parse_clients,
                    help="concurrent clients (the closed loop), one case each")
     p.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable)")
     p.add_argument("--router-cache-threshold", type=float, default=BASE.router_threshold, metavar="X",
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name} x{clients} {policy}: lockstep {r['lockstep']:.3f}, with overhead {r['overhead']:.3f}, "
                       f"stack {'-' if r['stack'] is None else format(r['stack'], '.3f')}", flush=True)
             cases.append(row)
-    at = f" at --cache-threshold {topo.router_threshold:g}" if threshold_suffix(topo) else ""
-    description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients on {topo.routers} sglang-routers{at} x {topo.workers} fake workers, bench.e2e's cases, "
+    description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients on {describe_setup(topo)}, bench.e2e's cases, "
                    f"cache sizes and seeds ({', '.join(map(str, SEEDS))}; mean); the simulator in lockstep and with "
                    f"{STACK_OVERHEAD_S[0] * 1000:g}-{STACK_OVERHEAD_S[1] * 1000:g} ms of overhead per request, against bench.e2e's "
                    f"measurement through real processes ({results_name(topo)}.json).")

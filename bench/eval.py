@@ -294,7 +294,12 @@ def _topology(result: dict) -> str:
 def _shape(result: dict) -> str:
     """The short label of a run's set-up in the topologies table (``3x3``, ``3x3, routers at 0.7``)."""
     t = _threshold(result)
-    return f"{result['topology']['routers']}x{result['topology']['workers']}" + (f", routers' threshold {t:g}" if t is not None else "")
+    return _rxw(result) + (f", routers' threshold {t:g}" if t is not None else "")
+
+
+def _rxw(result: dict) -> str:
+    """A run's routers x workers as the flags write it (``3x3``)."""
+    return f"{result['topology']['routers']}x{result['topology']['workers']}"
 
 
 def topology_name(topo: Topology) -> str:
@@ -378,7 +383,7 @@ def _e2e_lines(d: dict, title: str) -> list[str]:
 def _e2e_rivals_lines(d: dict) -> list[str]:
     """One ``bench.e2e_rivals`` run: each real rival simulated in lockstep and with the stack's
     overhead, beside what the real stack measured."""
-    shape, (at, flag) = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold_words(d)
+    shape, (at, flag) = _rxw(d), _threshold_words(d)
     names = list(d["cases"][0]["policies"]) if d["cases"] else []
     lines = [f"### The real rivals simulated on {shape}{at} (`python -m bench.e2e_rivals --topology {shape} --clients {','.join(map(str, d['clients']))}{flag}`)", "",
              d["description"], "", "Hit ratio: simulated in lockstep / with the overhead / through the real stack.", "",
@@ -396,7 +401,7 @@ def _measured_sections() -> list[str]:
         lines += _e2e_lines(_read(e2e), "## The simulator against the real stack (`python -m bench.e2e`)")
     for path in _runs_on_record("e2e"):
         d = _read(path)
-        shape, (at, flag) = f"{d['topology']['routers']}x{d['topology']['workers']}", _threshold_words(d)
+        shape, (at, flag) = _rxw(d), _threshold_words(d)
         clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))
         lines += _e2e_lines(d, f"### The same on {shape}{at} (`python -m bench.e2e --topology {shape} --clients {clients}{flag}`)")
     for path in _runs_on_record("e2e_rivals"):

@@ -113,7 +113,7 @@ class Worker:
 class SglangRouter:
     """sglang-router 0.3.2's cache_aware over its own workers (creator on a hit, first on ties)."""
 
-    def __init__(self, workers: list[int], threshold: float = 0.3) -> None:
+    def __init__(self, workers: list[int], threshold: float = Topology.router_threshold) -> None:
         self.workers = workers
         self.cfg = policy_config(hit_choice="creator", tie_break="first", cache_threshold=threshold)
         self.tree = RadixTree()

@@ -388,7 +388,9 @@ def _e2e_rivals_lines(d: dict) -> list[str]:
     lines = [f"### The real rivals simulated on {shape}{at} (`python -m bench.e2e_rivals --topology {shape} --clients {','.join(map(str, d['clients']))}{flag}`)", "",
              d["description"], "", "Hit ratio: simulated in lockstep / with the overhead / through the real stack.", "",
              "| workload | concurrency | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    cell = lambda r: f"{r['lockstep']:.3f} / {r['overhead']:.3f} / " + ("–" if r["stack"] is None else f"{r['stack']:.3f}")  # noqa: E731
+    def cell(r: dict) -> str:
+        return f"{r['lockstep']:.3f} / {r['overhead']:.3f} / " + ("–" if r["stack"] is None else f"{r['stack']:.3f}")
+
     lines += [f"| {c['workload']} | {c['concurrency']} | " + " | ".join(cell(c["policies"][n]) for n in names) + " |" for c in d["cases"]]
     return lines + [""]
 

@@ -47,14 +47,27 @@ POLICIES = {
 }
 
 
-def simulate(name: str, policy: str, topo: Topology, clients: int, overhead: tuple[float, float]) -> list[float]:
-    """Hit ratio per seed of one case under one policy."""
+def simulate(name: str, policy: str, topo: Topology, clients: int, overhead: tuple[float, float]) -> tuple[list[float], list[float]]:
+    """Hit ratio per seed of one case under one policy, and (prefix-router only) the match rates its
+    ``prefix_router_new_session_match_rate`` would have observed, every seed's together."""
     kwargs, capacity = CASES[name]
     t = replace(topo, capacity_tokens=worker_capacity(capacity, topo))
     if policy == "one-layer":
         t = replace(t, routers=1, workers=topo.routers * topo.workers)
-    return [Sim(_prepared(name, kwargs, seed), POLICIES[policy](), t, FAKE_WORKER, seed=seed, clients=clients, overhead=overhead).run()["hit_ratio"]
-            for seed in SEEDS]
+    hits, rates = [], []
+    for seed in SEEDS:
+        upper = POLICIES[policy]()
+        hits.append(Sim(_prepared(name, kwargs, seed), upper, t, FAKE_WORKER, seed=seed, clients=clients, overhead=overhead).run()["hit_ratio"])
+        rates += getattr(upper, "new_session_rates", [])
+    return hits, rates
+
+
+def new_sessions(rates: list[float], threshold: float) -> dict | None:
+    """What the new sessions' match rates say of the routers' threshold: how many, their median,
+    and the share above it (the sessions each router runs on the worker holding their prefix)."""
+    if not rates:
+        return None
+    return {"requests": len(rates), "median": statistics.median(rates), "over_router_threshold": sum(r > threshold for r in rates) / len(rates)}
 
 
 def measured(topo: Topology, clients: int) -> dict[str, dict[str, float]]:
@@ -88,14 +101,20 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             row = {"workload": name, "concurrency": clients, "policies": {}}
             for policy in POLICIES:
-                lockstep = simulate(name, policy, topo, clients, (0.0, 0.0))
-                overhead = simulate(name, policy, topo, clients, STACK_OVERHEAD_S)
+                lockstep, _ = simulate(name, policy, topo, clients, (0.0, 0.0))
+                overhead, rates = simulate(name, policy, topo, clients, STACK_OVERHEAD_S)
+                if policy == "prefix-router":
+                    row["new_sessions"] = new_sessions(rates, topo.router_threshold)
                 row["policies"][policy] = {"lockstep": statistics.mean(lockstep), "lockstep_range": [min(lockstep), max(lockstep)],
                                            "overhead": statistics.mean(overhead), "overhead_range": [min(overhead), max(overhead)],
                                            "stack": real.get(name, {}).get(policy)}
                 r = row["policies"][policy]
                 print(f"{name} x{clients} {policy}: lockstep {r['lockstep']:.3f}, with overhead {r['overhead']:.3f}, "
                       f"stack {'-' if r['stack'] is None else format(r['stack'], '.3f')}", flush=True)
+            if row.get("new_sessions"):
+                n = row["new_sessions"]
+                print(f"{name} x{clients} prefix-router's new sessions (with overhead): {n['requests']}, median match rate {n['median']:.2f}, "
+                      f"{100 * n['over_router_threshold']:.0f} % over the routers' {topo.router_threshold:g}", flush=True)
             cases.append(row)
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients on {describe_setup(topo)}, bench.e2e's cases, "
                    f"cache sizes and seeds ({', '.join(map(str, SEEDS))}; mean); the simulator in lockstep and with "

@@ -385,13 +385,20 @@ def _e2e_rivals_lines(d: dict) -> list[str]:
     overhead, beside what the real stack measured."""
     shape, (at, flag) = _rxw(d), _threshold_words(d)
     names = list(d["cases"][0]["policies"]) if d["cases"] else []
+    threshold = d["topology"].get("router_threshold", Topology.router_threshold)
     lines = [f"### The real rivals simulated on {shape}{at} (`python -m bench.e2e_rivals --topology {shape} --clients {','.join(map(str, d['clients']))}{flag}`)", "",
-             d["description"], "", "Hit ratio: simulated in lockstep / with the overhead / through the real stack.", "",
-             "| workload | concurrency | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+             d["description"], "", "Hit ratio: simulated in lockstep / with the overhead / through the real stack. Last column: the match rate "
+             "of prefix-router's decisions for requests not continuing a conversation (what `prefix_router_new_session_match_rate` "
+             f"observes), with the overhead: median, and the share over the routers' {threshold:g}.", "",
+             "| workload | concurrency | " + " | ".join(names) + " | new sessions' match rate |", "|---|---|" + "---|" * (len(names) + 1)]
     def cell(r: dict) -> str:
         return f"{r['lockstep']:.3f} / {r['overhead']:.3f} / " + ("–" if r["stack"] is None else f"{r['stack']:.3f}")
 
-    lines += [f"| {c['workload']} | {c['concurrency']} | " + " | ".join(cell(c["policies"][n]) for n in names) + " |" for c in d["cases"]]
+    def rates(n: dict | None) -> str:
+        return "–" if not n else f"{n['median']:.2f}, {100 * n['over_router_threshold']:.0f} % over"
+
+    lines += [f"| {c['workload']} | {c['concurrency']} | " + " | ".join(cell(c["policies"][n]) for n in names) + f" | {rates(c.get('new_sessions'))} |"
+              for c in d["cases"]]
     return lines + [""]
 
 

@@ -24,7 +24,7 @@ from . import logs, metrics
 from .config import Config
 from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
-from .policy import Decision, continues, costs, decide, least_loaded
+from .policy import Decision, continues, costs, decide, least_loaded, new_session_rate
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
 from .syncwire import REPLICA_ID, Event, SnapshotRecord
@@ -187,6 +187,9 @@ class Director:
         metrics.DECISION_SECONDS.observe(elapsed)
         if decision.text_len:
             metrics.MATCH_RATE.observe(decision.matched / decision.text_len)
+        new_rate = new_session_rate(decision)
+        if new_rate is not None:
+            metrics.NEW_SESSION_MATCH_RATE.observe(new_rate)
         log.debug(
             "decision",
             request_id=info.request_id,

@@ -44,9 +44,16 @@ DECISION_SECONDS = Histogram(
     "Time to parse the body and decide, per request",
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
 )
+RATE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 MATCH_RATE = Histogram(
-    "prefix_router_match_rate", "Matched characters / routing-text characters per decision with a routing text",
-    buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+    "prefix_router_match_rate", "Matched characters / routing-text characters per decision with a routing text", buckets=RATE_BUCKETS,
+)
+NEW_SESSION_MATCH_RATE = Histogram(
+    "prefix_router_new_session_match_rate",
+    "Match rate at the chosen upstream of the prefix-matched decisions for requests that do not continue an earlier "
+    "conversation: a new session above the routers' own --cache-threshold shares a prefix (a system prompt) that its "
+    "router sends, with every such session, to the one worker that first stored it (README, Deploying)",
+    buckets=RATE_BUCKETS,
 )
 EVICTED_CHARS = Counter("prefix_router_evicted_characters", "Budget evicted from the tree (characters, 256 per node)")
 INSERTS_REFUSED = Counter(

@@ -67,6 +67,17 @@ class Decision:
     continuation: str = ""
 
 
+def new_session_rate(d: Decision) -> float | None:
+    """The match rate of a decision taken on a prefix match for a request that does not continue an
+    earlier conversation (a new session), else ``None``. The chosen upstream holds what this layer
+    sent it, so this is about the rate its sglang-router sees: above the router's own
+    ``--cache-threshold``, it sends the session to the worker that first stored the shared prefix,
+    with every other such session (README, "The sglang-routers behind it")."""
+    if d.continuation or d.reason not in ("cache_hit", "cache_miss") or not d.text_len:
+        return None
+    return d.matched / d.text_len
+
+
 def least_loaded(loads: dict[str, int], tie_break: str, rng: random.Random) -> str:
     """The upstream with the fewest in-flight requests; ``loads`` must not be empty."""
     low = min(loads.values())

@@ -404,3 +404,41 @@ def test_continuations_are_counted_by_where_they_went(director):
     edited = [{"role": "user", "content": "q" * 200 + "edited"}]
     director.route(RequestInfo(path="/v1/chat/completions"), orjson.dumps({"model": "m", "messages": edited}))
     assert metrics.CONTINUATIONS.labels("home")._value.get() + metrics.CONTINUATIONS.labels("moved")._value.get() == home + moved + 2
+
+
+def _session(system: str, user: str) -> bytes:
+    return orjson.dumps({"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
+
+
+def _histogram(h) -> tuple[float, float]:
+    return h._sum.get(), sum(b.get() for b in h._buckets)
+
+
+def test_new_sessions_match_rate_is_observed_apart_from_continuations():
+    """What an operator reads to set the routers' own threshold: new sessions' match rate, which
+    continuations (matching their own history) and load-only decisions must not blur."""
+    d = Director(build({"upstreams": POOL}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    system = "s" * 400
+    for user in ("a" * 200, "b" * 200):  # two sessions stored: a third stops where they branch
+        info = RequestInfo(path="/v1/chat/completions")
+        d.route(info, _session(system, user))
+        d.finished(info.ticket, Outcome.OK)
+    before = _histogram(metrics.NEW_SESSION_MATCH_RATE)
+    info = RequestInfo(path="/v1/chat/completions")
+    d.route(info, _session(system, "c" * 200))
+    d.finished(info.ticket, Outcome.OK)
+    total, count = _histogram(metrics.NEW_SESSION_MATCH_RATE)
+    assert count == before[1] + 1
+    assert total - before[0] == pytest.approx(info.matched / info.text_len) and 0.6 < info.matched / info.text_len < 0.7
+    d.route(RequestInfo(path="/v1/chat/completions"), _session(system, "c" * 200 + " and more"))  # its next turn
+    assert _histogram(metrics.NEW_SESSION_MATCH_RATE)[1] == count
+    # a decision by load alone (imbalance) says nothing of where a prefix would go
+    tight = Director(build({"upstreams": POOL, "balance_abs_threshold": "0", "balance_rel_threshold": "1.0"}, env={}), seed=1)
+    tight.set_upstreams(POOL)
+    tight.route(RequestInfo(path="/v1/chat/completions"), _session(system, "d" * 200))  # a new session (rate 0), stays in flight
+    assert _histogram(metrics.NEW_SESSION_MATCH_RATE)[1] == count + 1
+    imbalances = metrics.DECISIONS.labels("imbalance")._value.get()
+    tight.route(RequestInfo(path="/v1/chat/completions"), _session("another system", "e" * 200))
+    assert metrics.DECISIONS.labels("imbalance")._value.get() == imbalances + 1
+    assert _histogram(metrics.NEW_SESSION_MATCH_RATE)[1] == count + 1

@@ -470,6 +470,8 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
 
     def fake_sim(prepared, policy, topo, model, seed, clients, overhead):
         calls.append((type(policy).__name__, topo.routers, topo.workers, topo.capacity_tokens, seed, clients, overhead, topo.router_threshold))
+        if hasattr(policy, "new_session_rates"):  # what prefix-router's decisions would have observed
+            policy.new_session_rates += [0.31, 0.2, 0.5] if overhead[1] else [0.9]
 
         class Run:
             def run(self):
@@ -495,6 +497,8 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
     assert {c[1:3] for c in calls if c[0] == "Single"} == {(1, 9)} and {c[1:3] for c in calls if c[0] != "Single"} == {(3, 3)}
     assert {c[3] for c in calls} == {per_worker} and {c[4] for c in calls} == set(er.SEEDS) and {c[5] for c in calls} == {12}
     assert {c[6] for c in calls} == {(0.0, 0.0), er.STACK_OVERHEAD_S}
+    # the default's new sessions, with the overhead, every seed's together, over the routers' threshold
+    assert row["new_sessions"] == {"requests": 9, "median": 0.31, "over_router_threshold": pytest.approx(2 / 3)}
     er.main(["--topology", "3x3", "--clients", "12"])
     assert "e2e_rivals-3x3" in written and len(written["e2e_rivals-3x3"]["cases"]) == len(er.CASES)
     # the routers at another threshold: simulated so, beside the real run at that threshold
@@ -503,6 +507,7 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
     er.main(["--topology", "3x3", "--clients", "12", "--case", "dialogue", "--router-cache-threshold", "0.5"])
     row = written["e2e_rivals-3x3-threshold0.5-subset"]["cases"][0]
     assert row["policies"]["prefix-router"]["stack"] == 0.8 and {c[7] for c in calls} == {0.5}
+    assert row["new_sessions"]["over_router_threshold"] == 0  # 0.5 is not over 0.5 (strict, as sglang-router)
 
 
 def test_the_report_shows_the_rivals_simulated_beside_the_stack(tmp_path, monkeypatch):
@@ -514,7 +519,9 @@ def test_the_report_shows_the_rivals_simulated_beside_the_stack(tmp_path, monkey
     def run(hit):
         cell = {"lockstep": 0.335, "lockstep_range": [0.3, 0.4], "overhead": hit, "overhead_range": [0.4, 0.5], "stack": 0.46}
         return {"description": "Closed loop of 12 clients", "topology": {"routers": 3, "workers": 3}, "clients": [12],
-                "cases": [{"workload": "sweagent", "concurrency": 12, "policies": {"envoy round robin": cell, "one-layer": {**cell, "stack": None}}}]}
+                "cases": [{"workload": "sweagent", "concurrency": 12, "policies": {"envoy round robin": cell, "one-layer": {**cell, "stack": None}},
+                           "new_sessions": {"requests": 33, "median": 0.31, "over_router_threshold": 0.73}},
+                          {"workload": "dialogue", "concurrency": 12, "policies": {"envoy round robin": cell, "one-layer": cell}}]}
 
     monkeypatch.setattr(ev, "RESULTS", tmp_path)
     (tmp_path / "e2e_rivals-3x3.json").write_text(json.dumps(run(0.467)))
@@ -526,5 +533,7 @@ def test_the_report_shows_the_rivals_simulated_beside_the_stack(tmp_path, monkey
     assert "### The real rivals simulated on 3x3, every router at `--cache-threshold 0.5` (`python -m bench.e2e_rivals --topology 3x3 --clients 12 --router-cache-threshold 0.5`)" in text
     assert text.index("0.777") > text.index("0.467")
     assert text.count("### The real rivals simulated on 3x3 (`python -m bench.e2e_rivals --topology 3x3 --clients 12`)") == 1
-    assert "| workload | concurrency | envoy round robin | one-layer |" in text
-    assert "| sweagent | 12 | 0.335 / 0.467 / 0.460 | 0.335 / 0.467 / – |" in text and "0.999" not in text
+    assert "| workload | concurrency | envoy round robin | one-layer | new sessions' match rate |" in text
+    assert "| sweagent | 12 | 0.335 / 0.467 / 0.460 | 0.335 / 0.467 / – | 0.31, 73 % over |" in text and "0.999" not in text
+    assert "| dialogue | 12 | 0.335 / 0.467 / 0.460 | 0.335 / 0.467 / 0.460 | – |" in text
+    assert "the share over the routers' 0.5" in text and "the share over the routers' 0.3" in text

@@ -16,7 +16,7 @@ from extproc.dev.fakeworker import BLOCK_TOKENS, CHARS_PER_TOKEN
 from extproc.payload import routing_input
 from extproc.config import DEFAULTS, policy_config
 from extproc.feedback import FeedbackRule, is_stale, next_share, observed_chars
-from extproc.policy import PolicyConfig, costs, decide, least_loaded
+from extproc.policy import PolicyConfig, costs, decide, least_loaded, new_session_rate
 from extproc.tree import Match, RadixTree
 
 
@@ -29,6 +29,8 @@ class PrefixRouter:
         self.cfg, self.form = cfg, form
         self.tree = RadixTree()
         self.last_reason = ""
+        # what the service's prefix_router_new_session_match_rate observes, decision by decision
+        self.new_session_rates: list[float] = []
 
     def choose(self, p, sim) -> int:
         text = p.sglang_text if self.form == "sglang" else p.texts.get(self.form)
@@ -37,6 +39,9 @@ class PrefixRouter:
         d = decide(self.tree, _loads(sim), p.partition, text, sim.now, self.cfg, sim.rng)
         self.last_reason = d.reason
         self.last_decision = d
+        rate = new_session_rate(d)
+        if rate is not None:
+            self.new_session_rates.append(rate)
         return int(d.upstream)
 
 

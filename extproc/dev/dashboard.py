@@ -34,6 +34,14 @@ PANELS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
           (f"histogram_quantile(0.99, sum by (le) (rate(prefix_router_decision_seconds_bucket[{RATE}])))", "p99")]),
         ("Matched share of the prompt", "percentunit", "matched characters / routing-text characters, median",
          [(f"histogram_quantile(0.5, sum by (le) (rate(prefix_router_match_rate_bucket[{RATE}])))", "median match rate")]),
+        ("New sessions over the routers' threshold", "percentunit",
+         "requests not continuing a conversation whose match at their router passes 0.3 (sglang-router's --cache-threshold; "
+         "edit to yours, a bucket bound): each router runs all of them on the one worker that first stored the shared prefix "
+         "(README, The sglang-routers behind it: it matters when sessions go on for many turns); the median match rate of "
+         "new sessions beside it",
+         [(f'1 - sum(rate(prefix_router_new_session_match_rate_bucket{{le="0.3"}}[{RATE}])) / '
+           f"sum(rate(prefix_router_new_session_match_rate_count[{RATE}]))", "share over 0.3"),
+          (f"histogram_quantile(0.5, sum by (le) (rate(prefix_router_new_session_match_rate_bucket[{RATE}])))", "median new-session match rate")]),
         ("Conversations kept home", "percentunit",
          "requests continuing an earlier conversation that went to an upstream holding it (--continuation-knee, --continuation-tail)",
          [(f'sum(rate(prefix_router_continuations_total{{where="home"}}[{RATE}])) / '

@@ -68,6 +68,9 @@ def test_metrics_after_real_traffic_and_inflight_back_to_zero(stack):
     assert total(after, "prefix_router_decisions_total") - total(before, "prefix_router_decisions_total") == 40
     assert after[("prefix_router_decision_seconds_count", ())] - before.get(("prefix_router_decision_seconds_count", ()), 0) == 40
     assert after[("prefix_router_match_rate_count", ())] > 0
+    # 40 distinct prompts sharing a few characters: 40 new sessions, none continuing a conversation
+    new_sessions = ("prefix_router_new_session_match_rate_count", ())
+    assert after[new_sessions] - before.get(new_sessions, 0) == 40
     tree = {dict(l)["upstream"] for (n, l), v in after.items() if n == "prefix_router_tree_characters" and v > 0}
     assert tree and tree <= set(stack.router_addresses)
     assert {dict(l)["upstream"] for (n, l), v in after.items() if n == "prefix_router_upstream_healthy" and v == 1} == set(stack.router_addresses)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import grpc
 import orjson
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -130,7 +131,9 @@ class _Floor(pb_grpc.ExternalProcessorServicer, als_pb2_grpc.AccessLogServiceSer
         return als_pb2.StreamAccessLogsResponse()
 
 
-async def _serve(kind: str, port: int) -> None:
+async def _serve(kind: str, port: int, upstreams: list[str] | None = None) -> None:
+    """Run one server until stdin closes. ``upstreams``: where the floor's answers send requests
+    (bench.overhead runs it behind a real Envoy, which health-checks it as it does the service)."""
     _configure_logs()
     listen = f"{HOST}:{port}"
     if kind == "service":
@@ -142,25 +145,28 @@ async def _serve(kind: str, port: int) -> None:
         await svc.start()
         stop = lambda: svc.stop(delay=0)  # noqa: E731
     else:
-        answers = await _in_process_answers()
+        answers = await _in_process_answers(upstreams or UPSTREAMS)
         server = grpc.aio.server()
         floor = _Floor(answers)
         pb_grpc.add_ExternalProcessorServicer_to_server(floor, server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(floor, server)
+        serving = health.aio.HealthServicer()  # Envoy routes through an ext_proc cluster only while its check passes
+        health_pb2_grpc.add_HealthServicer_to_server(serving, server)
         server.add_insecure_port(listen)
         await server.start()
+        await serving.set("", health_pb2.HealthCheckResponse.SERVING)
         stop = lambda: server.stop(None)  # noqa: E731
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
     await stop()
 
 
-def _director():
+def _director(upstreams: list[str] = UPSTREAMS):
     """The service's director over the two upstreams, as ``Service.start`` sets it up."""
     from extproc.director import Director
 
-    director = Director(_service_config("127.0.0.1:0"))
-    director.set_upstreams(UPSTREAMS)
+    director = Director(_service_config("127.0.0.1:0", upstreams))
+    director.set_upstreams(upstreams)
     return director
 
 
@@ -173,11 +179,11 @@ async def _ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Non
     writer.close()
 
 
-async def _in_process_answers() -> list[pb.ProcessingResponse]:
+async def _in_process_answers(upstreams: list[str] = UPSTREAMS) -> list[pb.ProcessingResponse]:
     """The service's answer to one request, from its own handlers (what the floor replays)."""
     from extproc.handlers import ExternalProcessor
 
-    proc = ExternalProcessor(_director())
+    proc = ExternalProcessor(_director(upstreams))
     return [r async for r in proc.Process(_aiter(request_messages(BODY)), None)]
 
 
@@ -293,10 +299,10 @@ def _by_package(prof: cProfile.Profile, n: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.cpu")
-    p.add_argument("--serve", nargs=2, metavar=("KIND", "PORT"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", nargs="+", metavar="KIND PORT [UPSTREAM...]", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.serve:
-        asyncio.run(_serve(a.serve[0], int(a.serve[1])))
+        asyncio.run(_serve(a.serve[0], int(a.serve[1]), a.serve[2:] or None))
         return {}
     _configure_logs()  # for the in-process runs
     payloads = bodies(WARMUP + REQUESTS)

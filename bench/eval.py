@@ -435,6 +435,10 @@ def _measured_sections() -> list[str]:
                   "| path | connections | req/s | p50 ms | p99 ms | added p50 ms | throughput vs direct |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['path']} | {r['connections']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['added_p50_ms']:+.2f} | {r['throughput_vs_direct']:.0%} |" for r in d["rows"]]
         lines.append("")
+        above = d.get("duplex_above_grpc_floor_p50_ms")
+        if above:
+            lines += ["The service in duplex mode above the gRPC floor (Envoy with a server answering the service's answer, made "
+                      "beforehand), p50: " + ", ".join(f"{v:+.2f} ms at {c} connection{'s' if c != '1' else ''}" for c, v in above.items()) + ".", ""]
         st = d.get("streamed")
         if st:
             lines += [f"Streamed responses ({st['tokens_per_response']} events each, {st['token_delay_s'] * 1000:g} ms apart, from fake workers): "

@@ -11,7 +11,10 @@ answering every request directly. In the same run, wrk (one thread, 10 s each, -
   of a sampled request (its response's headers and body pass through the service: in duplex mode
   through the observing filter, in observability mode; in buffered mode by ``mode_override``);
 - ``sglang-router``: one sglang-router (cache_aware) over the same two upstreams, the single-layer
-  alternative.
+  alternative;
+- ``envoy+grpc floor duplex``: ``envoy/duplex.yaml`` with bench.cpu's floor in the service's place
+  (a grpcio asyncio server answering with the service's own answer, made beforehand): what the
+  path costs before the service does any work, so what part of the added latency is this project's.
 
 at 1 connection (added latency) and 16 connections (throughput). The body is a 2 KB chat request.
 Targets ([eval]): added p50 latency <= 1 ms, throughput >= 60% of envoy-direct.
@@ -48,6 +51,8 @@ BODY = orjson.dumps({"model": "fake-model", "messages": [
 # (name, envoy/<mode>.yaml, service flags); "every response read": the cost of a sampled request
 VARIANTS = (("duplex", "duplex", []), ("duplex, every response read", "duplex", ["--observe-sample", "1"]),
             ("buffered", "buffered", []), ("buffered, every response read", "buffered", ["--observe-sample", "1"]))
+# Envoy (duplex) with bench.cpu's floor for the service: the share of the added latency that is gRPC's
+FLOOR = "envoy+grpc floor duplex"
 STREAM_BODY = orjson.dumps({**orjson.loads(BODY), "stream": True, "stream_options": {"include_usage": True}})
 STREAM_TOKENS = 16
 TOKEN_DELAY = 0.0005
@@ -144,6 +149,9 @@ def main(seconds: int = 10) -> dict:
             s = _service_stack(work / name.replace(" ", "").replace(",", "-"), mode, extra, ups)
             stacks.append(s)
             variants[f"envoy+prefix-router {name}"] = f"{s.base_url}/chat/completions"
+        floor = _floor_stack(work / "floor", ups)
+        stacks.append(floor)
+        variants[FLOOR] = f"{floor.base_url}/chat/completions"
         router_port = free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(router_port),
@@ -165,10 +173,32 @@ def main(seconds: int = 10) -> dict:
     for r in rows:
         r["added_p50_ms"] = r["p50_ms"] - base[r["connections"]]["p50_ms"]
         r["throughput_vs_direct"] = r["rps"] / base[r["connections"]]["rps"]
+    floor = {r["connections"]: r for r in rows if r["path"] == FLOOR}
+    above = {str(r["connections"]): r["p50_ms"] - floor[r["connections"]]["p50_ms"] for r in rows if r["path"] == "envoy+prefix-router duplex"}
     result = {"benchmark": "overhead", "seconds": seconds, "body_bytes": len(BODY), "rows": rows,
-              "targets": {"added_p50_ms_max": 1.0, "throughput_vs_direct_min": 0.6}, "streamed": streamed}
+              "targets": {"added_p50_ms_max": 1.0, "throughput_vs_direct_min": 0.6}, "streamed": streamed,
+              # what the service itself adds over a server that does nothing but answer (p50, ms, by connections)
+              "duplex_above_grpc_floor_p50_ms": above}
     print(f"wrote {write('overhead', result)}")
     return result
+
+
+def _floor_stack(workdir: Path, upstreams: list[int]) -> Stack:
+    """Envoy's ``envoy/duplex.yaml`` in front of bench.cpu's floor instead of the service: a gRPC
+    server answering every request with the service's own answer to BODY, made beforehand (so it
+    routes to ``upstreams`` as the service would). What any ext_proc service written with grpcio's
+    asyncio API costs on this path before it does any work of its own."""
+    ports = Ports.free(2, 0)
+    ports.routers = upstreams
+    s = Stack(ports, envoy_config=ENVOY_DIR / "duplex.yaml", workdir=workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "floor.log", "ab") as log:
+        s.procs["service-0"] = subprocess.Popen(  # the Stack waits for Envoy's health check of it, and stops it
+            [sys.executable, "-m", "bench.cpu", "--serve", "floor", str(ports.services[0]), *(f"{HOST}:{p}" for p in upstreams)],
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
+    wait_until(lambda: b"ready" in (workdir / "floor.log").read_bytes(), 60, "the floor server", s.procs["service-0"])
+    s.start_envoy()
+    return s
 
 
 def _service_stack(workdir: Path, mode: str, extra: list[str], upstreams: list[int]) -> Stack:

@@ -24,3 +24,27 @@ def test_the_requests_are_conversations_that_grow():
     turns = [len(orjson.loads(p)["messages"]) for p in payloads]
     # 16 sessions take turns: each session's next request extends its last one
     assert turns[16] == turns[0] + 2 and payloads[16].startswith(payloads[0][:-2])
+
+
+def test_the_floor_behind_envoy_routes_where_it_is_told():
+    """bench.overhead puts the floor behind a real Envoy: its answers must pin each request to the
+    benchmark's own upstreams (else Envoy would reach for addresses nobody listens on)."""
+    upstreams = ["127.0.0.1:41001", "127.0.0.1:41002"]
+    answers = asyncio.run(_in_process_answers(upstreams))
+    hosts = [(h.header.raw_value or h.header.value.encode()).decode() for h in answers[0].request_headers.response.header_mutation.set_headers
+             if h.header.key == "x-upstream-host"]
+    assert len(hosts) == 1 and hosts[0] in upstreams
+
+
+def test_the_report_says_how_far_the_service_sits_above_the_floor(tmp_path, monkeypatch):
+    import json
+
+    import bench.eval as ev
+
+    row = {"path": "envoy-direct", "connections": 1, "rps": 3600.0, "p50_ms": 0.25, "p99_ms": 0.5, "added_p50_ms": 0.0, "throughput_vs_direct": 1.0}
+    overhead = {"targets": {"added_p50_ms_max": 1.0, "throughput_vs_direct_min": 0.6}, "rows": [row],
+                "duplex_above_grpc_floor_p50_ms": {"1": 0.17, "16": 1.97}}
+    monkeypatch.setattr(ev, "RESULTS", tmp_path)
+    (tmp_path / "overhead.json").write_text(json.dumps(overhead))
+    text = "\n".join(ev._measured_sections())
+    assert "p50: +0.17 ms at 1 connection, +1.97 ms at 16 connections." in text

@@ -173,8 +173,8 @@ def main(seconds: int = 10) -> dict:
     for r in rows:
         r["added_p50_ms"] = r["p50_ms"] - base[r["connections"]]["p50_ms"]
         r["throughput_vs_direct"] = r["rps"] / base[r["connections"]]["rps"]
-    floor = {r["connections"]: r for r in rows if r["path"] == FLOOR}
-    above = {str(r["connections"]): r["p50_ms"] - floor[r["connections"]]["p50_ms"] for r in rows if r["path"] == "envoy+prefix-router duplex"}
+    floor_rows = {r["connections"]: r for r in rows if r["path"] == FLOOR}
+    above = {str(r["connections"]): r["p50_ms"] - floor_rows[r["connections"]]["p50_ms"] for r in rows if r["path"] == "envoy+prefix-router duplex"}
     result = {"benchmark": "overhead", "seconds": seconds, "body_bytes": len(BODY), "rows": rows,
               "targets": {"added_p50_ms_max": 1.0, "throughput_vs_direct_min": 0.6}, "streamed": streamed,
               # what the service itself adds over a server that does nothing but answer (p50, ms, by connections)

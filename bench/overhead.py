@@ -196,8 +196,12 @@ def _floor_stack(workdir: Path, upstreams: list[int]) -> Stack:
         s.procs["service-0"] = subprocess.Popen(  # the Stack waits for Envoy's health check of it, and stops it
             [sys.executable, "-m", "bench.cpu", "--serve", "floor", str(ports.services[0]), *(f"{HOST}:{p}" for p in upstreams)],
             stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
-    wait_until(lambda: b"ready" in (workdir / "floor.log").read_bytes(), 60, "the floor server", s.procs["service-0"])
-    s.start_envoy()
+    try:
+        wait_until(lambda: b"ready" in (workdir / "floor.log").read_bytes(), 60, "the floor server", s.procs["service-0"])
+        s.start_envoy()
+    except BaseException:
+        s.stop()
+        raise
     return s
 
 

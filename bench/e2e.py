@@ -53,6 +53,7 @@ import openai
 import orjson
 
 from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, http_get
+from extproc.metrics import RATE_BUCKETS
 
 from .overhead import direct_config, start_envoy
 
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "simulated_range": [min(r["simulated_hit_ratio"] for r in mine), max(r["simulated_hit_ratio"] for r in mine)],
                             "stack_range": [min(r["stack_hit_ratio"] for r in mine), max(r["stack_hit_ratio"] for r in mine)],
                             "stack_latency_p50_s": statistics.mean(r["stack_latency_p50_s"] for r in mine),
-                            "stack_latency_p90_s": statistics.mean(r["stack_latency_p90_s"] for r in mine), "rivals": rivals})
+                            "stack_latency_p90_s": statistics.mean(r["stack_latency_p90_s"] for r in mine), "rivals": rivals,
+                            "stack_new_sessions_over_router_threshold": _mean_of_known(r["stack_new_sessions"]["over_router_threshold"] for r in mine)})
             print(f"{name} x{clients}: simulated {sim:.3f}, through the stack {real:.3f} ({100 * (real - sim):+.1f} points); "
                   + ", ".join(f"{k} {v['hit_ratio']:.3f}" for k, v in rivals.items()), flush=True)
     within = sum(abs(s["difference_points"]) <= TOLERANCE_POINTS for s in summary)
@@ -145,6 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
     subset = bool(a.case) or ((topo.routers, topo.workers) == (BASE.routers, BASE.workers) and a.clients != CONCURRENCY)
     print(f"wrote {write(results_name(topo) + ('-subset' if subset else ''), result)}")
     return result
+
+
+def _mean_of_known(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None
 
 
 def parse_clients(value: str) -> tuple[int, ...]:
@@ -181,7 +188,8 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo
     row = {"workload": name, "concurrency": clients, "seed": seed, "requests": len(prepared), "failed": totals["failed"], "capacity_tokens": capacity,
            "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
            "stack_latency_p50_s": totals["latency_p50_s"], "stack_latency_p90_s": totals["latency_p90_s"],
-           "stack_requests_per_worker": totals["requests_per_worker"], "replay_seconds": time.time() - t0}
+           "stack_requests_per_worker": totals["requests_per_worker"], "stack_new_sessions": totals["new_sessions"],
+           "replay_seconds": time.time() - t0}
     print(f"{name} x{clients} seed {seed}: {len(prepared)} requests ({totals['failed']} failed), simulated {simulated['hit_ratio']:.3f}, "
           f"through the stack {real:.3f} ({row['difference_points']:+.1f} points)", flush=True)
     return row
@@ -329,7 +337,20 @@ def _through_service(prepared, capacity: int, clients: int, work: Path, service_
     stack = Stack(Ports.free(topo.routers, topo.workers), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
                   service_args=list(service_args), router_args=_router_args(topo))
     with stack:
-        return _drive_counted(stack, stack.base_url, prepared, clients)
+        out = _drive_counted(stack, stack.base_url, prepared, clients)
+        out["new_sessions"] = new_sessions_seen(stack, topo.router_threshold)
+        return out
+
+
+def new_sessions_seen(stack: Stack, threshold: float) -> dict:
+    """What the service's ``prefix_router_new_session_match_rate`` counted in the run: how many
+    decisions for requests not continuing a conversation, and the share of them over the routers'
+    threshold (read from the histogram's bucket at it; ``None`` if it is not a bucket bound)."""
+    count = stack.service_metric(0, "prefix_router_new_session_match_rate_count")
+    over = None
+    if count and threshold in RATE_BUCKETS:
+        over = (count - stack.service_metric(0, "prefix_router_new_session_match_rate_bucket", le=format(threshold, "g"))) / count
+    return {"requests": int(count), "over_router_threshold": over}
 
 
 def _drive_counted(stack: Stack, url: str, prepared, clients: int, session_header: bool = False) -> dict:

@@ -1,6 +1,7 @@
 """The evaluation's simulator and policies on small inputs (the numbers themselves come from `make bench`)."""
 
 import importlib
+import itertools
 import random
 
 import pytest
@@ -206,7 +207,12 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
         def stop(self):
             pass
 
+        def service_metric(self, index, name, **labels):  # the service's new-session histogram: 10 seen, 4 at or under the bucket asked
+            read.append(labels.get("le"))
+            return 10.0 if name.endswith("_count") else 4.0
+
     real_sim = e2e.Sim
+    read = []
 
     def sim(prepared, upper, topo, *a, **kw):
         sims.append((topo.routers, topo.workers, topo.capacity_tokens) + ((topo.router_threshold,) if topo.router_threshold != 0.3 else ()))
@@ -231,6 +237,8 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     one = e2e.replay_rival("one-layer", "dialogue", {"sessions": 4}, 3000, 2, 3, three)
     creator = e2e.replay_rival("hit-choice creator", "dialogue", {"sessions": 4}, 3000, 2, 3, three)
     assert row["stack_requests_per_worker"] == creator["requests_per_worker"] == [3, 3, 3] and one["requests_per_worker"] == [9]
+    # what the service's histogram says of the new sessions: the share over the routers' threshold, read at its bucket
+    assert row["stack_new_sessions"] == {"requests": 10, "over_router_threshold": 0.6} and "0.3" in read
     assert sims == [(3, 3, 1333)] and row["capacity_tokens"] == 1333
     assert stacks == [([3, 3, 3], "1333"), ([9], "1333"), ([3, 3, 3], "1333")]
     assert e2e.worker_capacity(3000, e2e.BASE) == 3000
@@ -242,6 +250,9 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     e2e.replay("dialogue", {"sessions": 4}, 3000, 2, 3, at)
     e2e.replay_rival("envoy round robin", "dialogue", {"sessions": 4}, 3000, 2, 3, at)
     assert stacks == [([3, 3, 3], "1333", "--cache-threshold", "0.7")] * 2 and sims == [(3, 3, 1333, 0.7)]
+    assert read[-1] == "0.7"
+    # a threshold that is no bucket bound of the histogram: the share is not made up
+    assert e2e.replay("dialogue", {"sessions": 4}, 3000, 2, 3, e2e.replace(three, router_threshold=0.35))["stack_new_sessions"]["over_router_threshold"] is None
     assert e2e.results_name(at) == "e2e-3x3-threshold0.7"
 
 
@@ -376,7 +387,9 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
 
     row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0}
     rival = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
-    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, **row})
+    shares = itertools.cycle([0.7, None, 0.5])  # the seeds' new sessions over the routers' threshold (None: not a bucket bound)
+    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, **row,
+                                                                                        "stack_new_sessions": {"over_router_threshold": next(shares)}})
     monkeypatch.setattr(e2e, "replay_rival", lambda *a: dict(rival))
     written = []
     monkeypatch.setattr(e2e, "write", lambda name, result: written.append(name) or name)
@@ -392,6 +405,8 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
     e2e.main(["--case", "dialogue", "--clients", "8"])
     n = len(e2e.SEEDS) * len(e2e.RIVALS)
     assert results[0]["description"].endswith("Requests failed: 0.") and results[1]["description"].endswith(f"Requests failed: {2 * n}.")
+    # the service's new sessions over the routers' threshold, the mean of the seeds that could say
+    assert results[0]["summary"][0]["stack_new_sessions_over_router_threshold"] == pytest.approx(0.6)
 
 
 def test_the_real_stack_check_names_the_call_each_tool_result_answers(monkeypatch):

@@ -402,6 +402,13 @@ def _e2e_rivals_lines(d: dict) -> list[str]:
     return lines + [""]
 
 
+def _failed_open(row: dict) -> str:
+    """A row's share of requests Envoy sent to the fallback route (bench.overhead), or a dash for a
+    path without ext_proc or a run from before it was counted."""
+    share = row.get("fallback_share")
+    return "–" if share is None else f"{100 * share:.2f} %"
+
+
 def _measured_sections() -> list[str]:
     """The end-to-end check and the overhead through Envoy, from their own runs' JSON when present."""
     lines: list[str] = []
@@ -432,8 +439,9 @@ def _measured_sections() -> list[str]:
         lines += ["## Overhead through Envoy (`python -m bench.overhead`)", "",
                   "wrk, one thread, 10 s per cell, 2 KB chat bodies, upstreams answering at once. Targets: added p50 <= "
                   f"{d['targets']['added_p50_ms_max']} ms, throughput >= {d['targets']['throughput_vs_direct_min']:.0%} of Envoy-direct.", "",
-                  "| path | connections | req/s | p50 ms | p99 ms | added p50 ms | throughput vs direct |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['path']} | {r['connections']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['added_p50_ms']:+.2f} | {r['throughput_vs_direct']:.0%} |" for r in d["rows"]]
+                  "| path | connections | req/s | p50 ms | p99 ms | added p50 ms | throughput vs direct | failed open |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['path']} | {r['connections']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['added_p50_ms']:+.2f} | "
+                  f"{r['throughput_vs_direct']:.0%} | {_failed_open(r)} |" for r in d["rows"]]
         lines.append("")
         above = d.get("duplex_above_grpc_floor_p50_ms")
         if above:
@@ -443,10 +451,10 @@ def _measured_sections() -> list[str]:
         if st:
             lines += [f"Streamed responses ({st['tokens_per_response']} events each, {st['token_delay_s'] * 1000:g} ms apart, from fake workers): "
                       "each mode with and without reading every response.", "",
-                      "| path | connections | req/s | p50 ms | p99 ms | ext_proc messages per request | added p50 ms | throughput vs unread |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| path | connections | req/s | p50 ms | p99 ms | ext_proc messages per request | added p50 ms | throughput vs unread | failed open |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             lines += [f"| {r['path']} | {r['connections']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['ext_proc_messages_per_request']:.1f} | "
-                      f"{r['added_p50_ms']:+.2f} | {r['throughput_vs_unsampled']:.0%} |" for r in st["rows"]]
+                      f"{r['added_p50_ms']:+.2f} | {r['throughput_vs_unsampled']:.0%} | {_failed_open(r)} |" for r in st["rows"]]
             lines.append("")
     return lines
 

@@ -145,13 +145,16 @@ def main(seconds: int = 10) -> dict:
         variants = {"envoy-direct": f"http://{HOST}:{dl}/v1/chat/completions"}
         stacks = []
         # the last: every response read for its usage (--observe-sample 1), the cost of a sampled request
+        through: dict[str, Stack] = {}  # the variants through ext_proc, by name
         for name, mode, extra in VARIANTS:
             s = _service_stack(work / name.replace(" ", "").replace(",", "-"), mode, extra, ups)
             stacks.append(s)
             variants[f"envoy+prefix-router {name}"] = f"{s.base_url}/chat/completions"
+            through[f"envoy+prefix-router {name}"] = s
         floor = _floor_stack(work / "floor", ups)
         stacks.append(floor)
         variants[FLOOR] = f"{floor.base_url}/chat/completions"
+        through[FLOOR] = floor
         router_port = free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(router_port),
@@ -161,7 +164,9 @@ def main(seconds: int = 10) -> dict:
         variants["sglang-router"] = f"http://{HOST}:{router_port}/v1/chat/completions"
         for connections in (1, 16):
             for name, url in variants.items():
-                rows.append({"path": name, **_measure(url, connections, seconds, script)})
+                stack = through.get(name)
+                measured = _measure_stack(stack, url, connections, seconds, script) if stack else _measure(url, connections, seconds, script)
+                rows.append({"path": name, **measured})
     finally:
         for s in locals().get("stacks", []):
             s.stop()
@@ -222,6 +227,30 @@ def _measure(url: str, connections: int, seconds: int, script: Path) -> dict:
     return row
 
 
+def _routed(s: Stack) -> tuple[int, int]:
+    """Requests Envoy sent to the pinned cluster and to the fallback one (both cumulative)."""
+    stats = http_get(f"http://{HOST}:{s.ports.admin}/stats?filter=upstream_rq_total")[1].decode()
+    def total(cluster: str) -> int:
+        return sum(int(v) for v in re.findall(rf"^cluster\.{cluster}\.upstream_rq_total: (\d+)$", stats, re.M))
+    return total("sglang_routers_pinned"), total("sglang_routers_fallback")
+
+
+def _measure_stack(s: Stack, url: str, connections: int, seconds: int, script: Path) -> dict:
+    """``_measure`` through a stack with the service (or the floor), and the share of the measured
+    requests that failed open to the fallback route: a benchmark that silently failed open would
+    time a path without ext_proc, so each row says how much of it did."""
+    before = _routed(s)
+    row = _measure(url, connections, seconds, script)
+    after = _routed(s)
+    pinned, fallback = after[0] - before[0], after[1] - before[1]
+    if not pinned + fallback:
+        raise RuntimeError("Envoy counted no request on either router cluster: are its stats named as _routed reads them?")
+    row["fallback_share"] = fallback / (pinned + fallback)
+    if row["fallback_share"] > 0.01:
+        print(f"  WARNING: {100 * row['fallback_share']:.1f} % of these requests failed open to the fallback route", flush=True)
+    return row
+
+
 def _ext_proc_messages(s: Stack) -> tuple[int, int]:
     """Envoy's count of messages it sent on ext_proc streams, and of streams started (both cumulative)."""
     stats = http_get(f"http://{HOST}:{s.ports.admin}/stats?filter=ext_proc")[1].decode()
@@ -250,7 +279,7 @@ def _streamed(work: Path, seconds: int) -> dict:
             for name, mode, reads, s in stacks:
                 before = _ext_proc_messages(s)
                 row = {"path": f"streamed, {name}", "mode": mode, "reads_responses": reads,
-                       **_measure(f"{s.base_url}/chat/completions", connections, seconds, script)}
+                       **_measure_stack(s, f"{s.base_url}/chat/completions", connections, seconds, script)}
                 after = _ext_proc_messages(s)
                 row["responses_read"] = s.service_metric(0, "prefix_router_observations_total", result="read")
                 row["ext_proc_messages_per_request"] = (after[0] - before[0]) / max(1, after[1] - before[1])

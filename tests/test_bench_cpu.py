@@ -42,9 +42,29 @@ def test_the_report_says_how_far_the_service_sits_above_the_floor(tmp_path, monk
     import bench.eval as ev
 
     row = {"path": "envoy-direct", "connections": 1, "rps": 3600.0, "p50_ms": 0.25, "p99_ms": 0.5, "added_p50_ms": 0.0, "throughput_vs_direct": 1.0}
-    overhead = {"targets": {"added_p50_ms_max": 1.0, "throughput_vs_direct_min": 0.6}, "rows": [row],
+    through = {**row, "path": "envoy+prefix-router duplex", "fallback_share": 0.0004}
+    overhead = {"targets": {"added_p50_ms_max": 1.0, "throughput_vs_direct_min": 0.6}, "rows": [row, through],
                 "duplex_above_grpc_floor_p50_ms": {"1": 0.17, "16": 1.97}}
     monkeypatch.setattr(ev, "RESULTS", tmp_path)
     (tmp_path / "overhead.json").write_text(json.dumps(overhead))
     text = "\n".join(ev._measured_sections())
     assert "p50: +0.17 ms at 1 connection, +1.97 ms at 16 connections." in text
+    # each row through ext_proc says how much of it failed open; a path without ext_proc says nothing
+    assert "| envoy+prefix-router duplex | 1 | 3600 | 0.25 | 0.50 | +0.00 | 100% | 0.04 % |" in text
+    assert "| envoy-direct | 1 | 3600 | 0.25 | 0.50 | +0.00 | 100% | – |" in text
+
+
+def test_each_overhead_row_says_how_much_of_it_failed_open(monkeypatch):
+    """A request that fails open takes the fallback route, without ext_proc, and is fast: a row
+    that silently measured it would flatter the service. Each row through a stack carries the share
+    of its requests Envoy sent to the fallback cluster; no count at all is a benchmark bug."""
+    import pytest
+
+    import bench.overhead as ov
+
+    counts = iter([(100, 5), (190, 15), (0, 0), (0, 0)])  # (pinned, fallback) before and after each run
+    monkeypatch.setattr(ov, "_routed", lambda stack: next(counts))
+    monkeypatch.setattr(ov, "_measure", lambda *a: {"p50_ms": 1.0})
+    assert ov._measure_stack(None, "url", 1, 1, None)["fallback_share"] == pytest.approx(0.1)
+    with pytest.raises(RuntimeError):
+        ov._measure_stack(None, "url", 1, 1, None)

@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from bench.overhead import BODY, _floor_stack, start_envoy, upstream_config
+from bench.overhead import BODY, _floor_stack, _routed, start_envoy, upstream_config
 from extproc.dev.stack import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -26,6 +26,8 @@ def test_the_floor_behind_envoy_serves_on_the_pinned_route(tmp_path):
             assert len(entries) == 3
             assert {e["route"] for e in entries} == {"pinned"}
             assert {e["upstream"] for e in entries} <= {f"127.0.0.1:{p}" for p in ups}
+            # what each overhead row reads to say how much of it failed open, from Envoy's own stats
+            assert _routed(stack) == (3, 0)
         finally:
             stack.stop()
     finally:

@@ -63,11 +63,6 @@ def post(stack: Stack, body: bytes, headers: dict | None = None, timeout: float 
     return status, time.perf_counter() - t
 
 
-def envoy_counter(stack: Stack, name: str) -> int:
-    _, body = http_get(f"{stack.admin_url}/stats?filter={name}")
-    return sum(int(l.rsplit(":", 1)[1]) for l in body.decode().splitlines() if l.strip() and l.rsplit(":", 1)[1].strip().isdigit())
-
-
 def healthy_routers(stack: Stack) -> int:
     _, body = http_get(stack.service_admin_url() + "/metrics")
     return sum(1 for l in body.decode().splitlines() if l.startswith("prefix_router_upstream_healthy{") and l.endswith(" 1.0"))
@@ -195,10 +190,10 @@ def run_version(label: str, source: Path | None, workdir: Path) -> dict:
         with stack:
             baseline = [post(stack, orjson.dumps({"model": "fake-model", "messages": [{"role": "user", "content": f"warm {i}"}]}))[1] for i in range(40)]
             rss_before = rss_mb(stack.procs["service-0"].pid)
-            fallback0 = envoy_counter(stack, "failure_mode_allowed")
+            fallback0 = stack.envoy_counter("failure_mode_allowed")
             with Watch(stack) as w:
                 attack(stack)
-            row = summary(w, baseline, envoy_counter(stack, "failure_mode_allowed") - fallback0, healthy_routers(stack))
+            row = summary(w, baseline, stack.envoy_counter("failure_mode_allowed") - fallback0, healthy_routers(stack))
             row["rss_mb"]["before"] = round(rss_before, 1)
             out[name] = row
             print(f"{label:6} {name:18} rss {row['rss_mb']['before']:.0f} -> peak {row['rss_mb']['peak']:.0f} -> {row['rss_mb']['after']:.0f} MB  "

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import grpc
 import orjson
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -150,11 +150,11 @@ async def _serve(kind: str, port: int, upstreams: list[str] | None = None) -> No
         floor = _Floor(answers)
         pb_grpc.add_ExternalProcessorServicer_to_server(floor, server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(floor, server)
-        serving = health.aio.HealthServicer()  # Envoy routes through an ext_proc cluster only while its check passes
-        health_pb2_grpc.add_HealthServicer_to_server(serving, server)
+        # Envoy routes through an ext_proc cluster only while its health check passes (the server's
+        # overall status, "", is SERVING from the start)
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
         server.add_insecure_port(listen)
         await server.start()
-        await serving.set("", health_pb2.HealthCheckResponse.SERVING)
         stop = lambda: server.stop(None)  # noqa: E731
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin

@@ -137,24 +137,18 @@ def main(seconds: int = 10) -> dict:
         procs.append(start_envoy(work, name, cfg, admin))
 
     rows = []
+    through: dict[str, Stack] = {}  # the variants through ext_proc, by name (the service's and the floor's)
     try:
         ua = free_port()
         envoy("upstreams", upstream_config(ua, ups), ua)
         da, dl = free_port(), free_port()
         envoy("direct", direct_config(da, dl, ups), da)
         variants = {"envoy-direct": f"http://{HOST}:{dl}/v1/chat/completions"}
-        stacks = []
         # the last: every response read for its usage (--observe-sample 1), the cost of a sampled request
-        through: dict[str, Stack] = {}  # the variants through ext_proc, by name
         for name, mode, extra in VARIANTS:
-            s = _service_stack(work / name.replace(" ", "").replace(",", "-"), mode, extra, ups)
-            stacks.append(s)
-            variants[f"envoy+prefix-router {name}"] = f"{s.base_url}/chat/completions"
-            through[f"envoy+prefix-router {name}"] = s
-        floor = _floor_stack(work / "floor", ups)
-        stacks.append(floor)
-        variants[FLOOR] = f"{floor.base_url}/chat/completions"
-        through[FLOOR] = floor
+            through[f"envoy+prefix-router {name}"] = _service_stack(work / name.replace(" ", "").replace(",", "-"), mode, extra, ups)
+        through[FLOOR] = _floor_stack(work / "floor", ups)
+        variants |= {name: f"{s.base_url}/chat/completions" for name, s in through.items()}
         router_port = free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(router_port),
@@ -168,7 +162,7 @@ def main(seconds: int = 10) -> dict:
                 measured = _measure_stack(stack, url, connections, seconds, script) if stack else _measure(url, connections, seconds, script)
                 rows.append({"path": name, **measured})
     finally:
-        for s in locals().get("stacks", []):
+        for s in through.values():
             s.stop()
         for p in procs:
             p.terminate()
@@ -229,10 +223,8 @@ def _measure(url: str, connections: int, seconds: int, script: Path) -> dict:
 
 def _routed(s: Stack) -> tuple[int, int]:
     """Requests Envoy sent to the pinned cluster and to the fallback one (both cumulative)."""
-    stats = http_get(f"http://{HOST}:{s.ports.admin}/stats?filter=upstream_rq_total")[1].decode()
-    def total(cluster: str) -> int:
-        return sum(int(v) for v in re.findall(rf"^cluster\.{cluster}\.upstream_rq_total: (\d+)$", stats, re.M))
-    return total("sglang_routers_pinned"), total("sglang_routers_fallback")
+    return (s.envoy_counter(r"^cluster\.sglang_routers_pinned\.upstream_rq_total$"),
+            s.envoy_counter(r"^cluster\.sglang_routers_fallback\.upstream_rq_total$"))
 
 
 def _measure_stack(s: Stack, url: str, connections: int, seconds: int, script: Path) -> dict:
@@ -253,10 +245,7 @@ def _measure_stack(s: Stack, url: str, connections: int, seconds: int, script: P
 
 def _ext_proc_messages(s: Stack) -> tuple[int, int]:
     """Envoy's count of messages it sent on ext_proc streams, and of streams started (both cumulative)."""
-    stats = http_get(f"http://{HOST}:{s.ports.admin}/stats?filter=ext_proc")[1].decode()
-    def total(name: str) -> int:
-        return sum(int(v) for k, v in re.findall(rf"^(\S*ext_proc\S*\.{name}): (\d+)$", stats, re.M))
-    return total("stream_msgs_sent"), total("streams_started")
+    return s.envoy_counter(r"ext_proc.*\.stream_msgs_sent$"), s.envoy_counter(r"ext_proc.*\.streams_started$")
 
 
 def _streamed(work: Path, seconds: int) -> dict:

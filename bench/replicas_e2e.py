@@ -28,7 +28,7 @@ from pathlib import Path
 
 import openai
 
-from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, http_get, wait_until
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, wait_until
 
 from .common import RESULTS, write
 from .overhead import direct_config, start_envoy, upstream_config, wrk, wrk_setup
@@ -106,11 +106,6 @@ def _wait_synced(stack: Stack, n: int) -> None:
                                for i in range(n)), 30, "replicas synced")
 
 
-def _envoy_counter(stack: Stack, name: str) -> float:
-    _, body = http_get(f"{stack.admin_url}/stats?filter=^{name}$")
-    return sum(float(line.rsplit(":", 1)[1]) for line in body.decode().splitlines() if line.strip())
-
-
 def throughput(seconds: int = 10) -> dict:
     work, script = wrk_setup("bench-replicas-wrk-")
     ups = [free_port(), free_port()]
@@ -171,9 +166,9 @@ def _stack_counters(s: Stack | None) -> dict:
     if s is None:
         return {}
     n = len(s.ports.services)
-    return {"sent": _envoy_counter(s, "http.ingress.ext_proc.stream_msgs_sent"),
-            "received": _envoy_counter(s, "http.ingress.ext_proc.stream_msgs_received"),
-            "requests": _envoy_counter(s, "http.ingress.downstream_rq_completed"),
+    return {"sent": s.envoy_counter("^http.ingress.ext_proc.stream_msgs_sent$"),
+            "received": s.envoy_counter("^http.ingress.ext_proc.stream_msgs_received$"),
+            "requests": s.envoy_counter("^http.ingress.downstream_rq_completed$"),
             "decisions": sum(_metric(s, i, "prefix_router_decisions_total") for i in range(n)),
             "sync_bytes": sum(_metric(s, i, "prefix_router_sync_bytes_total", direction="sent") for i in range(n)),
             "sync_messages": sum(_metric(s, i, "prefix_router_sync_messages_total", direction="sent") for i in range(n))}

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,6 +407,12 @@ class Stack:
 
     def service_metric(self, index: int, name: str, **labels: str) -> float:
         return scrape(self.service_admin_url(index) + "/metrics", name, **labels)
+
+    def envoy_counter(self, pattern: str) -> int:
+        """The sum of Envoy's counters and gauges whose names match the regex ``pattern`` (its admin
+        ``/stats?filter=``); histograms, whose values are not numbers, are left out."""
+        body = http_get(f"{self.admin_url}/stats?filter={urllib.parse.quote(pattern)}")[1].decode()
+        return sum(int(v) for v in (line.rpartition(":")[2].strip() for line in body.splitlines()) if v.isdigit())
 
     def stop_service(self, index: int = 0) -> int | None:
         return self._stop(f"service-{index}", timeout=30)

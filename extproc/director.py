@@ -24,7 +24,7 @@ from . import logs, metrics
 from .config import Config
 from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
-from .policy import Decision, continues, costs, decide, least_loaded, new_session_rate
+from .policy import Decision, continues, costs, decide, least_loaded, new_session_rate, session_kind
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
 from .syncwire import REPLICA_ID, Event, SnapshotRecord
@@ -106,9 +106,9 @@ class Director:
         self.tree = RadixTree(cfg.max_partitions)
         self.rng = random.Random(seed)
         self.held_body_bytes = 0  # what duplex streams hold while their bodies arrive (handlers)
-        # Running totals of decisions per (upstream, reason), for the status page's recent windows
-        # (one dict increment per decision; the page samples it, see extproc.status).
-        self.decided: dict[tuple[str, str], int] = {}
+        # Running totals of decisions per (upstream, reason, session kind), for the status page's
+        # recent windows (one dict increment per decision; the page samples it, see extproc.status).
+        self.decided: dict[tuple[str, str, str], int] = {}
         # Sampled responses per upstream: [prompt tokens, cached tokens, responses] (--observe-sample)
         self.observed_totals: dict[str, list[int]] = {}
         # What an upstream may keep in the tree, learnt from stale reports (--observe-feedback);
@@ -182,7 +182,7 @@ class Director:
         if decision.continuation:
             metrics.CONTINUATIONS.labels(decision.continuation).inc()
         info.upstream, info.matched, info.text_len = decision.upstream, decision.matched, decision.text_len
-        key = (decision.upstream, decision.reason)
+        key = (decision.upstream, decision.reason, session_kind(decision, self.policy.cache_threshold))
         self.decided[key] = self.decided.get(key, 0) + 1
         metrics.DECISION_SECONDS.observe(elapsed)
         if decision.text_len:

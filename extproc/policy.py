@@ -78,6 +78,24 @@ def new_session_rate(d: Decision) -> float | None:
     return d.matched / d.text_len
 
 
+# What a decision was to the conversations the tree has seen (``session_kind``): a continuing
+# conversation kept on an upstream holding its history or moved off it, a new session matched above
+# or at most ``cache_threshold`` at its upstream, or none of these (decided by load alone).
+SESSION_KINDS = ("continues", "moved", "new_over_threshold", "new", "load_only")
+
+
+def session_kind(d: Decision, cache_threshold: float) -> str:
+    """Which of ``SESSION_KINDS`` a decision is. Counted for the status page: the share of new
+    sessions over the threshold is what a sglang-router at the same ``--cache-threshold`` sends to
+    the one worker that first stored their shared prefix (see ``new_session_rate``)."""
+    if d.continuation:
+        return "continues" if d.continuation == "home" else "moved"
+    rate = new_session_rate(d)
+    if rate is None:
+        return "load_only"
+    return "new_over_threshold" if rate > cache_threshold else "new"
+
+
 def least_loaded(loads: dict[str, int], tie_break: str, rng: random.Random) -> str:
     """The upstream with the fewest in-flight requests; ``loads`` must not be empty."""
     low = min(loads.values())

@@ -1,8 +1,8 @@
 """What the status page shows (``/`` and ``/status.json`` on the admin listener), and who may see it.
 
 The page is for an operator who looks before reading metrics: the pool with each upstream's health,
-in-flight requests and share of the tree, the decisions of the last minutes by upstream and reason,
-the replicas and their sync link, the version and the configuration in force. It is read-only; it
+in-flight requests and share of the tree, the decisions of the last minutes by upstream and reason
+and by what they were to the conversations seen (``policy.SESSION_KINDS``), the replicas and their sync link, the version and the configuration in force. It is read-only; it
 still reveals the pool and the configuration, so it answers only clients in
 ``--status-allowed-cidrs`` (loopback by default) and only under a Host that is an address or
 ``localhost`` (a web page cannot read it through DNS rebinding).
@@ -19,6 +19,7 @@ from typing import Any, Callable
 from extproc import __version__
 from .config import Config
 from .director import Director
+from .policy import SESSION_KINDS
 
 # The windows the page shows, in seconds.
 WINDOWS = (60, 300, 900)
@@ -28,7 +29,7 @@ _URL_SECRET = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^
 
 
 class DecisionWindow:
-    """Decisions per (upstream, reason) over the last minutes.
+    """Decisions per key (the director's: upstream, reason, session kind) over the last minutes.
 
     The director keeps running totals (one dict increment per decision, nothing more on the hot
     path); this keeps a sample of them every ``SAMPLE_SECS`` and answers a window as the difference
@@ -37,12 +38,12 @@ class DecisionWindow:
     """
 
     def __init__(self, keep_secs: float = max(WINDOWS), every: float = SAMPLE_SECS) -> None:
-        self.samples: deque[tuple[float, dict[tuple[str, str], int]]] = deque(maxlen=int(keep_secs // every) + 2)
+        self.samples: deque[tuple[float, dict[tuple[str, ...], int]]] = deque(maxlen=int(keep_secs // every) + 2)
 
-    def sample(self, now: float, totals: dict[tuple[str, str], int]) -> None:
+    def sample(self, now: float, totals: dict[tuple[str, ...], int]) -> None:
         self.samples.append((now, dict(totals)))
 
-    def since(self, now: float, secs: float, totals: dict[tuple[str, str], int]) -> tuple[float, dict[tuple[str, str], int]]:
+    def since(self, now: float, secs: float, totals: dict[tuple[str, ...], int]) -> tuple[float, dict[tuple[str, ...], int]]:
         """(the span covered in seconds, the decisions in it per (upstream, reason))."""
         base_t, base = now, {}
         for i, (t, s) in enumerate(self.samples):  # oldest first: keep the newest at least ``secs`` old
@@ -108,9 +109,12 @@ def document(
     for secs in WINDOWS:
         span, counts = window.since(now, secs, totals)
         by_upstream: dict[str, dict[str, int]] = {}
-        for (upstream, reason), n in counts.items():
-            by_upstream.setdefault(upstream, {})[reason] = n
-        windows.append({"secs": secs, "span_secs": round(span, 1), "by_upstream": by_upstream})
+        sessions = dict.fromkeys(SESSION_KINDS, 0)
+        for (upstream, reason, kind), n in counts.items():
+            per = by_upstream.setdefault(upstream, {})
+            per[reason] = per.get(reason, 0) + n
+            sessions[kind] += n
+        windows.append({"secs": secs, "span_secs": round(span, 1), "by_upstream": by_upstream, "sessions": sessions})
     # An upstream's characters count what it holds (shared prefixes for each holder, nodes charged),
     # as its budget does: its share is of their sum, not of the tree's distinct characters.
     held = sum(v.tree_characters for v in views)
@@ -119,6 +123,8 @@ def document(
     budgets = {v.address: director.budget(v.address) for v in views}
     return {
         "version": __version__,
+        # the threshold the sessions' kinds are counted at (new sessions over it, see SESSION_KINDS)
+        "cache_threshold": cfg.cache_threshold,
         "replica": director.replica_id,
         "uptime_secs": round(now - started, 1),
         "upstreams": [

@@ -2,8 +2,10 @@
 
 import random
 
+import pytest
+
 from extproc.config import policy_config
-from extproc.policy import continues, costs, decide, is_imbalanced, least_loaded
+from extproc.policy import SESSION_KINDS, Decision, continues, costs, decide, is_imbalanced, least_loaded, session_kind
 from extproc.tree import Match, RadixTree
 
 CFG = policy_config()
@@ -275,3 +277,21 @@ def test_inserted_times_are_the_decision_time():
     tree = RadixTree()
     decide(tree, {"a": 0}, "m", "remember me", 42.0, CFG, random.Random(0))
     assert tree._roots["m"].children["r"].tenants == {"a": 42.0}
+
+
+@pytest.mark.parametrize(
+    "decision, kind",
+    [
+        (Decision("a", "cache_hit", 900, 1000, "home"), "continues"),
+        (Decision("a", "cache_miss", 0, 1000, "moved"), "moved"),  # moved by load, off its history
+        (Decision("a", "imbalance", 0, 1000, "home"), "continues"),  # load chose, and chose its home
+        (Decision("a", "cache_hit", 310, 1000), "new_over_threshold"),
+        (Decision("a", "cache_miss", 300, 1000), "new"),  # at the threshold is not over it (strict, as sglang-router)
+        (Decision("a", "cache_miss", 0, 1000), "new"),
+        (Decision("a", "imbalance", 0, 1000), "load_only"),
+        (Decision("a", "no_routing_text"), "load_only"),
+        (Decision("a", "fallback"), "load_only"),
+    ],
+)
+def test_each_decision_is_one_kind_of_request_to_the_conversations_seen(decision, kind):
+    assert session_kind(decision, 0.3) == kind and kind in SESSION_KINDS

@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from extproc import metrics
 from extproc.admin import Admin
 from extproc.config import build
-from extproc.director import Director, RequestInfo
+from extproc.director import Director, Outcome, RequestInfo
 from extproc.status import DecisionWindow, mask, refusal
 
 A, B = "127.0.0.1:1", "127.0.0.1:2"
@@ -135,6 +135,46 @@ async def test_status_json_shows_each_upstream_its_decisions_and_the_masked_conf
     doc = await (await client.get("/status.json")).json()
     ua = doc["upstreams"][0]
     assert ua["ejected"] and not ua["healthy"] and 4.0 < ua["ejected_secs_left"] <= 5.0
+
+
+def session(system: str, user: str) -> bytes:
+    return orjson.dumps({"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
+
+
+async def test_status_json_counts_what_each_request_was_to_the_conversations_seen(admin):
+    """The page's "Conversations" table: continuing turns apart from new sessions, and new sessions
+    over the threshold (a shared prompt the routers would pile onto one worker) apart from others;
+    each window's kinds add up to its decisions."""
+    a, client = admin
+    d = a.director
+    a.window.sample(0.0, d.decided)
+    system = "You are a careful assistant. " * 20  # 580 characters shared by the sessions below
+    # the first is new (nothing matched); the second's match runs on into the one chain stored, so
+    # it reads as that session going on (the tree cannot tell yet, policy.continues); once two
+    # sessions branch after the system prompt, later ones stop there and read as new
+    for user in ("first question " * 10, "second question " * 10, "third question " * 10):
+        info = RequestInfo(path="/v1/chat/completions")
+        d.route(info, session(system, user))
+        d.finished(info.ticket, Outcome.OK)
+    assert info.matched / info.text_len > 0.3
+    info = RequestInfo(path="/v1/chat/completions")  # a fourth, with a long question of its own
+    d.route(info, session(system, "x" * 2000))
+    d.finished(info.ticket, Outcome.OK)
+    assert 0 < info.matched / info.text_len <= 0.3
+    info = RequestInfo(path="/v1/chat/completions")
+    d.route(info, session(system, "first question " * 10 + "and its follow-up"))  # a next turn
+    d.finished(info.ticket, Outcome.OK)
+    d.route(RequestInfo(path="/v1/models"), None)  # no routing text: load alone
+    doc = await (await client.get("/status.json")).json()
+    assert doc["cache_threshold"] == 0.3
+    for w in doc["decisions"]:
+        assert w["sessions"] == {"continues": 2, "moved": 0, "new_over_threshold": 1, "new": 2, "load_only": 1}
+        assert sum(w["sessions"].values()) == sum(n for per in w["by_upstream"].values() for n in per.values()) == 6
+    # a kind adds up over upstreams and reasons: one more new session, at the other upstream
+    d.decided[(B, "cache_miss", "new")] = d.decided.get((B, "cache_miss", "new"), 0) + 1
+    doc = await (await client.get("/status.json")).json()
+    assert [w["sessions"]["new"] for w in doc["decisions"]] == [3, 3, 3]
+    assert [w["by_upstream"][B]["cache_miss"] for w in doc["decisions"]] == [1, 1, 1]
 
 
 async def test_a_foreign_host_is_refused_and_counted_while_metrics_still_answer(admin):

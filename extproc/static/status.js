@@ -84,6 +84,30 @@ function drawReasons(doc) {
   document.querySelector("#reasons tbody").replaceChildren(...rows);
 }
 
+// The session kinds of status.json, in the order and words the page shows them.
+const SESSION_ROWS = [
+  ["continues", "continue a conversation, kept where its history is"],
+  ["moved", "continue a conversation, moved by load"],
+  ["new_over_threshold", "start a session, matched over the threshold"],
+  ["new", "start a session, matched at most the threshold"],
+  ["load_only", "were decided by load alone"],
+];
+
+function drawSessions(doc) {
+  const head = document.querySelector("#sessions thead tr");
+  head.replaceChildren(el("th", {}, `requests that (threshold ${doc.cache_threshold})`),
+    ...doc.decisions.map((w) => el("th", { class: "n" }, `last ${windowName(w)}`)));
+  const rows = SESSION_ROWS.map(([kind, words]) => el("tr", { "data-kind": kind }, el("td", {}, words),
+    ...doc.decisions.map((w) => el("td", { class: "n" }, w.sessions[kind]))));
+  // the share of new sessions over the threshold: what the routers behind pile onto one worker
+  rows.push(el("tr", { "data-kind": "new_over_share" }, el("th", {}, "new sessions over the threshold"),
+    ...doc.decisions.map((w) => {
+      const fresh = w.sessions.new_over_threshold + w.sessions.new;
+      return el("th", { class: "n" }, fresh ? pct(w.sessions.new_over_threshold / fresh) : "–");
+    })));
+  document.querySelector("#sessions tbody").replaceChildren(...rows);
+}
+
 function drawSync(doc) {
   const box = document.getElementById("sync");
   const s = doc.sync;
@@ -122,6 +146,7 @@ function draw(doc) {
     `replica ${doc.replica} · up ${duration(doc.uptime_secs)} · ${healthy} of ${doc.upstreams.length} upstreams healthy · updated ${new Date().toLocaleTimeString()}`;
   drawUpstreams(doc);
   drawReasons(doc);
+  drawSessions(doc);
   drawSync(doc);
   const t = doc.tree;
   document.getElementById("tree").textContent =

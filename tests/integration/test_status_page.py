@@ -44,6 +44,11 @@ def all_decisions(pg) -> int:
     return int(cells.last.inner_text())
 
 
+def session_count(pg, kind: str) -> int:
+    """One row of the conversations table, longest window."""
+    return int(pg.locator(f'#sessions tr[data-kind="{kind}"] td.n').last.inner_text())
+
+
 def test_the_page_loads_shows_each_upstream_and_replica_and_updates_after_traffic(stack):
     with status_page(stack) as pg:
         rows = pg.locator("#upstreams tbody tr")
@@ -71,6 +76,10 @@ def test_the_page_loads_shows_each_upstream_and_replica_and_updates_after_traffi
         # a second turn follows its first: some cache hits, and the tree holds text for the routers
         wait_until(lambda: pg.locator('#reasons tr[data-reason="cache_hit"]').count() == 1, 10, "cache hits on the page")
         assert any(rows.nth(i).locator("td.n").nth(1).inner_text() != "0" for i in range(rows.count()))
+        # what those requests were: the kinds add up to the decisions, and second turns continue
+        kinds = ("continues", "moved", "new_over_threshold", "new", "load_only")
+        wait_until(lambda: sum(session_count(pg, k) for k in kinds) == decided, 10, "the conversations table to add up")
+        assert session_count(pg, "continues") > 0 and session_count(pg, "new") + session_count(pg, "new_over_threshold") > 0
         assert pg.errors == [], pg.errors
 
 

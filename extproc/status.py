@@ -2,10 +2,11 @@
 
 The page is for an operator who looks before reading metrics: the pool with each upstream's health,
 in-flight requests and share of the tree, the decisions of the last minutes by upstream and reason
-and by what they were to the conversations seen (``policy.SESSION_KINDS``), the replicas and their sync link, the version and the configuration in force. It is read-only; it
-still reveals the pool and the configuration, so it answers only clients in
-``--status-allowed-cidrs`` (loopback by default) and only under a Host that is an address or
-``localhost`` (a web page cannot read it through DNS rebinding).
+and by what they were to the conversations seen (``policy.SESSION_KINDS``), the replicas and their
+sync link, the version and the configuration in force. It is read-only; it still reveals the pool
+and the configuration, so it answers only clients in ``--status-allowed-cidrs`` (loopback by
+default) and only under a Host that is an address or ``localhost`` (a web page cannot read it
+through DNS rebinding).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class DecisionWindow:
         self.samples.append((now, dict(totals)))
 
     def since(self, now: float, secs: float, totals: dict[tuple[str, ...], int]) -> tuple[float, dict[tuple[str, ...], int]]:
-        """(the span covered in seconds, the decisions in it per (upstream, reason))."""
+        """(the span covered in seconds, the decisions in it per key)."""
         base_t, base = now, {}
         for i, (t, s) in enumerate(self.samples):  # oldest first: keep the newest at least ``secs`` old
             if i == 0 or now - t >= secs:

@@ -11,6 +11,7 @@ import pytest
 
 from extproc.dev import browser
 from extproc.dev.stack import Ports, Stack, wait_until
+from extproc.policy import SESSION_KINDS
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +78,7 @@ def test_the_page_loads_shows_each_upstream_and_replica_and_updates_after_traffi
         wait_until(lambda: pg.locator('#reasons tr[data-reason="cache_hit"]').count() == 1, 10, "cache hits on the page")
         assert any(rows.nth(i).locator("td.n").nth(1).inner_text() != "0" for i in range(rows.count()))
         # what those requests were: the kinds add up to the decisions, and second turns continue
-        kinds = ("continues", "moved", "new_over_threshold", "new", "load_only")
-        wait_until(lambda: sum(session_count(pg, k) for k in kinds) == decided, 10, "the conversations table to add up")
+        wait_until(lambda: sum(session_count(pg, k) for k in SESSION_KINDS) == decided, 10, "the conversations table to add up")
         assert session_count(pg, "continues") > 0 and session_count(pg, "new") + session_count(pg, "new_over_threshold") > 0
         assert pg.errors == [], pg.errors
 

@@ -31,7 +31,7 @@ from dataclasses import replace
 from .common import RESULTS, write
 from .e2e import BASE, CASES, FAKE_WORKER, SEEDS, _prepared, describe_setup, parse_clients, results_name, worker_capacity
 from .sim.engine import Sim, Topology, parse_topology, threshold_suffix
-from .sim.policies import LeastRequest, PrefixRouter, RoundRobin, Single
+from .sim.policies import LeastRequest, MovingSessions, PrefixRouter, RoundRobin, Single
 
 # What a real stack adds to each request beyond the fake workers' own time, seconds: measured here
 # as request latency through one real sglang-router minus the workers' model (SWE-agent, 4 clients):
@@ -44,6 +44,8 @@ POLICIES = {
     "envoy round robin": RoundRobin,
     "envoy least request": LeastRequest,
     "one-layer": Single,
+    # the opt-in, simulated only (bench.e2e does not run it through the stack)
+    "prefix-router --move-evicted-sessions": MovingSessions,
 }
 
 

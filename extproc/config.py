@@ -337,6 +337,19 @@ class Config:
         "entries go); other reports let it grow back 2% each. Off: in the simulator (bench.observed) it moved hit ratio by "
         "-0.4 to +1.3 points", POLICY,
     )
+    move_evicted_sessions: bool = opt(
+        False, _bool,
+        "with --observe-sample 1: move a session once to another router when its router's worker evicted its history "
+        "(its last response reported under half of the predicted match cached), it began over --cache-threshold on a "
+        "prefix shared with other sessions (so sglang-router runs them all on one worker), that prefix is now at most "
+        "the threshold's share of its prompt, and sessions on that prefix run --move-family-turns turns on average "
+        "(extproc/sessions.py; README, The sglang-routers behind it)", POLICY,
+    )
+    move_family_turns: float = opt(
+        6.0, _number(float, 1.0),
+        "with --move-evicted-sessions: mean turns so far of the sessions sharing a prefix before one of them moves "
+        "(long agent loops, not short chats)", POLICY, metavar="N",
+    )
     log_level: str = opt("info", _choice(("debug", "info", "warning", "error")), "debug, info, warning or error (debug logs each decision)", LOGS, metavar="LEVEL")
     log_format: str = opt("auto", _choice(("auto", "json", "console")), "json, console, or auto (console on a terminal)", LOGS, metavar="FMT")
     log_prompts: bool = opt(False, _bool, "include routing text in debug logs (off: prompts are private)", LOGS)

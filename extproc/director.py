@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -26,6 +27,7 @@ from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
 from .policy import Decision, continues, costs, decide, least_loaded, new_session_rate, session_kind
 from .pool import Pool
+from .sessions import Session, SessionBook, decide_following, report
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
 from .syncwire import REPLICA_ID, Event, SnapshotRecord
 from .tree import RadixTree
@@ -36,6 +38,8 @@ log = logs.get("prefix_router.director")
 TICKET_HEADER = "x-prefix-router-ticket"
 # set on a sampled duplex request (--observe-sample): the tree's prediction, "matched/length"
 OBSERVE_HEADER = "x-prefix-router-observe"
+# requests whose response another stream will read, kept for that report (--move-evicted-sessions)
+MAX_AWAITING_REPORTS = 16384
 
 # A sweep trims an upstream to this share of its budget: room for 10% more before the next one.
 SWEEP_TO = 0.9
@@ -64,6 +68,9 @@ class RequestInfo:
     upstream: str = ""
     matched: int = 0
     text_len: int = 0
+    # the session its report goes to, and at which of its turns (--move-evicted-sessions)
+    session: Session | None = None
+    session_turn: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,12 @@ class Director:
         # absent: the configured budget.
         self.shares: dict[str, float] = {}
         self.feedback_rule = FeedbackRule()
+        # Sessions followed turn to turn (--move-evicted-sessions); None: off
+        self.book: SessionBook | None = None
+        # request id -> (session, turn) of a request whose response another stream will read
+        # (duplex mode's observing filter): where that report goes. Bounded, oldest dropped.
+        self.awaiting_reports: OrderedDict[str, tuple[Session, int]] = OrderedDict()
+        self._configure_book(cfg)
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
         # instead of at the next interval.
         self.wake_sweeper: Callable[[], None] = lambda: None
@@ -128,6 +141,16 @@ class Director:
         self.peers.timeout = cfg.sync_peer_timeout_secs
         if not cfg.observe_feedback:
             self.shares.clear()
+        self._configure_book(cfg)
+
+    def _configure_book(self, cfg: Config) -> None:
+        """Start or stop following sessions; a reload keeps the sessions followed so far."""
+        if not cfg.move_evicted_sessions:
+            self.book = None
+        elif self.book is None:
+            self.book = SessionBook(cfg.cache_threshold, cfg.move_family_turns)
+        else:
+            self.book.threshold, self.book.family_turns = cfg.cache_threshold, cfg.move_family_turns
 
     # -- what the handlers need to know, read per request so that a reload takes effect ----------
 
@@ -210,6 +233,15 @@ class Director:
         sample = self.cfg.observe_sample
         return sample > 0 and self.rng.random() < sample
 
+    def observing(self, info: RequestInfo) -> None:
+        """The request's response will be read on another stream (duplex mode), which knows the
+        request by its id only: keep the session its report must reach."""
+        if info.session is None or not info.request_id:
+            return
+        self.awaiting_reports[info.request_id] = (info.session, info.session_turn)
+        if len(self.awaiting_reports) > MAX_AWAITING_REPORTS:
+            self.awaiting_reports.popitem(last=False)
+
     def observed(self, info: RequestInfo, prompt_tokens: int, cached_tokens: int) -> None:
         """A sampled response's report: the observed hit ratio of its upstream, and how far the
         tree's prediction (matched share of the routing text) was from the cached share."""
@@ -230,6 +262,12 @@ class Director:
                       predicted_share=round(info.matched / info.text_len, 3), error=round(error, 3))
             if self.cfg.observe_feedback:
                 self._feed_back(up, info.matched, observed_chars(cached_tokens, prompt_tokens, info.text_len))
+            session, turn = info.session, info.session_turn
+            if session is None and info.request_id:
+                session, turn = self.awaiting_reports.pop(info.request_id, (None, 0))
+            if session is not None:
+                evicted = is_stale(info.matched, observed_chars(cached_tokens, prompt_tokens, info.text_len), self.feedback_rule)
+                report(session, turn, evicted)
 
     def _feed_back(self, up: str, predicted: int, observed: float) -> None:
         """Shrink the upstream's share of the tree on a stale report, grow it back on another
@@ -267,7 +305,14 @@ class Director:
             log.warning("no_routing_text", request_id=info.request_id, reason=ri.reason, path=info.path.split("?", 1)[0])
         elif self.cfg.log_prompts and ri.text:
             log.debug("routing_text", request_id=info.request_id, text=ri.text)
-        decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False)
+        if self.book is None:
+            decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False)
+        else:
+            decision, info.session, moved = decide_following(self.book, self.tree, loads, ri.partition, ri.text, self.policy, self.rng)
+            info.session_turn = info.session.turns if info.session is not None else 0
+            if moved:
+                metrics.SESSION_MOVES.inc()
+                log.info("session_moved", request_id=info.request_id, upstream=decision.upstream)
         self._learn(ri.partition, ri.text, decision.upstream)
         return decision
 

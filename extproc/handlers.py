@@ -174,6 +174,8 @@ class Exchange:
         self.decided = True
         info = self.info
         observe = f"{info.matched}/{info.text_len}" if self.observe_by_route and director.observe_now() else ""
+        if observe:
+            director.observing(info)
         common = decision_mutation(director.header_name, address, info.ticket, observe)
         if on_headers:
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))

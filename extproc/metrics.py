@@ -79,6 +79,10 @@ TREE_SHRINKS = Counter(
     "prefix_router_tree_shrinks", "Stale sampled reports (--observe-feedback): the upstream's workers held far less than the tree predicted, "
     "so its share of the tree was cut", ["upstream"],
 )
+SESSION_MOVES = Counter(
+    "prefix_router_session_moves",
+    "Sessions moved once off a router whose worker evicted their history (--move-evicted-sessions)",
+)
 OBSERVATIONS = Counter(
     "prefix_router_observations", "Sampled responses by result: read, no_usage (reported no cache), not_ok (an error status), cut (stream ended early), "
     "bad_header (an observing stream without the decision's headers)",

@@ -119,11 +119,13 @@ def decide(
     rng: random.Random,
     *,
     insert: bool = True,
+    match: Match | None = None,
 ) -> Decision:
-    """Choose an upstream among ``loads`` (healthy upstreams, registry order) for one request."""
+    """Choose an upstream among ``loads`` (healthy upstreams, registry order) for one request.
+    ``match``: the text's match in ``tree`` when the caller made it already."""
     if not text:
         return Decision(least_loaded(loads, cfg.tie_break, rng), "no_routing_text")
-    m = tree.match(partition, text)
+    m = match if match is not None else tree.match(partition, text)
     if is_imbalanced(loads, cfg):
         choice, reason, matched = least_loaded(loads, cfg.tie_break, rng), "imbalance", 0
     elif cfg.hit_choice == "cost":

@@ -442,3 +442,68 @@ def test_new_sessions_match_rate_is_observed_apart_from_continuations():
     tight.route(RequestInfo(path="/v1/chat/completions"), _session("another system", "e" * 200))
     assert metrics.DECISIONS.labels("imbalance")._value.get() == imbalances + 1
     assert _histogram(metrics.NEW_SESSION_MATCH_RATE)[1] == count + 1
+
+
+def _turns(system: str, steps: list[str]) -> bytes:
+    """An agent session's prompt after ``steps`` (user and assistant messages alternating)."""
+    messages = [{"role": "system", "content": system}]
+    for i, step in enumerate(steps):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": step})
+    return orjson.dumps({"model": "m", "messages": messages})
+
+
+@pytest.mark.parametrize("evicted, moves, other_stream", [(True, 1, False), (False, 0, False), (True, 1, True)])
+def test_a_session_moves_off_its_router_after_a_response_reports_its_history_evicted(evicted, moves, other_stream):
+    """--move-evicted-sessions: the observed report of one turn (cached_tokens) decides the next,
+    whether the response is read on the deciding stream (buffered mode) or on the observing
+    filter's own stream, which knows the request by its id only (duplex mode)."""
+    d = Director(build({"upstreams": POOL, "move_evicted_sessions": "true", "move_family_turns": "2", "observe_sample": "1"}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    system = "You are an agent with these tools. " * 36  # 1,260 characters: a prediction long enough to judge
+    for task in ("first task " * 30, "second task " * 30):  # two sessions stored: a third stops where they branch
+        info = RequestInfo(path="/v1/chat/completions")
+        d.route(info, _turns(system, [task]))
+        d.finished(info.ticket, Outcome.OK)
+    steps = ["third task " * 30]
+    info = RequestInfo(path="/v1/chat/completions", request_id="req-3")
+    home = d.route(info, _turns(system, steps))
+    d.finished(info.ticket, Outcome.OK)
+    assert info.session is not None
+    if other_stream:
+        d.observing(info)  # the deciding stream set the observe header
+        info = RequestInfo(path="/v1/chat/completions", request_id="req-3", upstream=home, matched=info.matched, text_len=info.text_len)
+    d.observed(info, 300, 10 if evicted else 290)  # the worker found 10 (or 290) of its 300 tokens
+    assert not d.awaiting_reports
+    before = metrics.SESSION_MOVES._value.get()
+    steps += ["done: " + "output " * 500, "next step " * 40]  # the shared prompt now under 0.3 of it
+    info = RequestInfo(path="/v1/chat/completions")
+    there = d.route(info, _turns(system, steps))
+    assert (there != home) == bool(moves)
+    assert metrics.SESSION_MOVES._value.get() == before + moves
+    # off by default: the same reports move nothing
+    plain = Director(build({"upstreams": POOL, "observe_sample": "1"}, env={}), seed=1)
+    assert plain.book is None
+
+
+def test_a_reload_starts_stops_and_retunes_the_session_book_keeping_its_sessions():
+    d = Director(build({"upstreams": POOL}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    assert d.book is None
+    d.reconfigure(build({"upstreams": POOL, "move_evicted_sessions": "true"}, env={}))
+    book = d.book
+    assert book is not None and book.family_turns == 6.0
+    d.route(RequestInfo(path="/v1/chat/completions"), _turns("system " * 20, ["task " * 20]))
+    d.reconfigure(build({"upstreams": POOL, "move_evicted_sessions": "true", "move_family_turns": "3", "cache_threshold": "0.5"}, env={}))
+    assert d.book is book and (book.family_turns, book.threshold) == (3.0, 0.5) and book.kept == 1
+    d.reconfigure(build({"upstreams": POOL}, env={}))
+    assert d.book is None
+
+
+def test_a_duplex_decision_that_will_be_observed_keeps_its_session_for_the_report():
+    d = Director(build({"upstreams": POOL, "move_evicted_sessions": "true", "observe_sample": "1"}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    x = DuplexExchange(d, {":path": "/v1/chat/completions", "x-request-id": "req-9"})
+    x.on_headers(False)
+    out = x.on_body(chunk(_turns("system " * 20, ["task " * 20]), True))
+    assert any(h.header.key == "x-prefix-router-observe" for h in out[0].request_headers.response.header_mutation.set_headers)
+    assert d.awaiting_reports["req-9"] == (x.info.session, 1)

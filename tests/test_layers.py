@@ -23,6 +23,7 @@ LAYERS = [
     {"health", "discovery", "status"},
     {"director"},
     {"config"},
+    {"sessions"},
     {"policy", "feedback", "payload", "pool", "metrics", "replicas"},
     {"tree", "upstream", "inflight", "addresses", "logs", "syncwire", "usage"},
     {"api"},  # generated admin API messages

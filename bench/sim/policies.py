@@ -17,6 +17,7 @@ from extproc.payload import routing_input
 from extproc.config import DEFAULTS, policy_config
 from extproc.feedback import FeedbackRule, is_stale, next_share, observed_chars
 from extproc.policy import PolicyConfig, costs, decide, least_loaded, new_session_rate
+from extproc.sessions import Session, SessionBook, decide_following, report
 from extproc.tree import Match, RadixTree
 
 
@@ -209,6 +210,8 @@ def upper_policies() -> dict[str, object]:
         "prefix-router/previous-default": PrefixRouter(policy_config(continuation_tail=0)),
         "prefix-router/knee-0": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0)),
         "prefix-router/slack-3": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0, inflight_slack=3, inflight_cost_chars=1536)),
+        # opt-in: --move-evicted-sessions with every response read (--observe-sample 1)
+        "prefix-router/move-evicted": MovingSessions(),
         "round-robin": RoundRobin(),
         "random": Random(),
         "least-loaded": LeastLoaded(),
@@ -217,3 +220,31 @@ def upper_policies() -> dict[str, object]:
         "true-cache-cost": TrueCache(),
         "true-cache-greedy": TrueCache(greedy=True),
     }
+
+
+class MovingSessions(PrefixRouter):
+    """The default policy with ``--move-evicted-sessions``: extproc.sessions' book follows each
+    session, and a ``sample`` of responses reports its cached prefix (``--observe-sample``)."""
+
+    def __init__(self, family_turns: float = 6.0, sample: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        self.book = SessionBook(self.cfg.cache_threshold, family_turns)
+        self.sample, self.sampler, self.rule = sample, random.Random(seed), FeedbackRule()
+        self.pending: dict[int, tuple[Session, int, int, int]] = {}
+        self.moves = 0
+
+    def choose(self, p, sim) -> int:
+        d, session, moved = decide_following(self.book, self.tree, _loads(sim), p.partition, p.sglang_text, self.cfg, sim.rng)
+        if p.sglang_text:
+            self.tree.insert(p.partition, p.sglang_text, d.upstream, sim.now)
+        self.moves += moved
+        self.last_reason, self.last_decision = d.reason, d
+        if session is not None and self.sampler.random() < self.sample:
+            self.pending[id(p)] = (session, session.turns, d.matched, d.text_len)
+        return int(d.upstream)
+
+    def finished(self, p, r, sim) -> None:
+        rec = self.pending.pop(id(p), None)
+        if rec is not None:
+            session, turn, predicted, length = rec
+            report(session, turn, is_stale(predicted, observed_chars(sim.last_hit, p.prompt_tokens, length), self.rule))

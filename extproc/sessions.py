@@ -1,0 +1,179 @@
+"""Conversations followed from turn to turn, to move one off a worker that keeps evicting it.
+
+Why: sglang-router 0.3.2 sends every request whose prefix match passes its ``--cache-threshold``
+(0.3) to the worker that first stored that prefix. Sessions that begin with a shared system prompt
+longer than the threshold's share of their first prompt therefore all run on one worker of each
+router, whose cache then evicts each session's history between its turns, while the router's other
+workers idle (README, "The sglang-routers behind it"). This layer cannot pick a worker, but it can
+send such a session once to another router at a turn where the shared prompt has fallen under the
+threshold's share of its grown prompt: that router places it by load, on a worker of its own.
+
+A move costs the session its history where it was, so it is made only when the history was gone
+anyway and there is much left to gain: the session began over the threshold on the shared prefix
+alone, its latest reported response found under half of the predicted match cached (the worker
+evicted it: ``--observe-sample``), and the sessions that began on the same shared prefix have run
+``--move-family-turns`` turns on average so far (long agent loops, not two-turn chats, whose move
+would rebuild a history for the one turn left). Once per session.
+
+A session is followed by its prompts alone: a request that extends a whole earlier prompt continues
+that prompt's session (``Match.whole``); the book keeps each session under its latest prompt (its
+length and last characters, and its own first words after the shared prefix), a bounded number of
+them (the least recently continued go first). A turn that edits its history instead is not
+followed, and its session is lost to the book. Pure bookkeeping: the director and the simulator
+call the same functions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .policy import Decision, PolicyConfig, continues, decide, least_loaded
+from .tree import Match, RadixTree
+
+# Sessions the book keeps, and shared prefixes ("families") it keeps turn counts for: the least
+# recently used go first. ~250 bytes a session: ~17 MB at the bound (measured).
+MAX_SESSIONS = 65536
+MAX_FAMILIES = 4096
+# A prompt is looked up by its length and its last characters, not by a hash of all of it: hashing
+# a 100,000-character prompt twice per request would cost five times the decision itself. Sessions
+# replaying one script apart from their first words (agents on the same step of different tasks)
+# share that key; each is then told by its anchor, the first characters it did not share.
+KEY_TAIL = 1024
+ANCHOR = 64
+
+
+def _key(partition: str, text: str, end: int) -> int:
+    """The book's key for the prompt ``text[:end]``."""
+    return hash((partition, end, text[max(0, end - KEY_TAIL) : end]))
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    family: int  # the key of the shared prefix it began with (partition included)
+    shared: int  # that prefix's length, characters
+    anchor: str  # its own first characters after it
+    over: bool  # its first prompt matched over the threshold on that prefix alone
+    turns: int = 1
+    moved: bool = False
+    evicted: bool = False  # its latest report found under half of the predicted match cached
+    reported: int = 0  # the turn that report was for
+
+    def owns(self, text: str) -> bool:
+        return text.startswith(self.anchor, self.shared)
+
+
+class SessionBook:
+    """Sessions by their latest prompt, and the mean turns of sessions by the prefix they share."""
+
+    def __init__(self, threshold: float, family_turns: float, max_sessions: int = MAX_SESSIONS, max_families: int = MAX_FAMILIES) -> None:
+        self.threshold, self.family_turns = threshold, family_turns
+        self.max_sessions, self.max_families = max_sessions, max_families
+        # key of a session's latest prompt -> the sessions whose latest prompt has that key
+        self.sessions: OrderedDict[int, list[Session]] = OrderedDict()
+        self.kept = 0  # sessions in ``sessions``
+        self.families: OrderedDict[int, list[int]] = OrderedDict()  # family -> [sessions, turns]
+
+    def follow(self, partition: str, text: str, match: Match, continuing: bool) -> Session | None:
+        """The session a request belongs to, counted one turn more: the one whose latest prompt it
+        extends whole, or a new one when the request continues nothing (``continuing``: the
+        policy's ``continues``). ``None`` for a continuation the book does not know (an edit of
+        its history; a session forgotten or begun on another replica): it is not followed."""
+        if match.whole and match.matched:
+            key = _key(partition, text, match.matched)
+            bucket = self.sessions.get(key)
+            s = next((c for c in bucket if c.owns(text)), None) if bucket else None
+            if s is not None:
+                bucket.remove(s)
+                if not bucket:
+                    del self.sessions[key]
+                self.kept -= 1
+                s.turns += 1
+                self._count(s.family, sessions=0)
+            return s
+        if continuing or not text:
+            return None
+        shared = match.matched  # a new session's match stops where it branches from the others
+        s = Session(_key(partition, text, shared), shared, text[shared : shared + ANCHOR], shared > self.threshold * len(text))
+        self._count(s.family, sessions=1)
+        return s
+
+    def _count(self, family: int, sessions: int) -> None:
+        stats = self.families.pop(family, None) or [0, 0]
+        stats[0] += sessions
+        stats[1] += 1
+        self.families[family] = stats
+        if len(self.families) > self.max_families:
+            self.families.popitem(last=False)
+
+    def family_turns_so_far(self, s: Session) -> float:
+        stats = self.families.get(s.family)
+        return stats[1] / stats[0] if stats and stats[0] else 0.0
+
+    def should_move(self, s: Session, text_len: int) -> bool:
+        """Whether this turn moves the session (module doc): once, after an eviction, from a pile
+        its router made of the shared prefix, in a family of long sessions."""
+        return (
+            s.over
+            and s.evicted
+            and not s.moved
+            and s.shared <= self.threshold * text_len
+            and self.family_turns_so_far(s) >= self.family_turns
+        )
+
+    def keep(self, partition: str, text: str, s: Session) -> None:
+        """Keep the session under its latest prompt."""
+        key = _key(partition, text, len(text))
+        bucket = self.sessions.pop(key, None) or []
+        bucket.append(s)
+        self.sessions[key] = bucket
+        self.kept += 1
+        while self.kept > self.max_sessions:
+            _, gone = self.sessions.popitem(last=False)
+            self.kept -= len(gone)
+
+
+def report(s: Session, turn: int, evicted: bool) -> None:
+    """What the response of the session's turn ``turn`` reported. The latest turn's report counts,
+    even when it arrives after the next turn was decided (a client sends its next turn as soon as
+    it has read the response, often before the service has read the same response's end): the
+    worker that evicted the history then is the one holding the session still. A report older
+    than the one counted is ignored."""
+    if turn >= s.reported:
+        s.evicted, s.reported = evicted, turn
+
+
+def move(decision: Decision, match: Match, loads: dict[str, int], cache_threshold: float, tie_break: str, rng: random.Random) -> Decision:
+    """The decision sent elsewhere: the least loaded upstream holding none of the deepest match
+    (where its router places it by load). Unchanged when every upstream holds it."""
+    others = {t: n for t, n in loads.items() if t not in match.deepest}
+    if not others or not decision.text_len:
+        return decision
+    choice = least_loaded(others, tie_break, rng)
+    own = match.tenants.get(choice, 0)
+    return Decision(choice, "cache_hit" if own / decision.text_len > cache_threshold else "cache_miss", own, decision.text_len, "moved")
+
+
+def decide_following(
+    book: SessionBook, tree: RadixTree, loads: dict[str, int], partition: str, text: str, cfg: PolicyConfig, rng: random.Random
+) -> tuple[Decision, Session | None, bool]:
+    """The policy's decision (nothing inserted: the caller inserts for the upstream chosen), moved
+    off a pile when the book says so; the session the request belongs to (``None``: none
+    followed), whose ``turns`` its response's report must name (:func:`report`); and whether the
+    book moved it."""
+    if not text:
+        return decide(tree, loads, partition, text, 0.0, cfg, rng, insert=False), None, False
+    m = tree.match(partition, text)
+    decision = decide(tree, loads, partition, text, 0.0, cfg, rng, insert=False, match=m)
+    s = book.follow(partition, text, m, continues(m, cfg))
+    if s is None:
+        return decision, None, False
+    moved = False
+    if decision.reason != "imbalance" and book.should_move(s, len(text)):
+        elsewhere = move(decision, m, loads, cfg.cache_threshold, cfg.tie_break, rng)
+        if elsewhere is not decision:
+            decision = elsewhere
+            s.moved = moved = True
+    book.keep(partition, text, s)
+    return decision, s, moved

@@ -1,0 +1,134 @@
+"""Following sessions turn to turn, and moving one off a pile after an eviction (extproc.sessions)."""
+
+import random
+
+from extproc.config import policy_config
+from extproc.sessions import SessionBook, decide_following, report
+from extproc.tree import RadixTree
+
+CFG = policy_config()  # --cache-threshold 0.3
+SYSTEM = "You are an agent with these tools. " * 12  # 420 characters every session shares
+P = "m"
+
+
+def turn1(user: str) -> str:
+    return SYSTEM + user
+
+
+class Fleet:
+    """Two upstreams; sessions on one shared system prompt, two already stored on ``a`` (the first
+    begins the prefix, the second's match still runs into the one chain stored), so a third one
+    stops where they branch: a new session over the threshold on the shared prefix alone."""
+
+    def __init__(self, family_turns: float = 2.0) -> None:
+        self.tree = RadixTree()
+        self.book = SessionBook(CFG.cache_threshold, family_turns)
+        self.rng = random.Random(1)
+        for user in ("first task " * 30, "second task " * 30):
+            self.send(turn1(user))
+
+    def send(self, text: str, loads: dict[str, int] | None = None):
+        d, session, moved = decide_following(self.book, self.tree, loads or {"a": 0, "b": 0}, P, text, CFG, self.rng)
+        self.tree.insert(P, text, d.upstream, 0.0)
+        return d, session, moved
+
+
+def evict(session) -> None:
+    """Its latest turn's response reported its history evicted."""
+    report(session, session.turns, evicted=True)
+
+
+def test_a_session_is_followed_by_its_prompts_and_counted_per_shared_prefix():
+    f = Fleet()
+    t1 = turn1("third task " * 30)
+    d, s, moved = f.send(t1)
+    assert d.upstream == "a" and s is not None and not moved
+    assert s.over and s.shared == len(SYSTEM) and f.book.family_turns_so_far(s) == 1 and s.turns == 1
+    kept = f.book.kept
+    d2, s2, _ = f.send(t1 + " reply. next step " * 5)  # its next turn extends the whole prompt
+    assert s2 is s and s.turns == 2 and f.book.kept == kept
+    assert f.book.family_turns_so_far(s) == 2
+    assert f.send("x" * 50)[1] is not None  # new: followed
+    assert f.send("x" * 50 + " and more")[1] is not None
+    # a request extending a prompt the book never saw (another replica's session) is not followed
+    f.book.sessions.clear()
+    assert f.send("x" * 50 + " and more, later")[1] is None
+
+
+def test_a_session_moves_once_after_its_history_was_evicted_at_home():
+    f = Fleet()
+    t1 = turn1("third task " * 30)
+    _, s, _ = f.send(t1)
+    evict(s)
+    t2 = t1 + " step two " * 70  # the shared prefix is now under 0.3 of the prompt
+    d, s, moved = f.send(t2)
+    assert moved and d.upstream == "b" and d.continuation == "moved" and d.matched == 0
+    evict(s)
+    d, _, moved = f.send(t2 + " step three " * 10)  # once: it stays on its new router
+    assert not moved and d.upstream == "b"
+
+
+def test_no_move_without_each_of_its_conditions():
+    def second_turn(fleet: Fleet, evicted: bool, grow: int = 70, user: str = "third task " * 30) -> bool:
+        t1 = turn1(user)
+        _, s, _ = fleet.send(t1)
+        report(s, s.turns, evicted)
+        return fleet.send(t1 + " step two " * grow)[2]
+
+    assert second_turn(Fleet(), evicted=True)  # the case that moves
+    assert not second_turn(Fleet(), evicted=False)  # its history was still there
+    assert not second_turn(Fleet(), evicted=True, grow=10)  # the shared prefix still passes the routers' threshold
+    assert not second_turn(Fleet(family_turns=3), evicted=True)  # sessions on this prefix run short so far
+    # a session that began under the threshold (its own text outweighed the shared prefix) was
+    # placed by load inside its router: no pile to leave
+    assert not second_turn(Fleet(), evicted=True, user="a long task of its own " * 60)
+
+
+def test_a_move_goes_nowhere_when_every_upstream_holds_the_history():
+    f = Fleet()
+    t1 = turn1("third task " * 30)
+    _, s, _ = f.send(t1)
+    f.tree.insert(P, t1, "b", 0.0)
+    evict(s)
+    d, _, moved = f.send(t1 + " step two " * 70)
+    assert not moved and d.continuation == "home"
+
+
+def test_an_imbalance_decides_first_and_the_session_may_still_move_later():
+    f = Fleet()
+    t1 = turn1("third task " * 30)
+    _, s, _ = f.send(t1)
+    evict(s)
+    t2 = t1 + " step two " * 70
+    d, s, moved = f.send(t2, loads={"a": 0, "b": 200})  # over --balance-abs-threshold: least loaded
+    assert d.reason == "imbalance" and d.upstream == "a" and not moved
+    report(s, s.turns, evicted=False)  # turn 2's history was there: the latest report counts
+    d, s, moved = f.send(t2 + " step three " * 10)
+    assert not moved and d.upstream == "a"
+    report(s, 1, evicted=True)  # older than the one counted: ignored
+    assert not f.send(t2 + " step three " * 10 + " and four")[2]
+    # a report that arrives after its session's next turn was decided still counts for the one after
+    report(s, s.turns - 1, evicted=True)
+    d, _, moved = f.send(t2 + " step three " * 10 + " and four, five")
+    assert moved and d.upstream == "b"
+
+
+def test_the_book_is_bounded():
+    book = SessionBook(0.3, 2.0, max_sessions=3, max_families=2)
+    tree = RadixTree()
+    rng = random.Random(0)
+    for i in range(10):
+        text = f"family {i} " * 20
+        d, _, _ = decide_following(book, tree, {"a": 0}, P, text, CFG, rng)
+        tree.insert(P, text, d.upstream, 0.0)
+    assert book.kept == len(book.sessions) == 3 and len(book.families) == 2
+
+
+def test_sessions_replaying_one_script_apart_from_their_first_words_are_kept_apart():
+    """Agents on the same steps of different tasks: prompts of one length ending alike."""
+    f = Fleet()
+    script = " the same step of the same script " * 40
+    first = [f.send(turn1(task + script))[1] for task in ("[task 1]", "[task 2]")]
+    then = [f.send(turn1(task + script) + " step two " * 10)[1] for task in ("[task 2]", "[task 1]")][::-1]
+    assert then == first and then[0] is not then[1]  # each found its own session
+    assert [s.turns for s in then] == [2, 2]

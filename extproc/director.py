@@ -27,8 +27,8 @@ from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
 from .policy import Decision, continues, costs, decide, least_loaded, new_session_rate, session_kind
 from .pool import Pool
-from .sessions import Session, SessionBook, decide_following, report
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
+from .sessions import Session, SessionBook, decide_following, report
 from .syncwire import REPLICA_ID, Event, SnapshotRecord
 from .tree import RadixTree
 
@@ -147,6 +147,7 @@ class Director:
         """Start or stop following sessions; a reload keeps the sessions followed so far."""
         if not cfg.move_evicted_sessions:
             self.book = None
+            self.awaiting_reports.clear()
         elif self.book is None:
             self.book = SessionBook(cfg.cache_threshold, cfg.move_family_turns)
         else:

@@ -495,8 +495,9 @@ def test_a_reload_starts_stops_and_retunes_the_session_book_keeping_its_sessions
     d.route(RequestInfo(path="/v1/chat/completions"), _turns("system " * 20, ["task " * 20]))
     d.reconfigure(build({"upstreams": POOL, "move_evicted_sessions": "true", "move_family_turns": "3", "cache_threshold": "0.5"}, env={}))
     assert d.book is book and (book.family_turns, book.threshold) == (3.0, 0.5) and book.kept == 1
+    d.awaiting_reports["r"] = (next(iter(book.sessions.values()))[0], 1)
     d.reconfigure(build({"upstreams": POOL}, env={}))
-    assert d.book is None
+    assert d.book is None and not d.awaiting_reports
 
 
 def test_a_duplex_decision_that_will_be_observed_keeps_its_session_for_the_report():

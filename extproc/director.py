@@ -152,6 +152,9 @@ class Director:
             self.book = SessionBook(cfg.cache_threshold, cfg.move_family_turns)
         else:
             self.book.threshold, self.book.family_turns = cfg.cache_threshold, cfg.move_family_turns
+        if self.book is not None and cfg.observe_sample < 1.0:
+            # a move waits for its session's latest response to be read: sampled, most wait long
+            log.warning("move_evicted_sessions_needs_every_response", observe_sample=cfg.observe_sample)
 
     # -- what the handlers need to know, read per request so that a reload takes effect ----------
 

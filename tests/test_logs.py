@@ -47,3 +47,10 @@ def test_json_logs_keep_the_traceback(captured, monkeypatch):
     d.route(RequestInfo(path="/v1/chat/completions"), orjson.dumps({"prompt": "x"}))
     failed = [l for l in lines(captured) if l["event"] == "decision_failed"]
     assert failed and "ZeroDivisionError: planted" in json.dumps(failed[0]) and "Traceback" in json.dumps(failed[0])
+
+
+def test_moving_sessions_without_reading_every_response_is_warned_of(captured):
+    Director(build({"upstreams": ["127.0.0.1:1"], "move_evicted_sessions": "true", "observe_sample": "0.1"}, env={}))
+    Director(build({"upstreams": ["127.0.0.1:1"], "move_evicted_sessions": "true", "observe_sample": "1"}, env={}))
+    warned = [r for r in lines(captured) if r["event"] == "move_evicted_sessions_needs_every_response"]
+    assert [r["observe_sample"] for r in warned] == [0.1]

@@ -25,7 +25,7 @@ from . import logs, metrics
 from .config import Config
 from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
-from .policy import Decision, continues, costs, decide, least_loaded, new_session_rate, session_kind
+from .policy import NEW_SESSIONS, Decision, continues, costs, decide, least_loaded, session_kind
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
 from .sessions import Session, SessionBook, decide_following, report
@@ -209,14 +209,15 @@ class Director:
         if decision.continuation:
             metrics.CONTINUATIONS.labels(decision.continuation).inc()
         info.upstream, info.matched, info.text_len = decision.upstream, decision.matched, decision.text_len
-        key = (decision.upstream, decision.reason, session_kind(decision, self.policy.cache_threshold))
+        kind = session_kind(decision, self.policy.cache_threshold)
+        key = (decision.upstream, decision.reason, kind)
         self.decided[key] = self.decided.get(key, 0) + 1
         metrics.DECISION_SECONDS.observe(elapsed)
         if decision.text_len:
-            metrics.MATCH_RATE.observe(decision.matched / decision.text_len)
-        new_rate = new_session_rate(decision)
-        if new_rate is not None:
-            metrics.NEW_SESSION_MATCH_RATE.observe(new_rate)
+            rate = decision.matched / decision.text_len
+            metrics.MATCH_RATE.observe(rate)
+            if kind in NEW_SESSIONS:  # the rate policy.new_session_rate gives
+                metrics.NEW_SESSION_MATCH_RATE.observe(rate)
         log.debug(
             "decision",
             request_id=info.request_id,
@@ -264,14 +265,14 @@ class Director:
             metrics.PREDICTION_ERROR.observe(error)
             log.debug("observed", request_id=info.request_id, upstream=up, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
                       predicted_share=round(info.matched / info.text_len, 3), error=round(error, 3))
+            observed = observed_chars(cached_tokens, prompt_tokens, info.text_len)
             if self.cfg.observe_feedback:
-                self._feed_back(up, info.matched, observed_chars(cached_tokens, prompt_tokens, info.text_len))
+                self._feed_back(up, info.matched, observed)
             session, turn = info.session, info.session_turn
             if session is None and info.request_id:
                 session, turn = self.awaiting_reports.pop(info.request_id, (None, 0))
             if session is not None:
-                evicted = is_stale(info.matched, observed_chars(cached_tokens, prompt_tokens, info.text_len), self.feedback_rule)
-                report(session, turn, evicted)
+                report(session, turn, is_stale(info.matched, observed, self.feedback_rule))
 
     def _feed_back(self, up: str, predicted: int, observed: float) -> None:
         """Shrink the upstream's share of the tree on a stale report, grow it back on another

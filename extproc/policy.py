@@ -82,6 +82,7 @@ def new_session_rate(d: Decision) -> float | None:
 # conversation kept on an upstream holding its history or moved off it, a new session matched above
 # or at most ``cache_threshold`` at its upstream, or none of these (decided by load alone).
 SESSION_KINDS = ("continues", "moved", "new_over_threshold", "new", "load_only")
+NEW_SESSIONS = ("new_over_threshold", "new")  # the kinds ``new_session_rate`` gives a rate for
 
 
 def session_kind(d: Decision, cache_threshold: float) -> str:
@@ -94,6 +95,11 @@ def session_kind(d: Decision, cache_threshold: float) -> str:
     if rate is None:
         return "load_only"
     return "new_over_threshold" if rate > cache_threshold else "new"
+
+
+def outcome(own: int, length: int, cache_threshold: float) -> str:
+    """What a decision is called by the chosen upstream's own match: a hit above the threshold."""
+    return "cache_hit" if own / length > cache_threshold else "cache_miss"
 
 
 def least_loaded(loads: dict[str, int], tie_break: str, rng: random.Random) -> str:
@@ -177,4 +183,4 @@ def _cheapest(match: Match, loads: dict[str, int], length: int, cfg: PolicyConfi
     cheapest = [t for t, (_, _, cost) in terms.items() if cost == best]
     choice = cheapest[0] if cfg.tie_break == "first" else rng.choice(cheapest)
     own = match.tenants.get(choice, 0)
-    return choice, "cache_hit" if own / length > cfg.cache_threshold else "cache_miss", own
+    return choice, outcome(own, length, cfg.cache_threshold), own

@@ -29,7 +29,7 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .policy import Decision, PolicyConfig, continues, decide, least_loaded
+from .policy import Decision, PolicyConfig, continues, decide, least_loaded, outcome
 from .tree import Match, RadixTree
 
 # Sessions the book keeps, and shared prefixes ("families") it keeps turn counts for: the least
@@ -152,7 +152,7 @@ def move(decision: Decision, match: Match, loads: dict[str, int], cache_threshol
         return decision
     choice = least_loaded(others, tie_break, rng)
     own = match.tenants.get(choice, 0)
-    return Decision(choice, "cache_hit" if own / decision.text_len > cache_threshold else "cache_miss", own, decision.text_len, "moved")
+    return Decision(choice, outcome(own, decision.text_len, cache_threshold), own, decision.text_len, "moved")
 
 
 def decide_following(

@@ -63,6 +63,7 @@ def test_a_session_moves_once_after_its_history_was_evicted_at_home():
     t2 = t1 + " step two " * 70  # the shared prefix is now under 0.3 of the prompt
     d, s, moved = f.send(t2)
     assert moved and d.upstream == "b" and d.continuation == "moved" and d.matched == 0
+    assert d.reason == "cache_miss"  # named by its own match at the new router: none
     evict(s)
     d, _, moved = f.send(t2 + " step three " * 10)  # once: it stays on its new router
     assert not moved and d.upstream == "b"

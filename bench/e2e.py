@@ -7,6 +7,8 @@ with 8 and 16 concurrent clients; hit ratios compared.
                                            → bench/results/e2e-3x3.json (another set-up; about 20 minutes)
     .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --router-cache-threshold 0.7
                                            → bench/results/e2e-3x3-threshold0.7.json (the routers at another threshold)
+    .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --opt-ins-only
+                                           → the service's opt-ins added to e2e-3x3.json (a few minutes)
 
 The cases (``CASES``): multi-turn chats, structural edits, shared-prefix groups and short dialogues,
 then two held-out ones the defaults were never tuned on, the SWE-agent trace and the longer
@@ -35,6 +37,13 @@ strategies are measured by ``bench.litellm``. Each reports the hit ratio and the
 latency the clients saw (non-streamed requests, so latency, not TTFT). The targets, per case: hit
 ratio at least the best rival's minus one point; latency p90 at most 1.1x the best upper-layer
 rival's (every rival but one-layer, a different topology).
+
+The service's opt-ins (``OPT_INS``: ``--move-evicted-sessions``, reading the responses of the
+turns it could move, and with every response read) go through the same stack and sit beside the
+rivals in the results, never among them: the targets judge the default. ``--opt-ins-only`` runs
+just them, with the default again beside them (``AGAIN``: latency through the stack drifts between
+runs), on the cases, clients and seeds of the run on record, and adds them to its file, so the
+figures already quoted from it stay as measured.
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ from extproc.metrics import RATE_BUCKETS
 
 from .overhead import direct_config, start_envoy
 
-from .common import write
+from .common import RESULTS, write
 from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
 from .sim.policies import PrefixRouter
 from .sim.workloads import WORKLOADS
@@ -99,15 +108,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable)")
     p.add_argument("--router-cache-threshold", type=float, default=BASE.router_threshold, metavar="X",
                    help="every sglang-router's --cache-threshold (its default 0.3); other than that, results go to e2e-RxW-thresholdX.json")
+    p.add_argument("--opt-ins-only", action="store_true",
+                   help="run only the service's opt-ins (OPT_INS) and add them to the results file on record for this set-up, "
+                        "its other figures kept")
     a = p.parse_args(argv)
     topo = replace(a.topology, batch=BASE.batch, router_threshold=a.router_cache_threshold)
+    if a.opt_ins_only:
+        return add_opt_ins(topo)
     cases = {k: v for k, v in CASES.items() if not a.case or k in a.case}
     rows = []
     for name, (kwargs, capacity) in cases.items():
         for clients in a.clients:
             for seed in SEEDS:
                 rows.append(replay(name, kwargs, capacity, clients, seed, topo))
-                for rival in RIVALS:
+                for rival in (*RIVALS, *OPT_INS):
                     rows[-1][rival] = replay_rival(rival, name, kwargs, capacity, clients, seed, topo)
     summary = []
     for name in cases:
@@ -115,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
             mine = [r for r in rows if r["workload"] == name and r["concurrency"] == clients]
             sim = statistics.mean(r["simulated_hit_ratio"] for r in mine)
             real = statistics.mean(r["stack_hit_ratio"] for r in mine)
-            rivals = {rival: {k: statistics.mean(r[rival][k] for r in mine) for k in ("hit_ratio", "latency_p50_s", "latency_p90_s")} for rival in RIVALS}
-            summary.append({"workload": name, "concurrency": clients, "simulated_mean": sim, "stack_mean": real, "difference_points": 100 * (real - sim),
+            rivals = {rival: _means(mine, rival) for rival in RIVALS}
+            summary.append({"opt_ins": {o: _means(mine, o) for o in OPT_INS}, "workload": name, "concurrency": clients, "simulated_mean": sim, "stack_mean": real, "difference_points": 100 * (real - sim),
                             "simulated_range": [min(r["simulated_hit_ratio"] for r in mine), max(r["simulated_hit_ratio"] for r in mine)],
                             "stack_range": [min(r["stack_hit_ratio"] for r in mine), max(r["stack_hit_ratio"] for r in mine)],
                             "stack_latency_p50_s": statistics.mean(r["stack_latency_p50_s"] for r in mine),
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"latency p90 {s['stack_latency_p90_s'] * 1000:.0f} ms vs best upper-layer {s['best_latency_rival']} "
               f"{s['best_latency_p90_s'] * 1000:.0f} ms; targets {'met' if s['targets_met'] else 'MISSED'}", flush=True)
     met = sum(s["targets_met"] for s in summary)
-    failed = sum(r["failed"] + sum(r[rival]["failed"] for rival in RIVALS) for r in rows)  # a failed request makes its case meaningless
+    failed = sum(r["failed"] + sum(r[rival]["failed"] for rival in (*RIVALS, *OPT_INS)) for r in rows)  # a failed request makes its case meaningless
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients, random tie-breaks on both sides, the service's defaults; "
                    f"{describe_setup(topo)} "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
@@ -141,11 +155,42 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "e2e", "description": description,
               "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},
               "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS, "latency_factor": LATENCY_FACTOR,
-              "rivals": {k: v.describe(topo) for k, v in RIVALS.items()}, "rows": rows, "summary": summary}
+              "rivals": {k: v.describe(topo) for k, v in RIVALS.items()}, "opt_ins": {k: v.describe(topo) for k, v in OPT_INS.items()},
+              "rows": rows, "summary": summary}
     print(description)
     # a run of some of the cases keeps the whole run's file (and REPORT.md's section) intact
     subset = bool(a.case) or ((topo.routers, topo.workers) == (BASE.routers, BASE.workers) and a.clients != CONCURRENCY)
     print(f"wrote {write(results_name(topo) + ('-subset' if subset else ''), result)}")
+    return result
+
+
+def _means(rows: list[dict], name: str) -> dict[str, float]:
+    """A rival's (or an opt-in's) hit ratio and latencies, mean over the seeds' ``rows``."""
+    return {k: statistics.mean(r[name][k] for r in rows) for k in ("hit_ratio", "latency_p50_s", "latency_p90_s")}
+
+
+def add_opt_ins(topo: Topology) -> dict:
+    """The opt-ins (``OPT_INS``) and the default again (``AGAIN``) through the stack, on the cases,
+    concurrencies and seeds of the results file on record for ``topo``, put into its rows and
+    summary (replacing opt-ins measured before); the rest of the file, and so every figure quoted
+    from it, stays as it was measured."""
+    path = RESULTS / f"{results_name(topo)}.json"
+    result = orjson.loads(path.read_bytes())
+    names = (AGAIN, *OPT_INS)
+    for row in result["rows"]:
+        kwargs, capacity = CASES[row["workload"]]
+        for o in names:
+            row[o] = replay_rival(o, row["workload"], kwargs, capacity, row["concurrency"], row["seed"], topo)
+    for s in result["summary"]:
+        mine = [r for r in result["rows"] if r["workload"] == s["workload"] and r["concurrency"] == s["concurrency"]]
+        s["opt_ins"] = {o: _means(mine, o) for o in names}
+        print(f"{s['workload']} x{s['concurrency']}: " + ", ".join(f"{o} {v['hit_ratio']:.3f} / {1000 * v['latency_p90_s']:.0f} ms"
+                                                                 for o, v in s["opt_ins"].items()), flush=True)
+    result["opt_ins"] = {AGAIN: "the stack with prefix-router's defaults, measured in the same run as the opt-ins",
+                         **{k: v.describe(topo) for k, v in OPT_INS.items()}}
+    failed = sum(r[o]["failed"] for r in result["rows"] for o in names)
+    result["opt_ins_failed"] = failed
+    print(f"opt-ins' requests failed: {failed}; wrote {write(results_name(topo), result)}")
     return result
 
 
@@ -223,6 +268,17 @@ RIVALS = {
     "sglang-router 0.3.2 rule": Rival(service_args=("--hit-choice", "creator", "--tie-break", "first")),
 }
 UPPER_LAYER = tuple(k for k, v in RIVALS.items() if not v.one_layer)
+# the service's opt-ins through the same stack: shown beside the rivals, never a target (the default
+# is what [quality] judges; an opt-in is what a user may switch on, and what it buys is measured here)
+OPT_INS = {
+    # the responses of the turns a report could move read, no others (duplex mode)
+    "prefix-router --move-evicted-sessions": Rival(service_args=("--move-evicted-sessions",)),
+    # every response read: what reading costs the other requests
+    "prefix-router --move-evicted-sessions --observe-sample 1": Rival(service_args=("--move-evicted-sessions", "--observe-sample", "1")),
+}
+# the default again, in a run of the opt-ins alone (``--opt-ins-only``): what they are compared
+# with must be measured beside them, not in another run (latency through the stack drifts between runs)
+AGAIN = "prefix-router, the same run"
 
 
 def verdict(case: dict) -> dict:
@@ -318,14 +374,14 @@ def drive(base_url: str, prepared, clients: int, session_header: bool = False) -
 
 def replay_rival(name_of_rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE) -> dict:
     """The same sessions through a rival made of real processes (``RIVALS``)."""
-    rival = RIVALS[name_of_rival]
+    rival = RIVALS.get(name_of_rival) or OPT_INS.get(name_of_rival) or Rival()  # AGAIN: the stack as it ships
     prepared = _prepared(name, kwargs, seed)
     capacity = worker_capacity(capacity, topo)
     work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-rival-"))
-    if rival.service_args:
-        out = _through_service(prepared, capacity, clients, work, rival.service_args, topo)
-    else:
+    if rival.one_layer or rival.lb_policy:
         out = _through_plain(rival, prepared, capacity, clients, work, topo)
+    else:
+        out = _through_service(prepared, capacity, clients, work, rival.service_args, topo)
     print(f"{name} x{clients} seed {seed} {name_of_rival}: hit {out['hit_ratio']:.3f}, latency p90 {out['latency_p90_s'] * 1000:.0f} ms "
           f"({out['failed']} failed)", flush=True)
     return out

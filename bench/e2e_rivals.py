@@ -44,7 +44,7 @@ POLICIES = {
     "envoy round robin": RoundRobin,
     "envoy least request": LeastRequest,
     "one-layer": Single,
-    # the opt-in, simulated only (bench.e2e does not run it through the stack)
+    # the opt-in (bench.e2e runs it through the stack as an opt-in, not a rival: --opt-ins-only)
     "prefix-router --move-evicted-sessions": MovingSessions,
 }
 
@@ -80,7 +80,8 @@ def measured(topo: Topology, clients: int) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for row in json.loads(path.read_text())["summary"]:
         if row["concurrency"] == clients:
-            out[row["workload"]] = {"prefix-router": row["stack_mean"], **{k: v["hit_ratio"] for k, v in row["rivals"].items()}}
+            out[row["workload"]] = {"prefix-router": row["stack_mean"],
+                                    **{k: v["hit_ratio"] for k, v in (*row["rivals"].items(), *row.get("opt_ins", {}).items())}}
     return out
 
 

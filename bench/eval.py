@@ -59,7 +59,8 @@ HIT_SLACK, TTFT_FACTOR = 0.01, 1.1
 ALTERNATES = {"prefix-router/previous-default": "The previous default (only whole prompts continue, `--continuation-tail 0`)",
               "prefix-router/knee-0": "The default before it (no continuation term, `--continuation-knee 0`)",
               "prefix-router/slack-3": "An earlier round's tuning winner (`--continuation-knee 0 --inflight-slack 3 --inflight-cost-chars 1536`)",
-              "prefix-router/move-evicted": "The opt-in `--move-evicted-sessions` with every response read (`--observe-sample 1`)"}
+              "prefix-router/move-evicted": "The opt-in `--move-evicted-sessions` with every response read (`--observe-sample 1`)",
+              "prefix-router/move-evicted-candidates": "The opt-in `--move-evicted-sessions` reading only the responses of the turns it could move (duplex mode)"}
 # set-ups the defaults were not chosen on (`make bench` runs each): the independent evaluation's
 # 3 routers x 3 workers, fewer bigger routers, many one-worker routers
 OTHER_TOPOLOGIES = ("3x3", "2x4", "8x1")
@@ -363,10 +364,19 @@ def _e2e_lines(d: dict, title: str) -> list[str]:
     lines.append("")
     if d["summary"] and "rivals" in d["summary"][0]:
         names = list(d["summary"][0]["rivals"])
-        lines += ["The same sessions through rivals made of real processes: hit ratio / request latency p90 in ms (mean of the seeds).", "",
-                  "| workload | concurrency | prefix-router | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        opt_ins = list(d["summary"][0].get("opt_ins", {}))  # the service's opt-ins (bench.e2e OPT_INS): shown, never a target
+
+        def figures(r: dict, n: str) -> str:
+            x = r["rivals"][n] if n in names else r["opt_ins"][n]
+            return f"{x['hit_ratio']:.3f} / {1000 * x['latency_p90_s']:.0f}"
+
+        lines += ["The same sessions through rivals made of real processes: hit ratio / request latency p90 in ms (mean of the seeds)."
+                  + (" Last, the service's opt-ins through the same stack (`--opt-ins-only` adds them to a run on record): "
+                     "not rivals, so not in the targets." if opt_ins else ""), "",
+                  "| workload | concurrency | prefix-router | " + " | ".join([*names, *(f"opt-in: {o}" for o in opt_ins)]) + " |",
+                  "|---|---|---|" + "---|" * (len(names) + len(opt_ins))]
         lines += [f"| {r['workload']} | {r['concurrency']} | {r['stack_mean']:.3f} / {1000 * r['stack_latency_p90_s']:.0f} | "
-                  + " | ".join(f"{r['rivals'][n]['hit_ratio']:.3f} / {1000 * r['rivals'][n]['latency_p90_s']:.0f}" for n in names) + " |"
+                  + " | ".join(figures(r, n) for n in (*names, *opt_ins)) + " |"
                   for r in d["summary"]]
         lines.append("")
         if "targets_met" in d["summary"][0]:

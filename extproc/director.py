@@ -152,9 +152,9 @@ class Director:
             self.book = SessionBook(cfg.cache_threshold, cfg.move_family_turns)
         else:
             self.book.threshold, self.book.family_turns = cfg.cache_threshold, cfg.move_family_turns
-        if self.book is not None and cfg.observe_sample < 1.0:
-            # a move waits for its session's latest response to be read: sampled, most wait long
-            log.warning("move_evicted_sessions_needs_every_response", observe_sample=cfg.observe_sample)
+        # In buffered mode the choice to read a response comes before the decision, so only
+        # --observe-sample reads there: said once, on the first such stream (``observe_now``).
+        self.warned_buffered = False
 
     # -- what the handlers need to know, read per request so that a reload takes effect ----------
 
@@ -233,10 +233,19 @@ class Director:
         """Per upstream with sampled responses: (observed hit ratio, responses) (--observe-sample)."""
         return {a: (cached / prompt, n) for a, (prompt, cached, n) in self.observed_totals.items() if prompt}
 
-    def observe_now(self) -> bool:
-        """Whether to read this request's response for the cache hit its worker reports."""
+    def observe_now(self, info: RequestInfo | None = None) -> bool:
+        """Whether to read this request's response for the cache hit its worker reports: a
+        ``--observe-sample`` share of requests, and, when the decision is known (``info``: duplex
+        mode), the turns whose report ``--move-evicted-sessions`` may move a session on."""
         sample = self.cfg.observe_sample
-        return sample > 0 and self.rng.random() < sample
+        if sample > 0 and self.rng.random() < sample:
+            return True
+        if info is None:
+            if self.book is not None and sample < 1.0 and not self.warned_buffered:
+                self.warned_buffered = True
+                log.warning("move_evicted_sessions_buffered_needs_every_response", observe_sample=sample)
+            return False
+        return self.book is not None and info.session is not None and self.book.worth_reading(info.session, info.text_len)
 
     def observing(self, info: RequestInfo) -> None:
         """The request's response will be read on another stream (duplex mode), which knows the

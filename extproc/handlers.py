@@ -173,7 +173,7 @@ class Exchange:
             return unavailable()
         self.decided = True
         info = self.info
-        observe = f"{info.matched}/{info.text_len}" if self.observe_by_route and director.observe_now() else ""
+        observe = f"{info.matched}/{info.text_len}" if self.observe_by_route and director.observe_now(info) else ""
         if observe:
             director.observing(info)
         common = decision_mutation(director.header_name, address, info.ticket, observe)

@@ -11,9 +11,13 @@ threshold's share of its grown prompt: that router places it by load, on a worke
 A move costs the session its history where it was, so it is made only when the history was gone
 anyway and there is much left to gain: the session began over the threshold on the shared prefix
 alone, its latest reported response found under half of the predicted match cached (the worker
-evicted it: ``--observe-sample``), and the sessions that began on the same shared prefix have run
+evicted it), and the sessions that began on the same shared prefix have run
 ``--move-family-turns`` turns on average so far (long agent loops, not two-turn chats, whose move
-would rebuild a history for the one turn left). Once per session.
+would rebuild a history for the one turn left). Once per session. The reports come from the
+responses of the turns that meet every other condition, or may at the next turn
+(``SessionBook.worth_reading``): in duplex mode the director reads those and no others, so the
+cost of reading falls on the few sessions that may move, not on every request (in buffered mode
+the choice to read comes before the decision, and only ``--observe-sample`` reads).
 
 A session is followed by its prompts alone: a request that extends a whole earlier prompt continues
 that prompt's session (``Match.whole``); the book keeps each session under its latest prompt (its
@@ -33,7 +37,8 @@ from .policy import Decision, PolicyConfig, continues, decide, least_loaded, out
 from .tree import Match, RadixTree
 
 # Sessions the book keeps, and shared prefixes ("families") it keeps turn counts for: the least
-# recently used go first. ~250 bytes a session: ~17 MB at the bound (measured).
+# recently used go first. ~310 bytes a session: ~20 MB at the bound (measured with tracemalloc:
+# 65,536 sessions of 2-3 KB prompts).
 MAX_SESSIONS = 65536
 MAX_FAMILIES = 4096
 # A prompt is looked up by its length and its last characters, not by a hash of all of it: hashing
@@ -55,6 +60,7 @@ class Session:
     shared: int  # that prefix's length, characters
     anchor: str  # its own first characters after it
     over: bool  # its first prompt matched over the threshold on that prefix alone
+    first: int = 0  # its first prompt's length, characters (how fast its prompt grows: ``SessionBook.worth_reading``)
     turns: int = 1
     moved: bool = False
     evicted: bool = False  # its latest report found under half of the predicted match cached
@@ -95,7 +101,7 @@ class SessionBook:
         if continuing or not text:
             return None
         shared = match.matched  # a new session's match stops where it branches from the others
-        s = Session(_key(partition, text, shared), shared, text[shared : shared + ANCHOR], shared > self.threshold * len(text))
+        s = Session(_key(partition, text, shared), shared, text[shared : shared + ANCHOR], shared > self.threshold * len(text), len(text))
         self._count(s.family, sessions=1)
         return s
 
@@ -111,16 +117,25 @@ class SessionBook:
         stats = self.families.get(s.family)
         return stats[1] / stats[0] if stats and stats[0] else 0.0
 
+    def candidate(self, s: Session, text_len: int) -> bool:
+        """Whether the session, at a turn of ``text_len`` characters, is one a report of eviction
+        would move (module doc): not moved yet, begun on a pile its router made of the shared
+        prefix, now far enough past it, in a family of long sessions."""
+        return s.over and not s.moved and s.shared <= self.threshold * text_len and self.family_turns_so_far(s) >= self.family_turns
+
+    def worth_reading(self, s: Session, text_len: int) -> bool:
+        """Whether this turn's response is worth reading: the session is a candidate now, or may be
+        one at its next turn (its prompt grown by its mean growth per turn so far, its family's mean
+        by a turn), whose decision this report will inform. The director reads no other response
+        for the book; reading only the candidates' own turns would move each session a turn late."""
+        if not s.over or s.moved:
+            return False
+        growth = max(0.0, (text_len - s.first) / (s.turns - 1)) if s.turns > 1 else 0.0
+        return s.shared <= self.threshold * (text_len + growth) and self.family_turns_so_far(s) + 1 >= self.family_turns
+
     def should_move(self, s: Session, text_len: int) -> bool:
-        """Whether this turn moves the session (module doc): once, after an eviction, from a pile
-        its router made of the shared prefix, in a family of long sessions."""
-        return (
-            s.over
-            and s.evicted
-            and not s.moved
-            and s.shared <= self.threshold * text_len
-            and self.family_turns_so_far(s) >= self.family_turns
-        )
+        """Whether this turn moves the session: a candidate whose latest report found it evicted."""
+        return s.evicted and self.candidate(s, text_len)
 
     def keep(self, partition: str, text: str, s: Session) -> None:
         """Keep the session under its latest prompt."""

@@ -500,6 +500,46 @@ def test_a_reload_starts_stops_and_retunes_the_session_book_keeping_its_sessions
     assert d.book is None and not d.awaiting_reports
 
 
+@pytest.mark.parametrize("following", [True, False])
+def test_in_duplex_mode_the_turns_a_report_could_move_are_read_and_no_others(following):
+    """--move-evicted-sessions without --observe-sample: in duplex mode the decision comes before
+    the choice to read, so the director reads the responses of exactly the turns an eviction
+    report may move (``SessionBook.worth_reading``: here the turn before the session is a
+    candidate), and a session moves off its evicted pile with no other response read. Without the
+    opt-in, nothing is read."""
+    cfg = {"upstreams": POOL, "move_family_turns": "3"} | ({"move_evicted_sessions": "true"} if following else {})
+    d = Director(build(cfg, env={}), seed=1)
+    d.set_upstreams(POOL)
+    system = "You are an agent with these tools. " * 36
+
+    def turn(steps: list[str], request_id: str) -> tuple[DuplexExchange, bool]:
+        x = DuplexExchange(d, {":path": "/v1/chat/completions", "x-request-id": request_id})
+        x.on_headers(False)
+        out = x.on_body(chunk(_turns(system, steps), True))
+        d.finished(x.info.ticket, Outcome.OK)
+        return x, any(h.header.key == "x-prefix-router-observe" for h in out[0].request_headers.response.header_mutation.set_headers)
+
+    for i, task in enumerate(("first task " * 30, "second task " * 30)):
+        assert not turn([task], f"a{i}")[1]  # a session's first turn: nothing to move yet
+    steps = ["third task " * 30]
+    first, read = turn(steps, "t1")
+    assert not read and not d.awaiting_reports  # over the threshold on the shared prompt, but the prompt is still mostly it
+    steps += ["done: " + "output " * 500, "next step " * 40]
+    second, read = turn(steps, "t2")
+    assert read == following
+    if not following:
+        return
+    assert not d.book.candidate(second.info.session, second.info.text_len)  # a candidate from the next turn on
+    assert d.awaiting_reports["t2"] == (second.info.session, 2)
+    home = second.info.upstream
+    d.observed(RequestInfo(path="/v1/chat/completions", request_id="t2", upstream=home, matched=second.info.matched,
+                           text_len=second.info.text_len), 1400, 10)  # the observing stream's report: the history evicted
+    steps += ["done: " + "output " * 100, "next step " * 40]
+    third, read = turn(steps, "t3")
+    assert third.info.upstream != home and third.info.session.moved
+    assert not read  # moved once: nothing of it is read again
+
+
 def test_a_duplex_decision_that_will_be_observed_keeps_its_session_for_the_report():
     d = Director(build({"upstreams": POOL, "move_evicted_sessions": "true", "observe_sample": "1"}, env={}), seed=1)
     d.set_upstreams(POOL)

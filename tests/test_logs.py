@@ -11,6 +11,8 @@ import structlog
 from extproc import logs
 from extproc.config import build
 from extproc.director import Director, RequestInfo
+from extproc.handlers import BufferedExchange, DuplexExchange
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 
 @pytest.fixture
@@ -49,8 +51,24 @@ def test_json_logs_keep_the_traceback(captured, monkeypatch):
     assert failed and "ZeroDivisionError: planted" in json.dumps(failed[0]) and "Traceback" in json.dumps(failed[0])
 
 
-def test_moving_sessions_without_reading_every_response_is_warned_of(captured):
-    Director(build({"upstreams": ["127.0.0.1:1"], "move_evicted_sessions": "true", "observe_sample": "0.1"}, env={}))
-    Director(build({"upstreams": ["127.0.0.1:1"], "move_evicted_sessions": "true", "observe_sample": "1"}, env={}))
-    warned = [r for r in lines(captured) if r["event"] == "move_evicted_sessions_needs_every_response"]
-    assert [r["observe_sample"] for r in warned] == [0.1]
+def test_moving_sessions_in_buffered_mode_without_reading_every_response_is_warned_of_once(captured):
+    """In buffered mode the choice to read a response comes before the decision, so
+    --move-evicted-sessions reads only what --observe-sample samples there: said on the first
+    buffered stream, once; duplex streams (which read the turns that matter) and a service reading
+    every response say nothing."""
+    def warned() -> list[float]:
+        return [r["observe_sample"] for r in lines(captured) if r["event"] == "move_evicted_sessions_buffered_needs_every_response"]
+
+    said = []
+    for sample in ("0.1", "1"):
+        d = Director(build({"upstreams": ["127.0.0.1:1"], "move_evicted_sessions": "true", "observe_sample": sample}, env={}))
+        d.set_upstreams(["127.0.0.1:1"])
+        for _ in range(3):
+            x = DuplexExchange(d, {":path": "/v1/chat/completions"})
+            x.on_headers(False)
+            x.on_body(pb.HttpBody(body=orjson.dumps({"prompt": "a task " * 50}), end_of_stream=True))  # decided, then asked whether to read
+        assert warned() == said
+        for _ in range(3):
+            BufferedExchange(d, {":path": "/v1/chat/completions"}).on_headers(False)
+        said = warned()
+    assert said == [0.1]

@@ -2,6 +2,8 @@
 
 import random
 
+import pytest
+
 from extproc.config import policy_config
 from extproc.sessions import SessionBook, decide_following, report
 from extproc.tree import RadixTree
@@ -133,3 +135,27 @@ def test_sessions_replaying_one_script_apart_from_their_first_words_are_kept_apa
     then = [f.send(turn1(task + script) + " step two " * 10)[1] for task in ("[task 2]", "[task 1]")][::-1]
     assert then == first and then[0] is not then[1]  # each found its own session
     assert [s.turns for s in then] == [2, 2]
+
+
+@pytest.mark.parametrize("family_turns, step", [(5.0, " output of the step " * 20), (2.0, " " + "w" * 99)])
+def test_the_responses_worth_reading_are_a_candidates_and_the_turn_before_it(family_turns, step):
+    """``worth_reading`` names the turns whose report may move the session at its next decision: a
+    candidate's, and the turn before a session becomes one (its prompt grown by its mean growth so
+    far, its family's mean by a turn), so the move is not a turn late; none once it has moved, none
+    of a session not begun on a pile. (Its family's turns decide when it becomes a candidate with
+    400 characters a turn, its prompt's length with 100.)"""
+    f = Fleet(family_turns=family_turns)
+    text = turn1("third task " * 30)  # 750 characters, 420 of them shared: over 0.3
+    _, s, _ = f.send(text)
+    book, seen = f.book, []
+    for _ in range(8):
+        text += step
+        f.send(text)
+        seen.append((book.candidate(s, len(text)), book.worth_reading(s, len(text))))
+    first = next(i for i, (c, _) in enumerate(seen) if c)
+    assert first >= 3 and seen[first - 1] == (False, True)  # read the turn before it is a candidate
+    assert all(w for c, w in seen if c) and not any(w for _, w in seen[: first - 1])
+    s.moved = True
+    assert not book.worth_reading(s, len(text) * 2)
+    short = f.send("a question of my own " * 20)[1]  # no shared prefix: not a pile
+    assert not short.over and not f.book.worth_reading(short, 10_000)

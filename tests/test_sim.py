@@ -168,6 +168,25 @@ def test_observed_hits_shrink_the_tree_only_where_the_caches_forgot():
     assert sum(tight.tree.tenant_chars().values()) < sum(untaught.tree.tenant_chars().values())
 
 
+def test_the_simulated_opt_in_reads_the_responses_of_the_turns_it_could_move_and_no_others():
+    """bench's ``MovingSessions`` reads what the director reads in duplex mode: the responses of the
+    turns ``SessionBook.candidate`` names (long sessions begun on a pile), none of a short chat's;
+    with ``--observe-sample 1`` every response. Its ``reads`` are what the reading costs."""
+    from bench.sim.policies import MovingSessions
+
+    long_chats = prepare(WORKLOADS["multi_turn"](random.Random(6), sessions=8, turns=16, session_chars=200))
+    topo = Topology(routers=2, workers=2, capacity_tokens=4_000)
+    candidates, every = MovingSessions(family_turns=2), MovingSessions(family_turns=2, sample=1.0)
+    for policy in (candidates, every):
+        Sim(long_chats, policy, topo, ServiceModel(), seed=6).run()
+    assert every.reads == every.decisions == len(long_chats)
+    assert 0 < candidates.reads < len(long_chats) // 2 and candidates.moves >= 1
+    short = prepare(WORKLOADS["dialogue"](random.Random(6), sessions=40))
+    quiet = MovingSessions()
+    Sim(short, quiet, topo, ServiceModel(), seed=6).run()
+    assert quiet.decisions == len(short) and quiet.reads == 0
+
+
 def test_the_real_stack_targets_judge_hit_against_every_rival_and_latency_against_the_upper_layer():
     from bench.e2e import RIVALS, verdict
 
@@ -185,11 +204,12 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     cache that keeps the whole stack's cache what the 2x2 case gives it."""
     import bench.e2e as e2e
 
-    stacks, sims = [], []
+    stacks, sims, services = [], [], []
 
     class Recording:
         def __init__(self, ports, worker_args, router_args=(), **kw):
             stacks.append(([len(w) for w in ports.workers], worker_args[worker_args.index("--capacity-tokens") + 1], *router_args))
+            services.append(kw.get("service_args"))  # None: no service (a plain Envoy or one router)
             self.ports, self.base_url = ports, "http://127.0.0.1:1/v1"
 
         def __enter__(self):
@@ -254,6 +274,11 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     # a threshold that is no bucket bound of the histogram: the share is not made up
     assert e2e.replay("dialogue", {"sessions": 4}, 3000, 2, 3, e2e.replace(three, router_threshold=0.35))["stack_new_sessions"]["over_router_threshold"] is None
     assert e2e.results_name(at) == "e2e-3x3-threshold0.7"
+    # the default again beside the opt-ins, and each opt-in: through the service, with its flags
+    services.clear()
+    for name in (e2e.AGAIN, *e2e.OPT_INS):
+        e2e.replay_rival(name, "dialogue", {"sessions": 4}, 3000, 2, 3, three)
+    assert services == [[], *(list(o.service_args) for o in e2e.OPT_INS.values())]
 
 
 def test_the_simulated_routers_pin_a_hot_shared_prefix_to_one_worker_below_their_threshold():
@@ -403,10 +428,89 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
     e2e.main(["--case", "dialogue", "--clients", "8"])
     monkeypatch.setattr(e2e, "replay_rival", lambda *a: {**rival, "failed": 2})
     e2e.main(["--case", "dialogue", "--clients", "8"])
-    n = len(e2e.SEEDS) * len(e2e.RIVALS)
+    n = len(e2e.SEEDS) * (len(e2e.RIVALS) + len(e2e.OPT_INS))
     assert results[0]["description"].endswith("Requests failed: 0.") and results[1]["description"].endswith(f"Requests failed: {2 * n}.")
     # the service's new sessions over the routers' threshold, the mean of the seeds that could say
     assert results[0]["summary"][0]["stack_new_sessions_over_router_threshold"] == pytest.approx(0.6)
+
+
+def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_never_a_target(tmp_path, monkeypatch):
+    """bench.e2e runs each opt-in (``OPT_INS``: ``--move-evicted-sessions`` with every response
+    read) through the same stack as the rivals and reports it, but the default's targets are judged
+    against the rivals alone; ``--opt-ins-only`` adds the opt-ins to the run on record for the
+    set-up, every other figure in it kept as it was measured."""
+    import json
+
+    import bench.e2e as e2e
+
+    targeted, every = "prefix-router --move-evicted-sessions", "prefix-router --move-evicted-sessions --observe-sample 1"
+    assert e2e.OPT_INS[targeted].service_args == ("--move-evicted-sessions",)
+    assert e2e.OPT_INS[every].service_args == ("--move-evicted-sessions", "--observe-sample", "1")
+    row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0,
+           "stack_new_sessions": {"over_router_threshold": None}}
+    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, "seed": seed, **row})
+    ran = []
+
+    def rival(name, case, kwargs, cap, clients, seed, topo):
+        ran.append((name, case, clients, seed, topo.routers))
+        hit = 0.9 if name in e2e.OPT_INS else 0.5  # an opt-in far better than every rival
+        return {"hit_ratio": hit + seed / 1000, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
+
+    monkeypatch.setattr(e2e, "replay_rival", rival)
+    written = {}
+    monkeypatch.setattr(e2e, "write", lambda name, result: written.update({name: result}) or name)
+    e2e.main(["--topology", "3x3", "--clients", "12", "--case", "dialogue"])
+    whole = written["e2e-3x3-subset"]
+    case = whole["summary"][0]
+    mean_seed = sum(e2e.SEEDS) / len(e2e.SEEDS) / 1000
+    assert case["opt_ins"][targeted]["hit_ratio"] == pytest.approx(0.9 + mean_seed)
+    assert case["best_hit"] == pytest.approx(0.5 + mean_seed) and case["best_hit_rival"] in e2e.RIVALS and case["targets_met"]
+    assert set(whole["opt_ins"]) == {targeted, every}
+    # --opt-ins-only: the opt-ins, and the default again beside them, run on the record's own cases,
+    # clients and seeds and join it, replacing opt-ins measured before
+    old = {"hit_ratio": 0.7, "latency_p50_s": 0.1, "latency_p90_s": 0.3, "failed": 0}
+    record = {"summary": [{**case, "opt_ins": {every: old}}], "description": "as measured",
+              "rows": [{**{k: v for k, v in r.items() if k not in e2e.OPT_INS}, every: old} for r in whole["rows"]]}
+    monkeypatch.setattr(e2e, "RESULTS", tmp_path)
+    (tmp_path / "e2e-3x3.json").write_text(json.dumps(record))
+    ran.clear()
+    e2e.main(["--topology", "3x3", "--opt-ins-only"])
+    merged = written["e2e-3x3"]
+    assert sorted(ran) == sorted((o, "dialogue", 12, s, 3) for s in e2e.SEEDS for o in (e2e.AGAIN, targeted, every))
+    assert list(merged["summary"][0]["opt_ins"]) == [e2e.AGAIN, targeted, every]
+    assert merged["summary"][0]["opt_ins"][every]["hit_ratio"] == pytest.approx(0.9 + mean_seed)
+    assert merged["summary"][0]["opt_ins"][e2e.AGAIN]["hit_ratio"] == pytest.approx(0.5 + mean_seed)
+    assert {k: v for k, v in merged["summary"][0].items() if k != "opt_ins"} == {k: v for k, v in case.items() if k != "opt_ins"}
+    assert merged["description"] == "as measured" and merged["opt_ins_failed"] == 0
+    assert [r["seed"] for r in merged["rows"]] == list(e2e.SEEDS)
+
+
+def test_the_report_shows_the_opt_ins_through_the_stack_apart_from_the_rivals(tmp_path, monkeypatch):
+    """REPORT.md's table of real rivals gets a column per opt-in, named as one; a run from before
+    the opt-ins were measured keeps its table as it was. ``bench.e2e_rivals`` puts the opt-in's
+    real figure beside its simulated one."""
+    import json
+
+    import bench.e2e_rivals as er
+    import bench.eval as ev
+
+    case = {"workload": "sweagent", "concurrency": 12, "simulated_mean": 0.5, "stack_mean": 0.337, "difference_points": -16.3,
+            "stack_latency_p90_s": 0.525, "rivals": {"envoy round robin": {"hit_ratio": 0.46, "latency_p90_s": 0.513}},
+            "opt_ins": {"prefix-router --move-evicted-sessions": {"hit_ratio": 0.573, "latency_p90_s": 0.518}}}
+    run = {"description": "3 sglang-routers x 3 fake workers", "topology": {"routers": 3, "workers": 3}, "tolerance_points": 3.0,
+           "rows": [{"workload": "sweagent", "capacity_tokens": 14222}], "summary": [case]}
+    monkeypatch.setattr(ev, "RESULTS", tmp_path)
+    (tmp_path / "e2e.json").write_text(json.dumps(run))
+    text = "\n".join(ev._measured_sections())
+    assert "| workload | concurrency | prefix-router | envoy round robin | opt-in: prefix-router --move-evicted-sessions |" in text
+    assert "| sweagent | 12 | 0.337 / 525 | 0.460 / 513 | 0.573 / 518 |" in text and "not rivals, so not in the targets" in text
+    del case["opt_ins"]
+    (tmp_path / "e2e.json").write_text(json.dumps(run))
+    text = "\n".join(ev._measured_sections())
+    assert "| workload | concurrency | prefix-router | envoy round robin |" in text and "opt-in" not in text
+    monkeypatch.setattr(er, "RESULTS", tmp_path)
+    (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [{**case, "opt_ins": {"prefix-router --move-evicted-sessions": {"hit_ratio": 0.573}}}]}))
+    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router --move-evicted-sessions"] == 0.573
 
 
 def test_the_real_stack_check_names_the_call_each_tool_result_answers(monkeypatch):

@@ -210,8 +210,10 @@ def upper_policies() -> dict[str, object]:
         "prefix-router/previous-default": PrefixRouter(policy_config(continuation_tail=0)),
         "prefix-router/knee-0": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0)),
         "prefix-router/slack-3": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0, inflight_slack=3, inflight_cost_chars=1536)),
-        # opt-in: --move-evicted-sessions with every response read (--observe-sample 1)
-        "prefix-router/move-evicted": MovingSessions(),
+        # opt-in: --move-evicted-sessions with every response read (--observe-sample 1), and as it
+        # runs in duplex mode without sampling (the responses of the turns it could move read)
+        "prefix-router/move-evicted": MovingSessions(sample=1.0),
+        "prefix-router/move-evicted-candidates": MovingSessions(),
         "round-robin": RoundRobin(),
         "random": Random(),
         "least-loaded": LeastLoaded(),
@@ -224,14 +226,17 @@ def upper_policies() -> dict[str, object]:
 
 class MovingSessions(PrefixRouter):
     """The default policy with ``--move-evicted-sessions``: extproc.sessions' book follows each
-    session, and a ``sample`` of responses reports its cached prefix (``--observe-sample``)."""
+    session, and the responses of the turns whose report may move one report their cached prefix
+    (``SessionBook.worth_reading``: what the director reads in duplex mode), as do a ``sample`` of
+    the others (``--observe-sample``).
+    ``reads`` counts the responses read, ``decisions`` the requests: the reading's cost."""
 
-    def __init__(self, family_turns: float = 6.0, sample: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, family_turns: float = 6.0, sample: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.book = SessionBook(self.cfg.cache_threshold, family_turns)
         self.sample, self.sampler, self.rule = sample, random.Random(seed), FeedbackRule()
         self.pending: dict[int, tuple[Session, int, int, int]] = {}
-        self.moves = 0
+        self.moves = self.reads = self.decisions = 0
 
     def choose(self, p, sim) -> int:
         d, session, moved = decide_following(self.book, self.tree, _loads(sim), p.partition, p.sglang_text, self.cfg, sim.rng)
@@ -239,8 +244,11 @@ class MovingSessions(PrefixRouter):
             self.tree.insert(p.partition, p.sglang_text, d.upstream, sim.now)
         self.moves += moved
         self.last_reason, self.last_decision = d.reason, d
-        if session is not None and self.sampler.random() < self.sample:
-            self.pending[id(p)] = (session, session.turns, d.matched, d.text_len)
+        self.decisions += 1
+        if self.sampler.random() < self.sample or (session is not None and self.book.worth_reading(session, d.text_len)):
+            self.reads += 1
+            if session is not None:
+                self.pending[id(p)] = (session, session.turns, d.matched, d.text_len)
         return int(d.upstream)
 
     def finished(self, p, r, sim) -> None:

@@ -99,3 +99,40 @@ def test_stale_reports_cut_the_upstreams_budget_in_the_tree(tmp_path):
         (router,) = s.router_addresses
         assert 0 < tree["learnt_budget_per_upstream"][router] < tree["max_tree_size_per_upstream"]
         assert s.service_metric(0, "prefix_router_observations_total", result="read") == 3
+
+
+def test_a_piled_session_moves_reading_only_the_responses_of_its_candidate_turns(tmp_path):
+    """--move-evicted-sessions through the real stack, in duplex mode, with --observe-sample off:
+    three agent sessions on one system prompt pile onto one worker of one router (sglang-router's
+    --cache-threshold 0.3), whose small cache evicts each one's history between its turns. The
+    service reads the responses of the turns a report could move (and no others: the observing
+    route is taken by exactly the requests read), learns that the history was evicted, and moves a
+    session to the other router."""
+    import orjson
+
+    from extproc.dev.stack import http_get
+
+    s = Stack(Ports.free(routers=2, workers_per_router=2), envoy_config=ENVOY_DIR / "duplex.yaml",
+              service_args=["--move-evicted-sessions", "--move-family-turns", "2"],
+              worker_args=["--output-tokens", "2", "--capacity-tokens", "2500"], workdir=tmp_path)
+    with s:
+        c = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=30)
+        system = {"role": "system", "content": "You are an agent. Use the tools to fix the bug. " * 25}  # 1,225 characters
+        sessions = [[system, {"role": "user", "content": f"Task {name}: " + f"the {name} module fails. " * 20}] for name in ("zero", "alpha", "beta", "gamma")]
+        # (the first two stand for sessions begun before the service followed any: the first stores the
+        # system prompt, the second's match runs into the first's alone, which a continuation also does)
+        sent = 0
+        for turn in range(6):
+            for msgs in sessions:
+                r = c.chat.completions.create(model="fake-model", messages=msgs, max_tokens=2)
+                sent += 1
+                msgs += [{"role": "assistant", "content": r.choices[0].message.content},
+                         {"role": "user", "content": f"Output of step {turn}: " + "line of tool output " * 70}]  # ~1,400 characters a turn
+        wait_until(lambda: s.service_metric(0, "prefix_router_session_moves_total") >= 1, 10, "a session moved")
+        read = s.service_metric(0, "prefix_router_observations_total", result="read")
+        assert 0 < read < sent / 2
+        routes = [e["route"] for e in s.wait_access_log(0, sent)]
+        assert routes.count("pinned_observed") == read and routes.count("pinned") == sent - read
+        # the pile: one worker served most turns; the moved session's, the other router
+        served = [[orjson.loads(http_get(f"{u}/stats", timeout=10)[1])["requests"] for u in s.worker_urls(r)] for r in range(2)]
+        assert max(max(w) for w in served) >= sent // 2 and min(sum(w) for w in served) >= 1

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             sim = statistics.mean(r["simulated_hit_ratio"] for r in mine)
             real = statistics.mean(r["stack_hit_ratio"] for r in mine)
             rivals = {rival: _means(mine, rival) for rival in RIVALS}
-            summary.append({"opt_ins": {o: _means(mine, o) for o in OPT_INS}, "workload": name, "concurrency": clients, "simulated_mean": sim, "stack_mean": real, "difference_points": 100 * (real - sim),
+            summary.append({"opt_ins": {o: _opt_in_means(mine, o) for o in OPT_INS}, "workload": name, "concurrency": clients, "simulated_mean": sim, "stack_mean": real, "difference_points": 100 * (real - sim),
                             "simulated_range": [min(r["simulated_hit_ratio"] for r in mine), max(r["simulated_hit_ratio"] for r in mine)],
                             "stack_range": [min(r["stack_hit_ratio"] for r in mine), max(r["stack_hit_ratio"] for r in mine)],
                             "stack_latency_p50_s": statistics.mean(r["stack_latency_p50_s"] for r in mine),
@@ -165,8 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _means(rows: list[dict], name: str) -> dict[str, float]:
-    """A rival's (or an opt-in's) hit ratio and latencies, mean over the seeds' ``rows``."""
+    """A rival's hit ratio and latencies, mean over the seeds' ``rows``."""
     return {k: statistics.mean(r[name][k] for r in rows) for k in ("hit_ratio", "latency_p50_s", "latency_p90_s")}
+
+
+def _opt_in_means(rows: list[dict], name: str) -> dict[str, float]:
+    """An opt-in's means (``_means``), the share of the requests whose response the service read,
+    and the sessions it moved per seed: what it cost and what it did."""
+    return {**_means(rows, name), "responses_read_share": sum(r[name].get("responses_read", 0) for r in rows) / sum(r["requests"] for r in rows),
+            "session_moves": statistics.mean(r[name].get("session_moves", 0) for r in rows)}
 
 
 def add_opt_ins(topo: Topology) -> dict:
@@ -183,8 +190,9 @@ def add_opt_ins(topo: Topology) -> dict:
             row[o] = replay_rival(o, row["workload"], kwargs, capacity, row["concurrency"], row["seed"], topo)
     for s in result["summary"]:
         mine = [r for r in result["rows"] if r["workload"] == s["workload"] and r["concurrency"] == s["concurrency"]]
-        s["opt_ins"] = {o: _means(mine, o) for o in names}
-        print(f"{s['workload']} x{s['concurrency']}: " + ", ".join(f"{o} {v['hit_ratio']:.3f} / {1000 * v['latency_p90_s']:.0f} ms"
+        s["opt_ins"] = {o: _opt_in_means(mine, o) for o in names}
+        print(f"{s['workload']} x{s['concurrency']}: " + ", ".join(f"{o} {v['hit_ratio']:.3f} / {1000 * v['latency_p90_s']:.0f} ms "
+                                                                 f"({100 * v['responses_read_share']:.1f} % read, {v['session_moves']:.1f} moves)"
                                                                  for o, v in s["opt_ins"].items()), flush=True)
     result["opt_ins"] = {AGAIN: "the stack with prefix-router's defaults, measured in the same run as the opt-ins",
                          **{k: v.describe(topo) for k, v in OPT_INS.items()}}
@@ -395,6 +403,9 @@ def _through_service(prepared, capacity: int, clients: int, work: Path, service_
     with stack:
         out = _drive_counted(stack, stack.base_url, prepared, clients)
         out["new_sessions"] = new_sessions_seen(stack, topo.router_threshold)
+        # what the service's opt-ins did: responses it read for a worker's cache report, sessions it moved
+        out["responses_read"] = int(stack.service_metric(0, "prefix_router_observations_total", result="read"))
+        out["session_moves"] = int(stack.service_metric(0, "prefix_router_session_moves_total"))
         return out
 
 

@@ -368,10 +368,12 @@ def _e2e_lines(d: dict, title: str) -> list[str]:
 
         def figures(r: dict, n: str) -> str:
             x = r["rivals"][n] if n in names else r["opt_ins"][n]
-            return f"{x['hit_ratio']:.3f} / {1000 * x['latency_p90_s']:.0f}"
+            read = f", {100 * x['responses_read_share']:.1f} % read" if "responses_read_share" in x else ""
+            return f"{x['hit_ratio']:.3f} / {1000 * x['latency_p90_s']:.0f}{read}"
 
         lines += ["The same sessions through rivals made of real processes: hit ratio / request latency p90 in ms (mean of the seeds)."
-                  + (" Last, the service's opt-ins through the same stack (`--opt-ins-only` adds them to a run on record): "
+                  + (" Last, the service's opt-ins through the same stack (`--opt-ins-only` adds them to a run on record, with the "
+                     "default measured again beside them), with the share of requests whose response the service read: "
                      "not rivals, so not in the targets." if opt_ins else ""), "",
                   "| workload | concurrency | prefix-router | " + " | ".join([*names, *(f"opt-in: {o}" for o in opt_ins)]) + " |",
                   "|---|---|---|" + "---|" * (len(names) + len(opt_ins))]

@@ -229,10 +229,11 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
 
         def service_metric(self, index, name, **labels):  # the service's new-session histogram: 10 seen, 4 at or under the bucket asked
             read.append(labels.get("le"))
+            asked.append((name, labels.get("result")))
             return 10.0 if name.endswith("_count") else 4.0
 
     real_sim = e2e.Sim
-    read = []
+    read, asked = [], []
 
     def sim(prepared, upper, topo, *a, **kw):
         sims.append((topo.routers, topo.workers, topo.capacity_tokens) + ((topo.router_threshold,) if topo.router_threshold != 0.3 else ()))
@@ -259,6 +260,9 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     assert row["stack_requests_per_worker"] == creator["requests_per_worker"] == [3, 3, 3] and one["requests_per_worker"] == [9]
     # what the service's histogram says of the new sessions: the share over the routers' threshold, read at its bucket
     assert row["stack_new_sessions"] == {"requests": 10, "over_router_threshold": 0.6} and "0.3" in read
+    # what the service read and moved, from its own counters
+    assert (creator["responses_read"], creator["session_moves"]) == (4, 4)
+    assert {("prefix_router_observations_total", "read"), ("prefix_router_session_moves_total", None)} <= set(asked)
     assert sims == [(3, 3, 1333)] and row["capacity_tokens"] == 1333
     assert stacks == [([3, 3, 3], "1333"), ([9], "1333"), ([3, 3, 3], "1333")]
     assert e2e.worker_capacity(3000, e2e.BASE) == 3000
@@ -270,7 +274,7 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     e2e.replay("dialogue", {"sessions": 4}, 3000, 2, 3, at)
     e2e.replay_rival("envoy round robin", "dialogue", {"sessions": 4}, 3000, 2, 3, at)
     assert stacks == [([3, 3, 3], "1333", "--cache-threshold", "0.7")] * 2 and sims == [(3, 3, 1333, 0.7)]
-    assert read[-1] == "0.7"
+    assert [x for x in read if x][-1] == "0.7"
     # a threshold that is no bucket bound of the histogram: the share is not made up
     assert e2e.replay("dialogue", {"sessions": 4}, 3000, 2, 3, e2e.replace(three, router_threshold=0.35))["stack_new_sessions"]["over_router_threshold"] is None
     assert e2e.results_name(at) == "e2e-3x3-threshold0.7"
@@ -410,7 +414,7 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
     the report does not read; full runs write the file of their set-up."""
     import bench.e2e as e2e
 
-    row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0}
+    row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0, "requests": 20}
     rival = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
     shares = itertools.cycle([0.7, None, 0.5])  # the seeds' new sessions over the routers' threshold (None: not a bucket bound)
     monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, **row,
@@ -448,13 +452,14 @@ def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_ne
     assert e2e.OPT_INS[every].service_args == ("--move-evicted-sessions", "--observe-sample", "1")
     row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0,
            "stack_new_sessions": {"over_router_threshold": None}}
-    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, "seed": seed, **row})
+    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, "seed": seed,
+                                                                                        "requests": 20, **row})
     ran = []
 
     def rival(name, case, kwargs, cap, clients, seed, topo):
         ran.append((name, case, clients, seed, topo.routers))
         hit = 0.9 if name in e2e.OPT_INS else 0.5  # an opt-in far better than every rival
-        return {"hit_ratio": hit + seed / 1000, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
+        return {"hit_ratio": hit + seed / 1000, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0, "responses_read": seed, "session_moves": 1}
 
     monkeypatch.setattr(e2e, "replay_rival", rival)
     written = {}
@@ -464,6 +469,9 @@ def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_ne
     case = whole["summary"][0]
     mean_seed = sum(e2e.SEEDS) / len(e2e.SEEDS) / 1000
     assert case["opt_ins"][targeted]["hit_ratio"] == pytest.approx(0.9 + mean_seed)
+    # what it cost and did: the share of requests whose response the service read, moves per seed
+    assert case["opt_ins"][targeted]["responses_read_share"] == pytest.approx(sum(e2e.SEEDS) / (20 * len(e2e.SEEDS)))
+    assert case["opt_ins"][targeted]["session_moves"] == 1
     assert case["best_hit"] == pytest.approx(0.5 + mean_seed) and case["best_hit_rival"] in e2e.RIVALS and case["targets_met"]
     assert set(whole["opt_ins"]) == {targeted, every}
     # --opt-ins-only: the opt-ins, and the default again beside them, run on the record's own cases,
@@ -496,14 +504,14 @@ def test_the_report_shows_the_opt_ins_through_the_stack_apart_from_the_rivals(tm
 
     case = {"workload": "sweagent", "concurrency": 12, "simulated_mean": 0.5, "stack_mean": 0.337, "difference_points": -16.3,
             "stack_latency_p90_s": 0.525, "rivals": {"envoy round robin": {"hit_ratio": 0.46, "latency_p90_s": 0.513}},
-            "opt_ins": {"prefix-router --move-evicted-sessions": {"hit_ratio": 0.573, "latency_p90_s": 0.518}}}
+            "opt_ins": {"prefix-router --move-evicted-sessions": {"hit_ratio": 0.573, "latency_p90_s": 0.518, "responses_read_share": 0.162}}}
     run = {"description": "3 sglang-routers x 3 fake workers", "topology": {"routers": 3, "workers": 3}, "tolerance_points": 3.0,
            "rows": [{"workload": "sweagent", "capacity_tokens": 14222}], "summary": [case]}
     monkeypatch.setattr(ev, "RESULTS", tmp_path)
     (tmp_path / "e2e.json").write_text(json.dumps(run))
     text = "\n".join(ev._measured_sections())
     assert "| workload | concurrency | prefix-router | envoy round robin | opt-in: prefix-router --move-evicted-sessions |" in text
-    assert "| sweagent | 12 | 0.337 / 525 | 0.460 / 513 | 0.573 / 518 |" in text and "not rivals, so not in the targets" in text
+    assert "| sweagent | 12 | 0.337 / 525 | 0.460 / 513 | 0.573 / 518, 16.2 % read |" in text and "not rivals, so not in the targets" in text
     del case["opt_ins"]
     (tmp_path / "e2e.json").write_text(json.dumps(run))
     text = "\n".join(ev._measured_sections())

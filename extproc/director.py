@@ -71,6 +71,8 @@ class RequestInfo:
     # the session its report goes to, and at which of its turns (--move-evicted-sessions)
     session: Session | None = None
     session_turn: int = 0
+    # its response is read as one of the --observe-sample share (not only for the session's book)
+    sampled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,7 @@ class Director:
         self.book: SessionBook | None = None
         # request id -> (session, turn) of a request whose response another stream will read
         # (duplex mode's observing filter): where that report goes. Bounded, oldest dropped.
-        self.awaiting_reports: OrderedDict[str, tuple[Session, int]] = OrderedDict()
+        self.awaiting_reports: OrderedDict[str, tuple[Session, int, bool]] = OrderedDict()
         self._configure_book(cfg)
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
         # instead of at the next interval.
@@ -235,10 +237,13 @@ class Director:
 
     def observe_now(self, info: RequestInfo | None = None) -> bool:
         """Whether to read this request's response for the cache hit its worker reports: a
-        ``--observe-sample`` share of requests, and, when the decision is known (``info``: duplex
-        mode), the turns whose report ``--move-evicted-sessions`` may move a session on."""
+        ``--observe-sample`` share of requests (``info.sampled``), and, when the decision is known
+        (``info``: duplex mode), the turns whose report ``--move-evicted-sessions`` may move a
+        session on."""
         sample = self.cfg.observe_sample
         if sample > 0 and self.rng.random() < sample:
+            if info is not None:
+                info.sampled = True
             return True
         if info is None:
             if self.book is not None and sample < 1.0 and not self.warned_buffered:
@@ -249,39 +254,45 @@ class Director:
 
     def observing(self, info: RequestInfo) -> None:
         """The request's response will be read on another stream (duplex mode), which knows the
-        request by its id only: keep the session its report must reach."""
+        request by its id only: keep the session its report must reach, and whether it was sampled."""
         if info.session is None or not info.request_id:
             return
-        self.awaiting_reports[info.request_id] = (info.session, info.session_turn)
+        self.awaiting_reports[info.request_id] = (info.session, info.session_turn, info.sampled)
         if len(self.awaiting_reports) > MAX_AWAITING_REPORTS:
             self.awaiting_reports.popitem(last=False)
 
     def observed(self, info: RequestInfo, prompt_tokens: int, cached_tokens: int) -> None:
-        """A sampled response's report: the observed hit ratio of its upstream, and how far the
-        tree's prediction (matched share of the routing text) was from the cached share."""
+        """A read response's report. A sampled one gives the observed hit ratio of its upstream and
+        how far the tree's prediction (matched share of the routing text) was from the cached share,
+        and feeds ``--observe-feedback``; one read only for ``--move-evicted-sessions`` (turns of
+        sessions that may move: not a fair sample) only reaches its session."""
         up = info.upstream
         if not up or up not in self.pool.upstreams:
             return
-        metrics.OBSERVED_PROMPT.labels(up).inc(prompt_tokens)
-        metrics.OBSERVED_CACHED.labels(up).inc(cached_tokens)
+        session, turn, sampled = info.session, info.session_turn, info.sampled
+        if session is None:  # read on the observing stream: only reads for the book are not sampled
+            found = self.awaiting_reports.pop(info.request_id, None) if info.request_id else None
+            session, turn, sampled = found or (None, 0, True)
         metrics.OBSERVATIONS.labels("read").inc()
-        totals = self.observed_totals.setdefault(up, [0, 0, 0])
-        totals[0] += prompt_tokens
-        totals[1] += cached_tokens
-        totals[2] += 1
-        if info.text_len:
-            error = info.matched / info.text_len - cached_tokens / prompt_tokens
+        if sampled:
+            metrics.OBSERVED_PROMPT.labels(up).inc(prompt_tokens)
+            metrics.OBSERVED_CACHED.labels(up).inc(cached_tokens)
+            totals = self.observed_totals.setdefault(up, [0, 0, 0])
+            totals[0] += prompt_tokens
+            totals[1] += cached_tokens
+            totals[2] += 1
+        if not info.text_len:
+            return
+        error = info.matched / info.text_len - cached_tokens / prompt_tokens
+        log.debug("observed", request_id=info.request_id, upstream=up, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+                  predicted_share=round(info.matched / info.text_len, 3), error=round(error, 3), sampled=sampled)
+        observed = observed_chars(cached_tokens, prompt_tokens, info.text_len)
+        if sampled:
             metrics.PREDICTION_ERROR.observe(error)
-            log.debug("observed", request_id=info.request_id, upstream=up, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
-                      predicted_share=round(info.matched / info.text_len, 3), error=round(error, 3))
-            observed = observed_chars(cached_tokens, prompt_tokens, info.text_len)
             if self.cfg.observe_feedback:
                 self._feed_back(up, info.matched, observed)
-            session, turn = info.session, info.session_turn
-            if session is None and info.request_id:
-                session, turn = self.awaiting_reports.pop(info.request_id, (None, 0))
-            if session is not None:
-                report(session, turn, is_stale(info.matched, observed, self.feedback_rule))
+        if session is not None:
+            report(session, turn, is_stale(info.matched, observed, self.feedback_rule))
 
     def _feed_back(self, up: str, predicted: int, observed: float) -> None:
         """Shrink the upstream's share of the tree on a stale report, grow it back on another

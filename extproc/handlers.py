@@ -222,7 +222,7 @@ class BufferedExchange(Exchange):
         if end_of_stream:
             return [self._decide(True, None)]
         if self.director.observe_now():
-            self.observing = True
+            self.observing = self.info.sampled = True
             return [_OBSERVE_HEADERS]
         return [_CONTINUE_HEADERS]
 

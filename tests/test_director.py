@@ -495,7 +495,7 @@ def test_a_reload_starts_stops_and_retunes_the_session_book_keeping_its_sessions
     d.route(RequestInfo(path="/v1/chat/completions"), _turns("system " * 20, ["task " * 20]))
     d.reconfigure(build({"upstreams": POOL, "move_evicted_sessions": "true", "move_family_turns": "3", "cache_threshold": "0.5"}, env={}))
     assert d.book is book and (book.family_turns, book.threshold) == (3.0, 0.5) and book.kept == 1
-    d.awaiting_reports["r"] = (next(iter(book.sessions.values()))[0], 1)
+    d.awaiting_reports["r"] = (next(iter(book.sessions.values()))[0], 1, False)
     d.reconfigure(build({"upstreams": POOL}, env={}))
     assert d.book is None and not d.awaiting_reports
 
@@ -530,10 +530,13 @@ def test_in_duplex_mode_the_turns_a_report_could_move_are_read_and_no_others(fol
     if not following:
         return
     assert not d.book.candidate(second.info.session, second.info.text_len)  # a candidate from the next turn on
-    assert d.awaiting_reports["t2"] == (second.info.session, 2)
+    assert d.awaiting_reports["t2"] == (second.info.session, 2, False)  # read for the book alone
     home = second.info.upstream
+    prompt_before = metrics.OBSERVED_PROMPT.labels(home)._value.get()
     d.observed(RequestInfo(path="/v1/chat/completions", request_id="t2", upstream=home, matched=second.info.matched,
                            text_len=second.info.text_len), 1400, 10)  # the observing stream's report: the history evicted
+    # read for the book, not sampled: not a fair sample of the upstream's hits, so not in them
+    assert d.observed_hits() == {} and metrics.OBSERVED_PROMPT.labels(home)._value.get() == prompt_before
     steps += ["done: " + "output " * 100, "next step " * 40]
     third, read = turn(steps, "t3")
     assert third.info.upstream != home and third.info.session.moved
@@ -547,4 +550,20 @@ def test_a_duplex_decision_that_will_be_observed_keeps_its_session_for_the_repor
     x.on_headers(False)
     out = x.on_body(chunk(_turns("system " * 20, ["task " * 20]), True))
     assert any(h.header.key == "x-prefix-router-observe" for h in out[0].request_headers.response.header_mutation.set_headers)
-    assert d.awaiting_reports["req-9"] == (x.info.session, 1)
+    assert d.awaiting_reports["req-9"] == (x.info.session, 1, True)  # sampled
+
+
+def test_a_sampled_buffered_response_counts_in_the_observed_hits_while_its_session_is_followed():
+    """Buffered mode reads only what --observe-sample samples: with --move-evicted-sessions on, such
+    a response both reaches its session and counts in the upstream's observed hit ratio."""
+    d = Director(build({"upstreams": POOL, "move_evicted_sessions": "true", "observe_sample": "1"}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    x = BufferedExchange(d, {":path": "/v1/chat/completions"})
+    assert x.on_headers(False)[0].HasField("mode_override")  # sampled: the response is asked for
+    x.on_body(chunk(_turns("system " * 20, ["task " * 20]), True))
+    assert x.info.session is not None
+    x.on_response_headers(pb.HttpHeaders())
+    usage = {"usage": {"prompt_tokens": 60, "prompt_tokens_details": {"cached_tokens": 15}}}
+    x.on_response_body(chunk(orjson.dumps(usage), True))
+    assert d.observed_hits() == {x.info.upstream: (0.25, 1)}
+    assert x.info.session.reported == 1

@@ -126,8 +126,9 @@ class Director:
         self.feedback_rule = FeedbackRule()
         # Sessions followed turn to turn (--move-evicted-sessions); None: off
         self.book: SessionBook | None = None
-        # request id -> (session, turn) of a request whose response another stream will read
-        # (duplex mode's observing filter): where that report goes. Bounded, oldest dropped.
+        # request id -> (session, turn, sampled) of a request whose response another stream will
+        # read (duplex mode's observing filter): where that report goes, and whether it is one of
+        # the --observe-sample share. Bounded, oldest dropped.
         self.awaiting_reports: OrderedDict[str, tuple[Session, int, bool]] = OrderedDict()
         self._configure_book(cfg)
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once

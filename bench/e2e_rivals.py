@@ -27,6 +27,7 @@ import argparse
 import json
 import statistics
 from dataclasses import replace
+from functools import partial
 
 from .common import RESULTS, write
 from .e2e import BASE, CASES, FAKE_WORKER, SEEDS, _prepared, describe_setup, parse_clients, results_name, worker_capacity
@@ -44,8 +45,10 @@ POLICIES = {
     "envoy round robin": RoundRobin,
     "envoy least request": LeastRequest,
     "one-layer": Single,
-    # the opt-in (bench.e2e runs it through the stack as an opt-in, not a rival: --opt-ins-only)
+    # the opt-in, reading the turns whose report may move a session (duplex mode), and with every
+    # response read (bench.e2e runs both through the stack as opt-ins, not rivals: --opt-ins-only)
     "prefix-router --move-evicted-sessions": MovingSessions,
+    "prefix-router --move-evicted-sessions --observe-sample 1": partial(MovingSessions, sample=1.0),
 }
 
 

@@ -5,9 +5,10 @@ service with --observe-sample 1, real sglang-routers, fake workers that report c
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
 
-from extproc.dev.stack import ENVOY_DIR, Ports, Stack, wait_until
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack, http_get, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -103,15 +104,11 @@ def test_stale_reports_cut_the_upstreams_budget_in_the_tree(tmp_path):
 
 def test_a_piled_session_moves_reading_only_the_responses_of_its_candidate_turns(tmp_path):
     """--move-evicted-sessions through the real stack, in duplex mode, with --observe-sample off:
-    three agent sessions on one system prompt pile onto one worker of one router (sglang-router's
+    four agent sessions on one system prompt pile onto one worker of one router (sglang-router's
     --cache-threshold 0.3), whose small cache evicts each one's history between its turns. The
-    service reads the responses of the turns a report could move (and no others: the observing
-    route is taken by exactly the requests read), learns that the history was evicted, and moves a
-    session to the other router."""
-    import orjson
-
-    from extproc.dev.stack import http_get
-
+    service reads the responses of the turns whose report may move a session (and no others: the
+    observing route is taken by exactly the requests read), learns that a history was evicted, and
+    moves that session to the other router."""
     s = Stack(Ports.free(routers=2, workers_per_router=2), envoy_config=ENVOY_DIR / "duplex.yaml",
               service_args=["--move-evicted-sessions", "--move-family-turns", "2"],
               worker_args=["--output-tokens", "2", "--capacity-tokens", "2500"], workdir=tmp_path)

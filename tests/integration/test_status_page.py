@@ -77,9 +77,19 @@ def test_the_page_loads_shows_each_upstream_and_replica_and_updates_after_traffi
         # a second turn follows its first: some cache hits, and the tree holds text for the routers
         wait_until(lambda: pg.locator('#reasons tr[data-reason="cache_hit"]').count() == 1, 10, "cache hits on the page")
         assert any(rows.nth(i).locator("td.n").nth(1).inner_text() != "0" for i in range(rows.count()))
-        # what those requests were: the kinds add up to the decisions, and second turns continue
+        # what those requests were: the kinds add up to the decisions, and match what replica 0 counted
+        # of continuing turns and new sessions. (Which replica sees which turn is Envoy's to choose: with
+        # streams alternating, one replica can get every second turn, continuing what the other placed.)
         wait_until(lambda: sum(session_count(pg, k) for k in SESSION_KINDS) == decided, 10, "the conversations table to add up")
-        assert session_count(pg, "continues") > 0 and session_count(pg, "new") + session_count(pg, "new_over_threshold") > 0
+
+        def counted(replica: int) -> tuple[float, float]:
+            return (stack.service_metric(replica, "prefix_router_continuations_total"),
+                    stack.service_metric(replica, "prefix_router_new_session_match_rate_count"))
+
+        continuing, new = counted(0)
+        assert session_count(pg, "continues") + session_count(pg, "moved") == continuing
+        assert session_count(pg, "new") + session_count(pg, "new_over_threshold") == new
+        assert continuing + counted(1)[0] > 0 and new + counted(1)[1] > 0  # the traffic had both kinds
         assert pg.errors == [], pg.errors
 
 

@@ -384,7 +384,7 @@ def drive(base_url: str, prepared, clients: int, session_header: bool = False) -
 
 def replay_rival(name_of_rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE) -> dict:
     """The same sessions through a rival made of real processes (``RIVALS``)."""
-    rival = RIVALS.get(name_of_rival) or OPT_INS.get(name_of_rival) or Rival()  # AGAIN: the stack as it ships
+    rival = {**RIVALS, **OPT_INS, AGAIN: Rival()}[name_of_rival]  # AGAIN: the stack as it ships
     prepared = _prepared(name, kwargs, seed)
     capacity = worker_capacity(capacity, topo)
     work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-rival-"))

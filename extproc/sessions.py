@@ -117,21 +117,22 @@ class SessionBook:
         stats = self.families.get(s.family)
         return stats[1] / stats[0] if stats and stats[0] else 0.0
 
-    def candidate(self, s: Session, text_len: int) -> bool:
+    def candidate(self, s: Session, text_len: float, turns_ahead: int = 0) -> bool:
         """Whether the session, at a turn of ``text_len`` characters, is one a report of eviction
         would move (module doc): not moved yet, begun on a pile its router made of the shared
-        prefix, now far enough past it, in a family of long sessions."""
-        return s.over and not s.moved and s.shared <= self.threshold * text_len and self.family_turns_so_far(s) >= self.family_turns
+        prefix, now far enough past it, in a family of long sessions (``turns_ahead``: counting
+        that many more turns to the family's mean)."""
+        return (s.over and not s.moved and s.shared <= self.threshold * text_len
+                and self.family_turns_so_far(s) + turns_ahead >= self.family_turns)
 
     def worth_reading(self, s: Session, text_len: int) -> bool:
-        """Whether this turn's response is worth reading: the session is a candidate now, or may be
-        one at its next turn (its prompt grown by its mean growth per turn so far, its family's mean
-        by a turn), whose decision this report will inform. The director reads no other response
-        for the book; reading only the candidates' own turns would move each session a turn late."""
-        if not s.over or s.moved:
-            return False
+        """Whether this turn's response is worth reading: the session is a candidate at its next
+        turn, its prompt grown by its mean growth per turn so far and its family's mean by a turn
+        (so also whenever it is one now), a decision this report will inform. The director reads
+        no other response for the book; reading only the candidates' own turns would move each
+        session a turn late."""
         growth = max(0.0, (text_len - s.first) / (s.turns - 1)) if s.turns > 1 else 0.0
-        return s.shared <= self.threshold * (text_len + growth) and self.family_turns_so_far(s) + 1 >= self.family_turns
+        return self.candidate(s, text_len + growth, turns_ahead=1)
 
     def should_move(self, s: Session, text_len: int) -> bool:
         """Whether this turn moves the session: a candidate whose latest report found it evicted."""

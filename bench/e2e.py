@@ -38,9 +38,9 @@ latency the clients saw (non-streamed requests, so latency, not TTFT). The targe
 ratio at least the best rival's minus one point; latency p90 at most 1.1x the best upper-layer
 rival's (every rival but one-layer, a different topology).
 
-The service's opt-ins (``OPT_INS``: ``--move-evicted-sessions``, reading the responses of the
-turns it could move, and with every response read) go through the same stack and sit beside the
-rivals in the results, never among them: the targets judge the default. ``--opt-ins-only`` runs
+The service's other settings (``OPT_INS``: sessions not followed, ``--no-move-evicted-sessions``,
+the default until this round; every response read, ``--observe-sample 1``) go through the same
+stack and sit beside the rivals in the results, never among them: the targets judge the default. ``--opt-ins-only`` runs
 just them, with the default again beside them (``AGAIN``: latency through the stack drifts between
 runs), on the cases, clients and seeds of the run on record, and adds them to its file, so the
 figures already quoted from it stay as measured.
@@ -68,7 +68,7 @@ from .overhead import direct_config, start_envoy
 
 from .common import RESULTS, write
 from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
-from .sim.policies import PrefixRouter
+from .sim.policies import MovingSessions
 from .sim.workloads import WORKLOADS
 
 CASES = {
@@ -235,7 +235,7 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo
     """One seed of one case at one concurrency: simulate, then replay the same sessions through the stack."""
     prepared = _prepared(name, kwargs, seed)
     capacity = worker_capacity(capacity, topo)
-    simulated = Sim(prepared, PrefixRouter(), replace(topo, capacity_tokens=capacity), FAKE_WORKER,
+    simulated = Sim(prepared, MovingSessions(), replace(topo, capacity_tokens=capacity), FAKE_WORKER,
                     seed=seed, clients=clients).run()
     t0 = time.time()
     totals = _through_service(prepared, capacity, clients, Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-")), topo=topo)
@@ -273,18 +273,19 @@ RIVALS = {
     "envoy round robin": Rival(lb_policy="ROUND_ROBIN"),
     "envoy least request": Rival(lb_policy="LEAST_REQUEST"),
     "envoy session hash": Rival(lb_policy="RING_HASH", session_header=True),
-    "hit-choice creator": Rival(service_args=("--hit-choice", "creator")),
-    "hit-choice least_loaded": Rival(service_args=("--hit-choice", "least_loaded")),
-    "sglang-router 0.3.2 rule": Rival(service_args=("--hit-choice", "creator", "--tie-break", "first")),
+    # the rules alone, as the simulator plays them: no session followed
+    "hit-choice creator": Rival(service_args=("--hit-choice", "creator", "--no-move-evicted-sessions")),
+    "hit-choice least_loaded": Rival(service_args=("--hit-choice", "least_loaded", "--no-move-evicted-sessions")),
+    "sglang-router 0.3.2 rule": Rival(service_args=("--hit-choice", "creator", "--tie-break", "first", "--no-move-evicted-sessions")),
 }
 UPPER_LAYER = tuple(k for k, v in RIVALS.items() if not v.one_layer)
-# the service's opt-ins through the same stack: shown beside the rivals, never a target (the default
-# is what [quality] judges; an opt-in is what a user may switch on, and what it buys is measured here)
+# the service's other settings through the same stack: shown beside the rivals, never a target (the
+# default is what [quality] judges; these are what a user may switch, and what they change is measured here)
 OPT_INS = {
-    # the responses of the turns a report could move read, no others (duplex mode)
-    "prefix-router --move-evicted-sessions": Rival(service_args=("--move-evicted-sessions",)),
+    # sessions not followed, no response read: the default until sessions were moved by default
+    "prefix-router --no-move-evicted-sessions": Rival(service_args=("--no-move-evicted-sessions",)),
     # every response read: what reading costs the other requests
-    "prefix-router --move-evicted-sessions --observe-sample 1": Rival(service_args=("--move-evicted-sessions", "--observe-sample", "1")),
+    "prefix-router --observe-sample 1": Rival(service_args=("--observe-sample", "1")),
 }
 # the default again, in a run of the opt-ins alone (``--opt-ins-only``): what they are compared
 # with must be measured beside them, not in another run (latency through the stack drifts between runs)

@@ -41,14 +41,15 @@ STACK_OVERHEAD_S = (0.010, 0.040)
 
 # name in bench.e2e's results → the simulator's policy
 POLICIES = {
-    "prefix-router": PrefixRouter,
+    # the default follows sessions, reading the turns whose report may move one (duplex mode)
+    "prefix-router": MovingSessions,
     "envoy round robin": RoundRobin,
     "envoy least request": LeastRequest,
     "one-layer": Single,
-    # the opt-in, reading the turns whose report may move a session (duplex mode), and with every
-    # response read (bench.e2e runs both through the stack as opt-ins, not rivals: --opt-ins-only)
-    "prefix-router --move-evicted-sessions": MovingSessions,
-    "prefix-router --move-evicted-sessions --observe-sample 1": partial(MovingSessions, sample=1.0),
+    # the default without following sessions (the default until this round), and with every response
+    # read (bench.e2e runs both through the stack beside the rivals, never among them: OPT_INS)
+    "prefix-router --no-move-evicted-sessions": PrefixRouter,
+    "prefix-router --observe-sample 1": partial(MovingSessions, sample=1.0),
 }
 
 

@@ -59,8 +59,8 @@ HIT_SLACK, TTFT_FACTOR = 0.01, 1.1
 ALTERNATES = {"prefix-router/previous-default": "The previous default (only whole prompts continue, `--continuation-tail 0`)",
               "prefix-router/knee-0": "The default before it (no continuation term, `--continuation-knee 0`)",
               "prefix-router/slack-3": "An earlier round's tuning winner (`--continuation-knee 0 --inflight-slack 3 --inflight-cost-chars 1536`)",
-              "prefix-router/move-evicted": "The opt-in `--move-evicted-sessions` with every response read (`--observe-sample 1`)",
-              "prefix-router/move-evicted-candidates": "The opt-in `--move-evicted-sessions` reading only the responses of the turns it could move (duplex mode)"}
+              "prefix-router/move-evicted": "The default with every response read (`--observe-sample 1`)",
+              "prefix-router/no-move": "The previous default, sessions not followed (`--no-move-evicted-sessions`)"}
 # set-ups the defaults were not chosen on (`make bench` runs each): the independent evaluation's
 # 3 routers x 3 workers, fewer bigger routers, many one-worker routers
 OTHER_TOPOLOGIES = ("3x3", "2x4", "8x1")

@@ -60,7 +60,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         meta = f.metadata
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text(name)}
         if f.type in (bool, "bool"):
-            kw.update(action="store_const", const=True)
+            kw["action"] = argparse.BooleanOptionalAction  # --X, and --no-X to turn off one that defaults on
         else:
             kw["metavar"] = meta["metavar"]
             if name == "upstreams":

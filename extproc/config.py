@@ -338,14 +338,15 @@ class Config:
         "-0.4 to +1.3 points", POLICY,
     )
     move_evicted_sessions: bool = opt(
-        False, _bool,
+        True, _bool,
         "move a session once to another router when its router's worker evicted its history (its latest response read "
         "reported under half of the predicted match cached), it began over --cache-threshold on a prefix shared with "
         "other sessions (so sglang-router runs them all on one worker), that prefix is now at most the threshold's "
         "share of its prompt, and sessions on that prefix run --move-family-turns turns on average. In duplex mode "
         "the service reads the responses of the turns that meet the other conditions and no others (envoy/duplex.yaml's "
         "pinned_observed route); in buffered mode only those --observe-sample reads (extproc/sessions.py; README, "
-        "The sglang-routers behind it)", POLICY,
+        "The sglang-routers behind it). --no-move-evicted-sessions: follow no session, read no response but the sample",
+        POLICY,
     )
     move_family_turns: float = opt(
         6.0, _number(float, 1.0),
@@ -407,6 +408,8 @@ def describe_default(name: str) -> str:
         return ""
     if isinstance(v, tuple):
         return ",".join(v)
+    if v is True:
+        return "on"
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v)

@@ -249,7 +249,9 @@ class Director:
         if info is None:
             if self.book is not None and sample < 1.0 and not self.warned_buffered:
                 self.warned_buffered = True
-                log.warning("move_evicted_sessions_buffered_needs_every_response", observe_sample=sample)
+                # info, not a warning: the default follows sessions, and buffered mode is a supported
+                # choice; a session there moves only on a sampled report
+                log.info("move_evicted_sessions_buffered_reads_sample_only", observe_sample=sample)
             return False
         return self.book is not None and info.session is not None and self.book.worth_reading(info.session, info.text_len)
 

@@ -51,17 +51,17 @@ def test_json_logs_keep_the_traceback(captured, monkeypatch):
     assert failed and "ZeroDivisionError: planted" in json.dumps(failed[0]) and "Traceback" in json.dumps(failed[0])
 
 
-def test_moving_sessions_in_buffered_mode_without_reading_every_response_is_warned_of_once(captured):
+def test_moving_sessions_in_buffered_mode_without_reading_every_response_is_said_once(captured):
     """In buffered mode the choice to read a response comes before the decision, so
     --move-evicted-sessions reads only what --observe-sample samples there: said on the first
     buffered stream, once; duplex streams (which read the turns that matter) and a service reading
     every response say nothing."""
     def warned() -> list[float]:
-        return [r["observe_sample"] for r in lines(captured) if r["event"] == "move_evicted_sessions_buffered_needs_every_response"]
+        return [r["observe_sample"] for r in lines(captured) if r["event"] == "move_evicted_sessions_buffered_reads_sample_only"]
 
     said = []
     for sample in ("0.1", "1"):
-        d = Director(build({"upstreams": ["127.0.0.1:1"], "move_evicted_sessions": "true", "observe_sample": sample}, env={}))
+        d = Director(build({"upstreams": ["127.0.0.1:1"], "observe_sample": sample}, env={}))  # sessions followed by default
         d.set_upstreams(["127.0.0.1:1"])
         for _ in range(3):
             x = DuplexExchange(d, {":path": "/v1/chat/completions"})

@@ -200,7 +200,9 @@ def upper_policies() -> dict[str, object]:
     """Fresh instances, keyed by the names the report uses. ``prefix-router`` is the shipped
     default; the ``prefix-router/...`` variants are its alternatives, kept selectable."""
     return {
-        "prefix-router": PrefixRouter(),
+        # the default follows sessions (--move-evicted-sessions), reading the responses of the
+        # turns it could move (duplex mode)
+        "prefix-router": MovingSessions(),
         "prefix-router/template": PrefixRouter(form="template"),
         "prefix-router/creator": PrefixRouter(policy_config(hit_choice="creator")),
         "prefix-router/least-loaded-hit": PrefixRouter(policy_config(hit_choice="least_loaded")),
@@ -210,10 +212,10 @@ def upper_policies() -> dict[str, object]:
         "prefix-router/previous-default": PrefixRouter(policy_config(continuation_tail=0)),
         "prefix-router/knee-0": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0)),
         "prefix-router/slack-3": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0, inflight_slack=3, inflight_cost_chars=1536)),
-        # opt-in: --move-evicted-sessions with every response read (--observe-sample 1), and as it
-        # runs in duplex mode without sampling (the responses of the turns it could move read)
+        # the default with every response read (--observe-sample 1), and without following
+        # sessions (--no-move-evicted-sessions: the default until this round)
         "prefix-router/move-evicted": MovingSessions(sample=1.0),
-        "prefix-router/move-evicted-candidates": MovingSessions(),
+        "prefix-router/no-move": PrefixRouter(),
         "round-robin": RoundRobin(),
         "random": Random(),
         "least-loaded": LeastLoaded(),
@@ -225,7 +227,7 @@ def upper_policies() -> dict[str, object]:
 
 
 class MovingSessions(PrefixRouter):
-    """The default policy with ``--move-evicted-sessions``: extproc.sessions' book follows each
+    """The default policy (``--move-evicted-sessions``, on by default): extproc.sessions' book follows each
     session, and the responses of the turns whose report may move one report their cached prefix
     (``SessionBook.worth_reading``: what the director reads in duplex mode), as do a ``sample`` of
     the others (``--observe-sample``).
@@ -244,6 +246,9 @@ class MovingSessions(PrefixRouter):
             self.tree.insert(p.partition, p.sglang_text, d.upstream, sim.now)
         self.moves += moved
         self.last_reason, self.last_decision = d.reason, d
+        rate = new_session_rate(d)
+        if rate is not None:
+            self.new_session_rates.append(rate)
         self.decisions += 1
         if self.sampler.random() < self.sample or (session is not None and self.book.worth_reading(session, d.text_len)):
             self.reads += 1

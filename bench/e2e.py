@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "stack_latency_p50_s": statistics.mean(r["stack_latency_p50_s"] for r in mine),
                             "stack_latency_p90_s": statistics.mean(r["stack_latency_p90_s"] for r in mine), "rivals": rivals,
                             "stack_new_sessions_over_router_threshold": _mean_of_known(r["stack_new_sessions"]["over_router_threshold"] for r in mine),
+                            "stack_responses_read_share": sum(r["stack_responses_read"] for r in mine) / sum(r["requests"] for r in mine),
+                            "stack_session_moves": statistics.mean(r["stack_session_moves"] for r in mine),
                             "opt_ins": {o: _opt_in_means(mine, o) for o in OPT_INS}})
             print(f"{name} x{clients}: simulated {sim:.3f}, through the stack {real:.3f} ({100 * (real - sim):+.1f} points); "
                   + ", ".join(f"{k} {v['hit_ratio']:.3f}" for k, v in rivals.items()), flush=True)
@@ -244,6 +246,8 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo
            "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
            "stack_latency_p50_s": totals["latency_p50_s"], "stack_latency_p90_s": totals["latency_p90_s"],
            "stack_requests_per_worker": totals["requests_per_worker"], "stack_new_sessions": totals["new_sessions"],
+           # what the default did to follow sessions: responses read for a worker's report, sessions moved
+           "stack_responses_read": totals["responses_read"], "stack_session_moves": totals["session_moves"],
            "replay_seconds": time.time() - t0}
     print(f"{name} x{clients} seed {seed}: {len(prepared)} requests ({totals['failed']} failed), simulated {simulated['hit_ratio']:.3f}, "
           f"through the stack {real:.3f} ({row['difference_points']:+.1f} points)", flush=True)

@@ -365,20 +365,24 @@ def _e2e_lines(d: dict, title: str) -> list[str]:
     if d["summary"] and "rivals" in d["summary"][0]:
         names = list(d["summary"][0]["rivals"])
         opt_ins = list(d["summary"][0].get("opt_ins", {}))  # the service's opt-ins (bench.e2e OPT_INS): shown, never a target
-        again = ["prefix-router again, beside the opt-ins"] if "again" in d["summary"][0] else []  # their own run's default
+        again = ["prefix-router again, beside the other settings"] if "again" in d["summary"][0] else []  # their own run's default
 
         def figures(r: dict, n: str) -> str:
             x = r["rivals"][n] if n in names else r["again"] if n in again else r["opt_ins"][n]
             read = f", {100 * x['responses_read_share']:.1f} % read" if "responses_read_share" in x else ""
             return f"{x['hit_ratio']:.3f} / {1000 * x['latency_p90_s']:.0f}{read}"
 
+        def own(r: dict) -> str:  # the default's, with what it read when the run recorded it
+            read = f", {100 * r['stack_responses_read_share']:.1f} % read" if "stack_responses_read_share" in r else ""
+            return f"{r['stack_mean']:.3f} / {1000 * r['stack_latency_p90_s']:.0f}{read}"
+
         lines += ["The same sessions through rivals made of real processes: hit ratio / request latency p90 in ms (mean of the seeds)."
-                  + (" Last, the service's opt-ins through the same stack (`--opt-ins-only` adds them to a run on record, with the "
-                     "default measured again beside them), with the share of requests whose response the service read: "
+                  + (" Last, the service's other settings through the same stack (`--opt-ins-only` adds them to a run on record, with "
+                     "the default measured again beside them), with the share of requests whose response the service read: "
                      "not rivals, so not in the targets." if opt_ins else ""), "",
-                  "| workload | concurrency | prefix-router | " + " | ".join([*names, *again, *(f"opt-in: {o}" for o in opt_ins)]) + " |",
+                  "| workload | concurrency | prefix-router | " + " | ".join([*names, *again, *(f"setting: {o}" for o in opt_ins)]) + " |",
                   "|---|---|---|" + "---|" * (len(names) + len(again) + len(opt_ins))]
-        lines += [f"| {r['workload']} | {r['concurrency']} | {r['stack_mean']:.3f} / {1000 * r['stack_latency_p90_s']:.0f} | "
+        lines += [f"| {r['workload']} | {r['concurrency']} | {own(r)} | "
                   + " | ".join(figures(r, n) for n in (*names, *again, *opt_ins)) + " |"
                   for r in d["summary"]]
         lines.append("")

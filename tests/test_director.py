@@ -74,12 +74,18 @@ class Surprise(Exception):
     """Not an error type the director could name in advance."""
 
 
+@pytest.mark.parametrize("follow", ["true", "false"])
 @pytest.mark.parametrize("exc", [Surprise("bug"), KeyError("k"), ZeroDivisionError()])
-def test_any_failure_in_deciding_falls_back_to_the_least_loaded(director, monkeypatch, exc):
+def test_any_failure_in_deciding_falls_back_to_the_least_loaded(monkeypatch, exc, follow):
     def broken(*a, **kw):
         raise exc
 
+    # sessions followed (the default) decide through extproc.sessions, otherwise the director
+    # calls the policy itself: the rule fails in either place
+    director = Director(build({"upstreams": POOL, "move_evicted_sessions": follow}, env={}), seed=1)
+    director.set_upstreams(POOL)
     monkeypatch.setattr("extproc.director.decide", broken)
+    monkeypatch.setattr("extproc.sessions.decide", broken)
     before = metrics.DECISION_ERRORS._value.get()
     fallback = metrics.DECISIONS.labels("fallback")._value.get()
     info = RequestInfo(path="/v1/chat/completions")
@@ -378,6 +384,7 @@ def test_observed_hits_show_in_explain_and_tree(director):
     info = RequestInfo(path="/v1/chat/completions")
     director.route(info, body)
     assert director.tree_stats().observed_hit_ratio_per_upstream == {}
+    info.sampled = True  # read as one of --observe-sample's share (observe_now), not for its session alone
     director.observed(info, 100, 80)
     director.observed(info, 100, 40)
     assert director.tree_stats().observed_hit_ratio_per_upstream == {info.upstream: 0.6}
@@ -480,13 +487,14 @@ def test_a_session_moves_off_its_router_after_a_response_reports_its_history_evi
     there = d.route(info, _turns(system, steps))
     assert (there != home) == bool(moves)
     assert metrics.SESSION_MOVES._value.get() == before + moves
-    # off by default: the same reports move nothing
-    plain = Director(build({"upstreams": POOL, "observe_sample": "1"}, env={}), seed=1)
+    # on by default; --no-move-evicted-sessions follows no session, so no report can move one
+    assert Director(build({"upstreams": POOL}, env={}), seed=1).book is not None
+    plain = Director(build({"upstreams": POOL, "observe_sample": "1", "move_evicted_sessions": "false"}, env={}), seed=1)
     assert plain.book is None
 
 
 def test_a_reload_starts_stops_and_retunes_the_session_book_keeping_its_sessions():
-    d = Director(build({"upstreams": POOL}, env={}), seed=1)
+    d = Director(build({"upstreams": POOL, "move_evicted_sessions": "false"}, env={}), seed=1)
     d.set_upstreams(POOL)
     assert d.book is None
     d.reconfigure(build({"upstreams": POOL, "move_evicted_sessions": "true"}, env={}))
@@ -496,7 +504,7 @@ def test_a_reload_starts_stops_and_retunes_the_session_book_keeping_its_sessions
     d.reconfigure(build({"upstreams": POOL, "move_evicted_sessions": "true", "move_family_turns": "3", "cache_threshold": "0.5"}, env={}))
     assert d.book is book and (book.family_turns, book.threshold) == (3.0, 0.5) and book.kept == 1
     d.awaiting_reports["r"] = (next(iter(book.sessions.values()))[0], 1, False)
-    d.reconfigure(build({"upstreams": POOL}, env={}))
+    d.reconfigure(build({"upstreams": POOL, "move_evicted_sessions": "false"}, env={}))
     assert d.book is None and not d.awaiting_reports
 
 
@@ -505,9 +513,9 @@ def test_in_duplex_mode_the_turns_a_report_could_move_are_read_and_no_others(fol
     """--move-evicted-sessions without --observe-sample: in duplex mode the decision comes before
     the choice to read, so the director reads the responses of exactly the turns an eviction
     report may move (``SessionBook.worth_reading``: here the turn before the session is a
-    candidate), and a session moves off its evicted pile with no other response read. Without the
-    opt-in, nothing is read."""
-    cfg = {"upstreams": POOL, "move_family_turns": "3"} | ({"move_evicted_sessions": "true"} if following else {})
+    candidate), and a session moves off its evicted pile with no other response read. With
+    --no-move-evicted-sessions, nothing is read."""
+    cfg = {"upstreams": POOL, "move_family_turns": "3"} | ({} if following else {"move_evicted_sessions": "false"})  # on by default
     d = Director(build(cfg, env={}), seed=1)
     d.set_upstreams(POOL)
     system = "You are an agent with these tools. " * 36

@@ -46,6 +46,7 @@ def test_json_logs_keep_the_traceback(captured, monkeypatch):
         raise ZeroDivisionError("planted")
 
     monkeypatch.setattr("extproc.director.decide", broken)
+    monkeypatch.setattr("extproc.sessions.decide", broken)  # sessions followed (the default) decide there
     d.route(RequestInfo(path="/v1/chat/completions"), orjson.dumps({"prompt": "x"}))
     failed = [l for l in lines(captured) if l["event"] == "decision_failed"]
     assert failed and "ZeroDivisionError: planted" in json.dumps(failed[0]) and "Traceback" in json.dumps(failed[0])

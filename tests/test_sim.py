@@ -414,7 +414,8 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
     the report does not read; full runs write the file of their set-up."""
     import bench.e2e as e2e
 
-    row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0, "requests": 20}
+    row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0, "requests": 20,
+           "stack_responses_read": 0, "stack_session_moves": 0}
     rival = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
     shares = itertools.cycle([0.7, None, 0.5])  # the seeds' new sessions over the routers' threshold (None: not a bucket bound)
     monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, **row,
@@ -439,19 +440,21 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
 
 
 def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_never_a_target(tmp_path, monkeypatch):
-    """bench.e2e runs each opt-in (``OPT_INS``: ``--move-evicted-sessions`` with every response
-    read) through the same stack as the rivals and reports it, but the default's targets are judged
-    against the rivals alone; ``--opt-ins-only`` adds the opt-ins to the run on record for the
-    set-up, every other figure in it kept as it was measured."""
+    """bench.e2e runs each of the service's other settings (``OPT_INS``: sessions not followed, the
+    previous default; every response read) through the same stack as the rivals and reports it, but
+    the default's targets are judged against the rivals alone; ``--opt-ins-only`` adds them to the
+    run on record for the set-up, every other figure in it kept as it was measured."""
     import json
 
     import bench.e2e as e2e
 
-    targeted, every = "prefix-router --move-evicted-sessions", "prefix-router --move-evicted-sessions --observe-sample 1"
-    assert e2e.OPT_INS[targeted].service_args == ("--move-evicted-sessions",)
-    assert e2e.OPT_INS[every].service_args == ("--move-evicted-sessions", "--observe-sample", "1")
+    targeted, every = "prefix-router --no-move-evicted-sessions", "prefix-router --observe-sample 1"
+    assert e2e.OPT_INS[targeted].service_args == ("--no-move-evicted-sessions",)
+    assert e2e.OPT_INS[every].service_args == ("--observe-sample", "1")
+    # the service's rules as rivals are the rules alone, as the simulator plays them
+    assert all(r.service_args[-1] == "--no-move-evicted-sessions" for r in e2e.RIVALS.values() if r.service_args)
     row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0,
-           "stack_new_sessions": {"over_router_threshold": None}}
+           "stack_new_sessions": {"over_router_threshold": None}, "stack_responses_read": 5, "stack_session_moves": 2}
     monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, "seed": seed,
                                                                                         "requests": 20, **row})
     ran = []
@@ -472,6 +475,7 @@ def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_ne
     # what it cost and did: the share of requests whose response the service read, moves per seed
     assert case["opt_ins"][targeted]["responses_read_share"] == pytest.approx(sum(e2e.SEEDS) / (20 * len(e2e.SEEDS)))
     assert case["opt_ins"][targeted]["session_moves"] == 1
+    assert (case["stack_responses_read_share"], case["stack_session_moves"]) == (pytest.approx(5 / 20), 2)  # the default's own
     assert case["best_hit"] == pytest.approx(0.5 + mean_seed) and case["best_hit_rival"] in e2e.RIVALS and case["targets_met"]
     assert set(whole["opt_ins"]) == {targeted, every}
     # --opt-ins-only: the opt-ins, and the default again beside them, run on the record's own cases,
@@ -494,9 +498,10 @@ def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_ne
 
 
 def test_the_report_shows_the_opt_ins_through_the_stack_apart_from_the_rivals(tmp_path, monkeypatch):
-    """REPORT.md's table of real rivals gets a column per opt-in, named as one; a run from before
-    the opt-ins were measured keeps its table as it was. ``bench.e2e_rivals`` puts the opt-in's
-    real figure beside its simulated one."""
+    """REPORT.md's table of real rivals gets a column per other setting, named as one, and the
+    default's share of responses read where the run recorded it; a run from before the settings
+    were measured keeps its table as it was. ``bench.e2e_rivals`` puts a setting's real figure
+    beside its simulated one."""
     import json
 
     import bench.e2e_rivals as er
@@ -504,24 +509,26 @@ def test_the_report_shows_the_opt_ins_through_the_stack_apart_from_the_rivals(tm
 
     case = {"workload": "sweagent", "concurrency": 12, "simulated_mean": 0.5, "stack_mean": 0.337, "difference_points": -16.3,
             "stack_latency_p90_s": 0.525, "rivals": {"envoy round robin": {"hit_ratio": 0.46, "latency_p90_s": 0.513}},
-            "opt_ins": {"prefix-router --move-evicted-sessions": {"hit_ratio": 0.573, "latency_p90_s": 0.518, "responses_read_share": 0.162}},
+            "stack_responses_read_share": 0.25,
+            "opt_ins": {"prefix-router --no-move-evicted-sessions": {"hit_ratio": 0.573, "latency_p90_s": 0.518, "responses_read_share": 0.162}},
             "again": {"hit_ratio": 0.341, "latency_p90_s": 0.537, "responses_read_share": 0.0}}
     run = {"description": "3 sglang-routers x 3 fake workers", "topology": {"routers": 3, "workers": 3}, "tolerance_points": 3.0,
            "rows": [{"workload": "sweagent", "capacity_tokens": 14222}], "summary": [case]}
     monkeypatch.setattr(ev, "RESULTS", tmp_path)
     (tmp_path / "e2e.json").write_text(json.dumps(run))
     text = "\n".join(ev._measured_sections())
-    assert ("| workload | concurrency | prefix-router | envoy round robin | prefix-router again, beside the opt-ins | "
-            "opt-in: prefix-router --move-evicted-sessions |") in text
-    assert "| sweagent | 12 | 0.337 / 525 | 0.460 / 513 | 0.341 / 537, 0.0 % read | 0.573 / 518, 16.2 % read |" in text
+    assert ("| workload | concurrency | prefix-router | envoy round robin | prefix-router again, beside the other settings | "
+            "setting: prefix-router --no-move-evicted-sessions |") in text
+    assert "| sweagent | 12 | 0.337 / 525, 25.0 % read | 0.460 / 513 | 0.341 / 537, 0.0 % read | 0.573 / 518, 16.2 % read |" in text
     assert "not rivals, so not in the targets" in text
-    del case["opt_ins"], case["again"]
+    del case["opt_ins"], case["again"], case["stack_responses_read_share"]
     (tmp_path / "e2e.json").write_text(json.dumps(run))
     text = "\n".join(ev._measured_sections())
-    assert "| workload | concurrency | prefix-router | envoy round robin |" in text and "opt-in" not in text
+    assert "| workload | concurrency | prefix-router | envoy round robin |" in text and "setting:" not in text
+    assert "| sweagent | 12 | 0.337 / 525 | 0.460 / 513 |" in text
     monkeypatch.setattr(er, "RESULTS", tmp_path)
-    (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [{**case, "opt_ins": {"prefix-router --move-evicted-sessions": {"hit_ratio": 0.573}}}]}))
-    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router --move-evicted-sessions"] == 0.573
+    (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [{**case, "opt_ins": {"prefix-router --no-move-evicted-sessions": {"hit_ratio": 0.573}}}]}))
+    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router --no-move-evicted-sessions"] == 0.573
 
 
 def test_the_real_stack_check_names_the_call_each_tool_result_answers(monkeypatch):

@@ -125,6 +125,7 @@ async def test_status_json_shows_each_upstream_its_decisions_and_the_masked_conf
     assert [u["observed_hit_ratio"] for u in doc["upstreams"]] == [None, None]  # nothing sampled yet
     info = RequestInfo(path="/v1/chat/completions")
     d.route(info, chat("sampled " * 30))
+    info.sampled = True  # one of --observe-sample's share (observe_now)
     d.observed(info, 200, 150)
     doc = await (await client.get("/status.json")).json()
     row = next(u for u in doc["upstreams"] if u["address"] == info.upstream)

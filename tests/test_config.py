@@ -113,6 +113,25 @@ def test_cli_help_and_config():
     assert r.returncode == 0 and '"127.0.0.1:9"' in r.stdout
 
 
+def test_a_switch_on_by_default_is_turned_off_with_its_no_flag_and_a_flag_beats_the_file(tmp_path):
+    """Sessions are followed by default; ``--no-move-evicted-sessions`` is how a command line turns
+    that off, and a switch a file turns on is turned off by the flag (flags beat the file)."""
+    import json
+
+    def shown(*flags: str) -> dict:
+        r = run_cli("serve", "--upstream", "127.0.0.1:9", *flags, "--print-config")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    assert shown()["move_evicted_sessions"] is True and shown()["observe_feedback"] is False
+    assert shown("--no-move-evicted-sessions")["move_evicted_sessions"] is False
+    assert shown("--observe-feedback")["observe_feedback"] is True
+    f = tmp_path / "c.toml"
+    f.write_text("observe-feedback = true\n")
+    assert shown("--config", str(f))["observe_feedback"] is True
+    assert shown("--config", str(f), "--no-observe-feedback")["observe_feedback"] is False
+
+
 def test_addresses():
     assert parse_hostport("[::1]:80") == ("::1", 80)
     assert set(resolve_all("localhost:80")) <= {"127.0.0.1:80", "[::1]:80"}

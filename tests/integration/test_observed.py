@@ -103,14 +103,14 @@ def test_stale_reports_cut_the_upstreams_budget_in_the_tree(tmp_path):
 
 
 def test_a_piled_session_moves_reading_only_the_responses_of_its_candidate_turns(tmp_path):
-    """--move-evicted-sessions through the real stack, in duplex mode, with --observe-sample off:
+    """--move-evicted-sessions (on by default) through the real stack, in duplex mode, with --observe-sample off:
     four agent sessions on one system prompt pile onto one worker of one router (sglang-router's
     --cache-threshold 0.3), whose small cache evicts each one's history between its turns. The
     service reads the responses of the turns whose report may move a session (and no others: the
     observing route is taken by exactly the requests read), learns that a history was evicted, and
     moves that session to the other router."""
     s = Stack(Ports.free(routers=2, workers_per_router=2), envoy_config=ENVOY_DIR / "duplex.yaml",
-              service_args=["--move-evicted-sessions", "--move-family-turns", "2"],
+              service_args=["--move-family-turns", "2"],  # sessions followed by default
               worker_args=["--output-tokens", "2", "--capacity-tokens", "2500"], workdir=tmp_path)
     with s:
         c = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=30)

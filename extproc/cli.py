@@ -136,7 +136,9 @@ def render(command: str, data: dict[str, Any]) -> str:
         cols = [("upstream", "UPSTREAM"), ("chars", "CHARACTERS"), ("observed", "OBSERVED HITS"), ("budget", "LEARNT BUDGET")]
         return _pairs(head) + ("\n\n" + _table(per, cols) if per else "")
     if command == "explain":
-        head = {k: v for k, v in data.items() if k != "upstreams"}
+        head = {k: v for k, v in data.items() if k not in ("upstreams", "session")}
+        if "session" in data:
+            head.update({f"session_{k}": v for k, v in data["session"].items()})
         cols = [("address", "UPSTREAM"), ("matched_characters", "MATCHED"), ("inflight", "IN FLIGHT"), ("healthy", "HEALTHY"),
                 ("recompute_characters", "RECOMPUTE"), ("charged_requests", "CHARGED"), ("cost", "COST"),
                 ("observed_hit_ratio", "OBSERVED HITS"), ("observed_responses", "SAMPLED")]
@@ -167,6 +169,10 @@ def _reply_data(command: str, reply: Any) -> dict[str, Any]:
             out["no_text_reason"] = reply.no_text_reason
         out.update(partition=reply.partition, text_characters=reply.text_characters, matched_characters=reply.matched_characters,
                    match_rate=round(reply.match_rate, 4), continuation=reply.continuation, routing_text_head=reply.routing_text_head)
+        if reply.HasField("session"):  # --move-evicted-sessions' terms
+            o = reply.session
+            out["session"] = {"new": o.new, "turn": o.turn, "shared": o.shared, "over": o.over, "family_turns": round(o.family_turns, 2),
+                              "evicted": o.evicted, "moved": o.moved, "moves": o.moves}
         out["upstreams"] = [{"address": u.address, "matched_characters": u.matched_characters, "inflight": u.inflight, "healthy": u.healthy,
                              "recompute_characters": u.recompute_characters, "charged_requests": u.charged_requests, "cost": u.cost,
                              "observed_hit_ratio": round(u.observed_hit_ratio, 4), "observed_responses": u.observed_responses}

@@ -28,7 +28,7 @@ from .payload import RoutingInput, routing_input
 from .policy import NEW_SESSIONS, Decision, continues, costs, decide, least_loaded, session_kind
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
-from .sessions import Session, SessionBook, decide_following, report
+from .sessions import Session, SessionBook, decide_following, move, report
 from .syncwire import REPLICA_ID, Event, SnapshotRecord
 from .tree import RadixTree
 
@@ -550,8 +550,13 @@ class Director:
         loads = self.pool.loads()
         terms: dict[str, tuple[int, int, int]] = {}
         observed = self.observed_hits()
+        # the session the request belongs to, as --move-evicted-sessions would count it (kept as it is)
+        outlook = self.book.outlook(ri.partition, ri.text, m, continues(m, self.policy)) if self.book is not None else None
         if loads:
-            d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, random.Random(0), insert=False)
+            rng = random.Random(0)
+            d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, rng, insert=False)
+            if outlook is not None and outlook.moves and d.reason != "imbalance":
+                d = move(d, m, loads, self.policy.cache_threshold, self.policy.tie_break, rng)
             upstream, reason = d.upstream, d.reason
             if self.policy.hit_choice == "cost" and ri.text:
                 terms = costs(m, loads, self.policy)
@@ -573,6 +578,7 @@ class Director:
             ],
             "no_text_reason": ri.reason,
             "routing_text_head": ri.text[:200],  # the caller sent the body: no privacy to keep
+            "session": None if outlook is None else {f: getattr(outlook, f) for f in outlook.__slots__},
         }
 
     # -- housekeeping ----------------------------------------------------------------------------

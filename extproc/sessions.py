@@ -70,6 +70,21 @@ class Session:
         return text.startswith(self.anchor, self.shared)
 
 
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    """What the book would make of a request, counted but not kept: each term of the move for
+    ``prefix-router explain``, which must not change what the next real request finds."""
+
+    new: bool  # the request begins a session (it continues nothing)
+    turn: int  # its turn in the session, this one counted
+    shared: int  # characters of the prefix its session began on, shared with other sessions
+    over: bool  # the session began over the threshold on that prefix alone
+    family_turns: float  # mean turns of the sessions on that prefix, this one counted
+    evicted: bool  # the session's latest report found under half of the predicted match cached
+    moved: bool  # the session was moved before (once only)
+    moves: bool  # this turn would move it (the decision's other terms permitting)
+
+
 class SessionBook:
     """Sessions by their latest prompt, and the mean turns of sessions by the prefix they share."""
 
@@ -81,15 +96,19 @@ class SessionBook:
         self.kept = 0  # sessions in ``sessions``
         self.families: OrderedDict[int, list[int]] = OrderedDict()  # family -> [sessions, turns]
 
+    def _known(self, partition: str, text: str, match: Match) -> tuple[int, list[Session] | None, Session | None]:
+        """The session whose latest prompt the request extends whole, with its key and bucket."""
+        key = _key(partition, text, match.matched)
+        bucket = self.sessions.get(key)
+        return key, bucket, next((c for c in bucket if c.owns(text)), None) if bucket else None
+
     def follow(self, partition: str, text: str, match: Match, continuing: bool) -> Session | None:
         """The session a request belongs to, counted one turn more: the one whose latest prompt it
         extends whole, or a new one when the request continues nothing (``continuing``: the
         policy's ``continues``). ``None`` for a continuation the book does not know (an edit of
         its history; a session forgotten or begun on another replica): it is not followed."""
         if match.whole and match.matched:
-            key = _key(partition, text, match.matched)
-            bucket = self.sessions.get(key)
-            s = next((c for c in bucket if c.owns(text)), None) if bucket else None
+            key, bucket, s = self._known(partition, text, match)
             if s is not None:
                 bucket.remove(s)
                 if not bucket:
@@ -113,6 +132,24 @@ class SessionBook:
         if len(self.families) > self.max_families:
             self.families.popitem(last=False)
 
+    def outlook(self, partition: str, text: str, match: Match, continuing: bool) -> Outlook | None:
+        """What ``follow`` would count for this request, and whether this turn would move its
+        session, with nothing changed; ``None`` where ``follow`` would follow nothing."""
+        if not text:
+            return None
+        if match.whole and match.matched:
+            s = self._known(partition, text, match)[2]
+            if s is None:
+                return None
+            n, turns = self.families.get(s.family) or (1, s.turns)
+            mean = (turns + 1) / max(n, 1)
+            return Outlook(False, s.turns + 1, s.shared, s.over, mean, s.evicted, s.moved,
+                           s.evicted and self._candidate(s, len(text), mean))
+        if continuing:
+            return None
+        n, turns = self.families.get(_key(partition, text, match.matched)) or (0, 0)
+        return Outlook(True, 1, match.matched, match.matched > self.threshold * len(text), (turns + 1) / (n + 1), False, False, False)
+
     def family_turns_so_far(self, s: Session) -> float:
         stats = self.families.get(s.family)
         return stats[1] / stats[0] if stats and stats[0] else 0.0
@@ -122,8 +159,10 @@ class SessionBook:
         would move (module doc): not moved yet, begun on a pile its router made of the shared
         prefix, now far enough past it, in a family of long sessions (``turns_ahead``: counting
         that many more turns to the family's mean)."""
-        return (s.over and not s.moved and s.shared <= self.threshold * text_len
-                and self.family_turns_so_far(s) + turns_ahead >= self.family_turns)
+        return self._candidate(s, text_len, self.family_turns_so_far(s) + turns_ahead)
+
+    def _candidate(self, s: Session, text_len: float, family_mean: float) -> bool:
+        return s.over and not s.moved and s.shared <= self.threshold * text_len and family_mean >= self.family_turns
 
     def worth_reading(self, s: Session, text_len: int) -> bool:
         """Whether this turn's response is worth reading: the session is a candidate at its next

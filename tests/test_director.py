@@ -493,6 +493,45 @@ def test_a_session_moves_off_its_router_after_a_response_reports_its_history_evi
     assert plain.book is None
 
 
+def test_explain_shows_the_move_a_session_is_due_and_changes_nothing_in_the_book():
+    """``explain`` gives each term of --move-evicted-sessions for a request (its session's turn,
+    shared prefix, family mean, latest report) and, for a turn that moves, the upstream it goes to:
+    the one the real request then gets. A dry run counts nothing: the real decision after it is
+    the one it would have been without it."""
+    d = Director(build({"upstreams": POOL, "move_family_turns": "2"}, env={}), seed=1)
+    d.set_upstreams(POOL)
+    system = "You are an agent with these tools. " * 36
+    for task in ("first task " * 30, "second task " * 30):
+        info = RequestInfo(path="/v1/chat/completions")
+        d.route(info, _turns(system, [task]))
+        d.finished(info.ticket, Outcome.OK)
+    steps = ["third task " * 30]
+    first = _turns(system, steps)
+    e = d.explain("/v1/chat/completions", first)["session"]
+    assert (e["new"], e["turn"], e["over"], e["moves"]) == (True, 1, True, False) and e["shared"] > 1000
+    info = RequestInfo(path="/v1/chat/completions")
+    home = d.route(info, first)
+    d.finished(info.ticket, Outcome.OK)
+    info.sampled = True
+    d.observed(info, 300, 10)  # evicted
+    steps += ["done: " + "output " * 500, "next step " * 40]
+    later = _turns(system, steps)
+    for _ in range(2):  # asked twice: the first asking counted nothing
+        e = d.explain("/v1/chat/completions", later)
+        assert e["session"] == {"new": False, "turn": 2, "shared": e["session"]["shared"], "over": True, "family_turns": 2.0,
+                                "evicted": True, "moved": False, "moves": True}
+        assert e["upstream"] != home
+    info = RequestInfo(path="/v1/chat/completions")
+    assert d.route(info, later) == e["upstream"] and info.session.moved
+    after = d.explain("/v1/chat/completions", _turns(system, steps + ["more"]))["session"]
+    assert (after["turn"], after["moved"], after["moves"]) == (3, True, False)  # once
+    d.book.sessions.clear()  # a session the book forgot (or began on another replica): not followed
+    assert d.explain("/v1/chat/completions", _turns(system, steps + ["more"]))["session"] is None
+    off = Director(build({"upstreams": POOL, "move_evicted_sessions": "false"}, env={}), seed=1)
+    off.set_upstreams(POOL)
+    assert off.explain("/v1/chat/completions", first)["session"] is None
+
+
 def test_a_reload_starts_stops_and_retunes_the_session_book_keeping_its_sessions():
     d = Director(build({"upstreams": POOL, "move_evicted_sessions": "false"}, env={}), seed=1)
     d.set_upstreams(POOL)

@@ -154,6 +154,7 @@ async def test_admin_grpc_api(svc):
         chars_before = svc.director.tree.total_chars()
         fresh = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=b'{"messages":[{"role":"user","content":"new"}]}'))
         assert not fresh.continuation
+        assert fresh.HasField("session") and fresh.session.new and fresh.session.turn == 1  # a session it would begin
         assert svc.director.tree.total_chars() == chars_before  # a dry run
         bad = await stub.Explain(apb.ExplainRequest(path="/v1/chat/completions", body=b"{nope"))
         assert bad.no_text_reason == "invalid_json" and bad.reason == "no_routing_text"

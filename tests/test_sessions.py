@@ -116,6 +116,47 @@ def test_an_imbalance_decides_first_and_the_session_may_still_move_later():
     assert moved and d.upstream == "b"
 
 
+def test_the_outlook_tells_what_following_will_count_and_whether_the_turn_moves_and_changes_nothing():
+    """``SessionBook.outlook`` (``prefix-router explain``'s session terms) against what ``follow``
+    then does with the same request: the same turn, shared prefix, family mean and move; and the
+    book exactly as it was, so a dry run never shifts the next real decision."""
+    from dataclasses import astuple
+
+    from extproc.policy import continues
+
+    def state(book: SessionBook):
+        return (book.kept, [(k, [astuple(x) for x in v]) for k, v in book.sessions.items()], [(k, list(v)) for k, v in book.families.items()])
+
+    def checked(f: Fleet, text: str):
+        m = f.tree.match(P, text)
+        before = state(f.book)
+        o = f.book.outlook(P, text, m, continues(m, CFG))
+        assert state(f.book) == before
+        d, s, moved = f.send(text)
+        if o is None:
+            assert s is None
+        else:
+            assert s is not None and (o.turn, o.shared, o.over, o.family_turns) == (s.turns, s.shared, s.over, f.book.family_turns_so_far(s))
+            assert o.new == (s.turns == 1) and o.moves == moved
+        return o, s
+
+    for evicted in (True, False):
+        f = Fleet()
+        t1 = turn1("third task " * 30)
+        o, s = checked(f, t1)
+        assert o.new and o.over and not o.moves
+        report(s, s.turns, evicted)
+        t2 = t1 + " step two " * 70
+        o, s = checked(f, t2)
+        assert o.moves == evicted and o.evicted == evicted and o.turn == 2
+        evict(s)
+        o, _ = checked(f, t2 + " step three " * 10)
+        assert o.moved == evicted and o.moves == (not evicted)  # a session moves once, at its first eviction past the pile
+        assert checked(f, "x" * 50)[0].new  # a session of its own
+    f.book.sessions.clear()  # an extension of a prompt the book never saw: not followed
+    assert checked(f, t2 + " step three " * 10 + " and four")[0] is None
+
+
 def test_the_book_is_bounded():
     book = SessionBook(0.3, 2.0, max_sessions=3, max_families=2)
     tree = RadixTree()

@@ -47,7 +47,7 @@ PANELS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
          [(f'sum(rate(prefix_router_continuations_total{{where="home"}}[{RATE}])) / '
            f"sum(rate(prefix_router_continuations_total[{RATE}]))", "home share")]),
         ("Sessions moved off an evicting router", "reqps",
-         "--move-evicted-sessions (opt-in): sessions moved once after their router's worker evicted their history",
+         "--move-evicted-sessions (on by default): sessions moved once after their router's worker evicted their history",
          [(f"sum(rate(prefix_router_session_moves_total[{RATE}]))", "moves")]),
         ("Observed hit ratio (sampled responses)", "percentunit",
          "cached / prompt tokens the workers reported, per upstream (--observe-sample); the tree's prediction error beside it",

@@ -193,10 +193,12 @@ def test_admin_cli_commands(stack, tmp_path):
     assert e["reason"] == "cache_hit" and e["upstream"] in stack.router_addresses and e["match_rate"] > 0.9
     assert "no_text_reason" not in e  # an empty field is left out
     assert isinstance(e["continuation"], bool)
+    # the session it would continue, as --move-evicted-sessions (on by default) counts it: the prompt sent above
+    assert (e["session"]["new"], e["session"]["turn"], e["session"]["moves"]) == (False, 2, False)
     chosen = next(u for u in e["upstreams"] if u["address"] == e["upstream"])
     assert chosen["cost"] == min(u["cost"] for u in e["upstreams"]) and chosen["recompute_characters"] == 0
     text = cli("explain", str(body), "--admin-grpc", addr).stdout
-    assert "reason" in text and "RECOMPUTE" in text and "COST" in text
+    assert "reason" in text and "RECOMPUTE" in text and "COST" in text and "session_turn" in text
 
     r = cli("tree", "--admin-grpc", addr, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["stored_characters"] > 0

@@ -73,7 +73,7 @@ class UpstreamMatch(_message.Message):
     def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ..., recompute_characters: _Optional[int] = ..., charged_requests: _Optional[int] = ..., cost: _Optional[int] = ..., observed_hit_ratio: _Optional[float] = ..., observed_responses: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head", "continuation")
+    __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head", "continuation", "session")
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class ExplainResponse(_message.Message):
     NO_TEXT_REASON_FIELD_NUMBER: _ClassVar[int]
     ROUTING_TEXT_HEAD_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     upstream: str
     reason: str
     partition: str
@@ -94,7 +95,28 @@ class ExplainResponse(_message.Message):
     no_text_reason: str
     routing_text_head: str
     continuation: bool
-    def __init__(self, upstream: _Optional[str] = ..., reason: _Optional[str] = ..., partition: _Optional[str] = ..., text_characters: _Optional[int] = ..., matched_characters: _Optional[int] = ..., match_rate: _Optional[float] = ..., upstreams: _Optional[_Iterable[_Union[UpstreamMatch, _Mapping]]] = ..., no_text_reason: _Optional[str] = ..., routing_text_head: _Optional[str] = ..., continuation: _Optional[bool] = ...) -> None: ...
+    session: SessionOutlook
+    def __init__(self, upstream: _Optional[str] = ..., reason: _Optional[str] = ..., partition: _Optional[str] = ..., text_characters: _Optional[int] = ..., matched_characters: _Optional[int] = ..., match_rate: _Optional[float] = ..., upstreams: _Optional[_Iterable[_Union[UpstreamMatch, _Mapping]]] = ..., no_text_reason: _Optional[str] = ..., routing_text_head: _Optional[str] = ..., continuation: _Optional[bool] = ..., session: _Optional[_Union[SessionOutlook, _Mapping]] = ...) -> None: ...
+
+class SessionOutlook(_message.Message):
+    __slots__ = ("new", "turn", "shared", "over", "family_turns", "evicted", "moved", "moves")
+    NEW_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    OVER_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_TURNS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    new: bool
+    turn: int
+    shared: int
+    over: bool
+    family_turns: float
+    evicted: bool
+    moved: bool
+    moves: bool
+    def __init__(self, new: _Optional[bool] = ..., turn: _Optional[int] = ..., shared: _Optional[int] = ..., over: _Optional[bool] = ..., family_turns: _Optional[float] = ..., evicted: _Optional[bool] = ..., moved: _Optional[bool] = ..., moves: _Optional[bool] = ...) -> None: ...
 
 class TreeStatsRequest(_message.Message):
     __slots__ = ()

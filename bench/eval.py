@@ -56,11 +56,11 @@ TTFT_RIVALS = ("prefix-router/creator", "prefix-router/sglang-0.3.2", "prefix-ro
                "consistent-hash", "round-robin", "random")
 HIT_SLACK, TTFT_FACTOR = 0.01, 1.1
 # earlier defaults, each put in the default's place in the summary
-ALTERNATES = {"prefix-router/previous-default": "The previous default (only whole prompts continue, `--continuation-tail 0`)",
-              "prefix-router/knee-0": "The default before it (no continuation term, `--continuation-knee 0`)",
+ALTERNATES = {"prefix-router/no-move": "The previous default, sessions not followed (`--no-move-evicted-sessions`)",
+              "prefix-router/previous-default": "The default before it (only whole prompts continue, `--continuation-tail 0`; sessions not followed)",
+              "prefix-router/knee-0": "The one before that (no continuation term, `--continuation-knee 0`)",
               "prefix-router/slack-3": "An earlier round's tuning winner (`--continuation-knee 0 --inflight-slack 3 --inflight-cost-chars 1536`)",
-              "prefix-router/move-evicted": "The default with every response read (`--observe-sample 1`)",
-              "prefix-router/no-move": "The previous default, sessions not followed (`--no-move-evicted-sessions`)"}
+              "prefix-router/move-evicted": "The default with every response read (`--observe-sample 1`)"}
 # set-ups the defaults were not chosen on (`make bench` runs each): the independent evaluation's
 # 3 routers x 3 workers, fewer bigger routers, many one-worker routers
 OTHER_TOPOLOGIES = ("3x3", "2x4", "8x1")
@@ -69,7 +69,7 @@ OTHER_TOPOLOGIES = ("3x3", "2x4", "8x1")
 ROUTER_THRESHOLDS = (("4x2", 0.7), ("3x3", 0.7), ("2x4", 0.7))
 # the upper-layer rules put in the default's place on other topologies
 IN_PLACE = (DEFAULT, "prefix-router/creator", "prefix-router/least-loaded-hit", "least-loaded", "litellm-v1", "consistent-hash", "round-robin")
-HEADLINE = (DEFAULT, "prefix-router/previous-default", SINGLE, "prefix-router/creator", "prefix-router/least-loaded-hit", "round-robin", "least-loaded", "consistent-hash",
+HEADLINE = (DEFAULT, "prefix-router/no-move", SINGLE, "prefix-router/creator", "prefix-router/least-loaded-hit", "round-robin", "least-loaded", "consistent-hash",
             "litellm-v1", "true-cache-cost")
 
 

@@ -448,8 +448,8 @@ def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_ne
 
     import bench.e2e as e2e
 
-    targeted, every = "prefix-router --no-move-evicted-sessions", "prefix-router --observe-sample 1"
-    assert e2e.OPT_INS[targeted].service_args == ("--no-move-evicted-sessions",)
+    no_move, every = "prefix-router --no-move-evicted-sessions", "prefix-router --observe-sample 1"
+    assert e2e.OPT_INS[no_move].service_args == ("--no-move-evicted-sessions",)
     assert e2e.OPT_INS[every].service_args == ("--observe-sample", "1")
     # the service's rules as rivals are the rules alone, as the simulator plays them
     assert all(r.service_args[-1] == "--no-move-evicted-sessions" for r in e2e.RIVALS.values() if r.service_args)
@@ -471,13 +471,13 @@ def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_ne
     whole = written["e2e-3x3-subset"]
     case = whole["summary"][0]
     mean_seed = sum(e2e.SEEDS) / len(e2e.SEEDS) / 1000
-    assert case["opt_ins"][targeted]["hit_ratio"] == pytest.approx(0.9 + mean_seed)
+    assert case["opt_ins"][no_move]["hit_ratio"] == pytest.approx(0.9 + mean_seed)
     # what it cost and did: the share of requests whose response the service read, moves per seed
-    assert case["opt_ins"][targeted]["responses_read_share"] == pytest.approx(sum(e2e.SEEDS) / (20 * len(e2e.SEEDS)))
-    assert case["opt_ins"][targeted]["session_moves"] == 1
+    assert case["opt_ins"][no_move]["responses_read_share"] == pytest.approx(sum(e2e.SEEDS) / (20 * len(e2e.SEEDS)))
+    assert case["opt_ins"][no_move]["session_moves"] == 1
     assert (case["stack_responses_read_share"], case["stack_session_moves"]) == (pytest.approx(5 / 20), 2)  # the default's own
     assert case["best_hit"] == pytest.approx(0.5 + mean_seed) and case["best_hit_rival"] in e2e.RIVALS and case["targets_met"]
-    assert set(whole["opt_ins"]) == {targeted, every}
+    assert set(whole["opt_ins"]) == {no_move, every}
     # --opt-ins-only: the opt-ins, and the default again beside them, run on the record's own cases,
     # clients and seeds and join it, replacing opt-ins measured before
     old = {"hit_ratio": 0.7, "latency_p50_s": 0.1, "latency_p90_s": 0.3, "failed": 0}
@@ -488,8 +488,8 @@ def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_ne
     ran.clear()
     e2e.main(["--topology", "3x3", "--opt-ins-only"])
     merged = written["e2e-3x3"]
-    assert sorted(ran) == sorted((o, "dialogue", 12, s, 3) for s in e2e.SEEDS for o in (e2e.AGAIN, targeted, every))
-    assert list(merged["summary"][0]["opt_ins"]) == [targeted, every]
+    assert sorted(ran) == sorted((o, "dialogue", 12, s, 3) for s in e2e.SEEDS for o in (e2e.AGAIN, no_move, every))
+    assert list(merged["summary"][0]["opt_ins"]) == [no_move, every]
     assert merged["summary"][0]["opt_ins"][every]["hit_ratio"] == pytest.approx(0.9 + mean_seed)
     assert merged["summary"][0]["again"]["hit_ratio"] == pytest.approx(0.5 + mean_seed)  # the default, beside them
     assert {k: v for k, v in merged["summary"][0].items() if k not in ("opt_ins", "again")} == {k: v for k, v in case.items() if k != "opt_ins"}

@@ -33,6 +33,9 @@ RATES = (1.0, 4.0)
 # unguarded: any prediction counts and a stale report cuts 10 %; the service's rule
 # (--observe-feedback, FeedbackRule's defaults): predictions of 1,024+ characters, 2 %
 UNGUARDED = FeedbackRule(min_predicted=0, shrink=0.1)
+# the cost rule without moving sessions (--no-move-evicted-sessions; the default until sessions were
+# moved by default): the feedback corrects the tree, so it is measured against the rule it corrects,
+# and TrueCache is that rule fed the true caches
 POLICIES = {
     "prefix-router": lambda seed: PrefixRouter(),
     "unguarded, every request": lambda seed: ObservedHits(sample=1.0, seed=seed, rule=UNGUARDED),

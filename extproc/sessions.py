@@ -141,8 +141,8 @@ class SessionBook:
             s = self._known(partition, text, match)[2]
             if s is None:
                 return None
-            n, turns = self.families.get(s.family) or (1, s.turns)
-            mean = (turns + 1) / max(n, 1)
+            n, turns = self.families.get(s.family) or (0, 0)  # a family the book forgot counts no sessions
+            mean = (turns + 1) / n if n else 0.0
             return Outlook(False, s.turns + 1, s.shared, s.over, mean, s.evicted, s.moved,
                            s.evicted and self._candidate(s, len(text), mean))
         if continuing:

@@ -153,6 +153,8 @@ def test_the_outlook_tells_what_following_will_count_and_whether_the_turn_moves_
         o, _ = checked(f, t2 + " step three " * 10)
         assert o.moved == evicted and o.moves == (not evicted)  # a session moves once, at its first eviction past the pile
         assert checked(f, "x" * 50)[0].new  # a session of its own
+    f.book.families.clear()  # a family forgotten (the bound): its sessions' mean is counted afresh
+    assert checked(f, t2 + " step three " * 10 + " and four")[0].family_turns == 0.0
     f.book.sessions.clear()  # an extension of a prompt the book never saw: not followed
     assert checked(f, t2 + " step three " * 10 + " and four")[0] is None
 

@@ -8,7 +8,8 @@ with 8 and 16 concurrent clients; hit ratios compared.
     .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --router-cache-threshold 0.7
                                            → bench/results/e2e-3x3-threshold0.7.json (the routers at another threshold)
     .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --opt-ins-only
-                                           → the service's opt-ins added to e2e-3x3.json (about 12 minutes; 2x2's, 22)
+                                           → the service's other settings (OPT_INS) and its defaults again added to
+                                             e2e-3x3.json (about 12 minutes; 2x2's, 22)
 
 The cases (``CASES``): multi-turn chats, structural edits, shared-prefix groups and short dialogues,
 then two held-out ones the defaults were never tuned on, the SWE-agent trace and the longer
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--router-cache-threshold", type=float, default=BASE.router_threshold, metavar="X",
                    help="every sglang-router's --cache-threshold (its default 0.3); other than that, results go to e2e-RxW-thresholdX.json")
     p.add_argument("--opt-ins-only", action="store_true",
-                   help="run only the service's opt-ins (OPT_INS), with the default again beside them, and add them to the results "
+                   help="run only the service's other settings (OPT_INS), with the default again beside them, and add them to the results "
                         "file on record for this set-up, its other figures kept")
     a = p.parse_args(argv)
     topo = replace(a.topology, batch=BASE.batch, router_threshold=a.router_cache_threshold)
@@ -173,16 +174,16 @@ def _means(rows: list[dict], name: str) -> dict[str, float]:
 
 
 def _opt_in_means(rows: list[dict], name: str) -> dict[str, float]:
-    """An opt-in's means (``_means``), the share of the requests whose response the service read,
+    """A setting's means (``_means``), the share of the requests whose response the service read,
     and the sessions it moved per seed: what it cost and what it did."""
     return {**_means(rows, name), "responses_read_share": sum(r[name].get("responses_read", 0) for r in rows) / sum(r["requests"] for r in rows),
             "session_moves": statistics.mean(r[name].get("session_moves", 0) for r in rows)}
 
 
 def add_opt_ins(topo: Topology) -> dict:
-    """The opt-ins (``OPT_INS``) and the default again (``AGAIN``) through the stack, on the cases,
+    """The other settings (``OPT_INS``) and the default again (``AGAIN``) through the stack, on the cases,
     concurrencies and seeds of the results file on record for ``topo``, put into its rows and
-    summary (replacing opt-ins measured before); the rest of the file, and so every figure quoted
+    summary (replacing settings measured before); the rest of the file, and so every figure quoted
     from it, stays as it was measured."""
     path = RESULTS / f"{results_name(topo)}.json"
     result = orjson.loads(path.read_bytes())
@@ -198,11 +199,11 @@ def add_opt_ins(topo: Topology) -> dict:
         print(f"{s['workload']} x{s['concurrency']}: " + ", ".join(f"{o} {v['hit_ratio']:.3f} / {1000 * v['latency_p90_s']:.0f} ms "
                                                                  f"({100 * v['responses_read_share']:.1f} % read, {v['session_moves']:.1f} moves)"
                                                                  for o, v in {AGAIN: s["again"], **s["opt_ins"]}.items()), flush=True)
-    result["again"] = "the stack with prefix-router's defaults, measured in the same run as the opt-ins"
+    result["again"] = "the stack with prefix-router's defaults, measured in the same run as the other settings"
     result["opt_ins"] = {k: v.describe(topo) for k, v in OPT_INS.items()}
     failed = sum(r[o]["failed"] for r in result["rows"] for o in names)
     result["opt_ins_failed"] = failed
-    print(f"opt-ins' requests failed: {failed}; wrote {write(results_name(topo), result)}")
+    print(f"other settings' requests failed: {failed}; wrote {write(results_name(topo), result)}")
     return result
 
 
@@ -291,7 +292,7 @@ OPT_INS = {
     # every response read: what reading costs the other requests
     "prefix-router --observe-sample 1": Rival(service_args=("--observe-sample", "1")),
 }
-# the default again, in a run of the opt-ins alone (``--opt-ins-only``): what they are compared
+# the default again, in a run of the other settings alone (``--opt-ins-only``): what they are compared
 # with must be measured beside them, not in another run (latency through the stack drifts between runs)
 AGAIN = "prefix-router, the same run"
 
@@ -410,7 +411,7 @@ def _through_service(prepared, capacity: int, clients: int, work: Path, service_
     with stack:
         out = _drive_counted(stack, stack.base_url, prepared, clients)
         out["new_sessions"] = new_sessions_seen(stack, topo.router_threshold)
-        # what the service's opt-ins did: responses it read for a worker's cache report, sessions it moved
+        # what the service did: responses it read for a worker's cache report, sessions it moved
         out["responses_read"] = int(stack.service_metric(0, "prefix_router_observations_total", result="read"))
         out["session_moves"] = int(stack.service_metric(0, "prefix_router_session_moves_total"))
         return out

@@ -364,7 +364,7 @@ def _e2e_lines(d: dict, title: str) -> list[str]:
     lines.append("")
     if d["summary"] and "rivals" in d["summary"][0]:
         names = list(d["summary"][0]["rivals"])
-        opt_ins = list(d["summary"][0].get("opt_ins", {}))  # the service's opt-ins (bench.e2e OPT_INS): shown, never a target
+        opt_ins = list(d["summary"][0].get("opt_ins", {}))  # the service's other settings (bench.e2e OPT_INS): shown, never a target
         again = ["prefix-router again, beside the other settings"] if "again" in d["summary"][0] else []  # their own run's default
 
         def figures(r: dict, n: str) -> str:

@@ -5,7 +5,9 @@
 
 Envoy spreads ext_proc streams over the replicas: here request i goes to replica i mod N (round
 robin), so a conversation's turns are decided by different replicas. Each replica runs the
-project's own policy code over its own tree and its own in-flight counts:
+project's own policy code (the cost rule; no session book: a replica's book follows only the turns
+it decides one after another, README "Sessions are not shared") over its own tree and its own
+in-flight counts:
 
 - ``synced`` (``--sync-url``): a replica's placements and in-flight changes reach its peers
   ``delay`` seconds later (0, 1, 10, 100 ms), as the sync link delivers them; each replica's load

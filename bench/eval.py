@@ -241,7 +241,7 @@ def report(result: dict) -> str:
         f"Targets per cell: hit ratio ≥ the best of {{{', '.join(result['targets']['hit_rivals'])}}} minus {100 * result['targets']['hit_slack']:g} "
         f"point, and TTFT p90 ≤ {result['targets']['ttft_factor']:g}x the best of {{{', '.join(result['targets']['ttft_rivals'])}}}.", "",
         "`reuse bound`: the hit ratio if every block any earlier request computed were still cached wherever needed: no policy, "
-        "topology or capacity can exceed it. `true-cache-cost` is the default rule fed with the workers' true caches (no real "
+        "topology or capacity can exceed it. `true-cache-cost` is the cost rule (sessions not followed) fed with the workers' true caches (no real "
         "router has them); it is not a bound.", "",
         "## Summary", "", *summary_lines(result), "",
         "## Per workload (averaged over capacity levels and rates)", "", *headline(result), "",

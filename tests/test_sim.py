@@ -529,6 +529,10 @@ def test_the_report_shows_the_opt_ins_through_the_stack_apart_from_the_rivals(tm
     monkeypatch.setattr(er, "RESULTS", tmp_path)
     (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [{**case, "opt_ins": {"prefix-router --no-move-evicted-sessions": {"hit_ratio": 0.573}}}]}))
     assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router --no-move-evicted-sessions"] == 0.573
+    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router"] == 0.337  # the run's own default
+    # a run of the other settings measured the default again: that is the default's latest figure
+    (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [{**case, "again": {"hit_ratio": 0.559}}]}))
+    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router"] == 0.559
 
 
 def test_the_real_stack_check_names_the_call_each_tool_result_answers(monkeypatch):

@@ -379,7 +379,10 @@ def _e2e_lines(d: dict, title: str) -> list[str]:
         lines += ["The same sessions through rivals made of real processes: hit ratio / request latency p90 in ms (mean of the seeds)."
                   + (" Last, the service's other settings through the same stack (`--opt-ins-only` adds them to a run on record, with "
                      "the default measured again beside them), with the share of requests whose response the service read: "
-                     "not rivals, so not in the targets." if opt_ins else ""), "",
+                     "not rivals, so not in the targets." if opt_ins else "")
+                  + (" The default measured again is the service's default as of that later run, which may not be the run on "
+                     "record's (README, Choosing the defaults, says which records predate a change of the default)."
+                     if again else ""), "",
                   "| workload | concurrency | prefix-router | " + " | ".join([*names, *again, *(f"setting: {o}" for o in opt_ins)]) + " |",
                   "|---|---|---|" + "---|" * (len(names) + len(again) + len(opt_ins))]
         lines += [f"| {r['workload']} | {r['concurrency']} | {own(r)} | "

@@ -678,3 +678,18 @@ def test_the_report_shows_the_rivals_simulated_beside_the_stack(tmp_path, monkey
     assert "| sweagent | 12 | 0.335 / 0.467 / 0.460 | 0.335 / 0.467 / – | 0.31, 73 % over |" in text and "0.999" not in text
     assert "| dialogue | 12 | 0.335 / 0.467 / 0.460 | 0.335 / 0.467 / 0.460 | – |" in text
     assert "the share over the routers' 0.5" in text and "the share over the routers' 0.3" in text
+
+
+def test_the_simulated_default_is_the_services_default():
+    """Every benchmark's ``prefix-router`` is the service as it ships: it follows sessions when the
+    service does by default, with the service's own family bound and sample, and the rule alone
+    stays beside it as ``prefix-router/no-move``."""
+    from bench.sim.policies import MovingSessions
+    from extproc.config import DEFAULTS
+
+    policies = upper_policies()
+    default = policies["prefix-router"]
+    assert isinstance(default, MovingSessions) == DEFAULTS.move_evicted_sessions
+    assert (default.book.family_turns, default.book.threshold, default.sample) == (
+        DEFAULTS.move_family_turns, DEFAULTS.cache_threshold, DEFAULTS.observe_sample)
+    assert type(policies["prefix-router/no-move"]) is PrefixRouter

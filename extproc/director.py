@@ -18,7 +18,7 @@ import enum
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 from . import logs, metrics
@@ -28,7 +28,7 @@ from .payload import RoutingInput, routing_input
 from .policy import NEW_SESSIONS, Decision, continues, costs, decide, least_loaded, session_kind
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
-from .sessions import Session, SessionBook, decide_following, move, report
+from .sessions import Session, SessionBook, decide_following, moved_if_due, report
 from .syncwire import REPLICA_ID, Event, SnapshotRecord
 from .tree import RadixTree
 
@@ -555,8 +555,7 @@ class Director:
         if loads:
             rng = random.Random(0)
             d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, rng, insert=False)
-            if outlook is not None and outlook.moves and d.reason != "imbalance":
-                d = move(d, m, loads, self.policy.cache_threshold, self.policy.tie_break, rng)
+            d = moved_if_due(d, outlook is not None and outlook.moves, m, loads, self.policy, rng)
             upstream, reason = d.upstream, d.reason
             if self.policy.hit_choice == "cost" and ri.text:
                 terms = costs(m, loads, self.policy)
@@ -578,7 +577,7 @@ class Director:
             ],
             "no_text_reason": ri.reason,
             "routing_text_head": ri.text[:200],  # the caller sent the body: no privacy to keep
-            "session": None if outlook is None else {f: getattr(outlook, f) for f in outlook.__slots__},
+            "session": None if outlook is None else asdict(outlook),
         }
 
     # -- housekeeping ----------------------------------------------------------------------------

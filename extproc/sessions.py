@@ -141,14 +141,18 @@ class SessionBook:
             s = self._known(partition, text, match)[2]
             if s is None:
                 return None
-            n, turns = self.families.get(s.family) or (0, 0)  # a family the book forgot counts no sessions
-            mean = (turns + 1) / n if n else 0.0
-            return Outlook(False, s.turns + 1, s.shared, s.over, mean, s.evicted, s.moved,
-                           s.evicted and self._candidate(s, len(text), mean))
+            mean = self._mean_after(s.family, sessions=0)
+            return Outlook(False, s.turns + 1, s.shared, s.over, mean, s.evicted, s.moved, self._moves(s, len(text), mean))
         if continuing:
             return None
-        n, turns = self.families.get(_key(partition, text, match.matched)) or (0, 0)
-        return Outlook(True, 1, match.matched, match.matched > self.threshold * len(text), (turns + 1) / (n + 1), False, False, False)
+        mean = self._mean_after(_key(partition, text, match.matched), sessions=1)
+        return Outlook(True, 1, match.matched, match.matched > self.threshold * len(text), mean, False, False, False)
+
+    def _mean_after(self, family: int, sessions: int) -> float:
+        """``family_turns_so_far`` once ``follow`` has counted one more turn (and ``sessions``
+        more sessions) of the family; a family the book forgot starts from none."""
+        n, turns = self.families.get(family) or (0, 0)
+        return (turns + 1) / (n + sessions) if n + sessions else 0.0
 
     def family_turns_so_far(self, s: Session) -> float:
         stats = self.families.get(s.family)
@@ -175,7 +179,10 @@ class SessionBook:
 
     def should_move(self, s: Session, text_len: int) -> bool:
         """Whether this turn moves the session: a candidate whose latest report found it evicted."""
-        return s.evicted and self.candidate(s, text_len)
+        return self._moves(s, text_len, self.family_turns_so_far(s))
+
+    def _moves(self, s: Session, text_len: int, family_mean: float) -> bool:
+        return s.evicted and self._candidate(s, text_len, family_mean)
 
     def keep(self, partition: str, text: str, s: Session) -> None:
         """Keep the session under its latest prompt."""
@@ -210,6 +217,14 @@ def move(decision: Decision, match: Match, loads: dict[str, int], cache_threshol
     return Decision(choice, outcome(own, decision.text_len, cache_threshold), own, decision.text_len, "moved")
 
 
+def moved_if_due(decision: Decision, due: bool, match: Match, loads: dict[str, int], cfg: PolicyConfig, rng: random.Random) -> Decision:
+    """The decision, moved (:func:`move`) when its session is due to move and the load rule did not
+    decide it (an imbalance goes first): the one step the service and ``explain`` share."""
+    if not due or decision.reason == "imbalance":
+        return decision
+    return move(decision, match, loads, cfg.cache_threshold, cfg.tie_break, rng)
+
+
 def decide_following(
     book: SessionBook, tree: RadixTree, loads: dict[str, int], partition: str, text: str, cfg: PolicyConfig, rng: random.Random
 ) -> tuple[Decision, Session | None, bool]:
@@ -224,11 +239,9 @@ def decide_following(
     s = book.follow(partition, text, m, continues(m, cfg))
     if s is None:
         return decision, None, False
-    moved = False
-    if decision.reason != "imbalance" and book.should_move(s, len(text)):
-        elsewhere = move(decision, m, loads, cfg.cache_threshold, cfg.tie_break, rng)
-        if elsewhere is not decision:
-            decision = elsewhere
-            s.moved = moved = True
+    elsewhere = moved_if_due(decision, book.should_move(s, len(text)), m, loads, cfg, rng)
+    moved = elsewhere is not decision
+    if moved:
+        decision, s.moved = elsewhere, True
     book.keep(partition, text, s)
     return decision, s, moved

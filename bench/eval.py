@@ -33,8 +33,11 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
+
+from extproc.config import DEFAULTS
 
 from .common import RESULTS, write
 from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
@@ -85,9 +88,10 @@ def capacities(prepared) -> dict[str, int]:
     return out
 
 
-def eval_policies() -> dict[str, object]:
-    """Fresh instances of every policy the evaluation compares (new ones for each run: they keep state)."""
-    return {**upper_policies(), SINGLE: Single()}
+def eval_policies(service_threshold: float | None = None) -> dict[str, object]:
+    """Fresh instances of every policy the evaluation compares (new ones for each run: they keep
+    state); ``service_threshold``: the service's ``--cache-threshold``, when not its default."""
+    return {**upper_policies(service_threshold), SINGLE: Single()}
 
 
 def unit(args: tuple[str, int, tuple[float, ...], Callable[[], dict[str, object]], Topology]) -> list[dict]:
@@ -164,14 +168,14 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def run(quick: bool, only: list[str] | None, topo: Topology = Topology()) -> dict:
+def run(quick: bool, only: list[str] | None, topo: Topology = Topology(), service_threshold: float | None = None) -> dict:
     sets = {k: (tuple(w for w in ws if not only or w in only), seeds[:1] if quick else seeds) for k, (ws, seeds) in SETS.items()}
     rates = (1.0, 4.0) if quick else RATES
-    rows = simulate(sets, rates, topo=topo)
+    rows = simulate(sets, rates, policies=partial(eval_policies, service_threshold), topo=topo)
     agg = cells(rows)
     return {
         "benchmark": "eval", "sets": {k: {"workloads": list(ws), "seeds": list(s)} for k, (ws, s) in sets.items()},
-        "topology": vars(topo), "service_model": vars(ServiceModel()), "rates": list(rates), "levels": dict(LEVELS),
+        "topology": vars(topo), "service_cache_threshold": service_threshold, "service_model": vars(ServiceModel()), "rates": list(rates), "levels": dict(LEVELS),
         "targets": {"hit_slack": HIT_SLACK, "ttft_factor": TTFT_FACTOR, "hit_rivals": list(HIT_RIVALS), "ttft_rivals": list(TTFT_RIVALS)},
         "cells": [{"set": k[0], "workload": k[1], "capacity": k[2], "rate": k[3], "policy": k[4], **v} for k, v in agg.items()],
         "verdicts": verdicts(agg),
@@ -287,16 +291,23 @@ def _threshold_words(result: dict) -> tuple[str, str]:
     return (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
 
 
+def _service(result: dict) -> float | None:
+    """The service's --cache-threshold of a run (every rule of this project), when not its default."""
+    return result.get("service_cache_threshold")
+
+
 def _topology(result: dict) -> str:
-    t = _threshold(result)
+    t, own = _threshold(result), _service(result)
     return (f"{result['topology']['routers']} SGLang routers x {result['topology']['workers']} workers"
-            + (f", each router at `--cache-threshold {t:g}`" if t is not None else ""))
+            + (f", each router at `--cache-threshold {t:g}`" if t is not None else "")
+            + (f", the service at `--cache-threshold {own:g}`" if own is not None else ""))
 
 
 def _shape(result: dict) -> str:
-    """The short label of a run's set-up in the topologies table (``3x3``, ``3x3, routers at 0.7``)."""
-    t = _threshold(result)
-    return _rxw(result) + (f", routers' threshold {t:g}" if t is not None else "")
+    """The short label of a run's set-up in the topologies table (``3x3``, ``3x3, routers' threshold
+    0.7``, ``3x3, routers' threshold 0.7, the service's 0.7``)."""
+    t, own = _threshold(result), _service(result)
+    return _rxw(result) + (f", routers' threshold {t:g}" if t is not None else "") + (f", the service's {own:g}" if own is not None else "")
 
 
 def _rxw(result: dict) -> str:
@@ -304,10 +315,12 @@ def _rxw(result: dict) -> str:
     return f"{result['topology']['routers']}x{result['topology']['workers']}"
 
 
-def topology_name(topo: Topology) -> str:
+def topology_name(topo: Topology, service_threshold: float | None = None) -> str:
     """The results file of an evaluation on a set-up other than the default's (``eval-3x3``,
-    ``eval-3x3-threshold0.7`` with the routers at another --cache-threshold)."""
-    return f"eval-{topo.routers}x{topo.workers}{threshold_suffix(topo)}"
+    ``eval-3x3-threshold0.7`` with the routers at another --cache-threshold,
+    ``eval-3x3-threshold0.7-service0.7`` with the service at another one too)."""
+    own = "" if service_threshold is None else f"-service{service_threshold:g}"
+    return f"eval-{topo.routers}x{topo.workers}{threshold_suffix(topo)}{own}"
 
 
 def _runs_on_record(benchmark: str) -> list[Path]:
@@ -530,18 +543,22 @@ def main(argv: list[str] | None = None) -> dict:
                    help="routers x workers per router; other than the default's, results go to eval-RxW.json and a section of REPORT.md")
     p.add_argument("--router-cache-threshold", type=float, default=Topology.router_threshold, metavar="X",
                    help="each simulated sglang-router's --cache-threshold (its default 0.3); other than that, results go to eval-RxW-thresholdX.json")
+    p.add_argument("--service-cache-threshold", type=float, metavar="X",
+                   help="the service's --cache-threshold, for every rule of this project (its default "
+                        f"{DEFAULTS.cache_threshold:g}); results go to eval-RxW[-thresholdX]-serviceX.json")
     a = p.parse_args(argv)
     topo = replace(a.topology, router_threshold=a.router_cache_threshold)
+    own = a.service_cache_threshold
     if a.report_only:
         result = _read(RESULTS / "eval.json")
         (RESULTS / "REPORT.md").write_text(report(result))
         print(f"wrote {RESULTS / 'REPORT.md'}")
         return result
-    result = run(a.quick, a.workload, topo)
-    if topo != Topology():
-        write(topology_name(topo), result)
+    result = run(a.quick, a.workload, topo, own)
+    if topo != Topology() or own is not None:
+        write(topology_name(topo, own), result)
         (RESULTS / "REPORT.md").write_text(report(_read(RESULTS / "eval.json")))
-        print(f"wrote {RESULTS / topology_name(topo)}.json and its section of {RESULTS / 'REPORT.md'}")
+        print(f"wrote {RESULTS / topology_name(topo, own)}.json and its section of {RESULTS / 'REPORT.md'}")
         print("\n".join(summary_lines(result)))
         return result
     write("eval", result)

@@ -693,3 +693,30 @@ def test_the_simulated_default_is_the_services_default():
     assert (default.book.family_turns, default.book.threshold, default.sample) == (
         DEFAULTS.move_family_turns, DEFAULTS.cache_threshold, DEFAULTS.observe_sample)
     assert type(policies["prefix-router/no-move"]) is PrefixRouter
+
+
+def test_the_services_threshold_reaches_every_rule_of_this_project():
+    """``bench.eval --service-cache-threshold X`` (an operator raising the service's threshold with
+    the routers'): every rule of this project decides at X, the default's session book included,
+    the rivals are untouched, and the run gets a results file and a label of its own."""
+    import bench.eval as ev
+    from bench.sim.policies import TrueCache
+    from extproc.config import DEFAULTS
+
+    raised = ev.eval_policies(0.7)
+    ours = {n: p for n, p in raised.items() if isinstance(p, PrefixRouter)}
+    assert "prefix-router" in ours and "prefix-router/no-move" in ours and len(ours) >= 8
+    assert {p.cfg.cache_threshold for p in ours.values()} == {0.7}
+    assert raised["prefix-router"].book.threshold == 0.7
+    # the other settings of each rule stay its own
+    assert raised["prefix-router/creator"].cfg.hit_choice == "creator"
+    assert raised["prefix-router/knee-0"].cfg.continuation_knee == 0
+    assert isinstance(raised["true-cache-cost"], TrueCache)
+    # without the option, the service's default
+    assert {p.cfg.cache_threshold for p in ev.eval_policies().values() if isinstance(p, PrefixRouter)} == {DEFAULTS.cache_threshold}
+    assert ev.topology_name(ev.Topology(router_threshold=0.7), 0.7) == "eval-4x2-threshold0.7-service0.7"
+    assert ev.topology_name(ev.Topology(3, 3), 0.5) == "eval-3x3-service0.5"
+    run = {"topology": vars(ev.Topology(3, 3, router_threshold=0.7)), "service_cache_threshold": 0.7}
+    assert ev._shape(run) == "3x3, routers' threshold 0.7, the service's 0.7"
+    assert "the service at `--cache-threshold 0.7`" in ev._topology(run)
+    assert ev._shape({"topology": vars(ev.Topology(3, 3))}) == "3x3"

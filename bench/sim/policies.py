@@ -196,26 +196,33 @@ class Single:
         return 0
 
 
-def upper_policies() -> dict[str, object]:
+def upper_policies(service_threshold: float | None = None) -> dict[str, object]:
     """Fresh instances, keyed by the names the report uses. ``prefix-router`` is the shipped
-    default; the ``prefix-router/...`` variants are its alternatives, kept selectable."""
+    default; the ``prefix-router/...`` variants are its alternatives, kept selectable.
+    ``service_threshold``: the service's ``--cache-threshold`` for every rule of this project,
+    when not its default (an operator raising it with the routers' own)."""
+    own = {} if service_threshold is None else {"cache_threshold": service_threshold}
+
+    def cfg(**overrides: object) -> PolicyConfig:
+        return policy_config(**own, **overrides)
+
     return {
         # the default follows sessions (--move-evicted-sessions), reading the responses of the
         # turns it could move (duplex mode)
-        "prefix-router": MovingSessions(),
-        "prefix-router/template": PrefixRouter(form="template"),
-        "prefix-router/creator": PrefixRouter(policy_config(hit_choice="creator")),
-        "prefix-router/least-loaded-hit": PrefixRouter(policy_config(hit_choice="least_loaded")),
-        "prefix-router/sglang-0.3.2": PrefixRouter(policy_config(hit_choice="creator", tie_break="first")),
+        "prefix-router": MovingSessions(cfg=cfg()),
+        "prefix-router/template": PrefixRouter(cfg(), form="template"),
+        "prefix-router/creator": PrefixRouter(cfg(hit_choice="creator")),
+        "prefix-router/least-loaded-hit": PrefixRouter(cfg(hit_choice="least_loaded")),
+        "prefix-router/sglang-0.3.2": PrefixRouter(cfg(hit_choice="creator", tie_break="first")),
         # earlier defaults: only whole prompts continuing (no tail), the rule without its continuation
         # term, and an earlier round's tuning winner, which the held-out set did not confirm
-        "prefix-router/previous-default": PrefixRouter(policy_config(continuation_tail=0)),
-        "prefix-router/knee-0": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0)),
-        "prefix-router/slack-3": PrefixRouter(policy_config(continuation_knee=0, continuation_tail=0, inflight_slack=3, inflight_cost_chars=1536)),
+        "prefix-router/previous-default": PrefixRouter(cfg(continuation_tail=0)),
+        "prefix-router/knee-0": PrefixRouter(cfg(continuation_knee=0, continuation_tail=0)),
+        "prefix-router/slack-3": PrefixRouter(cfg(continuation_knee=0, continuation_tail=0, inflight_slack=3, inflight_cost_chars=1536)),
         # the default with every response read (--observe-sample 1), and without following
         # sessions (--no-move-evicted-sessions: the default until this round)
-        "prefix-router/move-evicted": MovingSessions(sample=1.0),
-        "prefix-router/no-move": PrefixRouter(),
+        "prefix-router/move-evicted": MovingSessions(sample=1.0, cfg=cfg()),
+        "prefix-router/no-move": PrefixRouter(cfg()),
         "round-robin": RoundRobin(),
         "random": Random(),
         "least-loaded": LeastLoaded(),
@@ -233,8 +240,8 @@ class MovingSessions(PrefixRouter):
     the others (``--observe-sample``).
     ``reads`` counts the responses read, ``decisions`` the requests: the reading's cost."""
 
-    def __init__(self, family_turns: float = 6.0, sample: float = 0.0, seed: int = 0) -> None:
-        super().__init__()
+    def __init__(self, family_turns: float = 6.0, sample: float = 0.0, seed: int = 0, cfg: PolicyConfig = policy_config()) -> None:
+        super().__init__(cfg)
         self.book = SessionBook(self.cfg.cache_threshold, family_turns)
         self.sample, self.sampler, self.rule = sample, random.Random(seed), FeedbackRule()
         self.pending: dict[int, tuple[Session, int, int, int]] = {}

@@ -5,16 +5,21 @@
 
 Envoy spreads ext_proc streams over the replicas: here request i goes to replica i mod N (round
 robin), so a conversation's turns are decided by different replicas. Each replica runs the
-project's own policy code (the cost rule; no session book: a replica's book follows only the turns
-it decides one after another, README "Sessions are not shared") over its own tree and its own
-in-flight counts:
+project's own policy code over its own tree and its own in-flight counts:
 
 - ``synced`` (``--sync-url``): a replica's placements and in-flight changes reach its peers
   ``delay`` seconds later (0, 1, 10, 100 ms), as the sync link delivers them; each replica's load
   is its own count plus what it has heard of its peers';
 - ``independent``: no sync, each replica sees only its own placements and its own requests.
 
-N = 1 is the single replica both are compared with. Topology, service model and capacity as in
+These run the cost rule alone (``--no-move-evicted-sessions``). The default follows sessions as
+well (``--move-evicted-sessions``), each replica with its own book, read responses as
+``SessionBook.worth_reading`` picks them (duplex mode): ``sessions shared`` synced 1 ms, each book
+following its peers' placements and hearing their moves and reports as the sync link carries them
+(``sessions.follow_placement``, ``sessions.apply_note``), against ``sessions not shared`` (synced 1
+ms, each book following only the turns its replica decides: the service before it shared them).
+
+N = 1 is the single replica each is compared with (with a book for the rows that have one). Topology, service model and capacity as in
 ``bench.eval`` (4 routers x 2 workers, capacity ``quarter``), at twice each workload's own arrival
 speed, so that load matters; three seeds, mean and spread (min..max) reported.
 """
@@ -28,7 +33,9 @@ import time
 from collections import Counter, deque
 
 from extproc.config import DEFAULTS
+from extproc.feedback import FeedbackRule, is_stale, observed_chars
 from extproc.policy import decide
+from extproc.sessions import SessionBook, apply_note, decide_following, follow_placement, reference, report
 from extproc.tree import RadixTree
 
 from .common import write
@@ -40,15 +47,22 @@ SEEDS = (7, 8, 9)
 REPLICAS = (1, 2, 4, 8)
 DELAYS_MS = (0, 1, 10, 100)
 RATE = 2.0
+SHARED, NOT_SHARED = "synced 1 ms, sessions shared", "synced 1 ms, sessions not shared"
 
 
 class Replicas:
-    """N replicas of prefix-router's policy, round robin, synced after ``delay`` or not at all."""
+    """N replicas of prefix-router's policy, round robin, synced after ``delay`` or not at all;
+    ``books``: each follows sessions (the default), ``share`` them with its peers or not."""
 
-    def __init__(self, n: int, delay: float | None) -> None:
+    def __init__(self, n: int, delay: float | None, books: bool = False, share: bool = True) -> None:
         self.n, self.delay = n, delay  # delay None: independent
         self.cfg = DEFAULTS.policy()
         self.trees = [RadixTree() for _ in range(n)]
+        self.books = [SessionBook(self.cfg.cache_threshold, DEFAULTS.move_family_turns) for _ in range(n)] if books else None
+        self.share = share
+        self.reading: dict[int, tuple] = {}  # responses read for a book: (session, turn, predicted, length, ref)
+        self.rule = FeedbackRule()
+        self.moves = self.reads = self.notes_unknown = 0
         self.own: list[Counter] = [Counter() for _ in range(n)]
         self.heard: list[Counter] = [Counter() for _ in range(n)]  # peers' counts as heard by each replica
         self.pending: deque = deque()  # (due, source, kind, payload) in the order sent
@@ -65,8 +79,13 @@ class Replicas:
                 if kind == "count":
                     router, delta = payload
                     self.heard[dst][router] += delta
+                elif kind == "note":
+                    if self.books is not None and self.share:
+                        self.notes_unknown += not apply_note(self.books[dst], *payload)
                 else:
                     partition, text, router = payload
+                    if self.books is not None and self.share:
+                        follow_placement(self.books[dst], self.trees[dst], partition, text, self.cfg)
                     self.trees[dst].insert(partition, text, router, now)
 
     def _send(self, now: float, src: int, kind: str, payload) -> None:
@@ -79,17 +98,45 @@ class Replicas:
         self.next = (self.next + 1) % self.n
         routers = [str(r) for r in range(len(sim.routers))]
         loads = {r: self.own[i][r] + self.heard[i][r] for r in routers}
-        d = decide(self.trees[i], loads, p.partition, p.sglang_text, sim.now, self.cfg, sim.rng)
+        note = None
+        if self.books is None:
+            d = decide(self.trees[i], loads, p.partition, p.sglang_text, sim.now, self.cfg, sim.rng)
+        else:
+            d, note = self._following(i, p, loads, sim)
         self.last_reason = d.reason
         self.own[i][d.upstream] += 1
         self.owner[id(p)] = i
         self._send(sim.now, i, "count", (d.upstream, 1))
         if p.sglang_text:
             self._send(sim.now, i, "place", (p.partition, p.sglang_text, d.upstream))
+        if note is not None:  # after the placement it names, as the sync link sends them
+            self._send(sim.now, i, "note", note)
         return int(d.upstream)
+
+    def _following(self, i: int, p, loads: dict[str, int], sim) -> tuple:
+        """The default's decision at replica ``i`` (its book), the read its response gets, and the
+        note of a move for the peers."""
+        book, text = self.books[i], p.sglang_text
+        d, s, moved = decide_following(book, self.trees[i], loads, p.partition, text, self.cfg, sim.rng)
+        if text:
+            self.trees[i].insert(p.partition, text, d.upstream, sim.now)
+        if s is None:
+            return d, None
+        ref = reference(p.partition, text, s)
+        if book.worth_reading(s, d.text_len):
+            self.reads += 1
+            self.reading[id(p)] = (s, s.turns, d.matched, d.text_len, ref)
+        self.moves += moved
+        return d, (ref, "moved") if moved else None
 
     def finished(self, p, r: int, sim) -> None:
         self._deliver(sim.now)
+        rec = self.reading.pop(id(p), None)
+        if rec is not None:
+            s, turn, predicted, length, ref = rec
+            evicted = is_stale(predicted, observed_chars(sim.last_hit, p.prompt_tokens, length), self.rule)
+            if report(s, turn, evicted):
+                self._send(sim.now, self.owner[id(p)], "note", (ref, "evicted" if evicted else "cached"))
         i = self.owner.pop(id(p))
         self.own[i][str(r)] -= 1
         self._send(sim.now, i, "count", (str(r), -1))
@@ -98,8 +145,9 @@ class Replicas:
 def run(quick: bool) -> dict:
     seeds = SEEDS[:1] if quick else SEEDS
     names = ["multi_turn", "shared_prefix", "taubench"] if quick else list(WORKLOADS)
-    variants = [(1, "single", None)] + [(n, f"synced {d} ms", d / 1000) for n in REPLICAS[1:] for d in DELAYS_MS] + \
-               [(n, "independent", None) for n in REPLICAS[1:]]
+    variants = [(1, "single", None, False, True)] + [(n, f"synced {d} ms", d / 1000, False, True) for n in REPLICAS[1:] for d in DELAYS_MS] + \
+               [(n, "independent", None, False, True) for n in REPLICAS[1:]] + [(1, "single, sessions followed", None, True, True)] + \
+               [(n, v, 0.001, True, v == SHARED) for n in REPLICAS[1:] for v in (SHARED, NOT_SHARED)]
     rows = []
     for name in names:
         t0 = time.time()
@@ -107,11 +155,12 @@ def run(quick: bool) -> dict:
             prepared = prepare(WORKLOADS[name](random.Random(seed)))
             cap = capacities(prepared)["quarter"]
             topo = Topology(capacity_tokens=cap)
-            for n, label, delay in variants:
-                upper = Replicas(n, delay if label != "independent" else None)
+            for n, label, delay, books, share in variants:
+                upper = Replicas(n, delay if label != "independent" else None, books, share)
                 r = Sim(prepared, upper, topo, ServiceModel(), seed=seed, rate_scale=RATE).run()
-                rows.append({"workload": name, "seed": seed, "replicas": n, "variant": label,
-                             "hit_ratio": r["hit_ratio"], "ttft_p90_s": r["ttft_p90_s"], "requests": r["requests"]})
+                rows.append({"workload": name, "seed": seed, "replicas": n, "variant": label, "books": books,
+                             "hit_ratio": r["hit_ratio"], "ttft_p90_s": r["ttft_p90_s"], "requests": r["requests"],
+                             "moves": upper.moves, "reads": upper.reads, "notes_unknown": upper.notes_unknown})
         print(f"{name}: {time.time() - t0:.1f}s", flush=True)
     return {"benchmark": "replicas", "seeds": list(seeds), "rate": RATE, "capacity": "quarter", "rows": rows, "summary": summarize(rows)}
 
@@ -123,13 +172,15 @@ def summarize(rows: list[dict]) -> list[dict]:
     keys = dict.fromkeys((r["workload"], r["replicas"], r["variant"]) for r in rows)
     for w, n, v in keys:
         mine = [r for r in rows if (r["workload"], r["replicas"], r["variant"]) == (w, n, v)]
-        base = {r["seed"]: r for r in rows if r["workload"] == w and r["replicas"] == 1}
+        books = mine[0].get("books", False)
+        base = {r["seed"]: r for r in rows if r["workload"] == w and r["replicas"] == 1 and r.get("books", False) == books}
         loss = [100 * (base[r["seed"]]["hit_ratio"] - r["hit_ratio"]) for r in mine]
         hits = [r["hit_ratio"] for r in mine]
         ttft = [r["ttft_p90_s"] for r in mine]
         out.append({"workload": w, "replicas": n, "variant": v, "hit_ratio_mean": statistics.mean(hits),
                     "hit_ratio_min": min(hits), "hit_ratio_max": max(hits), "loss_points_mean": statistics.mean(loss),
-                    "loss_points_max": max(loss), "ttft_p90_mean_s": statistics.mean(ttft)})
+                    "loss_points_max": max(loss), "ttft_p90_mean_s": statistics.mean(ttft),
+                    "moves_mean": statistics.mean(r.get("moves", 0) for r in mine)})
     return out
 
 
@@ -150,6 +201,26 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def sessions_table(result: dict) -> str:
+    """README table: the default (sessions followed) with replicas synced 1 ms, its sessions shared
+    or not: loss in hit-ratio points against one replica with its book, and sessions moved per run."""
+    s = result["summary"]
+    workloads = list(dict.fromkeys(r["workload"] for r in s))
+    cols = [(n, v) for n in REPLICAS[1:] for v in (SHARED, NOT_SHARED)]
+    lines = ["| workload | 1 replica: hit / moves | " + " | ".join(f"{n} {v.split(', ')[1]}" for n, v in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for w in workloads:
+        one = next((r for r in s if (r["workload"], r["replicas"], r["variant"]) == (w, 1, "single, sessions followed")), None)
+        if one is None:
+            continue
+        cells = []
+        for n, v in cols:
+            r = next(r for r in s if (r["workload"], r["replicas"], r["variant"]) == (w, n, v))
+            cells.append(f"{-r['loss_points_mean']:+.1f} (worst {-r['loss_points_max']:+.1f}) / {r['moves_mean']:.1f}")
+        lines.append(f"| {w} | {one['hit_ratio_mean']:.3f} / {one['moves_mean']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.replicas")
     p.add_argument("--quick", action="store_true")
@@ -161,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
             worst[r["workload"]] = max(worst.get(r["workload"], -1e9), r["loss_points_max"])
     result["worst_synced_loss_up_to_10ms_points"] = worst
     print(table(result))
+    print(sessions_table(result))
     print(f"wrote {write('replicas', result)}")
     return result
 

@@ -6,7 +6,8 @@
   its in-flight counts) and for its finish, at routing texts of 2 KB, 8 KB and 32 KB, one decision
   per event-loop turn (the worst case: a burst shares one message) and 16 per turn.
 - **CPU**: encoding a decision's event; decoding and applying a peer's event (a placement into the
-  tree) against the local insert the deciding replica does anyway.
+  tree, followed first by the session book, ``--move-evicted-sessions`` being on by default; and
+  without the book) against the local insert the deciding replica does anyway.
 - **Snapshots**: a tree filled to ``--max-tree-size`` (the default, 64 Mi characters, per upstream,
   two upstreams) with conversations that share system prompts; the time to walk and compress it
   (what the serving replica spends, in slices between decisions), its size, and the time to load
@@ -31,8 +32,8 @@ POOL = ["10.0.0.1:30000", "10.0.0.2:30000"]
 RID = "0123456789abcdef"
 
 
-def director() -> Director:
-    d = Director(build({"upstreams": POOL}, env={}), seed=1)
+def director(**overrides: str) -> Director:
+    d = Director(build({"upstreams": POOL, **overrides}, env={}), seed=1)
     d.set_upstreams(POOL)
     return d
 
@@ -56,6 +57,9 @@ def wire_and_cpu() -> list[dict]:
         evs = [decode_event(m, 1 << 20) for m in one]
         dec = per_call(lambda: decode_event(one[0], 1 << 20))
         app = per_call(lambda: d.apply(replace(evs[0], seq=next(seq))))
+        plain = director(move_evicted_sessions="false")  # no book to follow the placement
+        plain._insert("p" * 32, base, POOL[0], 0.0)
+        app_plain = per_call(lambda: plain.apply(replace(evs[0], seq=next(seq))))
         d2 = director()
         d2._insert("p" * 32, base, POOL[0], 0.0)
         k = iter(range(1 << 30))
@@ -63,7 +67,7 @@ def wire_and_cpu() -> list[dict]:
         row = {"routing_text_chars": size, "bytes_per_decision_one_per_message": sum(map(len, one)) / len(one) + len(finish),
                "bytes_per_decision_16_per_message": sum(map(len, batch)) / 16 + len(finish),
                "encode_us": enc["median_s"] * 1e6, "decode_peer_event_us": dec["median_s"] * 1e6,
-               "apply_peer_event_us": app["median_s"] * 1e6,
+               "apply_peer_event_us": app["median_s"] * 1e6, "apply_peer_event_no_book_us": app_plain["median_s"] * 1e6,
                "local_insert_us": local["median_s"] * 1e6}
         print(row, flush=True)
         rows.append(row)

@@ -28,8 +28,8 @@ from .payload import RoutingInput, routing_input
 from .policy import NEW_SESSIONS, Decision, continues, costs, decide, least_loaded, session_kind
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
-from .sessions import Session, SessionBook, decide_following, moved_if_due, report
-from .syncwire import REPLICA_ID, Event, SnapshotRecord
+from .sessions import Ref, Session, SessionBook, apply_note, decide_following, follow_placement, moved_if_due, reference, report
+from .syncwire import MAX_REQUEST_ID, REPLICA_ID, Event, SessionNote, SnapshotRecord
 from .tree import RadixTree
 
 log = logs.get("prefix_router.director")
@@ -71,6 +71,7 @@ class RequestInfo:
     # the session its report goes to, and at which of its turns (--move-evicted-sessions)
     session: Session | None = None
     session_turn: int = 0
+    session_ref: Ref | None = None  # how peers name the session (--sync-url)
     # its response is read as one of the --observe-sample share (not only for the session's book)
     sampled: bool = False
 
@@ -129,7 +130,7 @@ class Director:
         # request id -> (session, turn, sampled) of a request whose response another stream will
         # read (duplex mode's observing filter): where that report goes, and whether it is one of
         # the --observe-sample share. Bounded, oldest dropped.
-        self.awaiting_reports: OrderedDict[str, tuple[Session, int, bool]] = OrderedDict()
+        self.awaiting_reports: OrderedDict[str, tuple[Session, int, bool, Ref | None]] = OrderedDict()
         self._configure_book(cfg)
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
         # instead of at the next interval.
@@ -260,7 +261,7 @@ class Director:
         request by its id only: keep the session its report must reach, and whether it was sampled."""
         if info.session is None or not info.request_id:
             return
-        self.awaiting_reports[info.request_id] = (info.session, info.session_turn, info.sampled)
+        self.awaiting_reports[info.request_id] = (info.session, info.session_turn, info.sampled, info.session_ref)
         if len(self.awaiting_reports) > MAX_AWAITING_REPORTS:
             self.awaiting_reports.popitem(last=False)
 
@@ -272,10 +273,14 @@ class Director:
         up = info.upstream
         if not up or up not in self.pool.upstreams:
             return
-        session, turn, sampled = info.session, info.session_turn, info.sampled
+        session, turn, sampled, ref = info.session, info.session_turn, info.sampled, info.session_ref
+        forward = False
         if session is None:  # read on the observing stream: only reads for the book are not sampled
             found = self.awaiting_reports.pop(info.request_id, None) if info.request_id else None
-            session, turn, sampled = found or (None, 0, True)
+            session, turn, sampled, ref = found or (None, 0, True, None)
+            # Envoy opened the observing stream to another replica than the deciding one: the
+            # session is there (--sync-url)
+            forward = found is None and bool(info.request_id) and self.outbox is not None and self.book is not None
         metrics.OBSERVATIONS.labels("read").inc()
         if sampled:
             metrics.OBSERVED_PROMPT.labels(up).inc(prompt_tokens)
@@ -295,7 +300,20 @@ class Director:
             if self.cfg.observe_feedback:
                 self._feed_back(up, info.matched, observed)
         if session is not None:
-            report(session, turn, is_stale(info.matched, observed, self.feedback_rule))
+            self._report(session, turn, ref, is_stale(info.matched, observed, self.feedback_rule))
+        elif forward:
+            if len(info.request_id) <= MAX_REQUEST_ID:
+                self.outbox.report(info.request_id, is_stale(info.matched, observed, self.feedback_rule))
+            else:
+                metrics.SYNC_SESSIONS.labels("forwarded_report", "request_id_too_long").inc()
+
+    def _report(self, session: Session, turn: int, ref: Ref | None, evicted: bool) -> None:
+        """A session's report, told to the peers' books too when it counts here (--sync-url)."""
+        if report(session, turn, evicted) and ref is not None and self.outbox is not None:
+            self._note(ref, "evicted" if evicted else "cached")
+
+    def _note(self, ref: Ref, kind: str) -> None:
+        self.outbox.note(SessionNote(*ref, kind))
 
     def _feed_back(self, up: str, predicted: int, observed: float) -> None:
         """Shrink the upstream's share of the tree on a stale report, grow it back on another
@@ -333,15 +351,22 @@ class Director:
             log.warning("no_routing_text", request_id=info.request_id, reason=ri.reason, path=info.path.split("?", 1)[0])
         elif self.cfg.log_prompts and ri.text:
             log.debug("routing_text", request_id=info.request_id, text=ri.text)
+        moved = False
         if self.book is None:
             decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False)
         else:
             decision, info.session, moved = decide_following(self.book, self.tree, loads, ri.partition, ri.text, self.policy, self.rng)
             info.session_turn = info.session.turns if info.session is not None else 0
+            if info.session is not None and self.outbox is not None and (
+                    moved or self.cfg.observe_sample > 0 or self.book.worth_reading(info.session, len(ri.text))):
+                # the name peers know the session by, kept only where a note may need it
+                info.session_ref = reference(ri.partition, ri.text, info.session)
             if moved:
                 metrics.SESSION_MOVES.inc()
                 log.info("session_moved", request_id=info.request_id, upstream=decision.upstream)
         self._learn(ri.partition, ri.text, decision.upstream)
+        if moved and info.session_ref is not None:  # after the placement it names
+            self._note(info.session_ref, "moved")
         return decision
 
     def _learn(self, partition: str, text: str, upstream: str) -> None:
@@ -453,14 +478,28 @@ class Director:
         return seen, missed
 
     def learn_from(self, ev: Event) -> None:
-        """Insert a peer's placements, for upstreams in this pool only, within the budget."""
+        """Insert a peer's placements, for upstreams in this pool only, within the budget, each
+        followed by the session book first (``sessions.follow_placement``); then apply the
+        peer's notes on sessions."""
         now = time.monotonic()
+        book = self.book
         for p in ev.placements:
             if p.upstream in self.pool:
+                if book is not None:
+                    follow_placement(book, self.tree, p.partition, p.text, self.policy)
                 self._insert(p.partition, p.text, p.upstream, now)
             else:
                 metrics.SYNC_REJECTED.labels("unknown_upstream").inc()
         metrics.SYNC_PLACEMENTS.labels("received").inc(len(ev.placements))
+        for n in ev.sessions:
+            found = book is not None and apply_note(book, (n.partition, n.end, n.tail, n.anchor), n.kind)
+            metrics.SYNC_SESSIONS.labels(n.kind, "applied" if found else "unknown").inc()
+        for request_id, evicted in ev.reports:  # every replica hears them; the one awaiting it applies it
+            awaiting = self.awaiting_reports.pop(request_id, None)
+            metrics.SYNC_SESSIONS.labels("forwarded_report", "not_here" if awaiting is None else "applied").inc()
+            if awaiting is not None:
+                session, turn, _, ref = awaiting
+                self._report(session, turn, ref, evicted)
 
     def expire_peers(self) -> list[str]:
         """Drop peers silent past ``sync_peer_timeout_secs``, with their counts. The access-log

@@ -104,6 +104,13 @@ RELOADS = Counter("prefix_router_config_reloads", "Configuration reloads by resu
 SYNC_MESSAGES = Counter("prefix_router_sync_messages", "Sync events sent and received", ["direction"])
 SYNC_BYTES = Counter("prefix_router_sync_bytes", "Bytes of sync events sent and received", ["direction"])
 SYNC_PLACEMENTS = Counter("prefix_router_sync_placements", "Placements shared with peers (sent) and applied from them (received)", ["direction"])
+SYNC_SESSIONS = Counter(
+    "prefix_router_sync_session_notes",
+    "Notes on followed sessions (--move-evicted-sessions) sent to peers and received from them, by kind (moved, evicted, cached) "
+    "and result (sent; applied; unknown: this replica's book does not keep the session under the prompt named, "
+    "because it forgot it, never saw its turns, or already decided its next turn)",
+    ["kind", "result"],
+)
 SYNC_REJECTED = Counter("prefix_router_sync_rejected", "Sync messages or items dropped as malformed or foreign, by reason", ["reason"])
 SYNC_DROPPED = Counter(
     "prefix_router_sync_dropped",

@@ -21,7 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from .syncwire import Placement
+from .syncwire import Placement, SessionNote
 
 
 GONE_KEPT = 1024  # silent peers remembered
@@ -114,7 +114,7 @@ class Peers:
 @dataclass
 class Outbox:
     """What this replica has to tell its peers (placements, finish reports for their tickets,
-    ejections, lost reports); ``wake`` is called when something is added
+    ejections, lost reports, notes on followed sessions); ``wake`` is called when something is added
     (the link then sends at the end of the event loop's turn, batching a burst)."""
 
     limit: int
@@ -122,6 +122,8 @@ class Outbox:
     placements: list[Placement] = field(default_factory=list)
     finishes: list[tuple[str, str]] = field(default_factory=list)
     ejections: list[tuple[str, float]] = field(default_factory=list)
+    sessions: list[SessionNote] = field(default_factory=list)
+    reports: list[tuple[str, bool]] = field(default_factory=list)
     lost: bool = False
     dirty: bool = False  # counts changed since the last message
     dropped: int = 0  # placements or finishes refused at the limit since the last take
@@ -152,6 +154,24 @@ class Outbox:
             self.ejections.append((upstream, seconds))
         self.changed()
 
+    def note(self, n: SessionNote) -> None:
+        """A session moved, or its report read: peers' books must know before its next turn."""
+        if len(self.sessions) >= self.limit:
+            self.dropped += 1
+        else:
+            self.sessions.append(n)
+        self.changed()
+        self.urgent()
+
+    def report(self, request_id: str, evicted: bool) -> None:
+        """A response read here for a request another replica decided: its session is there."""
+        if len(self.reports) >= self.limit:
+            self.dropped += 1
+        else:
+            self.reports.append((request_id, evicted))
+        self.changed()
+        self.urgent()
+
     def reports_lost(self) -> None:
         self.lost = True
         self.changed()
@@ -161,8 +181,9 @@ class Outbox:
             self.dirty = True
             self.wake()
 
-    def take(self) -> tuple[list[Placement], list[tuple[str, str]], bool, int, list[tuple[str, float]]]:
-        out = (self.placements, self.finishes, self.lost, self.dropped, self.ejections)
-        self.placements, self.finishes, self.lost, self.dirty, self.dropped, self.ejections = [], [], False, False, 0, []
+    def take(self) -> tuple[list[Placement], list[tuple[str, str]], bool, int, list[tuple[str, float]], list[SessionNote], list[tuple[str, bool]]]:
+        out = (self.placements, self.finishes, self.lost, self.dropped, self.ejections, self.sessions, self.reports)
+        self.placements, self.finishes, self.lost, self.dirty, self.dropped = [], [], False, False, 0
+        self.ejections, self.sessions, self.reports = [], [], []
         self.chars = 0
         return out

@@ -25,6 +25,11 @@ length and last characters, and its own first words after the shared prefix), a 
 them (the least recently continued go first). A turn that edits its history instead is not
 followed, and its session is lost to the book. Pure bookkeeping: the director and the simulator
 call the same functions.
+
+With replicas (``--sync-url``) Envoy spreads a conversation's turns over them, so each book
+follows its peers' placements as it follows its own decisions (:func:`follow_placement`), and
+peers tell each other of moves and reports (:func:`apply_note`), naming a session by its latest
+prompt (:data:`Ref`, from which each process makes its own key).
 """
 
 from __future__ import annotations
@@ -51,7 +56,17 @@ ANCHOR = 64
 
 def _key(partition: str, text: str, end: int) -> int:
     """The book's key for the prompt ``text[:end]``."""
-    return hash((partition, end, text[max(0, end - KEY_TAIL) : end]))
+    return _key_of(partition, end, text[max(0, end - KEY_TAIL) : end])
+
+
+def _key_of(partition: str, end: int, tail: str) -> int:
+    """The key of a prompt of ``end`` characters ending with ``tail`` (its last ``KEY_TAIL``): what
+    peers name a session's latest prompt by (``Ref``); Python's salted ``hash()`` of it is never
+    sent, each process makes its own."""
+    return hash((partition, end, tail))
+
+
+Ref = tuple[str, int, str, str]  # (partition, end, tail, anchor): a session by its latest prompt, for peers
 
 
 @dataclass(slots=True, eq=False)
@@ -184,6 +199,13 @@ class SessionBook:
     def _moves(self, s: Session, text_len: int, family_mean: float) -> bool:
         return s.evicted and self._candidate(s, text_len, family_mean)
 
+    def find(self, ref: Ref) -> Session | None:
+        """The session a peer names (``ref``), if the book keeps it under that prompt: a peer's
+        note on a session whose next turn already reached this book names a prompt it has left."""
+        partition, end, tail, anchor = ref
+        bucket = self.sessions.get(_key_of(partition, end, tail))
+        return next((c for c in bucket if c.anchor == anchor), None) if bucket else None
+
     def keep(self, partition: str, text: str, s: Session) -> None:
         """Keep the session under its latest prompt."""
         key = _key(partition, text, len(text))
@@ -196,14 +218,48 @@ class SessionBook:
             self.kept -= len(gone)
 
 
-def report(s: Session, turn: int, evicted: bool) -> None:
-    """What the response of the session's turn ``turn`` reported. The latest turn's report counts,
-    even when it arrives after the next turn was decided (a client sends its next turn as soon as
-    it has read the response, often before the service has read the same response's end): the
-    worker that evicted the history then is the one holding the session still. A report older
-    than the one counted is ignored."""
-    if turn >= s.reported:
-        s.evicted, s.reported = evicted, turn
+def report(s: Session, turn: int, evicted: bool) -> bool:
+    """What the response of the session's turn ``turn`` reported; whether it counted. The latest
+    turn's report counts, even when it arrives after the next turn was decided (a client sends its
+    next turn as soon as it has read the response, often before the service has read the same
+    response's end): the worker that evicted the history then is the one holding the session
+    still. A report older than the one counted is ignored."""
+    if turn < s.reported:
+        return False
+    s.evicted, s.reported = evicted, turn
+    return True
+
+
+def reference(partition: str, text: str, s: Session) -> Ref:
+    """How peers find ``s``, kept under its latest prompt ``text`` (:meth:`SessionBook.find`)."""
+    return partition, len(text), text[-KEY_TAIL:], s.anchor
+
+
+def follow_placement(book: SessionBook, tree: RadixTree, partition: str, text: str, cfg: PolicyConfig) -> Session | None:
+    """A peer's placement, counted by this book as if this replica had decided it (before the tree
+    learns it): replicas behind one Envoy see a conversation's turns spread over them, and each
+    book must follow the whole conversation to know when it may move. The peer's own moves and
+    reports arrive as notes (:func:`apply_note`)."""
+    if not text:
+        return None
+    m = tree.match(partition, text)
+    s = book.follow(partition, text, m, continues(m, cfg))
+    if s is not None:
+        book.keep(partition, text, s)
+    return s
+
+
+def apply_note(book: SessionBook, ref: Ref, kind: str) -> bool:
+    """A peer's note on a session (``kind``: ``moved``, or what a read response reported:
+    ``evicted`` or ``cached``), as its latest turn's; whether the book found the session."""
+    s = book.find(ref)
+    if s is None:
+        return False
+    if kind == "moved":
+        s.moved = True
+    else:
+        report(s, s.turns, kind == "evicted")
+    return True
 
 
 def move(decision: Decision, match: Match, loads: dict[str, int], cache_threshold: float, tie_break: str, rng: random.Random) -> Decision:

@@ -249,7 +249,7 @@ class SyncLink:
 
     async def send(self) -> int:
         """Send what the outbox holds with the current counts; returns messages sent."""
-        placements, finishes, lost, dropped, ejections = self.outbox.take()
+        placements, finishes, lost, dropped, ejections, sessions, reports = self.outbox.take()
         if dropped:
             metrics.SYNC_DROPPED.labels("outbox").inc(dropped)
         d = self.director
@@ -261,7 +261,7 @@ class SyncLink:
                 self.seq += 1
             return 0
         max_bytes = max(4096, self.nc.max_payload)
-        messages = encode_events(d.replica_id, d.epoch, self.seq + 1, d.counts(), placements, finishes, lost, max_bytes, ejections)
+        messages = encode_events(d.replica_id, d.epoch, self.seq + 1, d.counts(), placements, finishes, lost, max_bytes, ejections, sessions, reports)
         for data in messages:
             try:
                 # appends to the client's buffer, written out by its own flusher task
@@ -272,6 +272,10 @@ class SyncLink:
         self.seq += len(messages)
         metrics.SYNC_MESSAGES.labels("sent").inc(len(messages))
         metrics.SYNC_PLACEMENTS.labels("sent").inc(len(placements))
+        for n in sessions:
+            metrics.SYNC_SESSIONS.labels(n.kind, "sent").inc()
+        if reports:
+            metrics.SYNC_SESSIONS.labels("forwarded_report", "sent").inc(len(reports))
         return len(messages)
 
     async def _heartbeat_forever(self) -> None:
@@ -302,7 +306,7 @@ class SyncLink:
             metrics.SYNC_REJECTED.labels("apply_failed").inc()
             log.exception("sync_apply_failed", replica=ev.replica)
             return
-        if self.warming and seen is not Seen.OLD and ev.placements:
+        if self.warming and seen is not Seen.OLD and (ev.placements or ev.sessions or ev.reports):
             if len(self.buffer) == self.buffer.maxlen or self.buffer_bytes + len(data) > MAX_HELD_BYTES:
                 metrics.SYNC_DROPPED.labels("warmup_buffer").inc()
                 self.snapshot_from.add(ev.replica)  # its placements are in its snapshot: ask again once warm

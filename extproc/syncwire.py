@@ -6,8 +6,13 @@ Two kinds of message, both JSON (orjson: the parser already on the hot path):
   every heartbeat: who sends (``r`` replica id, ``e`` epoch = its start, ``s`` sequence number),
   its whole in-flight count per upstream (``l``: absolute, so a lost message heals at the next one
   and nothing is counted twice), the placements since its last message (``p``: partition,
-  upstream, routing text), finish reports it received for other replicas' tickets (``f``), and
-  whether it lost access-log reports (``x``).
+  upstream, routing text), finish reports it received for other replicas' tickets (``f``),
+  whether it lost access-log reports (``x``), and notes on followed sessions (``q``: a session's
+  move, or what a read response of its reported, named by its latest prompt's partition, length,
+  last characters and the session's anchor; ``--move-evicted-sessions``), which come after the
+  placements they name, and the reports of responses read here for requests another replica
+  decided (``o``: request id, whether the history was found evicted), for the replica that holds
+  the request's session.
 - **snapshot**: a replica's tree as lines of ``[partition, text, [[upstream, age_ms], ...]]`` (one
   line per place where an upstream's branch ends), zlib-compressed and cut into chunks that fit a
   NATS message; the first chunk's header carries the watermark, the sequence numbers of every
@@ -36,6 +41,10 @@ MAX_ADDRESS = 300
 MAX_TICKET = 64
 MAX_COUNT = 1 << 31
 MAX_EJECTION_SECS = 86400.0
+NOTE_KINDS = ("evicted", "cached", "moved")  # a report found the history evicted, or cached; the session was moved
+MAX_NOTE_TAIL = 1024  # characters of a prompt's end naming it (extproc.sessions.KEY_TAIL)
+MAX_NOTE_ANCHOR = 64  # characters of a session's anchor (extproc.sessions.ANCHOR)
+MAX_REQUEST_ID = 128  # characters of a forwarded report's request id (Envoy's are 36)
 
 
 class WireError(ValueError):
@@ -54,6 +63,19 @@ class Placement:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionNote:
+    """What a replica learnt of a followed session, for its peers' books: ``kind`` (NOTE_KINDS) of
+    the session whose latest prompt, of ``end`` characters in ``partition``, ends with ``tail``,
+    and which began with ``anchor`` after its shared prefix."""
+
+    partition: str
+    end: int
+    tail: str
+    anchor: str
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     replica: str
     epoch: int
@@ -63,6 +85,8 @@ class Event:
     finishes: tuple[tuple[str, str], ...] = ()  # (ticket, outcome)
     lost: bool = False
     ejections: tuple[tuple[str, float], ...] = ()  # (upstream, seconds)
+    sessions: tuple[SessionNote, ...] = ()
+    reports: tuple[tuple[str, bool], ...] = ()  # (request id, evicted): read here, decided elsewhere
 
 
 def _head(replica: str, epoch: int, seq: int, counts: dict[str, int], lost: bool) -> bytes:
@@ -75,24 +99,28 @@ def _head(replica: str, epoch: int, seq: int, counts: dict[str, int], lost: bool
 def encode_events(
     replica: str, epoch: int, first_seq: int, counts: dict[str, int], placements: list[Placement],
     finishes: list[tuple[str, str]], lost: bool, max_bytes: int, ejections: list[tuple[str, float]] = (),
+    sessions: list[SessionNote] = (), reports: list[tuple[str, bool]] = (),
 ) -> list[bytes]:
     """One or more messages, each at most ``max_bytes``, holding everything given; sequence
     numbers run from ``first_seq``. A placement too long for any message has its text cut to fit:
-    a prefix of what an upstream holds is still true of it."""
+    a prefix of what an upstream holds is still true of it. Session notes follow the placements,
+    in the same message or a later one: a receiver applies a message's placements first."""
     out: list[bytes] = []
     seq = first_seq
     items: list[tuple[str, bytes]] = [("j", orjson.dumps([u, secs])) for u, secs in ejections]
     items += [("f", orjson.dumps([t, o])) for t, o in finishes]
     for p in placements:
         items.append(("p", _placement_bytes(p, max_bytes // 2)))
+    items += [("q", orjson.dumps([n.partition, n.end, n.tail, n.anchor, n.kind])) for n in sessions]
+    items += [("o", orjson.dumps([rid, evicted])) for rid, evicted in reports]
     budget = max_bytes - len(_head(replica, epoch, seq, counts, lost)) - 64
-    batch: dict[str, list[bytes]] = {"p": [], "f": [], "j": []}
+    batch: dict[str, list[bytes]] = {"p": [], "f": [], "j": [], "q": [], "o": []}
     size = 0
 
     def flush() -> None:
         nonlocal seq, size, lost
         parts = [_head(replica, epoch, seq, counts, lost)]
-        for key in ("p", "f", "j"):
+        for key in ("p", "f", "j", "q", "o"):
             if batch[key]:
                 parts.append(b',"' + key.encode() + b'":[' + b",".join(batch[key]) + b"]")
                 batch[key] = []
@@ -175,10 +203,21 @@ def decode_event(data: bytes, max_text: int) -> Event:
                 or not 0 < item[1] <= MAX_EJECTION_SECS):
             raise WireError("ejections")
         ejections.append((_str(item[0], MAX_ADDRESS, "ejections"), float(item[1])))
+    notes = []
+    for item in _list(m.get("q"), "sessions"):
+        if not isinstance(item, list) or len(item) != 5 or item[4] not in NOTE_KINDS:
+            raise WireError("sessions")
+        notes.append(SessionNote(_str(item[0], MAX_PARTITION, "sessions"), _int(item[1], 0, max_text + 1, "sessions"),
+                                 _str(item[2], MAX_NOTE_TAIL, "sessions"), _str(item[3], MAX_NOTE_ANCHOR, "sessions"), item[4]))
+    reports = []
+    for item in _list(m.get("o"), "reports"):
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], bool):
+            raise WireError("reports")
+        reports.append((_str(item[0], MAX_REQUEST_ID, "reports"), item[1]))
     lost = m.get("x", False)
     if not isinstance(lost, bool):
         raise WireError("lost")
-    return Event(replica, epoch, seq, counts, tuple(placements), tuple(finishes), lost, tuple(ejections))
+    return Event(replica, epoch, seq, counts, tuple(placements), tuple(finishes), lost, tuple(ejections), tuple(notes), tuple(reports))
 
 
 def _list(v: object, reason: str) -> list:

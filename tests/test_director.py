@@ -542,21 +542,23 @@ def test_a_reload_starts_stops_and_retunes_the_session_book_keeping_its_sessions
     d.route(RequestInfo(path="/v1/chat/completions"), _turns("system " * 20, ["task " * 20]))
     d.reconfigure(build({"upstreams": POOL, "move_evicted_sessions": "true", "move_family_turns": "3", "cache_threshold": "0.5"}, env={}))
     assert d.book is book and (book.family_turns, book.threshold) == (3.0, 0.5) and book.kept == 1
-    d.awaiting_reports["r"] = (next(iter(book.sessions.values()))[0], 1, False)
+    d.awaiting_reports["r"] = (next(iter(book.sessions.values()))[0], 1, False, None)
     d.reconfigure(build({"upstreams": POOL, "move_evicted_sessions": "false"}, env={}))
     assert d.book is None and not d.awaiting_reports
 
 
-@pytest.mark.parametrize("following", [True, False])
-def test_in_duplex_mode_the_turns_a_report_could_move_are_read_and_no_others(following):
+@pytest.mark.parametrize("following, peers", [(True, False), (False, False), (True, True)])
+def test_in_duplex_mode_the_turns_a_report_could_move_are_read_and_no_others(following, peers):
     """--move-evicted-sessions without --observe-sample: in duplex mode the decision comes before
     the choice to read, so the director reads the responses of exactly the turns an eviction
     report may move (``SessionBook.worth_reading``: here the turn before the session is a
     candidate), and a session moves off its evicted pile with no other response read. With
-    --no-move-evicted-sessions, nothing is read."""
+    --no-move-evicted-sessions, nothing is read. With peers (--sync-url), the turns read keep the
+    name the peers know their session by, and the report and the move go out as notes."""
     cfg = {"upstreams": POOL, "move_family_turns": "3"} | ({} if following else {"move_evicted_sessions": "false"})  # on by default
     d = Director(build(cfg, env={}), seed=1)
     d.set_upstreams(POOL)
+    box = d.share() if peers else None
     system = "You are an agent with these tools. " * 36
 
     def turn(steps: list[str], request_id: str) -> tuple[DuplexExchange, bool]:
@@ -571,13 +573,18 @@ def test_in_duplex_mode_the_turns_a_report_could_move_are_read_and_no_others(fol
     steps = ["third task " * 30]
     first, read = turn(steps, "t1")
     assert not read and not d.awaiting_reports  # over the threshold on the shared prompt, but the prompt is still mostly it
+    assert first.info.session_ref is None  # not read: no note can name it
     steps += ["done: " + "output " * 500, "next step " * 40]
     second, read = turn(steps, "t2")
     assert read == following
     if not following:
         return
     assert not d.book.candidate(second.info.session, second.info.text_len)  # a candidate from the next turn on
-    assert d.awaiting_reports["t2"] == (second.info.session, 2, False)  # read for the book alone
+    ref = d.awaiting_reports["t2"][3]
+    assert d.awaiting_reports["t2"] == (second.info.session, 2, False, ref)  # read for the book alone
+    assert (ref is not None) == peers  # the name peers know the session by, when there are peers
+    if peers:
+        assert d.book.find(ref) is second.info.session
     home = second.info.upstream
     prompt_before = metrics.OBSERVED_PROMPT.labels(home)._value.get()
     d.observed(RequestInfo(path="/v1/chat/completions", request_id="t2", upstream=home, matched=second.info.matched,
@@ -588,6 +595,10 @@ def test_in_duplex_mode_the_turns_a_report_could_move_are_read_and_no_others(fol
     third, read = turn(steps, "t3")
     assert third.info.upstream != home and third.info.session.moved
     assert not read  # moved once: nothing of it is read again
+    if peers:
+        notes = box.take()[5]
+        assert [(n.kind, n.anchor) for n in notes] == [("evicted", ref[3]), ("moved", ref[3])]
+        assert d.book.find((notes[1].partition, notes[1].end, notes[1].tail, notes[1].anchor)) is third.info.session
 
 
 def test_a_duplex_decision_that_will_be_observed_keeps_its_session_for_the_report():
@@ -597,7 +608,7 @@ def test_a_duplex_decision_that_will_be_observed_keeps_its_session_for_the_repor
     x.on_headers(False)
     out = x.on_body(chunk(_turns("system " * 20, ["task " * 20]), True))
     assert any(h.header.key == "x-prefix-router-observe" for h in out[0].request_headers.response.header_mutation.set_headers)
-    assert d.awaiting_reports["req-9"] == (x.info.session, 1, True)  # sampled
+    assert d.awaiting_reports["req-9"] == (x.info.session, 1, True, None)  # sampled
 
 
 def test_a_sampled_buffered_response_counts_in_the_observed_hits_while_its_session_is_followed():

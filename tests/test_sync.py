@@ -123,6 +123,65 @@ def _partition(d: Director) -> str:
     return d._routing_input("/v1/chat/completions", body("x"), None).partition
 
 
+def agent(system: str, *steps: str) -> bytes:
+    """An agent session's prompt after ``steps`` (user and assistant messages alternating)."""
+    msgs = [{"role": "system", "content": system}]
+    msgs += [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(steps)]
+    return orjson.dumps({"model": "m", "messages": msgs})
+
+
+@pytest.mark.parametrize("observer", ["decider", "peer"])
+async def test_a_session_is_followed_across_replicas_and_moved_by_the_one_deciding_its_next_turn(nats_server, observer):
+    """--move-evicted-sessions with replicas: Envoy spreads a conversation's turns over them, so
+    each book follows the peers' placements too, a read response's report reaches every book, and
+    a move made by one replica is known to the others (once per session, wherever it is decided).
+    In duplex mode the response is read on the observing filter's own stream, which Envoy may open
+    to another replica (``peer``): that one sends the report on to the replica awaiting it."""
+    settings = {"move_family_turns": "2", "observe_sample": "1"}  # every response read, as the test reads them
+    (a, la), (b, lb) = replica(nats_server.url, **settings), replica(nats_server.url, **settings)
+    await started(la, lb)
+    try:
+        system = "You are an agent with these tools. " * 36  # 1,260 characters: a prediction long enough to judge
+        for task in ("first task " * 30, "second task " * 30):  # two sessions stored: a third stops where they branch
+            _, info = route(a, agent(system, task))
+            a.finished(info.ticket, Outcome.OK)
+        steps = ["third task " * 30]
+        info = a.begin({":path": "/v1/chat/completions", "x-request-id": "req-3"})
+        home = a.route(info, agent(system, *steps))  # A decides the session's first turn ...
+        a.finished(info.ticket, Outcome.OK)
+        assert info.session is not None
+        steps += ["done: " + "output " * 500, "next step " * 40]  # the shared prompt now under 0.3 of it
+        grown = agent(system, *steps)
+        await until(lambda: b.tree.match(_partition(b), _text(b, agent(system, *steps[:1]))).whole)
+        applied = metrics.SYNC_SESSIONS.labels("evicted", "applied")._value.get()
+        if observer == "decider":
+            a.observed(info, 300, 10)  # ... and reads its response: the worker kept 10 of 300 tokens
+        else:  # B's observing stream reads it, and knows the request by its id and headers only
+            a.observing(info)
+            forwarded = metrics.SYNC_SESSIONS.labels("forwarded_report", "applied")._value.get()
+            b.observed(RequestInfo(path="/v1/chat/completions", request_id="req-3", upstream=home, matched=info.matched,
+                                   text_len=info.text_len), 300, 10)
+            await until(lambda: metrics.SYNC_SESSIONS.labels("forwarded_report", "applied")._value.get() == forwarded + 1)
+            assert not a.awaiting_reports
+        await until(lambda: metrics.SYNC_SESSIONS.labels("evicted", "applied")._value.get() == applied + 1)
+        moves = metrics.SESSION_MOVES._value.get()
+        there, moved = route(b, grown)  # B decides the next turn: it knows the session and its report
+        assert there != home and metrics.SESSION_MOVES._value.get() == moves + 1
+        assert moved.session is not None and moved.session.turns == 2 and moved.session.moved
+        # A hears of the move: its book has the session moved, under the prompt B placed
+        await until(lambda: a.book.find((_partition(a), len(_text(a, grown)), _text(a, grown)[-1024:], moved.session.anchor)) is not None)
+        assert a.book.find((_partition(a), len(_text(a, grown)), _text(a, grown)[-1024:], moved.session.anchor)).moved
+        # a note naming a prompt the session has left (turn 1's report again, after B placed turn 2)
+        # finds nothing there: counted, nothing changed
+        unknown = metrics.SYNC_SESSIONS.labels("cached", "unknown")._value.get()
+        a.observed(info, 300, 290)
+        await until(lambda: metrics.SYNC_SESSIONS.labels("cached", "unknown")._value.get() == unknown + 1)
+        assert moved.session.evicted and metrics.SESSION_MOVES._value.get() == moves + 1
+    finally:
+        await la.stop()
+        await lb.stop()
+
+
 async def test_in_flight_counts_add_up_and_leave_with_a_silent_peer(nats_server, pair):
     (a, la), (b, lb) = pair
     for i in range(6):
@@ -228,7 +287,7 @@ async def test_malformed_and_foreign_messages_are_dropped_and_counted(nats_serve
         await intruder.flush()
         # each replica drops what it cannot take (only B has texts capped at 4,096 characters)
         await until(lambda: all(metrics.SYNC_REJECTED.labels(r)._value.get() == before[r] + 2 for r in reasons[:4]))
-        assert metrics.SYNC_REJECTED.labels("text_too_long")._value.get() == before["text_too_long"] + 1
+        await until(lambda: metrics.SYNC_REJECTED.labels("text_too_long")._value.get() == before["text_too_long"] + 1)
         # a well-formed event naming an upstream outside the pool teaches nothing about it
         await intruder.publish(subject, orjson.dumps({**good, "s": 2, "l": [["10.9.9.9:80", 5]], "p": [["", "10.9.9.9:80", "evil"]]}))
         await intruder.flush()

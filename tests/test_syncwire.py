@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from extproc.replicas import Outbox, Peers, Seen
 from extproc.syncwire import (
-    Placement, SnapshotReader, WireError, compress_records, decode_event, decode_snapshot_header, encode_events, snapshot_header,
+    Placement, SessionNote, SnapshotReader, WireError, compress_records, decode_event, decode_snapshot_header, encode_events, snapshot_header,
 )
 from extproc.tree import RadixTree
 
@@ -26,6 +26,20 @@ def test_events_round_trip_and_split_to_fit_the_payload_limit():
     assert [j for e in evs for j in e.ejections] == [("10.0.0.2:80", 2.0)]
     assert [e.lost for e in evs] == [True] + [False] * (len(evs) - 1)  # said once
     assert all(e.counts == {"10.0.0.1:80": 3} for e in evs)
+
+
+def test_session_notes_round_trip_after_the_placements_they_name():
+    """A note names a session by its latest prompt, which the placements before it carry: split
+    over messages, no note may come before a placement sent before it."""
+    placements = [Placement("p", "10.0.0.1:80", f"text {i} " * 200) for i in range(40)]
+    notes = [SessionNote("p", 1600 + i, "t" * 1024, "anchor é" + str(i), ("evicted", "cached", "moved")[i % 3]) for i in range(30)]
+    reports = [(f"request-{i}", i % 2 == 0) for i in range(5)]  # read here, decided by another replica
+    msgs = encode_events(RID, 1, 1, {}, placements, [], False, max_bytes=8 * 1024, sessions=notes, reports=reports)
+    evs = [decode_event(m, 1 << 20) for m in msgs]
+    assert [n for e in evs for n in e.sessions] == notes
+    assert [r for e in evs for r in e.reports] == reports
+    first_note = next(i for i, e in enumerate(evs) if e.sessions)
+    assert sum(len(e.placements) for e in evs[: first_note + 1]) == len(placements)
 
 
 def test_a_placement_too_long_for_a_message_is_cut_to_a_prefix():
@@ -50,6 +64,11 @@ GOOD = {"v": 1, "k": "ev", "r": RID, "e": 1, "s": 1, "l": [["a:1", 1]]}
     ({"p": [["", "a:1"]]}, "placements"), ({"p": [["", "a:1", "x" * 11]]}, "text_too_long"),
     ({"f": [["t", "maybe"]]}, "finishes"), ({"x": 1}, "lost"), ({"j": [["a:1", 0]]}, "ejections"),
     ({"j": [["a:1", 1e9]]}, "ejections"), ({"j": [["a:1", True]]}, "ejections"),
+    ({"q": [["", 5, "tail", "anchor", "gone"]]}, "sessions"), ({"q": [["", 5, "tail", "anchor"]]}, "sessions"),
+    ({"q": [["", 11, "tail", "anchor", "moved"]]}, "sessions"), ({"q": [["", -1, "tail", "anchor", "moved"]]}, "sessions"),
+    ({"q": [["", 5, "t" * 1025, "anchor", "moved"]]}, "sessions"), ({"q": [["", 5, "tail", "a" * 65, "moved"]]}, "sessions"),
+    ({"q": {"a": 1}}, "sessions"), ({"o": [["request", 1]]}, "reports"), ({"o": [["r" * 129, True]]}, "reports"),
+    ({"o": [["request"]]}, "reports"),
 ])
 def test_each_malformed_field_is_refused_with_its_reason(change, reason):
     with pytest.raises(WireError) as e:
@@ -93,13 +112,18 @@ def test_the_outbox_is_bounded_and_counts_what_it_drops():
     for i in range(5):
         box.place("", f"t{i}", "a:1")
     assert len(woken) == 1  # once per batch
-    placements, finishes, lost, dropped, ejections = box.take()
+    placements, finishes, lost, dropped, ejections, sessions, reports = box.take()
     assert len(placements) == 2 and dropped == 3 and not box.dirty
     small = Outbox(limit=100, max_chars=10)  # and bounded in the text it holds
     for i in range(5):
         small.place("", "abcd", "a:1")
-    placements, _, _, dropped, _ = small.take()
+    placements, _, _, dropped, *_ = small.take()
     assert len(placements) == 2 and dropped == 3
+    notes = Outbox(limit=2)  # session notes too
+    for i in range(3):
+        notes.note(SessionNote("", 10, "t" * 10, f"a{i}", "evicted"))
+    *_, dropped, _, sessions, _ = notes.take()
+    assert [n.anchor for n in sessions] == ["a0", "a1"] and dropped == 1
 
 
 def test_a_snapshot_rebuilds_the_tree():

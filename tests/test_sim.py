@@ -720,3 +720,38 @@ def test_the_services_threshold_reaches_every_rule_of_this_project():
     assert ev._shape(run) == "3x3, routers' threshold 0.7, the service's 0.7"
     assert "the service at `--cache-threshold 0.7`" in ev._topology(run)
     assert ev._shape({"topology": vars(ev.Topology(3, 3))}) == "3x3"
+
+
+def _agents(rng: random.Random, copies: int = 8, steps: int = 10) -> list:
+    """Agent loops on one long shared system prompt, each step's prompt 1,600 characters longer:
+    sglang-router piles them on one worker, whose cache then evicts their histories."""
+    from bench.sim.workloads import _agent_session, _spread, words
+
+    system = words(rng, 6000)
+    sessions = []
+    for c in range(copies):
+        traj = [{"role": "system", "content": system}, {"role": "user", "content": f"[task {c}] " + words(rng, 300)}]
+        for _ in range(steps):
+            traj += [{"role": "assistant", "content": words(rng, 400)}, {"role": "user", "content": words(rng, 1200)}]
+        traj.append({"role": "assistant", "content": "done"})
+        sessions.append(_agent_session(f"a{c}", traj, rng))
+    return _spread(sessions, 0.5, rng)
+
+
+def test_replicas_sharing_their_books_move_sessions_as_one_replica_does():
+    """bench.replicas' model of --move-evicted-sessions over synced replicas: each book follows its
+    peers' placements and hears their moves and reports, so two replicas taking turns decide as
+    one replica does (same moves, same hit ratio at a 1 ms delay, notes all found); books that
+    follow only their own replica's turns know no session and move none."""
+    from bench.replicas import Replicas
+
+    prepared = prepare(_agents(random.Random(1)))
+    unique = len({k for p in prepared for k in p.keys}) * 16
+    topo = Topology(capacity_tokens=max(unique // 4, 2 * max(p.prompt_tokens for p in prepared)))
+    runs = {}
+    for name, args in {"one": (1, None, True), "shared": (2, 0.001, True, True), "not shared": (2, 0.001, True, False)}.items():
+        upper = Replicas(*args)
+        runs[name] = (Sim(prepared, upper, topo, ServiceModel(), seed=1, rate_scale=2.0).run()["hit_ratio"], upper.moves, upper.notes_unknown)
+    assert runs["one"][1] > 0
+    assert runs["shared"] == runs["one"]
+    assert runs["not shared"][1] == 0 and runs["not shared"][0] < runs["one"][0] - 0.02

@@ -9,7 +9,15 @@ sglang-routers and fake workers.
    ``cached_tokens``. Two seeds per workload, three runs each; ties are broken at random (the
    default) and threads interleave differently, so runs of one seed differ by several points:
    means over the six runs, their range and standard deviation are reported.
-2. **Throughput and latency**: wrk (one thread, 10 s) through Envoy with 1 and with 2 synced
+2. **Sessions followed over replicas** (``--sessions-only``): ``--move-evicted-sessions`` (the
+   default) with Envoy spreading a conversation's turns over 2 synced replicas, each book following
+   the peers' placements and notes: bench.e2e's SWE-agent case (2 routers x 2 workers, 32,000
+   tokens per worker, 16 clients, the fake workers' costs of bench.e2e, seeds 3-5), where moving
+   sessions off their evicting pile is worth most, through 1 replica and 2 replicas as they ship,
+   and 2 replicas with ``--no-move-evicted-sessions`` (what replicas did before their books were
+   shared: each book knew only the turns it decided, so they moved almost nothing). Sessions moved,
+   responses read and the notes' fate summed over the replicas.
+3. **Throughput and latency**: wrk (one thread, 10 s) through Envoy with 1 and with 2 synced
    service processes, against Envoy routing directly, at 1 and 16 connections; upstreams that
    answer at once (a second Envoy), so that the service is what is measured. Also the ext_proc
    messages per request in each body mode, from Envoy's own counters, and the sync bytes per
@@ -30,6 +38,7 @@ import openai
 
 from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, wait_until
 
+from . import e2e
 from .common import RESULTS, write
 from .overhead import direct_config, start_envoy, upstream_config, wrk, wrk_setup
 from .sim.workloads import WORKLOADS
@@ -94,6 +103,53 @@ def one_run(name: str, capacity: int, seed: int, repeat: int, n: int, reqs) -> d
     print(f"{name} seed {seed} run {repeat} replicas {n}: hit {cached / prompt:.3f}, failed {failed}, decisions per replica {decided}", flush=True)
     return {"workload": name, "seed": seed, "repeat": repeat, "replicas": n, "requests": len(reqs), "hit_ratio": cached / prompt,
             "failed": failed, "decisions_per_replica": decided, "seconds": spent}
+
+
+SESSION_SEEDS = (3, 4, 5)
+SESSION_CLIENTS = 16
+SESSION_VARIANTS = {"1 replica": (1, ()), "2 replicas": (2, ()), "2 replicas, --no-move-evicted-sessions": (2, ("--no-move-evicted-sessions",))}
+NOTE_RESULTS = (("evicted", "applied"), ("evicted", "unknown"), ("cached", "applied"), ("cached", "unknown"), ("moved", "applied"),
+                ("moved", "unknown"), ("forwarded_report", "sent"), ("forwarded_report", "applied"))
+
+
+def sessions_runs() -> list[dict]:
+    """Part 2 (module doc): one row per seed and variant."""
+    kwargs, capacity = e2e.CASES["sweagent"]
+    capacity = e2e.worker_capacity(capacity, e2e.BASE)
+    rows = []
+    for seed in SESSION_SEEDS:
+        prepared = e2e._prepared("sweagent", kwargs, seed)
+        for label, (n, args) in SESSION_VARIANTS.items():
+            work = Path(tempfile.mkdtemp(prefix=f"bench-replicas-sessions-{n}-"))
+            stack = Stack(Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=e2e._worker_args(capacity),
+                          workdir=work, service_args=list(args))
+            with stack:
+                _wait_synced(stack, n)
+                out = e2e.drive(stack.base_url, prepared, SESSION_CLIENTS)
+                total = lambda name, **labels: int(sum(_metric(stack, i, name, **labels) for i in range(n)))  # noqa: E731
+                row = {"seed": seed, "variant": label, "replicas": n, "requests": len(prepared), "failed": out["failed"],
+                       "hit_ratio": out["hit_ratio"], "latency_p90_s": out["latency_p90_s"],
+                       "decisions_per_replica": [int(_metric(stack, i, "prefix_router_decisions_total")) for i in range(n)],
+                       "session_moves": total("prefix_router_session_moves_total"),
+                       "responses_read": total("prefix_router_observations_total", result="read"),
+                       "notes": {f"{k} {r}": total("prefix_router_sync_session_notes_total", kind=k, result=r) for k, r in NOTE_RESULTS}}
+            print(f"sweagent x{SESSION_CLIENTS} seed {seed} {label}: hit {row['hit_ratio']:.3f}, latency p90 {row['latency_p90_s'] * 1000:.0f} ms, "
+                  f"moves {row['session_moves']}, read {row['responses_read']}, notes {row['notes']}, failed {row['failed']}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def sessions_summary(rows: list[dict]) -> list[dict]:
+    out = []
+    for label in SESSION_VARIANTS:
+        mine = [r for r in rows if r["variant"] == label]
+        hits = [r["hit_ratio"] for r in mine]
+        out.append({"variant": label, "runs": len(mine), "hit_ratio_mean": statistics.mean(hits), "hit_ratio_min": min(hits), "hit_ratio_max": max(hits),
+                    "latency_p90_mean_s": statistics.mean(r["latency_p90_s"] for r in mine),
+                    "session_moves_mean": statistics.mean(r["session_moves"] for r in mine),
+                    "responses_read_share": sum(r["responses_read"] for r in mine) / sum(r["requests"] for r in mine),
+                    "failed": sum(r["failed"] for r in mine)})
+    return out
 
 
 def _metric(stack: Stack, i: int, name: str, **labels: str) -> float:
@@ -195,7 +251,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(prog="python -m bench.replicas_e2e")
     p.add_argument("--throughput-only", action="store_true", help="keep the hit-ratio rows of the last run")
+    p.add_argument("--sessions-only", action="store_true", help="run part 2 only (sessions followed over replicas), keep the rest of the last run")
     a = p.parse_args(argv)
+    if a.sessions_only:
+        result = json.loads((RESULTS / "replicas_e2e.json").read_text())
+        result.pop("machine", None)
+        rows = sessions_runs()
+        result["sessions"] = {"workload": "sweagent", "clients": SESSION_CLIENTS, "seeds": list(SESSION_SEEDS), "rows": rows, "summary": sessions_summary(rows)}
+        print(f"wrote {write('replicas_e2e', result)}")
+        return result
     if a.throughput_only:
         result = json.loads((RESULTS / "replicas_e2e.json").read_text())
         result.pop("machine", None)
@@ -204,6 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     rows = hit_ratios()
     result = {"benchmark": "replicas_e2e", "seeds": list(SEEDS), "repeats": REPEATS, "concurrency": CONCURRENCY, "rows": rows, "summary": summarize(rows)}
+    write("replicas_e2e", result)
+    rows = sessions_runs()
+    result["sessions"] = {"workload": "sweagent", "clients": SESSION_CLIENTS, "seeds": list(SESSION_SEEDS), "rows": rows, "summary": sessions_summary(rows)}
     write("replicas_e2e", result)
     result["throughput"] = throughput()
     print(f"wrote {write('replicas_e2e', result)}")

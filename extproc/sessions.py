@@ -46,6 +46,9 @@ from .tree import Match, RadixTree
 # 65,536 sessions of 2-3 KB prompts).
 MAX_SESSIONS = 65536
 MAX_FAMILIES = 4096
+# Prompts sessions have left (their next turn came), remembered for a peer's late note: a report
+# read on one replica often reaches the others after the session's next turn was decided.
+MAX_LEFT = 4096
 # A prompt is looked up by its length and its last characters, not by a hash of all of it: hashing
 # a 100,000-character prompt twice per request would cost five times the decision itself. Sessions
 # replaying one script apart from their first words (agents on the same step of different tasks)
@@ -103,13 +106,15 @@ class Outlook:
 class SessionBook:
     """Sessions by their latest prompt, and the mean turns of sessions by the prefix they share."""
 
-    def __init__(self, threshold: float, family_turns: float, max_sessions: int = MAX_SESSIONS, max_families: int = MAX_FAMILIES) -> None:
+    def __init__(self, threshold: float, family_turns: float, max_sessions: int = MAX_SESSIONS, max_families: int = MAX_FAMILIES,
+                 max_left: int = MAX_LEFT) -> None:
         self.threshold, self.family_turns = threshold, family_turns
-        self.max_sessions, self.max_families = max_sessions, max_families
+        self.max_sessions, self.max_families, self.max_left = max_sessions, max_families, max_left
         # key of a session's latest prompt -> the sessions whose latest prompt has that key
         self.sessions: OrderedDict[int, list[Session]] = OrderedDict()
         self.kept = 0  # sessions in ``sessions``
         self.families: OrderedDict[int, list[int]] = OrderedDict()  # family -> [sessions, turns]
+        self.left: OrderedDict[int, list[Session]] = OrderedDict()  # key of a prompt left -> the sessions that left it
 
     def _known(self, partition: str, text: str, match: Match) -> tuple[int, list[Session] | None, Session | None]:
         """The session whose latest prompt the request extends whole, with its key and bucket."""
@@ -129,6 +134,7 @@ class SessionBook:
                 if not bucket:
                     del self.sessions[key]
                 self.kept -= 1
+                self._left(key, s)
                 s.turns += 1
                 self._count(s.family, sessions=0)
             return s
@@ -199,12 +205,23 @@ class SessionBook:
     def _moves(self, s: Session, text_len: int, family_mean: float) -> bool:
         return s.evicted and self._candidate(s, text_len, family_mean)
 
+    def _left(self, key: int, s: Session) -> None:
+        gone = self.left.pop(key, None) or []
+        gone.append(s)
+        self.left[key] = gone[-4:]
+        if len(self.left) > self.max_left:
+            self.left.popitem(last=False)
+
     def find(self, ref: Ref) -> Session | None:
-        """The session a peer names (``ref``), if the book keeps it under that prompt: a peer's
-        note on a session whose next turn already reached this book names a prompt it has left."""
+        """The session a peer names (``ref``): the one the book keeps under that prompt, or, for a
+        note that arrives after the session's next turn, the one that left it lately."""
         partition, end, tail, anchor = ref
-        bucket = self.sessions.get(_key_of(partition, end, tail))
-        return next((c for c in bucket if c.anchor == anchor), None) if bucket else None
+        key = _key_of(partition, end, tail)
+        for bucket in (self.sessions.get(key), self.left.get(key)):
+            s = next((c for c in bucket if c.anchor == anchor), None) if bucket else None
+            if s is not None:
+                return s
+        return None
 
     def keep(self, partition: str, text: str, s: Session) -> None:
         """Keep the session under its latest prompt."""

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from extproc.config import policy_config
-from extproc.sessions import SessionBook, decide_following, report
+from extproc.sessions import SessionBook, apply_note, decide_following, reference, report
 from extproc.tree import RadixTree
 
 CFG = policy_config()  # --cache-threshold 0.3
@@ -168,6 +168,31 @@ def test_the_book_is_bounded():
         d, _, _ = decide_following(book, tree, {"a": 0}, P, text, CFG, rng)
         tree.insert(P, text, d.upstream, 0.0)
     assert book.kept == len(book.sessions) == 3 and len(book.families) == 2
+
+
+def test_a_peer_names_a_session_by_its_latest_prompt_and_a_late_note_still_finds_it():
+    """--sync-url: a note names a session by its latest prompt and anchor (``reference``); a note
+    that arrives after the session's next turn names the prompt it left, which the book remembers
+    (bounded); a wrong anchor or an unknown prompt finds nothing."""
+    f = Fleet()
+    first = turn1("third task " * 30)
+    s = f.send(first)[1]
+    ref = reference(P, first, s)
+    assert f.book.find(ref) is s
+    assert f.book.find(ref[:3] + ("another anchor",)) is None and f.book.find((P, 5, "never", ref[3])) is None
+    second = first + " next step " * 40
+    assert f.send(second)[1] is s  # its next turn: kept under the new prompt
+    assert f.book.find(reference(P, second, s)) is s and f.book.find(ref) is s  # the old name still finds it
+    assert apply_note(f.book, ref, "evicted") and s.evicted and s.reported == s.turns  # as its latest turn's report
+    assert apply_note(f.book, ref, "cached") and not s.evicted
+    assert apply_note(f.book, ref, "moved") and s.moved
+    assert not apply_note(f.book, (P, 5, "never", ref[3]), "moved")
+    book, tree, rng = SessionBook(0.3, 2.0, max_left=2), RadixTree(), random.Random(0)
+    for i in range(6):  # six sessions, each one turn on: six prompts left, two remembered
+        for text in (f"session {i} " * 20, f"session {i} " * 20 + "and on " * 10):
+            d, _, _ = decide_following(book, tree, {"a": 0}, P, text, CFG, rng)
+            tree.insert(P, text, d.upstream, 0.0)
+    assert len(book.left) == 2
 
 
 def test_sessions_replaying_one_script_apart_from_their_first_words_are_kept_apart():

@@ -171,12 +171,17 @@ async def test_a_session_is_followed_across_replicas_and_moved_by_the_one_decidi
         # A hears of the move: its book has the session moved, under the prompt B placed
         await until(lambda: a.book.find((_partition(a), len(_text(a, grown)), _text(a, grown)[-1024:], moved.session.anchor)) is not None)
         assert a.book.find((_partition(a), len(_text(a, grown)), _text(a, grown)[-1024:], moved.session.anchor)).moved
-        # a note naming a prompt the session has left (turn 1's report again, after B placed turn 2)
-        # finds nothing there: counted, nothing changed
-        unknown = metrics.SYNC_SESSIONS.labels("cached", "unknown")._value.get()
+        # a late note, naming the prompt the session left for B's turn (turn 1's report again, now
+        # finding it cached), still reaches it: the latest report counts
+        applied = metrics.SYNC_SESSIONS.labels("cached", "applied")._value.get()
         a.observed(info, 300, 290)
-        await until(lambda: metrics.SYNC_SESSIONS.labels("cached", "unknown")._value.get() == unknown + 1)
-        assert moved.session.evicted and metrics.SESSION_MOVES._value.get() == moves + 1
+        await until(lambda: metrics.SYNC_SESSIONS.labels("cached", "applied")._value.get() == applied + 1)
+        assert not moved.session.evicted and metrics.SESSION_MOVES._value.get() == moves + 1
+        # a note naming a session no book knows is counted, and changes nothing
+        unknown = metrics.SYNC_SESSIONS.labels("evicted", "unknown")._value.get()
+        a._note((_partition(a), 12, "no such text", "nor anchor"), "evicted")
+        await until(lambda: metrics.SYNC_SESSIONS.labels("evicted", "unknown")._value.get() == unknown + 1)
+        assert not moved.session.evicted
     finally:
         await la.stop()
         await lb.stop()

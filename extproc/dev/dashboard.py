@@ -90,6 +90,8 @@ PANELS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
          [(f"sum(increase(prefix_router_sync_missed_events_total[{RATE}]))", "missed events"),
           (f"sum(increase(prefix_router_sync_unshared_placements_total[{RATE}]))", "unshared placements"),
           (f"sum by (reason) (increase(prefix_router_sync_dropped_total[{RATE}]))", "dropped {{reason}}")]),
+        ("Sessions shared", "short", "notes on followed sessions received from peers: applied, or naming a session this book does not know",
+         [(f'sum by (kind, result) (increase(prefix_router_sync_session_notes_total{{result!="sent"}}[{RATE}]))', "{{kind}} {{result}}")]),
     ]),
     ("Envoy", [
         ("Pinned and fallback requests", "reqps", "requests routed where prefix-router said, and by Envoy alone (service down or late)",

@@ -262,6 +262,7 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     assert row["stack_new_sessions"] == {"requests": 10, "over_router_threshold": 0.6} and "0.3" in read
     # what the service read and moved, from its own counters
     assert (creator["responses_read"], creator["session_moves"]) == (4, 4)
+    assert (row["stack_responses_read"], row["stack_session_moves"]) == (4, 4)  # kept with the default's own row
     assert {("prefix_router_observations_total", "read"), ("prefix_router_session_moves_total", None)} <= set(asked)
     assert sims == [(3, 3, 1333)] and row["capacity_tokens"] == 1333
     assert stacks == [([3, 3, 3], "1333"), ([9], "1333"), ([3, 3, 3], "1333")]

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from dataclasses import replace
 
@@ -38,6 +39,18 @@ def director(**overrides: str) -> Director:
     return d
 
 
+def interleaved(fns: dict, rounds: int = 7, calls: int = 2000) -> dict:
+    """Microseconds per call of each of ``fns``, the median of ``rounds`` batches taken in turn."""
+    samples: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[k].append((time.perf_counter() - t) / calls * 1e6)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def wire_and_cpu() -> list[dict]:
     rng = random.Random(1)
     rows = []
@@ -56,10 +69,12 @@ def wire_and_cpu() -> list[dict]:
         seq = iter(range(1, 1 << 30))
         evs = [decode_event(m, 1 << 20) for m in one]
         dec = per_call(lambda: decode_event(one[0], 1 << 20))
-        app = per_call(lambda: d.apply(replace(evs[0], seq=next(seq))))
         plain = director(move_evicted_sessions="false")  # no book to follow the placement
         plain._insert("p" * 32, base, POOL[0], 0.0)
-        app_plain = per_call(lambda: plain.apply(replace(evs[0], seq=next(seq))))
+        # the 64 placements in turn, with the book and without, in alternating batches (one pass
+        # alone moves by half on this machine from run to run)
+        apply_us = interleaved({book: (lambda x=x: x.apply(replace(evs[next(seq) % 64], seq=next(seq))))
+                                for book, x in ((True, d), (False, plain))})
         d2 = director()
         d2._insert("p" * 32, base, POOL[0], 0.0)
         k = iter(range(1 << 30))
@@ -67,7 +82,7 @@ def wire_and_cpu() -> list[dict]:
         row = {"routing_text_chars": size, "bytes_per_decision_one_per_message": sum(map(len, one)) / len(one) + len(finish),
                "bytes_per_decision_16_per_message": sum(map(len, batch)) / 16 + len(finish),
                "encode_us": enc["median_s"] * 1e6, "decode_peer_event_us": dec["median_s"] * 1e6,
-               "apply_peer_event_us": app["median_s"] * 1e6, "apply_peer_event_no_book_us": app_plain["median_s"] * 1e6,
+               "apply_peer_event_us": apply_us[True], "apply_peer_event_no_book_us": apply_us[False],
                "local_insert_us": local["median_s"] * 1e6}
         print(row, flush=True)
         rows.append(row)

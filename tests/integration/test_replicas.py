@@ -140,10 +140,10 @@ def test_every_read_response_reaches_the_sessions_book_on_both_replicas(tmp_path
         for k in range(turns):
             turn(stack, messages)
             messages.append({"role": "user", "content": f"tool output {k}: " + "line of output " * 20})
-        assert all(decisions(stack, i) > 0 for i in (0, 1))  # the turns were spread over both
         wait_for(lambda: total("prefix_router_observations_total", result="read") == turns)
-        # a response read where it was not decided (Envoy spread the two streams of a request over
-        # the two replicas here, in every run seen): sent on, and applied where it was decided
+        # a response read where it was not decided (Envoy's round robin gives a request's deciding
+        # and observing streams to different replicas: every request of every run seen here): sent
+        # on, and applied where it was decided
         wait_for(lambda: total(notes, kind="forwarded_report", result="applied") == total(notes, kind="forwarded_report", result="sent"))
         assert total(notes, kind="forwarded_report", result="sent") > 0
         # each report, from wherever it was read, reached the deciding replica's session, then its peer's

@@ -49,6 +49,7 @@ MAX_FAMILIES = 4096
 # Prompts sessions have left (their next turn came), remembered for a peer's late note: a report
 # read on one replica often reaches the others after the session's next turn was decided.
 MAX_LEFT = 4096
+LEFT_PER_PROMPT = 4  # sessions remembered per prompt left (agents replaying one script share prompts)
 # A prompt is looked up by its length and its last characters, not by a hash of all of it: hashing
 # a 100,000-character prompt twice per request would cost five times the decision itself. Sessions
 # replaying one script apart from their first words (agents on the same step of different tasks)
@@ -208,7 +209,7 @@ class SessionBook:
     def _left(self, key: int, s: Session) -> None:
         gone = self.left.pop(key, None) or []
         gone.append(s)
-        self.left[key] = gone[-4:]
+        self.left[key] = gone[-LEFT_PER_PROMPT:]
         if len(self.left) > self.max_left:
             self.left.popitem(last=False)
 

@@ -31,6 +31,7 @@ import random
 import statistics
 import time
 from collections import Counter, deque
+from typing import Callable
 
 from extproc.config import DEFAULTS
 from extproc.feedback import FeedbackRule, is_stale, observed_chars
@@ -184,41 +185,35 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def table(result: dict) -> str:
-    """README table: loss in hit-ratio points against one replica (mean over seeds, worst seed)."""
+def _loss_table(result: dict, single: str, variants: tuple[str, ...], label: Callable[[str], str], extra: tuple[str, str, str]) -> str:
+    """A README table: per workload, one replica (``single``) and, for each replica count and
+    variant, the loss in hit-ratio points against it (mean over seeds, worst seed), with one more
+    figure (``extra``: heading, summary key, format)."""
     s = result["summary"]
-    workloads = list(dict.fromkeys(r["workload"] for r in s))
-    cols = [(n, v) for n in REPLICAS[1:] for v in ("synced 10 ms", "independent")]
-    lines = ["| workload | 1 replica: hit / TTFT p90 s | " + " | ".join(f"{n} {v}" for n, v in cols) + " |",
+    row = {(r["workload"], r["replicas"], r["variant"]): r for r in s}
+    heading, key, fmt = extra
+    cols = [(n, v) for n in REPLICAS[1:] for v in variants]
+    lines = [f"| workload | 1 replica: hit / {heading} | " + " | ".join(f"{n} {label(v)}" for n, v in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
-    for w in workloads:
-        one = next(r for r in s if r["workload"] == w and r["replicas"] == 1)
-        cells = []
-        for n, v in cols:
-            r = next(r for r in s if (r["workload"], r["replicas"], r["variant"]) == (w, n, v))
-            cells.append(f"{-r['loss_points_mean']:+.1f} (worst {-r['loss_points_max']:+.1f}) / {r['ttft_p90_mean_s']:.2f}")
-        lines.append(f"| {w} | {one['hit_ratio_mean']:.3f} / {one['ttft_p90_mean_s']:.2f} | " + " | ".join(cells) + " |")
+    for w in dict.fromkeys(r["workload"] for r in s):
+        one = row.get((w, 1, single))
+        if one is None:
+            continue
+        cells = [f"{-r['loss_points_mean']:+.1f} (worst {-r['loss_points_max']:+.1f}) / {r[key]:{fmt}}" for r in (row[(w, n, v)] for n, v in cols)]
+        lines.append(f"| {w} | {one['hit_ratio_mean']:.3f} / {one[key]:{fmt}} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table(result: dict) -> str:
+    """README table: the cost rule alone, synced 10 ms and independent: loss in hit-ratio points
+    against one replica, and TTFT p90."""
+    return _loss_table(result, "single", ("synced 10 ms", "independent"), str, ("TTFT p90 s", "ttft_p90_mean_s", ".2f"))
 
 
 def sessions_table(result: dict) -> str:
     """README table: the default (sessions followed) with replicas synced 1 ms, its sessions shared
     or not: loss in hit-ratio points against one replica with its book, and sessions moved per run."""
-    s = result["summary"]
-    workloads = list(dict.fromkeys(r["workload"] for r in s))
-    cols = [(n, v) for n in REPLICAS[1:] for v in (SHARED, NOT_SHARED)]
-    lines = ["| workload | 1 replica: hit / moves | " + " | ".join(f"{n} {v.split(', ')[1]}" for n, v in cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for w in workloads:
-        one = next((r for r in s if (r["workload"], r["replicas"], r["variant"]) == (w, 1, "single, sessions followed")), None)
-        if one is None:
-            continue
-        cells = []
-        for n, v in cols:
-            r = next(r for r in s if (r["workload"], r["replicas"], r["variant"]) == (w, n, v))
-            cells.append(f"{-r['loss_points_mean']:+.1f} (worst {-r['loss_points_max']:+.1f}) / {r['moves_mean']:.1f}")
-        lines.append(f"| {w} | {one['hit_ratio_mean']:.3f} / {one['moves_mean']:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _loss_table(result, "single, sessions followed", (SHARED, NOT_SHARED), lambda v: v.split(", ")[1], ("moves", "moves_mean", ".1f"))
 
 
 def main(argv: list[str] | None = None) -> dict:

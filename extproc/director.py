@@ -274,13 +274,9 @@ class Director:
         if not up or up not in self.pool.upstreams:
             return
         session, turn, sampled, ref = info.session, info.session_turn, info.sampled, info.session_ref
-        forward = False
         if session is None:  # read on the observing stream: only reads for the book are not sampled
             found = self.awaiting_reports.pop(info.request_id, None) if info.request_id else None
             session, turn, sampled, ref = found or (None, 0, True, None)
-            # Envoy opened the observing stream to another replica than the deciding one: the
-            # session is there (--sync-url)
-            forward = found is None and bool(info.request_id) and self.outbox is not None and self.book is not None
         metrics.OBSERVATIONS.labels("read").inc()
         if sampled:
             metrics.OBSERVED_PROMPT.labels(up).inc(prompt_tokens)
@@ -299,11 +295,14 @@ class Director:
             metrics.PREDICTION_ERROR.observe(error)
             if self.cfg.observe_feedback:
                 self._feed_back(up, info.matched, observed)
+        evicted = is_stale(info.matched, observed, self.feedback_rule)
         if session is not None:
-            self._report(session, turn, ref, is_stale(info.matched, observed, self.feedback_rule))
-        elif forward:
+            self._report(session, turn, ref, evicted)
+        elif info.request_id and self.outbox is not None and self.book is not None:
+            # Envoy opened the observing stream to another replica than the deciding one: the
+            # session is there (--sync-url)
             if len(info.request_id) <= MAX_REQUEST_ID:
-                self.outbox.report(info.request_id, is_stale(info.matched, observed, self.feedback_rule))
+                self.outbox.report(info.request_id, evicted)
             else:
                 metrics.SYNC_SESSIONS.labels("forwarded_report", "request_id_too_long").inc()
 

@@ -142,12 +142,16 @@ class Outbox:
         self.changed()
         self.urgent()
 
-    def finish(self, ticket: str, outcome: str) -> None:
-        if len(self.finishes) >= self.limit:
+    def _add(self, items: list, item: object) -> None:
+        """Append within ``limit``, counting what is refused."""
+        if len(items) >= self.limit:
             self.dropped += 1
         else:
-            self.finishes.append((ticket, outcome))
+            items.append(item)
         self.changed()
+
+    def finish(self, ticket: str, outcome: str) -> None:
+        self._add(self.finishes, (ticket, outcome))
 
     def eject(self, upstream: str, seconds: float) -> None:
         if len(self.ejections) < self.limit:
@@ -156,20 +160,12 @@ class Outbox:
 
     def note(self, n: SessionNote) -> None:
         """A session moved, or its report read: peers' books must know before its next turn."""
-        if len(self.sessions) >= self.limit:
-            self.dropped += 1
-        else:
-            self.sessions.append(n)
-        self.changed()
+        self._add(self.sessions, n)
         self.urgent()
 
     def report(self, request_id: str, evicted: bool) -> None:
         """A response read here for a request another replica decided: its session is there."""
-        if len(self.reports) >= self.limit:
-            self.dropped += 1
-        else:
-            self.reports.append((request_id, evicted))
-        self.changed()
+        self._add(self.reports, (request_id, evicted))
         self.urgent()
 
     def reports_lost(self) -> None:

@@ -73,8 +73,13 @@ def wire_and_cpu() -> list[dict]:
         plain._insert("p" * 32, base, POOL[0], 0.0)
         # the 64 placements in turn, with the book and without, in alternating batches (one pass
         # alone moves by half on this machine from run to run)
-        apply_us = interleaved({book: (lambda x=x: x.apply(replace(evs[next(seq) % 64], seq=next(seq))))
-                                for book, x in ((True, d), (False, plain))})
+        def applying(x: Director):
+            def one() -> None:
+                n = next(seq)
+                x.apply(replace(evs[n % 64], seq=n))
+            return one
+
+        apply_us = interleaved({True: applying(d), False: applying(plain)})
         d2 = director()
         d2._insert("p" * 32, base, POOL[0], 0.0)
         k = iter(range(1 << 30))

@@ -72,6 +72,7 @@ class RequestInfo:
     session: Session | None = None
     session_turn: int = 0
     session_ref: Ref | None = None  # how peers name the session (--sync-url)
+    for_book: bool = False  # its response is worth reading for the session's book (SessionBook.worth_reading)
     # its response is read as one of the --observe-sample share (not only for the session's book)
     sampled: bool = False
 
@@ -254,7 +255,7 @@ class Director:
                 # choice; a session there moves only on a sampled report
                 log.info("move_evicted_sessions_buffered_reads_sample_only", observe_sample=sample)
             return False
-        return self.book is not None and info.session is not None and self.book.worth_reading(info.session, info.text_len)
+        return self.book is not None and info.for_book
 
     def observing(self, info: RequestInfo) -> None:
         """The request's response will be read on another stream (duplex mode), which knows the
@@ -355,11 +356,12 @@ class Director:
             decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False)
         else:
             decision, info.session, moved = decide_following(self.book, self.tree, loads, ri.partition, ri.text, self.policy, self.rng)
-            info.session_turn = info.session.turns if info.session is not None else 0
-            if info.session is not None and self.outbox is not None and (
-                    moved or self.cfg.observe_sample > 0 or self.book.worth_reading(info.session, len(ri.text))):
-                # the name peers know the session by, kept only where a note may need it
-                info.session_ref = reference(ri.partition, ri.text, info.session)
+            if info.session is not None:
+                info.session_turn = info.session.turns
+                info.for_book = self.book.worth_reading(info.session, len(ri.text))
+                if self.outbox is not None and (moved or info.for_book or self.cfg.observe_sample > 0):
+                    # the name peers know the session by, kept only where a note may need it
+                    info.session_ref = reference(ri.partition, ri.text, info.session)
             if moved:
                 metrics.SESSION_MOVES.inc()
                 log.info("session_moved", request_id=info.request_id, upstream=decision.upstream)

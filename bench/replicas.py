@@ -35,7 +35,8 @@ from typing import Callable
 
 from extproc.config import DEFAULTS
 from extproc.feedback import FeedbackRule, is_stale, observed_chars
-from extproc.policy import decide
+from extproc.newprefixes import NewPrefixes
+from extproc.policy import decide, is_new_prefix
 from extproc.sessions import SessionBook, apply_note, decide_following, follow_placement, reference, report
 from extproc.tree import RadixTree
 
@@ -59,6 +60,7 @@ class Replicas:
         self.n, self.delay = n, delay  # delay None: independent
         self.cfg = DEFAULTS.policy()
         self.trees = [RadixTree() for _ in range(n)]
+        self.spread = [NewPrefixes(self.cfg.new_prefix_window) for _ in range(n)]  # each replica's count, peers' placements too
         self.books = [SessionBook(self.cfg.cache_threshold, DEFAULTS.move_family_turns) for _ in range(n)] if books else None
         self.share = share
         self.reading: dict[int, tuple] = {}  # responses read for a book: (session, turn, predicted, length, ref)
@@ -85,8 +87,11 @@ class Replicas:
                         self.notes_unknown += not apply_note(self.books[dst], *payload)
                 else:
                     partition, text, router = payload
+                    m = self.trees[dst].match(partition, text)  # before the insert, as Director.learn_from
                     if self.books is not None and self.share:
-                        follow_placement(self.books[dst], self.trees[dst], partition, text, self.cfg)
+                        follow_placement(self.books[dst], self.trees[dst], partition, text, self.cfg, m)
+                    if is_new_prefix(m, len(text), self.cfg):
+                        self.spread[dst].took(router)
                     self.trees[dst].insert(partition, text, router, now)
 
     def _send(self, now: float, src: int, kind: str, payload) -> None:
@@ -101,9 +106,11 @@ class Replicas:
         loads = {r: self.own[i][r] + self.heard[i][r] for r in routers}
         note = None
         if self.books is None:
-            d = decide(self.trees[i], loads, p.partition, p.sglang_text, sim.now, self.cfg, sim.rng)
+            d = decide(self.trees[i], loads, p.partition, p.sglang_text, sim.now, self.cfg, sim.rng, lately=self.spread[i].counts)
         else:
             d, note = self._following(i, p, loads, sim)
+        if d.new_prefix:
+            self.spread[i].took(d.upstream)
         self.last_reason = d.reason
         self.own[i][d.upstream] += 1
         self.owner[id(p)] = i
@@ -118,7 +125,7 @@ class Replicas:
         """The default's decision at replica ``i`` (its book), the read its response gets, and the
         note of a move for the peers."""
         book, text = self.books[i], p.sglang_text
-        d, s, moved = decide_following(book, self.trees[i], loads, p.partition, text, self.cfg, sim.rng)
+        d, s, moved = decide_following(book, self.trees[i], loads, p.partition, text, self.cfg, sim.rng, self.spread[i].counts)
         if text:
             self.trees[i].insert(p.partition, text, d.upstream, sim.now)
         if s is None:

@@ -108,6 +108,7 @@ class AdminApi(pb_grpc.AdminServicer):
             no_text_reason=e["no_text_reason"] or "",
             routing_text_head=e["routing_text_head"],
             continuation=e["continuation"],
+            new_prefix=e["new_prefix"],
             session=pb.SessionOutlook(**e["session"]) if e["session"] is not None else None,
         )
 

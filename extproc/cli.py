@@ -141,7 +141,7 @@ def render(command: str, data: dict[str, Any]) -> str:
             head.update({f"session_{k}": v for k, v in data["session"].items()})
         cols = [("address", "UPSTREAM"), ("matched_characters", "MATCHED"), ("inflight", "IN FLIGHT"), ("healthy", "HEALTHY"),
                 ("recompute_characters", "RECOMPUTE"), ("charged_requests", "CHARGED"), ("cost", "COST"),
-                ("observed_hit_ratio", "OBSERVED HITS"), ("observed_responses", "SAMPLED")]
+                ("observed_hit_ratio", "OBSERVED HITS"), ("observed_responses", "SAMPLED"), ("new_prefixes_lately", "NEW PREFIXES")]
         return _pairs(head) + "\n\n" + _table(data["upstreams"], cols)
     return _pairs(data)
 
@@ -168,14 +168,16 @@ def _reply_data(command: str, reply: Any) -> dict[str, Any]:
         if reply.no_text_reason:
             out["no_text_reason"] = reply.no_text_reason
         out.update(partition=reply.partition, text_characters=reply.text_characters, matched_characters=reply.matched_characters,
-                   match_rate=round(reply.match_rate, 4), continuation=reply.continuation, routing_text_head=reply.routing_text_head)
+                   match_rate=round(reply.match_rate, 4), continuation=reply.continuation, new_prefix=reply.new_prefix,
+                   routing_text_head=reply.routing_text_head)
         if reply.HasField("session"):  # --move-evicted-sessions' terms
             o = reply.session
             out["session"] = {"new": o.new, "turn": o.turn, "shared": o.shared, "over": o.over, "family_turns": round(o.family_turns, 2),
                               "evicted": o.evicted, "moved": o.moved, "moves": o.moves}
         out["upstreams"] = [{"address": u.address, "matched_characters": u.matched_characters, "inflight": u.inflight, "healthy": u.healthy,
                              "recompute_characters": u.recompute_characters, "charged_requests": u.charged_requests, "cost": u.cost,
-                             "observed_hit_ratio": round(u.observed_hit_ratio, 4), "observed_responses": u.observed_responses}
+                             "observed_hit_ratio": round(u.observed_hit_ratio, 4), "observed_responses": u.observed_responses,
+                             "new_prefixes_lately": u.new_prefixes_lately}
                             for u in reply.upstreams]
         return out
     return orjson.loads(reply.config_json)

@@ -284,6 +284,13 @@ class Config:
         "0: only a request extending a whole earlier prompt does (README, Choosing the defaults)", POLICY, metavar="N",
     )
     tie_break: str = opt("random", _choice(TIE_BREAKS), "among equally good upstreams (sglang-router 0.3.2 takes the first)", POLICY, metavar="|".join(TIE_BREAKS))
+    new_prefix_window: int = opt(
+        16, _number(int, 0, 1 << 16),
+        "with --hit-choice cost: among equally cheap upstreams, a request of --inflight-cost-chars or more characters that "
+        "matches no stored text (a new system prompt, a new document) goes to the one that took the fewest of the last N "
+        "such requests, so new prefixes spread over routers' caches, not only over their loads; 0: off (--tie-break "
+        "alone; README, Choosing the defaults)", POLICY, metavar="N",
+    )
     routing_text: str = opt("sglang", _choice(FORMS), "what the tree matches on: sglang (as sglang-router) or template (ChatML-like)", PAYLOAD, metavar="|".join(FORMS))
     max_routing_chars: int = opt(1 << 20, _number(int, 1), "only this many leading characters of a prompt are matched and stored", PAYLOAD, metavar="N")
     max_body_bytes: int = opt(
@@ -374,6 +381,7 @@ class Config:
             inflight_slack=self.inflight_slack,
             continuation_knee=self.continuation_knee,
             continuation_tail=self.continuation_tail,
+            new_prefix_window=self.new_prefix_window,
         )
 
     def parse_options(self) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from . import logs, metrics
 from .config import Config
 from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
-from .policy import NEW_SESSIONS, Decision, continues, costs, decide, least_loaded, session_kind
+from .newprefixes import NewPrefixes
+from .policy import NEW_SESSIONS, Decision, continues, costs, decide, is_new_prefix, least_loaded, session_kind
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
 from .sessions import Ref, Session, SessionBook, apply_note, decide_following, follow_placement, moved_if_due, reference, report
@@ -133,6 +134,8 @@ class Director:
         # the --observe-sample share. Bounded, oldest dropped.
         self.awaiting_reports: OrderedDict[str, tuple[Session, int, bool, Ref | None]] = OrderedDict()
         self._configure_book(cfg)
+        # The new prefixes each upstream took lately, its own decisions' and its peers' (--new-prefix-window)
+        self.new_prefixes = NewPrefixes(cfg.new_prefix_window)
         # Called when an upstream reaches its budget: the server wakes its eviction sweep at once
         # instead of at the next interval.
         self.wake_sweeper: Callable[[], None] = lambda: None
@@ -147,6 +150,8 @@ class Director:
         if not cfg.observe_feedback:
             self.shares.clear()
         self._configure_book(cfg)
+        if cfg.new_prefix_window != self.new_prefixes.window:
+            self.new_prefixes = NewPrefixes(cfg.new_prefix_window)
 
     def _configure_book(self, cfg: Config) -> None:
         """Start or stop following sessions; a reload keeps the sessions followed so far."""
@@ -352,10 +357,11 @@ class Director:
         elif self.cfg.log_prompts and ri.text:
             log.debug("routing_text", request_id=info.request_id, text=ri.text)
         moved = False
+        lately = self.new_prefixes.counts
         if self.book is None:
-            decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False)
+            decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False, lately=lately)
         else:
-            decision, info.session, moved = decide_following(self.book, self.tree, loads, ri.partition, ri.text, self.policy, self.rng)
+            decision, info.session, moved = decide_following(self.book, self.tree, loads, ri.partition, ri.text, self.policy, self.rng, lately)
             if info.session is not None:
                 info.session_turn = info.session.turns
                 info.for_book = self.book.worth_reading(info.session, len(ri.text))
@@ -365,6 +371,8 @@ class Director:
             if moved:
                 metrics.SESSION_MOVES.inc()
                 log.info("session_moved", request_id=info.request_id, upstream=decision.upstream)
+        if decision.new_prefix:
+            self.new_prefixes.took(decision.upstream)
         self._learn(ri.partition, ri.text, decision.upstream)
         if moved and info.session_ref is not None:  # after the placement it names
             self._note(info.session_ref, "moved")
@@ -480,14 +488,19 @@ class Director:
 
     def learn_from(self, ev: Event) -> None:
         """Insert a peer's placements, for upstreams in this pool only, within the budget, each
-        followed by the session book first (``sessions.follow_placement``); then apply the
-        peer's notes on sessions."""
+        followed by the session book first (``sessions.follow_placement``) and counted as a new
+        prefix where it is one (so that every replica spreads new prefixes over one count); then
+        apply the peer's notes on sessions."""
         now = time.monotonic()
-        book = self.book
+        book, policy = self.book, self.policy
         for p in ev.placements:
             if p.upstream in self.pool:
-                if book is not None:
-                    follow_placement(book, self.tree, p.partition, p.text, self.policy)
+                if book is not None or (policy.new_prefix_window and len(p.text) >= policy.inflight_cost_chars):
+                    m = self.tree.match(p.partition, p.text)  # before the insert: what the peer's decision saw
+                    if book is not None:
+                        follow_placement(book, self.tree, p.partition, p.text, policy, m)
+                    if is_new_prefix(m, len(p.text), policy):
+                        self.new_prefixes.took(p.upstream)
                 self._insert(p.partition, p.text, p.upstream, now)
             else:
                 metrics.SYNC_REJECTED.labels("unknown_upstream").inc()
@@ -594,7 +607,7 @@ class Director:
         outlook = self.book.outlook(ri.partition, ri.text, m, continues(m, self.policy)) if self.book is not None else None
         if loads:
             rng = random.Random(0)
-            d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, rng, insert=False)
+            d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, rng, insert=False, lately=self.new_prefixes.counts)
             d = moved_if_due(d, outlook is not None and outlook.moves, m, loads, self.policy, rng)
             upstream, reason = d.upstream, d.reason
             if self.policy.hit_choice == "cost" and ri.text:
@@ -609,8 +622,11 @@ class Director:
             "matched_characters": m.matched,
             "match_rate": m.matched / len(ri.text) if ri.text else 0.0,
             "continuation": continues(m, self.policy),
+            # ties among the cheapest go to the fewest new prefixes taken lately (--new-prefix-window)
+            "new_prefix": is_new_prefix(m, len(ri.text), self.policy),
             "upstreams": [
                 {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy,
+                 "new_prefixes_lately": self.new_prefixes.counts.get(v.address, 0),
                  **dict(zip(("recompute_characters", "charged_requests", "cost"), terms.get(v.address, (0, 0, 0)))),
                  **dict(zip(("observed_hit_ratio", "observed_responses"), observed.get(v.address, (0.0, 0))))}
                 for v in self.upstreams()

@@ -27,6 +27,15 @@ Per request (load = in-flight requests per upstream):
    random, its later fix).
 4. The text is inserted for the chosen upstream.
 
+Ties of the cost rule for a **new prefix** (a text of ``inflight_cost_chars`` or more that matches
+no stored text beyond chance, ``CHANCE_CHARS``: a new shared system prompt, a new document) go to
+the upstream that took the fewest of the last ``new_prefix_window`` new prefixes (``lately``, kept
+by the caller: :mod:`extproc.newprefixes`), at random among those; its few matched characters
+being chance ("You are a ..."), only the requests charged tell the upstreams apart. Why: load is not cache room. A
+new prefix becomes a home that later requests follow; placed by load alone, several can land on one
+router while another of equal load holds none, and that router's workers then hold more prefixes
+than their caches keep (README, "The decision").
+
 Pure decisions over the tree and a load snapshot; the tree knows nothing of this module.
 """
 
@@ -35,7 +44,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from collections.abc import Mapping
+
 from .tree import Match, RadixTree
+
+# A match this short is chance (a few common words, one 16-token cache block's worth of characters):
+# the text is a new prefix for the spread of new prefixes over equally cheap upstreams.
+CHANCE_CHARS = 64
 
 HIT_CHOICES = ("cost", "creator", "least_loaded")
 TIE_BREAKS = ("random", "first")
@@ -54,6 +69,7 @@ class PolicyConfig:
     inflight_slack: int = 0  # requests in flight above the least loaded that cost nothing
     continuation_knee: int = 0  # requests in flight that cost a continuing conversation's home nothing
     continuation_tail: int = 0  # a match this far into one earlier chain of texts continues it too (0: off)
+    new_prefix_window: int = 0  # ties for a new prefix go to the upstream that took fewest of the last N (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +81,8 @@ class Decision:
     # for a request continuing an earlier conversation (``continues``): "home" when it went to a
     # holder of the deepest match, "moved" when elsewhere; "" otherwise
     continuation: str = ""
+    # a new prefix (``is_new_prefix``) decided by the cost rule: the caller counts it for the upstream
+    new_prefix: bool = False
 
 
 def new_session_rate(d: Decision) -> float | None:
@@ -126,16 +144,20 @@ def decide(
     *,
     insert: bool = True,
     match: Match | None = None,
+    lately: Mapping[str, int] | None = None,
 ) -> Decision:
     """Choose an upstream among ``loads`` (healthy upstreams, registry order) for one request.
-    ``match``: the text's match in ``tree`` when the caller made it already."""
+    ``match``: the text's match in ``tree`` when the caller made it already. ``lately``: how many of
+    the last new prefixes each upstream took (``new_prefix_window``; none: ties at random)."""
     if not text:
         return Decision(least_loaded(loads, cfg.tie_break, rng), "no_routing_text")
     m = match if match is not None else tree.match(partition, text)
+    new_prefix = False
     if is_imbalanced(loads, cfg):
         choice, reason, matched = least_loaded(loads, cfg.tie_break, rng), "imbalance", 0
     elif cfg.hit_choice == "cost":
-        choice, reason, matched = _cheapest(m, loads, len(text), cfg, rng)
+        new_prefix = lately is not None and is_new_prefix(m, len(text), cfg)
+        choice, reason, matched = _cheapest(m, loads, len(text), cfg, rng, lately if new_prefix else None)
     else:
         matched = m.matched
         holders = [t for t in m.deepest if t in loads]
@@ -150,7 +172,15 @@ def decide(
     if insert:
         tree.insert(partition, text, choice, now)
     continuation = ("home" if choice in m.deepest else "moved") if continues(m, cfg) else ""
-    return Decision(choice, reason, matched, len(text), continuation)
+    return Decision(choice, reason, matched, len(text), continuation, new_prefix)
+
+
+def is_new_prefix(match: Match, length: int, cfg: PolicyConfig) -> bool:
+    """Whether a text starts a prefix of its own, long enough to be worth spreading: with the
+    spread on (``new_prefix_window``), at least ``inflight_cost_chars`` characters (rebuilding it
+    costs more than a request in flight) and matching no stored text beyond chance. Short new texts
+    (a new two-turn chat) are left to load and chance: their footprint in a cache is small."""
+    return cfg.new_prefix_window > 0 and length >= cfg.inflight_cost_chars and match.matched < CHANCE_CHARS
 
 
 def continues(match: Match, cfg: PolicyConfig) -> bool:
@@ -176,11 +206,20 @@ def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig) -> dict[str, t
     return out
 
 
-def _cheapest(match: Match, loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random) -> tuple[str, str, int]:
-    """The upstream with the lowest recompute-plus-queue cost (see module doc)."""
+def _cheapest(match: Match, loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random,
+              lately: Mapping[str, int] | None) -> tuple[str, str, int]:
+    """The upstream with the lowest recompute-plus-queue cost; for a new prefix (``lately`` given),
+    ties to the upstreams that took the fewest new prefixes lately (see module doc)."""
     terms = costs(match, loads, cfg)
-    best = min(cost for _, _, cost in terms.values())
-    cheapest = [t for t, (_, _, cost) in terms.items() if cost == best]
+    if lately is None:
+        score = {t: cost for t, (_, _, cost) in terms.items()}
+    else:  # a new prefix: what it matches is chance, so only the queue tells the upstreams apart
+        score = {t: charged for t, (_, charged, _) in terms.items()}
+    best = min(score.values())
+    cheapest = [t for t, v in score.items() if v == best]
+    if lately is not None and len(cheapest) > 1:
+        fewest = min(lately.get(t, 0) for t in cheapest)
+        cheapest = [t for t in cheapest if lately.get(t, 0) == fewest]
     choice = cheapest[0] if cfg.tie_break == "first" else rng.choice(cheapest)
     own = match.tenants.get(choice, 0)
     return choice, outcome(own, length, cfg.cache_threshold), own

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .policy import Decision, PolicyConfig, continues, decide, least_loaded, outcome
@@ -253,14 +254,16 @@ def reference(partition: str, text: str, s: Session) -> Ref:
     return partition, len(text), text[-KEY_TAIL:], s.anchor
 
 
-def follow_placement(book: SessionBook, tree: RadixTree, partition: str, text: str, cfg: PolicyConfig) -> Session | None:
+def follow_placement(book: SessionBook, tree: RadixTree, partition: str, text: str, cfg: PolicyConfig,
+                     match: Match | None = None) -> Session | None:
     """A peer's placement, counted by this book as if this replica had decided it (before the tree
-    learns it): replicas behind one Envoy see a conversation's turns spread over them, and each
-    book must follow the whole conversation to know when it may move. The peer's own moves and
-    reports arrive as notes (:func:`apply_note`)."""
+    learns it; ``match``: the text's match in ``tree`` when the caller made it): replicas behind
+    one Envoy see a conversation's turns spread over them, and each book must follow the whole
+    conversation to know when it may move. The peer's own moves and reports arrive as notes
+    (:func:`apply_note`)."""
     if not text:
         return None
-    m = tree.match(partition, text)
+    m = match if match is not None else tree.match(partition, text)
     s = book.follow(partition, text, m, continues(m, cfg))
     if s is not None:
         book.keep(partition, text, s)
@@ -300,16 +303,17 @@ def moved_if_due(decision: Decision, due: bool, match: Match, loads: dict[str, i
 
 
 def decide_following(
-    book: SessionBook, tree: RadixTree, loads: dict[str, int], partition: str, text: str, cfg: PolicyConfig, rng: random.Random
+    book: SessionBook, tree: RadixTree, loads: dict[str, int], partition: str, text: str, cfg: PolicyConfig, rng: random.Random,
+    lately: Mapping[str, int] | None = None,
 ) -> tuple[Decision, Session | None, bool]:
-    """The policy's decision (nothing inserted: the caller inserts for the upstream chosen), moved
-    off a pile when the book says so; the session the request belongs to (``None``: none
-    followed), whose ``turns`` its response's report must name (:func:`report`); and whether the
-    book moved it."""
+    """The policy's decision (nothing inserted: the caller inserts for the upstream chosen;
+    ``lately``: as for ``policy.decide``), moved off a pile when the book says so; the session the
+    request belongs to (``None``: none followed), whose ``turns`` its response's report must name
+    (:func:`report`); and whether the book moved it."""
     if not text:
         return decide(tree, loads, partition, text, 0.0, cfg, rng, insert=False), None, False
     m = tree.match(partition, text)
-    decision = decide(tree, loads, partition, text, 0.0, cfg, rng, insert=False, match=m)
+    decision = decide(tree, loads, partition, text, 0.0, cfg, rng, insert=False, match=m, lately=lately)
     s = book.follow(partition, text, m, continues(m, cfg))
     if s is None:
         return decision, None, False

@@ -625,3 +625,46 @@ def test_a_sampled_buffered_response_counts_in_the_observed_hits_while_its_sessi
     x.on_response_body(chunk(orjson.dumps(usage), True))
     assert d.observed_hits() == {x.info.upstream: (0.25, 1)}
     assert x.info.session.reported == 1
+
+
+def _prompt(i: int) -> bytes:
+    """A new long prompt of its own (a new system prompt): over --inflight-cost-chars, sharing nothing."""
+    return orjson.dumps({"model": "m", "messages": [{"role": "system", "content": f"{i} " + "prompt number %d. " % i * 100}]})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_new_prefixes_spread_over_equally_loaded_upstreams(seed):
+    """Idle upstreams, new long prompts one after another: each pair lands one on each upstream
+    (random ties would put both of a pair on one half the time), and explain shows the count."""
+    d = Director(build({"upstreams": POOL}, env={}), seed=seed)
+    d.set_upstreams(POOL)
+    for pair in range(3):
+        got = []
+        for i in range(2):
+            info = RequestInfo(path="/v1/chat/completions")
+            got.append(d.route(info, _prompt(10 * pair + i)))
+            d.finished(info.ticket, Outcome.OK)
+        assert sorted(got) == sorted(POOL), (pair, got, d.new_prefixes.counts)
+    assert dict(d.new_prefixes.counts) == {a: 3 for a in POOL}
+    e = d.explain("/v1/chat/completions", _prompt(99))
+    assert e["new_prefix"] is True and {u["new_prefixes_lately"] for u in e["upstreams"]} == {3}
+    assert d.explain("/v1/chat/completions", BODY)["new_prefix"] is False  # a short chat is not one
+    d.reconfigure(build({"upstreams": POOL, "new_prefix_window": 0}, env={}))
+    assert d.explain("/v1/chat/completions", _prompt(98))["new_prefix"] is False
+
+
+@pytest.mark.parametrize("following", [True, False])
+def test_a_peers_new_prefix_counts_here_too(following):
+    """Replicas spread new prefixes over one count: a peer's placement of a new long prompt is
+    counted for its upstream; its next turn (matching the first), a short prompt, or a placement for
+    an upstream outside the pool are not."""
+    from extproc.syncwire import Event, Placement
+
+    d = Director(build({"upstreams": POOL, "move_evicted_sessions": following}, env={}), seed=0)
+    d.set_upstreams(POOL)
+    ri = d._routing_input("/v1/chat/completions", _prompt(1), None)
+    short = d._routing_input("/v1/chat/completions", BODY, None)
+    placements = (Placement(ri.partition, POOL[1], ri.text), Placement(ri.partition, POOL[1], ri.text + " and the next turn"),
+                  Placement(short.partition, POOL[0], short.text), Placement(ri.partition, "10.9.9.9:1", ri.text[::-1]))
+    d.learn_from(Event("peer", 1, 1, {}, placements))
+    assert dict(d.new_prefixes.counts) == {POOL[1]: 1}

@@ -25,7 +25,7 @@ LAYERS = [
     {"config"},
     {"sessions"},
     {"policy", "feedback", "payload", "pool", "metrics", "replicas"},
-    {"tree", "upstream", "inflight", "addresses", "logs", "syncwire", "usage"},
+    {"tree", "upstream", "inflight", "addresses", "logs", "syncwire", "usage", "newprefixes"},
     {"api"},  # generated admin API messages
 ]
 

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from extproc.config import policy_config
-from extproc.policy import SESSION_KINDS, Decision, continues, costs, decide, is_imbalanced, least_loaded, session_kind
+from extproc.policy import CHANCE_CHARS, SESSION_KINDS, Decision, continues, costs, decide, is_imbalanced, is_new_prefix, least_loaded, session_kind
 from extproc.tree import Match, RadixTree
 
 CFG = policy_config()
@@ -295,3 +295,64 @@ def test_inserted_times_are_the_decision_time():
 )
 def test_each_decision_is_one_kind_of_request_to_the_conversations_seen(decision, kind):
     assert session_kind(decision, 0.3) == kind and kind in SESSION_KINDS
+
+
+# -- new prefixes spread over equally cheap upstreams (--new-prefix-window) -------------------------
+
+SPREAD = policy_config(new_prefix_window=16)
+LONG = "a new system prompt nobody has sent " * 40  # 1,440 characters, over --inflight-cost-chars
+
+
+def test_a_new_prefix_tie_goes_to_the_upstream_that_took_fewest_new_prefixes_lately():
+    """Two idle upstreams, one of which took a new prefix lately: every seed sends the next new
+    prefix to the other (random ties would send half of them back)."""
+    assert len(LONG) >= SPREAD.inflight_cost_chars
+    picks = {decide(RadixTree(), {"a": 0, "b": 0}, "m", LONG, 1.0, SPREAD, random.Random(s), insert=False, lately={"a": 1}) for s in range(20)}
+    assert {d.upstream for d in picks} == {"b"} and all(d.new_prefix for d in picks)
+    # among three, the two with fewest tie at random
+    three = {decide(RadixTree(), {"a": 0, "b": 0, "c": 0}, "m", LONG, 1.0, SPREAD, random.Random(s), insert=False, lately={"a": 2, "b": 1, "c": 1}).upstream
+             for s in range(30)}
+    assert three == {"b", "c"}
+
+
+def test_the_new_prefix_count_only_breaks_ties_it_never_outweighs_load():
+    d = decide(RadixTree(), {"a": 0, "b": 1}, "m", LONG, 1.0, SPREAD, random.Random(0), insert=False, lately={"a": 5})
+    assert d.upstream == "a" and d.new_prefix
+
+
+@pytest.mark.parametrize("case", ["short", "matched", "off", "not_cost", "no_counts"])
+def test_what_is_not_a_new_prefix_ties_at_random(case):
+    """A short text, a text matching a stored one beyond chance, the spread turned off, another
+    hit choice, or no counts given: ties stay random (both upstreams over the seeds)."""
+    tree, text, cfg, lately = RadixTree(), LONG, SPREAD, {"a": 1}
+    if case == "short":
+        text = LONG[: cfg.inflight_cost_chars - 1]
+    elif case == "matched":  # both hold the first 64 characters: not chance, not a new prefix
+        for t in ("a", "b"):
+            tree.insert("m", LONG[:64] + "x" * 10, t, 0)
+    elif case == "off":
+        cfg = policy_config(new_prefix_window=0)
+    elif case == "not_cost":
+        cfg = policy_config(new_prefix_window=16, hit_choice="least_loaded")
+    else:
+        lately = None
+    ds = [decide(tree, {"a": 0, "b": 0}, "m", text, 1.0, cfg, random.Random(s), insert=False, lately=lately) for s in range(20)]
+    assert {d.upstream for d in ds} == {"a", "b"} and not any(d.new_prefix for d in ds)
+
+
+def test_is_new_prefix_bounds():
+    long_cfg = policy_config(new_prefix_window=16, inflight_cost_chars=100)
+    assert is_new_prefix(Match(CHANCE_CHARS - 1), 100, long_cfg)
+    assert not is_new_prefix(Match(CHANCE_CHARS), 100, long_cfg)
+    assert not is_new_prefix(Match(0), 99, long_cfg)
+    assert not is_new_prefix(Match(0), 100, policy_config(new_prefix_window=0, inflight_cost_chars=100))
+
+
+def test_a_new_prefixs_chance_match_does_not_decide_for_it():
+    """A new prompt sharing its first words with a stored one (under CHANCE_CHARS) costs a few
+    characters less on that upstream; that is chance, so the count of new prefixes still decides."""
+    tree = RadixTree()
+    tree.insert("m", "You are a " + "x" * 2000, "a", 0)
+    text = "You are a " + LONG
+    d = decide(tree, {"a": 0, "b": 0}, "m", text, 1.0, SPREAD, random.Random(0), insert=False, lately={"a": 1})
+    assert d.new_prefix and d.upstream == "b"

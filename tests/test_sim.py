@@ -756,3 +756,16 @@ def test_replicas_sharing_their_books_move_sessions_as_one_replica_does():
     assert runs["one"][1] > 0
     assert runs["shared"] == runs["one"]
     assert runs["not shared"][1] == 0 and runs["not shared"][0] < runs["one"][0] - 0.02
+
+
+@pytest.mark.parametrize("name", ["prefix-router", "prefix-router/no-move"])
+def test_the_simulated_rules_spread_new_prefixes_as_the_service_does(name):
+    """Two idle routers and new long prompts one after another: the simulator's rules keep the
+    service's count of new prefixes (--new-prefix-window), so each pair lands one on each router."""
+    from types import SimpleNamespace
+
+    for seed in range(8):
+        upper = upper_policies()[name]
+        sim = SimpleNamespace(routers=[SimpleNamespace(inflight=0), SimpleNamespace(inflight=0)], now=0.0, rng=random.Random(seed))
+        got = [upper.choose(SimpleNamespace(partition="m", sglang_text=f"{i} " + f"system prompt {i}. " * 80), sim) for i in range(4)]
+        assert sorted(got[:2]) == [0, 1] and sorted(got[2:]) == [0, 1], (seed, got)

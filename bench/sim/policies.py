@@ -16,6 +16,7 @@ from extproc.dev.fakeworker import BLOCK_TOKENS, CHARS_PER_TOKEN
 from extproc.payload import routing_input
 from extproc.config import DEFAULTS, policy_config
 from extproc.feedback import FeedbackRule, is_stale, next_share, observed_chars
+from extproc.newprefixes import NewPrefixes
 from extproc.policy import PolicyConfig, costs, decide, least_loaded, new_session_rate
 from extproc.sessions import Session, SessionBook, decide_following, report
 from extproc.tree import Match, RadixTree
@@ -29,6 +30,7 @@ class PrefixRouter:
     def __init__(self, cfg: PolicyConfig = policy_config(), form: str = "sglang") -> None:
         self.cfg, self.form = cfg, form
         self.tree = RadixTree()
+        self.new_prefixes = NewPrefixes(cfg.new_prefix_window)  # as the director keeps them (--new-prefix-window)
         self.last_reason = ""
         # what the service's prefix_router_new_session_match_rate observes, decision by decision
         self.new_session_rates: list[float] = []
@@ -37,7 +39,9 @@ class PrefixRouter:
         text = p.sglang_text if self.form == "sglang" else p.texts.get(self.form)
         if text is None:
             text = p.texts[self.form] = routing_input("/v1/chat/completions", p.body, **{**DEFAULTS.parse_options(), "form": self.form}).text
-        d = decide(self.tree, _loads(sim), p.partition, text, sim.now, self.cfg, sim.rng)
+        d = decide(self.tree, _loads(sim), p.partition, text, sim.now, self.cfg, sim.rng, lately=self.new_prefixes.counts)
+        if d.new_prefix:
+            self.new_prefixes.took(d.upstream)
         self.last_reason = d.reason
         self.last_decision = d
         rate = new_session_rate(d)
@@ -248,7 +252,10 @@ class MovingSessions(PrefixRouter):
         self.moves = self.reads = self.decisions = 0
 
     def choose(self, p, sim) -> int:
-        d, session, moved = decide_following(self.book, self.tree, _loads(sim), p.partition, p.sglang_text, self.cfg, sim.rng)
+        d, session, moved = decide_following(self.book, self.tree, _loads(sim), p.partition, p.sglang_text, self.cfg, sim.rng,
+                                             self.new_prefixes.counts)
+        if d.new_prefix:
+            self.new_prefixes.took(d.upstream)
         if p.sglang_text:
             self.tree.insert(p.partition, p.sglang_text, d.upstream, sim.now)
         self.moves += moved

@@ -51,7 +51,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., body: _Optional[bytes] = ..., content_encoding: _Optional[str] = ...) -> None: ...
 
 class UpstreamMatch(_message.Message):
-    __slots__ = ("address", "matched_characters", "inflight", "healthy", "recompute_characters", "charged_requests", "cost", "observed_hit_ratio", "observed_responses")
+    __slots__ = ("address", "matched_characters", "inflight", "healthy", "recompute_characters", "charged_requests", "cost", "observed_hit_ratio", "observed_responses", "new_prefixes_lately")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MATCHED_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class UpstreamMatch(_message.Message):
     COST_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_HIT_RATIO_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    NEW_PREFIXES_LATELY_FIELD_NUMBER: _ClassVar[int]
     address: str
     matched_characters: int
     inflight: int
@@ -70,10 +71,11 @@ class UpstreamMatch(_message.Message):
     cost: int
     observed_hit_ratio: float
     observed_responses: int
-    def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ..., recompute_characters: _Optional[int] = ..., charged_requests: _Optional[int] = ..., cost: _Optional[int] = ..., observed_hit_ratio: _Optional[float] = ..., observed_responses: _Optional[int] = ...) -> None: ...
+    new_prefixes_lately: int
+    def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ..., recompute_characters: _Optional[int] = ..., charged_requests: _Optional[int] = ..., cost: _Optional[int] = ..., observed_hit_ratio: _Optional[float] = ..., observed_responses: _Optional[int] = ..., new_prefixes_lately: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head", "continuation", "session")
+    __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head", "continuation", "session", "new_prefix")
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +87,7 @@ class ExplainResponse(_message.Message):
     ROUTING_TEXT_HEAD_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_PREFIX_FIELD_NUMBER: _ClassVar[int]
     upstream: str
     reason: str
     partition: str
@@ -96,7 +99,8 @@ class ExplainResponse(_message.Message):
     routing_text_head: str
     continuation: bool
     session: SessionOutlook
-    def __init__(self, upstream: _Optional[str] = ..., reason: _Optional[str] = ..., partition: _Optional[str] = ..., text_characters: _Optional[int] = ..., matched_characters: _Optional[int] = ..., match_rate: _Optional[float] = ..., upstreams: _Optional[_Iterable[_Union[UpstreamMatch, _Mapping]]] = ..., no_text_reason: _Optional[str] = ..., routing_text_head: _Optional[str] = ..., continuation: _Optional[bool] = ..., session: _Optional[_Union[SessionOutlook, _Mapping]] = ...) -> None: ...
+    new_prefix: bool
+    def __init__(self, upstream: _Optional[str] = ..., reason: _Optional[str] = ..., partition: _Optional[str] = ..., text_characters: _Optional[int] = ..., matched_characters: _Optional[int] = ..., match_rate: _Optional[float] = ..., upstreams: _Optional[_Iterable[_Union[UpstreamMatch, _Mapping]]] = ..., no_text_reason: _Optional[str] = ..., routing_text_head: _Optional[str] = ..., continuation: _Optional[bool] = ..., session: _Optional[_Union[SessionOutlook, _Mapping]] = ..., new_prefix: _Optional[bool] = ...) -> None: ...
 
 class SessionOutlook(_message.Message):
     __slots__ = ("new", "turn", "shared", "over", "family_turns", "evicted", "moved", "moves")

@@ -30,8 +30,9 @@ Per request (load = in-flight requests per upstream):
 Ties of the cost rule for a **new prefix** (a text of ``inflight_cost_chars`` or more that matches
 no stored text beyond chance, ``CHANCE_CHARS``: a new shared system prompt, a new document) go to
 the upstream that took the fewest of the last ``new_prefix_window`` new prefixes (``lately``, kept
-by the caller: :mod:`extproc.newprefixes`), at random among those; its few matched characters
-being chance ("You are a ..."), only the requests charged tell the upstreams apart. Why: load is not cache room. A
+by the caller: :mod:`extproc.newprefixes`), at random among those. Only exact ties: a few
+characters matched by chance still count as the cost rule counts them (treating them as no match
+measured worse on the held-out set: README, "Choosing the defaults"). Why: load is not cache room. A
 new prefix becomes a home that later requests follow; placed by load alone, several can land on one
 router while another of equal load holds none, and that router's workers then hold more prefixes
 than their caches keep (README, "The decision").
@@ -211,12 +212,8 @@ def _cheapest(match: Match, loads: dict[str, int], length: int, cfg: PolicyConfi
     """The upstream with the lowest recompute-plus-queue cost; for a new prefix (``lately`` given),
     ties to the upstreams that took the fewest new prefixes lately (see module doc)."""
     terms = costs(match, loads, cfg)
-    if lately is None:
-        score = {t: cost for t, (_, _, cost) in terms.items()}
-    else:  # a new prefix: what it matches is chance, so only the queue tells the upstreams apart
-        score = {t: charged for t, (_, charged, _) in terms.items()}
-    best = min(score.values())
-    cheapest = [t for t, v in score.items() if v == best]
+    best = min(cost for _, _, cost in terms.values())
+    cheapest = [t for t, (_, _, cost) in terms.items() if cost == best]
     if lately is not None and len(cheapest) > 1:
         fewest = min(lately.get(t, 0) for t in cheapest)
         cheapest = [t for t in cheapest if lately.get(t, 0) == fewest]

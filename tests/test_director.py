@@ -628,8 +628,9 @@ def test_a_sampled_buffered_response_counts_in_the_observed_hits_while_its_sessi
 
 
 def _prompt(i: int) -> bytes:
-    """A new long prompt of its own (a new system prompt): over --inflight-cost-chars, sharing nothing."""
-    return orjson.dumps({"model": "m", "messages": [{"role": "system", "content": f"{i} " + "prompt number %d. " % i * 100}]})
+    """A new long prompt of its own (a new system prompt): over --inflight-cost-chars, sharing not even its first
+    character with the others (a shared character makes its holder cheaper: no tie)."""
+    return orjson.dumps({"model": "m", "messages": [{"role": "system", "content": chr(ord("A") + i) + f" prompt number {i}. " * 100}]})
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -642,15 +643,15 @@ def test_new_prefixes_spread_over_equally_loaded_upstreams(seed):
         got = []
         for i in range(2):
             info = RequestInfo(path="/v1/chat/completions")
-            got.append(d.route(info, _prompt(10 * pair + i)))
+            got.append(d.route(info, _prompt(2 * pair + i)))
             d.finished(info.ticket, Outcome.OK)
         assert sorted(got) == sorted(POOL), (pair, got, d.new_prefixes.counts)
     assert dict(d.new_prefixes.counts) == {a: 3 for a in POOL}
-    e = d.explain("/v1/chat/completions", _prompt(99))
+    e = d.explain("/v1/chat/completions", _prompt(20))
     assert e["new_prefix"] is True and {u["new_prefixes_lately"] for u in e["upstreams"]} == {3}
     assert d.explain("/v1/chat/completions", BODY)["new_prefix"] is False  # a short chat is not one
     d.reconfigure(build({"upstreams": POOL, "new_prefix_window": 0}, env={}))
-    assert d.explain("/v1/chat/completions", _prompt(98))["new_prefix"] is False
+    assert d.explain("/v1/chat/completions", _prompt(21))["new_prefix"] is False
 
 
 @pytest.mark.parametrize("following", [True, False])

@@ -347,12 +347,3 @@ def test_is_new_prefix_bounds():
     assert not is_new_prefix(Match(0), 99, long_cfg)
     assert not is_new_prefix(Match(0), 100, policy_config(new_prefix_window=0, inflight_cost_chars=100))
 
-
-def test_a_new_prefixs_chance_match_does_not_decide_for_it():
-    """A new prompt sharing its first words with a stored one (under CHANCE_CHARS) costs a few
-    characters less on that upstream; that is chance, so the count of new prefixes still decides."""
-    tree = RadixTree()
-    tree.insert("m", "You are a " + "x" * 2000, "a", 0)
-    text = "You are a " + LONG
-    d = decide(tree, {"a": 0, "b": 0}, "m", text, 1.0, SPREAD, random.Random(0), insert=False, lately={"a": 1})
-    assert d.new_prefix and d.upstream == "b"

@@ -693,7 +693,10 @@ def test_the_simulated_default_is_the_services_default():
     assert isinstance(default, MovingSessions) == DEFAULTS.move_evicted_sessions
     assert (default.book.family_turns, default.book.threshold, default.sample) == (
         DEFAULTS.move_family_turns, DEFAULTS.cache_threshold, DEFAULTS.observe_sample)
+    assert default.cfg == DEFAULTS.policy() and default.new_prefixes.window == DEFAULTS.new_prefix_window
     assert type(policies["prefix-router/no-move"]) is PrefixRouter
+    # the earlier defaults are as they were: none spread new prefixes
+    assert policies["prefix-router/no-spread"].new_prefixes.window == 0 == policies["prefix-router/no-move"].cfg.new_prefix_window
 
 
 def test_the_services_threshold_reaches_every_rule_of_this_project():
@@ -758,14 +761,15 @@ def test_replicas_sharing_their_books_move_sessions_as_one_replica_does():
     assert runs["not shared"][1] == 0 and runs["not shared"][0] < runs["one"][0] - 0.02
 
 
-@pytest.mark.parametrize("name", ["prefix-router", "prefix-router/no-move"])
-def test_the_simulated_rules_spread_new_prefixes_as_the_service_does(name):
+@pytest.mark.parametrize("make", [lambda: upper_policies()["prefix-router"], PrefixRouter], ids=["default", "no-move"])
+def test_the_simulated_rules_spread_new_prefixes_as_the_service_does(make):
     """Two idle routers and new long prompts one after another: the simulator's rules keep the
-    service's count of new prefixes (--new-prefix-window), so each pair lands one on each router."""
+    service's count of new prefixes (--new-prefix-window), so each pair lands one on each router
+    (``PrefixRouter`` with the service's defaults: bench.e2e_rivals' ``--no-move-evicted-sessions``)."""
     from types import SimpleNamespace
 
     for seed in range(8):
-        upper = upper_policies()[name]
+        upper = make()
         sim = SimpleNamespace(routers=[SimpleNamespace(inflight=0), SimpleNamespace(inflight=0)], now=0.0, rng=random.Random(seed))
-        got = [upper.choose(SimpleNamespace(partition="m", sglang_text=f"{i} " + f"system prompt {i}. " * 80), sim) for i in range(4)]
+        got = [upper.choose(SimpleNamespace(partition="m", sglang_text=chr(ord("A") + i) + f" system prompt {i}. " * 80), sim) for i in range(4)]
         assert sorted(got[:2]) == [0, 1] and sorted(got[2:]) == [0, 1], (seed, got)

@@ -218,15 +218,17 @@ def upper_policies(service_threshold: float | None = None) -> dict[str, object]:
         "prefix-router/creator": PrefixRouter(cfg(hit_choice="creator")),
         "prefix-router/least-loaded-hit": PrefixRouter(cfg(hit_choice="least_loaded")),
         "prefix-router/sglang-0.3.2": PrefixRouter(cfg(hit_choice="creator", tie_break="first")),
-        # earlier defaults: only whole prompts continuing (no tail), the rule without its continuation
-        # term, and an earlier round's tuning winner, which the held-out set did not confirm
-        "prefix-router/previous-default": PrefixRouter(cfg(continuation_tail=0)),
-        "prefix-router/knee-0": PrefixRouter(cfg(continuation_knee=0, continuation_tail=0)),
-        "prefix-router/slack-3": PrefixRouter(cfg(continuation_knee=0, continuation_tail=0, inflight_slack=3, inflight_cost_chars=1536)),
-        # the default with every response read (--observe-sample 1), and without following
-        # sessions (--no-move-evicted-sessions: the default until this round)
+        # earlier defaults, none spreading new prefixes (--new-prefix-window 0): the last round's
+        # (sessions moved), the one before (sessions not followed: --no-move-evicted-sessions), only
+        # whole prompts continuing (no tail), the rule without its continuation term, and an earlier
+        # round's tuning winner, which the held-out set did not confirm
+        "prefix-router/no-spread": MovingSessions(cfg=cfg(new_prefix_window=0)),
+        "prefix-router/no-move": PrefixRouter(cfg(new_prefix_window=0)),
+        "prefix-router/previous-default": PrefixRouter(cfg(continuation_tail=0, new_prefix_window=0)),
+        "prefix-router/knee-0": PrefixRouter(cfg(continuation_knee=0, continuation_tail=0, new_prefix_window=0)),
+        "prefix-router/slack-3": PrefixRouter(cfg(continuation_knee=0, continuation_tail=0, inflight_slack=3, inflight_cost_chars=1536, new_prefix_window=0)),
+        # the default with every response read (--observe-sample 1)
         "prefix-router/move-evicted": MovingSessions(sample=1.0, cfg=cfg()),
-        "prefix-router/no-move": PrefixRouter(cfg()),
         "round-robin": RoundRobin(),
         "random": Random(),
         "least-loaded": LeastLoaded(),

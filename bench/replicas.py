@@ -16,7 +16,7 @@ These run the cost rule alone (``--no-move-evicted-sessions``). The default foll
 well (``--move-evicted-sessions``), each replica with its own book, read responses as
 ``SessionBook.worth_reading`` picks them (duplex mode): ``sessions shared`` synced 1 ms, each book
 following its peers' placements and hearing their moves and reports as the sync link carries them
-(``sessions.follow_placement``, ``sessions.apply_note``), against ``sessions not shared`` (synced 1
+(``sessions.learn_placement``, ``sessions.apply_note``), against ``sessions not shared`` (synced 1
 ms, each book following only the turns its replica decides: the service before it shared them).
 
 N = 1 is the single replica each is compared with (with a book for the rows that have one). Topology, service model and capacity as in
@@ -36,8 +36,8 @@ from typing import Callable
 from extproc.config import DEFAULTS
 from extproc.feedback import FeedbackRule, is_stale, observed_chars
 from extproc.newprefixes import NewPrefixes
-from extproc.policy import decide, is_new_prefix
-from extproc.sessions import SessionBook, apply_note, decide_following, follow_placement, reference, report
+from extproc.policy import decide
+from extproc.sessions import SessionBook, apply_note, decide_following, learn_placement, reference, report
 from extproc.tree import RadixTree
 
 from .common import write
@@ -87,11 +87,8 @@ class Replicas:
                         self.notes_unknown += not apply_note(self.books[dst], *payload)
                 else:
                     partition, text, router = payload
-                    m = self.trees[dst].match(partition, text)  # before the insert, as Director.learn_from
-                    if self.books is not None and self.share:
-                        follow_placement(self.books[dst], self.trees[dst], partition, text, self.cfg, m)
-                    if is_new_prefix(m, len(text), self.cfg):
-                        self.spread[dst].took(router)
+                    book = self.books[dst] if self.books is not None and self.share else None
+                    learn_placement(book, self.spread[dst], self.trees[dst], partition, text, router, self.cfg)
                     self.trees[dst].insert(partition, text, router, now)
 
     def _send(self, now: float, src: int, kind: str, payload) -> None:
@@ -109,8 +106,7 @@ class Replicas:
             d = decide(self.trees[i], loads, p.partition, p.sglang_text, sim.now, self.cfg, sim.rng, lately=self.spread[i].counts)
         else:
             d, note = self._following(i, p, loads, sim)
-        if d.new_prefix:
-            self.spread[i].took(d.upstream)
+        self.spread[i].took(d.upstream, d.new_prefix)
         self.last_reason = d.reason
         self.own[i][d.upstream] += 1
         self.owner[id(p)] = i

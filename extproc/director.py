@@ -29,7 +29,7 @@ from .newprefixes import NewPrefixes
 from .policy import NEW_SESSIONS, Decision, continues, costs, decide, is_new_prefix, least_loaded, session_kind
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
-from .sessions import Ref, Session, SessionBook, apply_note, decide_following, follow_placement, moved_if_due, reference, report
+from .sessions import Ref, Session, SessionBook, apply_note, decide_following, learn_placement, moved_if_due, reference, report
 from .syncwire import MAX_REQUEST_ID, REPLICA_ID, Event, SessionNote, SnapshotRecord
 from .tree import RadixTree
 
@@ -371,8 +371,7 @@ class Director:
             if moved:
                 metrics.SESSION_MOVES.inc()
                 log.info("session_moved", request_id=info.request_id, upstream=decision.upstream)
-        if decision.new_prefix:
-            self.new_prefixes.took(decision.upstream)
+        self.new_prefixes.took(decision.upstream, decision.new_prefix)
         self._learn(ri.partition, ri.text, decision.upstream)
         if moved and info.session_ref is not None:  # after the placement it names
             self._note(info.session_ref, "moved")
@@ -488,19 +487,13 @@ class Director:
 
     def learn_from(self, ev: Event) -> None:
         """Insert a peer's placements, for upstreams in this pool only, within the budget, each
-        followed by the session book first (``sessions.follow_placement``) and counted as a new
-        prefix where it is one (so that every replica spreads new prefixes over one count); then
-        apply the peer's notes on sessions."""
+        learned by the session book and the new-prefix count first (``sessions.learn_placement``);
+        then apply the peer's notes on sessions."""
         now = time.monotonic()
         book, policy = self.book, self.policy
         for p in ev.placements:
             if p.upstream in self.pool:
-                if book is not None or (policy.new_prefix_window and len(p.text) >= policy.inflight_cost_chars):
-                    m = self.tree.match(p.partition, p.text)  # before the insert: what the peer's decision saw
-                    if book is not None:
-                        follow_placement(book, self.tree, p.partition, p.text, policy, m)
-                    if is_new_prefix(m, len(p.text), policy):
-                        self.new_prefixes.took(p.upstream)
+                learn_placement(book, self.new_prefixes, self.tree, p.partition, p.text, p.upstream, policy)
                 self._insert(p.partition, p.text, p.upstream, now)
             else:
                 metrics.SYNC_REJECTED.labels("unknown_upstream").inc()

@@ -21,9 +21,10 @@ class NewPrefixes:
         self.recent: deque[str] = deque()
         self.counts: Counter[str] = Counter()  # upstream -> new prefixes among ``recent``
 
-    def took(self, upstream: str) -> None:
-        """``upstream`` took a new prefix; the oldest beyond the window stops counting."""
-        if self.window <= 0:
+    def took(self, upstream: str, new_prefix: bool = True) -> None:
+        """``upstream`` took a new prefix (if ``new_prefix``: callers pass a decision's flag as it
+        is); the oldest beyond the window stops counting."""
+        if self.window <= 0 or not new_prefix:
             return
         self.recent.append(upstream)
         self.counts[upstream] += 1

@@ -39,7 +39,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .policy import Decision, PolicyConfig, continues, decide, least_loaded, outcome
+from .newprefixes import NewPrefixes
+from .policy import Decision, PolicyConfig, continues, decide, is_new_prefix, least_loaded, outcome
 from .tree import Match, RadixTree
 
 # Sessions the book keeps, and shared prefixes ("families") it keeps turn counts for: the least
@@ -268,6 +269,19 @@ def follow_placement(book: SessionBook, tree: RadixTree, partition: str, text: s
     if s is not None:
         book.keep(partition, text, s)
     return s
+
+
+def learn_placement(book: SessionBook | None, new_prefixes: NewPrefixes, tree: RadixTree, partition: str, text: str,
+                    upstream: str, cfg: PolicyConfig) -> None:
+    """A peer's placement on ``upstream``, before ``tree`` learns it: followed by the book (when
+    there is one) and counted as a new prefix where it is one, so that every replica spreads new
+    prefixes over one count. The tree is matched only when one of the two needs it."""
+    if book is None and not (cfg.new_prefix_window and len(text) >= cfg.inflight_cost_chars):
+        return
+    m = tree.match(partition, text)  # before the insert: what the peer's decision saw
+    if book is not None:
+        follow_placement(book, tree, partition, text, cfg, m)
+    new_prefixes.took(upstream, is_new_prefix(m, len(text), cfg))
 
 
 def apply_note(book: SessionBook, ref: Ref, kind: str) -> bool:

@@ -40,8 +40,7 @@ class PrefixRouter:
         if text is None:
             text = p.texts[self.form] = routing_input("/v1/chat/completions", p.body, **{**DEFAULTS.parse_options(), "form": self.form}).text
         d = decide(self.tree, _loads(sim), p.partition, text, sim.now, self.cfg, sim.rng, lately=self.new_prefixes.counts)
-        if d.new_prefix:
-            self.new_prefixes.took(d.upstream)
+        self.new_prefixes.took(d.upstream, d.new_prefix)
         self.last_reason = d.reason
         self.last_decision = d
         rate = new_session_rate(d)
@@ -256,8 +255,7 @@ class MovingSessions(PrefixRouter):
     def choose(self, p, sim) -> int:
         d, session, moved = decide_following(self.book, self.tree, _loads(sim), p.partition, p.sglang_text, self.cfg, sim.rng,
                                              self.new_prefixes.counts)
-        if d.new_prefix:
-            self.new_prefixes.took(d.upstream)
+        self.new_prefixes.took(d.upstream, d.new_prefix)
         if p.sglang_text:
             self.tree.insert(p.partition, p.sglang_text, d.upstream, sim.now)
         self.moves += moved

@@ -111,7 +111,10 @@ class Worker:
 
 
 class SglangRouter:
-    """sglang-router 0.3.2's cache_aware over its own workers (creator on a hit, first on ties)."""
+    """sglang-router 0.3.2's cache_aware over its own workers: creator on a hit, else the least
+    loaded, first on ties. The real router's first is the first in its registry (the order its
+    workers registered, not always ``--worker-urls``' order), the same up to a relabelling;
+    tests/integration/test_router_model.py checks the two side by side."""
 
     def __init__(self, workers: list[int], threshold: float = Topology.router_threshold) -> None:
         self.workers = workers

@@ -59,7 +59,8 @@ TTFT_RIVALS = ("prefix-router/creator", "prefix-router/sglang-0.3.2", "prefix-ro
                "consistent-hash", "round-robin", "random")
 HIT_SLACK, TTFT_FACTOR = 0.01, 1.1
 # earlier defaults, each put in the default's place in the summary
-ALTERNATES = {"prefix-router/no-spread": "The previous default, new prefixes not spread (`--new-prefix-window 0`)",
+ALTERNATES = {"prefix-router/ties-only": "The previous default, new prefixes spread over exact ties only (`--new-prefix-weight 0 --new-prefix-knee 0`)",
+              "prefix-router/no-spread": "The one before, new prefixes not spread (`--new-prefix-window 0`)",
               "prefix-router/no-move": "The default before it, sessions not followed either (`--no-move-evicted-sessions --new-prefix-window 0`)",
               "prefix-router/previous-default": "The one before that (only whole prompts continue, `--continuation-tail 0`; sessions not followed)",
               "prefix-router/knee-0": "And before (no continuation term, `--continuation-knee 0`)",

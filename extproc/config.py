@@ -286,10 +286,22 @@ class Config:
     tie_break: str = opt("random", _choice(TIE_BREAKS), "among equally good upstreams (sglang-router 0.3.2 takes the first)", POLICY, metavar="|".join(TIE_BREAKS))
     new_prefix_window: int = opt(
         16, _number(int, 0, 1 << 16),
-        "with --hit-choice cost: among equally cheap upstreams, a request of --inflight-cost-chars or more characters that "
-        "matches no stored text (a new system prompt, a new document) goes to the one that took the fewest of the last N "
-        "such requests, so new prefixes spread over routers' caches, not only over their loads; 0: off (--tie-break "
-        "alone; README, Choosing the defaults)", POLICY, metavar="N",
+        "with --hit-choice cost: a request of --inflight-cost-chars or more characters that matches no stored text (a new "
+        "system prompt, a new document) is weighed with how many of the last N such requests each upstream took "
+        "(--new-prefix-weight, --new-prefix-knee; ties to the fewest), so new prefixes spread over routers' caches, not "
+        "only over their loads; 0: off (README, Choosing the defaults)", POLICY, metavar="N",
+    )
+    new_prefix_weight: int = opt(
+        2, _number(int, 0, 1 << 10),
+        "with --new-prefix-window: a new prefix is charged this many in-flight requests at an upstream for each new "
+        "prefix it took lately beyond the fewest any upstream took (a home draws lasting load and cache use); 0: "
+        "ties only", POLICY, metavar="N",
+    )
+    new_prefix_knee: int = opt(
+        3, _number(int, 0, 1 << 10),
+        "with --new-prefix-window: a new prefix is charged an upstream's in-flight requests only beyond this many (or "
+        "the least loaded's count, if more): a request or two in flight at the moment it arrives says little of "
+        "where its home should be; 0: from the least loaded's count", POLICY, metavar="N",
     )
     routing_text: str = opt("sglang", _choice(FORMS), "what the tree matches on: sglang (as sglang-router) or template (ChatML-like)", PAYLOAD, metavar="|".join(FORMS))
     max_routing_chars: int = opt(1 << 20, _number(int, 1), "only this many leading characters of a prompt are matched and stored", PAYLOAD, metavar="N")
@@ -382,6 +394,8 @@ class Config:
             continuation_knee=self.continuation_knee,
             continuation_tail=self.continuation_tail,
             new_prefix_window=self.new_prefix_window,
+            new_prefix_weight=self.new_prefix_weight,
+            new_prefix_knee=self.new_prefix_knee,
         )
 
     def parse_options(self) -> dict[str, Any]:

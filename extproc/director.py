@@ -604,7 +604,7 @@ class Director:
             d = moved_if_due(d, outlook is not None and outlook.moves, m, loads, self.policy, rng)
             upstream, reason = d.upstream, d.reason
             if self.policy.hit_choice == "cost" and ri.text:
-                terms = costs(m, loads, self.policy)
+                terms = costs(m, loads, self.policy, self.new_prefixes.counts if d.new_prefix else None)
         else:
             upstream, reason = None, "no_healthy_upstream"
         return {
@@ -615,7 +615,7 @@ class Director:
             "matched_characters": m.matched,
             "match_rate": m.matched / len(ri.text) if ri.text else 0.0,
             "continuation": continues(m, self.policy),
-            # ties among the cheapest go to the fewest new prefixes taken lately (--new-prefix-window)
+            # weighed with the new prefixes each upstream took lately (--new-prefix-window)
             "new_prefix": is_new_prefix(m, len(ri.text), self.policy),
             "upstreams": [
                 {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy,

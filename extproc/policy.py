@@ -27,15 +27,19 @@ Per request (load = in-flight requests per upstream):
    random, its later fix).
 4. The text is inserted for the chosen upstream.
 
-Ties of the cost rule for a **new prefix** (a text of ``inflight_cost_chars`` or more that matches
-no stored text beyond chance, ``CHANCE_CHARS``: a new shared system prompt, a new document) go to
-the upstream that took the fewest of the last ``new_prefix_window`` new prefixes (``lately``, kept
-by the caller: :mod:`extproc.newprefixes`), at random among those. Only exact ties: a few
-characters matched by chance still count as the cost rule counts them (treating them as no match
-measured worse on the held-out set: README, "Choosing the defaults"). Why: load is not cache room. A
-new prefix becomes a home that later requests follow; placed by load alone, several can land on one
-router while another of equal load holds none, and that router's workers then hold more prefixes
-than their caches keep (README, "The decision").
+A **new prefix** (a text of ``inflight_cost_chars`` or more that matches no stored text beyond
+chance, ``CHANCE_CHARS``: a new shared system prompt, a new document) is weighed with the new
+prefixes each upstream took among the last ``new_prefix_window`` (``lately``, kept by the caller:
+:mod:`extproc.newprefixes`): each one beyond the fewest any upstream took is charged as
+``new_prefix_weight`` requests in flight, and requests in flight are charged only beyond
+``new_prefix_knee`` (or the least loaded's count, if more). Ties go to the fewest taken lately,
+then to the least loaded, then at random. Why: load is not cache room. A new prefix becomes a home
+that later requests follow; placed by the load of the moment, several can land on one router while
+another holds none, and that router's workers then hold more prefixes than their caches keep
+(README, "The decision"). A home is lasting load and lasting cache use; one or two requests in
+flight more or less at the moment a new prefix arrives are not. A few characters matched by chance
+still count as the cost rule counts them (treating them as no match measured worse on the held-out
+set: README, "Choosing the defaults").
 
 Pure decisions over the tree and a load snapshot; the tree knows nothing of this module.
 """
@@ -70,7 +74,9 @@ class PolicyConfig:
     inflight_slack: int = 0  # requests in flight above the least loaded that cost nothing
     continuation_knee: int = 0  # requests in flight that cost a continuing conversation's home nothing
     continuation_tail: int = 0  # a match this far into one earlier chain of texts continues it too (0: off)
-    new_prefix_window: int = 0  # ties for a new prefix go to the upstream that took fewest of the last N (0: off)
+    new_prefix_window: int = 0  # new prefixes counted per upstream over the last N (0: off)
+    new_prefix_weight: int = 0  # each new prefix an upstream took lately, beyond the fewest, charged as this many requests
+    new_prefix_knee: int = 0  # a new prefix is charged in-flight requests only beyond this many (or the least loaded's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,17 +198,23 @@ def continues(match: Match, cfg: PolicyConfig) -> bool:
     return match.whole or 0 < cfg.continuation_tail <= match.tail
 
 
-def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig) -> dict[str, tuple[int, int, int]]:
+def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig, lately: Mapping[str, int] | None = None) -> dict[str, tuple[int, int, int]]:
     """Each upstream's (recompute characters, requests charged, cost): the terms of the cost rule,
-    which the decision weighs and ``explain`` shows."""
+    which the decision weighs and ``explain`` shows. ``lately``: the request is a new prefix, and
+    how many of the last new prefixes each upstream took (see module doc)."""
     matches, deepest = match.tenants, match.matched
     free = min(loads.values()) + cfg.inflight_slack
     home = max(free, cfg.continuation_knee) if continues(match, cfg) else free
+    homes: Mapping[str, int] = {}
+    if lately is not None:
+        free = home = max(free, cfg.new_prefix_knee)
+        fewest = min(lately.get(t, 0) for t in loads)
+        homes = {t: cfg.new_prefix_weight * (lately.get(t, 0) - fewest) for t in loads}
     out = {}
     for t, n in loads.items():
         own = matches.get(t, 0)
         recompute = deepest - own
-        charged = max(0, n - (home if own == deepest and deepest else free))
+        charged = max(0, n - (home if own == deepest and deepest else free)) + homes.get(t, 0)
         out[t] = (recompute, charged, recompute + cfg.inflight_cost_chars * charged)
     return out
 
@@ -210,13 +222,16 @@ def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig) -> dict[str, t
 def _cheapest(match: Match, loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random,
               lately: Mapping[str, int] | None) -> tuple[str, str, int]:
     """The upstream with the lowest recompute-plus-queue cost; for a new prefix (``lately`` given),
-    ties to the upstreams that took the fewest new prefixes lately (see module doc)."""
-    terms = costs(match, loads, cfg)
+    the homes it took lately charged too, and ties to the upstreams that took the fewest new
+    prefixes lately, then to the least loaded of those (see module doc)."""
+    terms = costs(match, loads, cfg, lately)
     best = min(cost for _, _, cost in terms.values())
     cheapest = [t for t, (_, _, cost) in terms.items() if cost == best]
     if lately is not None and len(cheapest) > 1:
         fewest = min(lately.get(t, 0) for t in cheapest)
         cheapest = [t for t in cheapest if lately.get(t, 0) == fewest]
+        low = min(loads[t] for t in cheapest)
+        cheapest = [t for t in cheapest if loads[t] == low]
     choice = cheapest[0] if cfg.tie_break == "first" else rng.choice(cheapest)
     own = match.tenants.get(choice, 0)
     return choice, outcome(own, length, cfg.cache_threshold), own

@@ -650,6 +650,10 @@ def test_new_prefixes_spread_over_equally_loaded_upstreams(seed):
     e = d.explain("/v1/chat/completions", _prompt(20))
     assert e["new_prefix"] is True and {u["new_prefixes_lately"] for u in e["upstreams"]} == {3}
     assert d.explain("/v1/chat/completions", BODY)["new_prefix"] is False  # a short chat is not one
+    d.new_prefixes.took(POOL[0])  # one more home there: charged as --new-prefix-weight requests
+    e = d.explain("/v1/chat/completions", _prompt(20))
+    terms = {u["address"]: (u["charged_requests"], u["cost"]) for u in e["upstreams"]}
+    assert terms == {POOL[0]: (2, 2 * 1024), POOL[1]: (0, 0)} and e["upstream"] == POOL[1]
     d.reconfigure(build({"upstreams": POOL, "new_prefix_window": 0}, env={}))
     assert d.explain("/v1/chat/completions", _prompt(21))["new_prefix"] is False
 

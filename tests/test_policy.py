@@ -315,9 +315,48 @@ def test_a_new_prefix_tie_goes_to_the_upstream_that_took_fewest_new_prefixes_lat
     assert three == {"b", "c"}
 
 
-def test_the_new_prefix_count_only_breaks_ties_it_never_outweighs_load():
-    d = decide(RadixTree(), {"a": 0, "b": 1}, "m", LONG, 1.0, SPREAD, random.Random(0), insert=False, lately={"a": 5})
+def test_with_no_weight_the_new_prefix_count_only_breaks_ties_it_never_outweighs_load():
+    """--new-prefix-weight 0 --new-prefix-knee 0 (the rule before them): one request in flight
+    outweighs any number of new prefixes taken lately."""
+    ties_only = policy_config(new_prefix_window=16, new_prefix_weight=0, new_prefix_knee=0)
+    d = decide(RadixTree(), {"a": 0, "b": 1}, "m", LONG, 1.0, ties_only, random.Random(0), insert=False, lately={"a": 5})
     assert d.upstream == "a" and d.new_prefix
+
+
+@pytest.mark.parametrize("load_a, lately_b, want", [
+    (3, 1, "a"),  # a's load is within the knee (3): charged nothing; b's home is charged 2
+    (4, 1, "a"),  # one request beyond the knee against one home (2 requests)
+    (5, 1, "a"),  # 2 against 2: a tie, to the fewest new prefixes taken lately
+    (6, 1, "b"),  # 3 requests beyond the knee outweigh one home
+    (6, 2, "a"),  # ... but not two (4)
+    (0, 0, "a"),  # no homes anywhere: the least loaded
+])
+def test_a_new_prefix_is_charged_for_the_homes_an_upstream_took_lately_and_for_load_only_past_the_knee(load_a, lately_b, want):
+    """Defaults: each new prefix taken lately beyond the fewest counts as --new-prefix-weight (2)
+    requests in flight, and requests are charged only beyond --new-prefix-knee (3)."""
+    cfg = policy_config()
+    assert (cfg.new_prefix_weight, cfg.new_prefix_knee) == (2, 3)
+    loads = {"a": load_a, "b": 0 if load_a else 1}
+    picks = {decide(RadixTree(), loads, "m", LONG, 1.0, cfg, random.Random(s), insert=False, lately={"b": lately_b}).upstream for s in range(12)}
+    assert picks == {want}, (loads, lately_b, picks)
+
+
+def test_new_prefix_ties_go_to_the_fewest_taken_then_to_the_least_loaded():
+    """Both under the knee (charged nothing), no homes: the less loaded every time, not at random."""
+    picks = {decide(RadixTree(), {"a": 2, "b": 1}, "m", LONG, 1.0, SPREAD, random.Random(s), insert=False, lately={}).upstream for s in range(20)}
+    assert picks == {"b"}
+
+
+def test_the_knee_and_the_homes_apply_to_new_prefixes_only():
+    """A short new text, or a text continuing a stored one: one request in flight still decides
+    (with the knee applied they would tie, and go either way)."""
+    short = {decide(RadixTree(), {"a": 1, "b": 0}, "m", LONG[:500], 1.0, SPREAD, random.Random(s), insert=False, lately={"b": 3}).upstream
+             for s in range(12)}
+    assert short == {"b"}
+    terms = costs(RadixTree().match("m", LONG), {"a": 1, "b": 0}, SPREAD)  # not told it is a new prefix
+    assert terms["a"][1] == 1 and terms["b"][1] == 0
+    terms = costs(RadixTree().match("m", LONG), {"a": 1, "b": 0}, SPREAD, lately={"b": 1})
+    assert terms == {"a": (0, 0, 0), "b": (0, 2, 2 * SPREAD.inflight_cost_chars)}
 
 
 @pytest.mark.parametrize("case", ["short", "matched", "off", "not_cost", "no_counts"])

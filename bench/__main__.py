@@ -1,11 +1,11 @@
 """`make bench`: every benchmark in turn; each writes its JSON to bench/results/.
 
-Single ones: python -m bench.payload | bench.codec | bench.tree | bench.inflight | bench.sweep | bench.eval | bench.observed | bench.e2e | bench.e2e_rivals | bench.overhead | bench.cpu | bench.attacks |
+Single ones: python -m bench.payload | bench.codec | bench.tree | bench.inflight | bench.sweep | bench.eval | bench.observed | bench.e2e | bench.e2e_rivals | bench.e2e_ab | bench.overhead | bench.cpu | bench.attacks |
 bench.replicas | bench.replicas_e2e | bench.sync |
 bench.litellm (needs `make litellm`)
 """
 
-from . import attacks, codec, cpu, e2e, e2e_rivals, inflight, litellm, observed, overhead, payload, replicas, replicas_e2e, sweep, sync, tree
+from . import attacks, codec, cpu, e2e, e2e_ab, e2e_rivals, inflight, litellm, observed, overhead, payload, replicas, replicas_e2e, sweep, sync, tree
 from . import eval as routing_eval
 
 for name, run in (
@@ -26,6 +26,9 @@ for name, run in (
     ("e2e_rivals 3x3", lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12"])),
     *((f"e2e_rivals 3x3 threshold {x}", lambda x=x: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--router-cache-threshold", x]))
       for x in ("0.5", "0.7")),
+    # the default against the last round's rule, run after run, where the real stack's noise hid it
+    ("e2e_ab 3x3 shared prefix", lambda: e2e_ab.main(["--topology", "3x3", "--clients", "12", "--case", "shared_prefix",
+                                                     "--against", "--new-prefix-weight 0 --new-prefix-knee 0", "--repeats", "3"])),
     ("overhead", overhead.main),
     ("cpu", lambda: cpu.main([])),
     ("attacks", lambda: attacks.main([])),

@@ -27,8 +27,8 @@ for name, run in (
     *((f"e2e_rivals 3x3 threshold {x}", lambda x=x: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--router-cache-threshold", x]))
       for x in ("0.5", "0.7")),
     # the default against the last round's rule, run after run, where the real stack's noise hid it
-    ("e2e_ab 3x3 shared prefix", lambda: e2e_ab.main(["--topology", "3x3", "--clients", "12", "--case", "shared_prefix",
-                                                     "--against", "--new-prefix-weight 0 --new-prefix-knee 0", "--repeats", "3"])),
+    ("e2e_ab", lambda: e2e_ab.main(["--topology", "3x3", "--clients", "12", "--case", "shared_prefix",
+                                    "--against", "--new-prefix-weight 0 --new-prefix-knee 0", "--repeats", "3"])),
     ("overhead", overhead.main),
     ("cpu", lambda: cpu.main([])),
     ("attacks", lambda: attacks.main([])),

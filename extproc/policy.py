@@ -32,8 +32,9 @@ chance, ``CHANCE_CHARS``: a new shared system prompt, a new document) is weighed
 prefixes each upstream took among the last ``new_prefix_window`` (``lately``, kept by the caller:
 :mod:`extproc.newprefixes`): each one beyond the fewest any upstream took is charged as
 ``new_prefix_weight`` requests in flight, and requests in flight are charged only beyond
-``new_prefix_knee`` (or the least loaded's count, if more). Ties go to the fewest taken lately,
-then to the least loaded, then at random. Why: load is not cache room. A new prefix becomes a home
+``new_prefix_knee`` (or the least loaded's count, if more; a new prefix that continues a short
+stored prompt keeps its home's allowance too). Ties go to the fewest taken lately, then (with a
+knee) to the least loaded, then at random. Why: load is not cache room. A new prefix becomes a home
 that later requests follow; placed by the load of the moment, several can land on one router while
 another holds none, and that router's workers then hold more prefixes than their caches keep
 (README, "The decision"). A home is lasting load and lasting cache use; one or two requests in
@@ -206,8 +207,9 @@ def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig, lately: Mappin
     free = min(loads.values()) + cfg.inflight_slack
     home = max(free, cfg.continuation_knee) if continues(match, cfg) else free
     homes: Mapping[str, int] = {}
-    if lately is not None:
-        free = home = max(free, cfg.new_prefix_knee)
+    if lately is not None:  # a new prefix; continuing a short stored prompt, it keeps its home's allowance too
+        free = max(free, cfg.new_prefix_knee)
+        home = max(home, free)
         fewest = min(lately.get(t, 0) for t in loads)
         homes = {t: cfg.new_prefix_weight * (lately.get(t, 0) - fewest) for t in loads}
     out = {}
@@ -223,15 +225,16 @@ def _cheapest(match: Match, loads: dict[str, int], length: int, cfg: PolicyConfi
               lately: Mapping[str, int] | None) -> tuple[str, str, int]:
     """The upstream with the lowest recompute-plus-queue cost; for a new prefix (``lately`` given),
     the homes it took lately charged too, and ties to the upstreams that took the fewest new
-    prefixes lately, then to the least loaded of those (see module doc)."""
+    prefixes lately, then (with a knee) to the least loaded of those (see module doc)."""
     terms = costs(match, loads, cfg, lately)
     best = min(cost for _, _, cost in terms.values())
     cheapest = [t for t, (_, _, cost) in terms.items() if cost == best]
     if lately is not None and len(cheapest) > 1:
         fewest = min(lately.get(t, 0) for t in cheapest)
         cheapest = [t for t in cheapest if lately.get(t, 0) == fewest]
-        low = min(loads[t] for t in cheapest)
-        cheapest = [t for t in cheapest if loads[t] == low]
+        if cfg.new_prefix_knee:  # loads under the knee cost nothing: the least loaded of them, not any
+            low = min(loads[t] for t in cheapest)
+            cheapest = [t for t in cheapest if loads[t] == low]
     choice = cheapest[0] if cfg.tie_break == "first" else rng.choice(cheapest)
     own = match.tenants.get(choice, 0)
     return choice, outcome(own, length, cfg.cache_threshold), own

@@ -386,3 +386,43 @@ def test_is_new_prefix_bounds():
     assert not is_new_prefix(Match(0), 99, long_cfg)
     assert not is_new_prefix(Match(0), 100, policy_config(new_prefix_window=0, inflight_cost_chars=100))
 
+
+
+def test_a_new_prefix_continuing_a_short_stored_prompt_keeps_its_homes_allowance():
+    """A conversation whose first turn was short (under 64 characters: its next, long turn is a new
+    prefix) stays home with 5 in flight there, as --continuation-knee allows any continuing turn."""
+    tree = RadixTree()
+    tree.insert("m", "hi there", "a", 0)
+    text = "hi there" + LONG
+    m = tree.match("m", text)
+    assert continues(m, SPREAD) and is_new_prefix(m, len(text), SPREAD)
+    picks = {decide(tree, {"a": 5, "b": 0}, "m", text, 1.0, SPREAD, random.Random(s), insert=False, lately={}).upstream for s in range(12)}
+    assert picks == {"a"}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_with_no_weight_and_no_knee_the_count_changes_no_cost(seed):
+    """--new-prefix-weight 0 --new-prefix-knee 0 (the last round's rule): a new prefix's costs are
+    the cost rule's own; the count only breaks exact ties."""
+    rng = random.Random(seed)
+    ties_only = policy_config(new_prefix_window=16, new_prefix_weight=0, new_prefix_knee=0)
+    tree = RadixTree()
+    for _ in range(rng.randrange(4)):
+        tree.insert("m", "".join(rng.choice("ab") for _ in range(rng.randrange(1, 40))), rng.choice("xyz"), 0)
+    m = tree.match("m", "".join(rng.choice("ab") for _ in range(60)))
+    loads = {u: rng.randrange(12) for u in "xyz"}
+    lately = {u: rng.randrange(4) for u in "xyz"}
+    assert costs(m, loads, ties_only, lately) == costs(m, loads, ties_only)
+
+
+def test_with_no_knee_new_prefix_ties_stay_random_among_the_fewest():
+    """--new-prefix-knee 0: ties among upstreams that took as few new prefixes are broken at random
+    as the last round's rule broke them, even when their loads differ (two holders of a short
+    stored prompt, each under --continuation-knee)."""
+    ties_only = policy_config(new_prefix_window=16, new_prefix_weight=0, new_prefix_knee=0)
+    tree = RadixTree()
+    for t in ("a", "b"):
+        tree.insert("m", "hi there", t, 0)
+    picks = {decide(tree, {"a": 5, "b": 2}, "m", "hi there" + LONG, 1.0, ties_only, random.Random(s), insert=False, lately={}).upstream
+             for s in range(20)}
+    assert picks == {"a", "b"}

@@ -55,9 +55,7 @@ class Model:
     def route(self, text: str, max_tokens: int = 1) -> int:
         ri = routing_input("/v1/chat/completions", _body(text, max_tokens), **DEFAULTS.parse_options())
         p = SimpleNamespace(partition=ri.partition, sglang_text=ri.text)
-        w = self.router.choose(p, self.sim)
-        self.router.tree.insert(p.partition, p.sglang_text, str(w), self.sim.now)  # as Sim does on dispatch
-        return w
+        return self.router.choose(p, self.sim)  # which stores the text for the worker, as the real router does
 
 
 @pytest.fixture(scope="module")

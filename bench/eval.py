@@ -59,10 +59,11 @@ TTFT_RIVALS = ("prefix-router/creator", "prefix-router/sglang-0.3.2", "prefix-ro
                "consistent-hash", "round-robin", "random")
 HIT_SLACK, TTFT_FACTOR = 0.01, 1.1
 # earlier defaults, each put in the default's place in the summary
-ALTERNATES = {"prefix-router/ties-only": "The previous default, new prefixes spread over exact ties only (`--new-prefix-weight 0 --new-prefix-knee 0`)",
-              "prefix-router/no-spread": "The one before, new prefixes not spread (`--new-prefix-window 0`)",
-              "prefix-router/no-move": "The default before it, sessions not followed either (`--no-move-evicted-sessions --new-prefix-window 0`)",
-              "prefix-router/previous-default": "The one before that (only whole prompts continue, `--continuation-tail 0`; sessions not followed)",
+ALTERNATES = {"prefix-router/unshared-only": "The previous default, only texts matching nothing stored count as new prefixes (`--new-prefix-own-chars 0`)",
+              "prefix-router/ties-only": "The one before, new prefixes spread over exact ties only (`--new-prefix-weight 0 --new-prefix-knee 0 --new-prefix-own-chars 0`)",
+              "prefix-router/no-spread": "Before it, new prefixes not spread (`--new-prefix-window 0`)",
+              "prefix-router/no-move": "The default before that, sessions not followed either (`--no-move-evicted-sessions --new-prefix-window 0`)",
+              "prefix-router/previous-default": "The one before (only whole prompts continue, `--continuation-tail 0`; sessions not followed)",
               "prefix-router/knee-0": "And before (no continuation term, `--continuation-knee 0`)",
               "prefix-router/slack-3": "An earlier round's tuning winner (`--continuation-knee 0 --inflight-slack 3 --inflight-cost-chars 1536`)",
               "prefix-router/move-evicted": "The default with every response read (`--observe-sample 1`)"}

@@ -303,6 +303,13 @@ class Config:
         "the least loaded's count, if more): a request or two in flight at the moment it arrives says little of "
         "where its home should be; 0: from the least loaded's count", POLICY, metavar="N",
     )
+    new_prefix_own_chars: int = opt(
+        1024, _number(int, 0, 1 << 30),
+        "with --new-prefix-window: a new session (continuing no conversation of its own) that brings this many "
+        "characters or more past the stored prefix it shares (a shared system prompt, then a long prompt of its own) "
+        "counts as a new prefix too: its own text is a home that later turns follow; 0: only texts matching nothing "
+        "stored do (README, Choosing the defaults)", POLICY, metavar="N",
+    )
     routing_text: str = opt("sglang", _choice(FORMS), "what the tree matches on: sglang (as sglang-router) or template (ChatML-like)", PAYLOAD, metavar="|".join(FORMS))
     max_routing_chars: int = opt(1 << 20, _number(int, 1), "only this many leading characters of a prompt are matched and stored", PAYLOAD, metavar="N")
     max_body_bytes: int = opt(
@@ -396,6 +403,7 @@ class Config:
             new_prefix_window=self.new_prefix_window,
             new_prefix_weight=self.new_prefix_weight,
             new_prefix_knee=self.new_prefix_knee,
+            new_prefix_own_chars=self.new_prefix_own_chars,
         )
 
     def parse_options(self) -> dict[str, Any]:

@@ -28,7 +28,8 @@ Per request (load = in-flight requests per upstream):
 4. The text is inserted for the chosen upstream.
 
 A **new prefix** (a text of ``inflight_cost_chars`` or more that matches no stored text beyond
-chance, ``CHANCE_CHARS``: a new shared system prompt, a new document) is weighed with the new
+chance, ``CHANCE_CHARS``: a new shared system prompt, a new document; or a new session bringing
+``new_prefix_own_chars`` or more characters of its own past a stored prefix it shares) is weighed with the new
 prefixes each upstream took among the last ``new_prefix_window`` (``lately``, kept by the caller:
 :mod:`extproc.newprefixes`): each one beyond the fewest any upstream took is charged as
 ``new_prefix_weight`` requests in flight, and requests in flight are charged only beyond
@@ -78,6 +79,7 @@ class PolicyConfig:
     new_prefix_window: int = 0  # new prefixes counted per upstream over the last N (0: off)
     new_prefix_weight: int = 0  # each new prefix an upstream took lately, beyond the fewest, charged as this many requests
     new_prefix_knee: int = 0  # a new prefix is charged in-flight requests only beyond this many (or the least loaded's)
+    new_prefix_own_chars: int = 0  # a new session bringing this many characters of its own past a stored prefix is a new prefix too (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +188,18 @@ def decide(
 def is_new_prefix(match: Match, length: int, cfg: PolicyConfig) -> bool:
     """Whether a text starts a prefix of its own, long enough to be worth spreading: with the
     spread on (``new_prefix_window``), at least ``inflight_cost_chars`` characters (rebuilding it
-    costs more than a request in flight) and matching no stored text beyond chance. Short new texts
+    costs more than a request in flight) and matching no stored text beyond chance; or, with
+    ``new_prefix_own_chars``, a new session (it continues no conversation of its own) that brings
+    that many characters past the stored prefix it shares (a shared system prompt, then a long
+    prompt of its own). Either is a home that later turns follow and a cache must keep: placed by
+    load alone, new sessions past a shared prefix all stay with the prefix's first holders and a
+    router that never got it stays empty however tight its neighbours' caches are. Short new texts
     (a new two-turn chat) are left to load and chance: their footprint in a cache is small."""
-    return cfg.new_prefix_window > 0 and length >= cfg.inflight_cost_chars and match.matched < CHANCE_CHARS
+    if cfg.new_prefix_window <= 0:
+        return False
+    if match.matched < CHANCE_CHARS:
+        return length >= cfg.inflight_cost_chars
+    return 0 < cfg.new_prefix_own_chars <= length - match.matched and not continues(match, cfg)
 
 
 def continues(match: Match, cfg: PolicyConfig) -> bool:

@@ -361,12 +361,12 @@ def test_the_knee_and_the_homes_apply_to_new_prefixes_only():
 
 @pytest.mark.parametrize("case", ["short", "matched", "off", "not_cost", "no_counts"])
 def test_what_is_not_a_new_prefix_ties_at_random(case):
-    """A short text, a text matching a stored one beyond chance, the spread turned off, another
+    """A short text, a text continuing a stored one beyond chance, the spread turned off, another
     hit choice, or no counts given: ties stay random (both upstreams over the seeds)."""
     tree, text, cfg, lately = RadixTree(), LONG, SPREAD, {"a": 1}
     if case == "short":
         text = LONG[: cfg.inflight_cost_chars - 1]
-    elif case == "matched":  # both hold the first 64 characters: not chance, not a new prefix
+    elif case == "matched":  # both hold its first 64 characters, one chain: it continues that, no new prefix
         for t in ("a", "b"):
             tree.insert("m", LONG[:64] + "x" * 10, t, 0)
     elif case == "off":
@@ -386,6 +386,57 @@ def test_is_new_prefix_bounds():
     assert not is_new_prefix(Match(0), 99, long_cfg)
     assert not is_new_prefix(Match(0), 100, policy_config(new_prefix_window=0, inflight_cost_chars=100))
 
+
+SHARED = "a system prompt every session starts with " * 5  # 215 characters, past chance
+
+
+def _two_sessions_share(tree: RadixTree, holders: str = "ab") -> None:
+    """Two earlier sessions, each on its own upstream, branch after ``SHARED``: a third new
+    session matches the shared prefix and continues neither."""
+    for i, t in enumerate(holders):
+        tree.insert("m", SHARED + f"{i}. " + "q" * 40, t, 0)
+
+
+@pytest.mark.parametrize("own, cfg, want", [
+    (1024, policy_config(), True),  # default --new-prefix-own-chars 1024: a long text of its own
+    (1023, policy_config(), False),  # one short
+    (2000, policy_config(new_prefix_own_chars=0), False),  # off: the last round's rule
+    (2000, policy_config(new_prefix_window=0), False),  # the spread off
+])
+def test_a_new_session_with_a_long_text_past_a_shared_prefix_is_a_new_prefix(own, cfg, want):
+    tree = RadixTree()
+    _two_sessions_share(tree)
+    text = SHARED + "n" * own
+    m = tree.match("m", text)
+    assert m.matched >= CHANCE_CHARS and not continues(m, cfg)
+    assert is_new_prefix(m, len(text), cfg) is want
+
+
+def test_a_turn_continuing_its_own_conversation_is_no_new_prefix_however_long():
+    """The next turn of a stored conversation brings 2,000 characters of its own: it follows its
+    home (the continuation term), it does not start one."""
+    tree = RadixTree()
+    _two_sessions_share(tree)
+    text = SHARED + "0. " + "q" * 40 + "n" * 2000
+    m = tree.match("m", text)
+    assert continues(m, policy_config()) and not is_new_prefix(m, len(text), policy_config())
+
+
+def test_a_new_session_past_a_shared_prefix_goes_to_the_router_without_it_when_the_holders_took_the_homes():
+    """a and b hold the shared prefix and took a new session each lately; c holds nothing. Past
+    the shared prefix the new session is a home: each holder is charged 2 requests (2,048
+    characters) for its home, more than rebuilding the 215 shared characters at c. The last
+    round's rule (--new-prefix-own-chars 0) priced load alone: it stayed with the holders."""
+    tree = RadixTree()
+    _two_sessions_share(tree)
+    text = SHARED + "n" * 1500
+    loads, lately = {"a": 0, "b": 0, "c": 0}, {"a": 1, "b": 1}
+
+    def picks(cfg):
+        return {decide(tree, loads, "m", text, 1.0, cfg, random.Random(s), insert=False, lately=lately).upstream for s in range(12)}
+
+    assert picks(policy_config()) == {"c"}
+    assert picks(policy_config(new_prefix_own_chars=0)) == {"a", "b"}
 
 
 def test_a_new_prefix_continuing_a_short_stored_prompt_keeps_its_homes_allowance():

@@ -217,12 +217,14 @@ def upper_policies(service_threshold: float | None = None) -> dict[str, object]:
         "prefix-router/creator": PrefixRouter(cfg(hit_choice="creator")),
         "prefix-router/least-loaded-hit": PrefixRouter(cfg(hit_choice="least_loaded")),
         "prefix-router/sglang-0.3.2": PrefixRouter(cfg(hit_choice="creator", tie_break="first")),
-        # earlier defaults: the last round's (new prefixes spread over exact ties only), and before
-        # it none spreading new prefixes (--new-prefix-window 0): sessions moved, sessions not
+        # earlier defaults: the last round's (only texts matching nothing stored are new
+        # prefixes), the one before (new prefixes spread over exact ties only), and before it none
+        # spreading new prefixes (--new-prefix-window 0): sessions moved, sessions not
         # followed (--no-move-evicted-sessions), only whole prompts continuing (no tail), the rule
         # without its continuation term, and an earlier round's tuning winner, which the held-out
         # set did not confirm
-        "prefix-router/ties-only": MovingSessions(cfg=cfg(new_prefix_weight=0, new_prefix_knee=0)),
+        "prefix-router/unshared-only": MovingSessions(cfg=cfg(new_prefix_own_chars=0)),
+        "prefix-router/ties-only": MovingSessions(cfg=cfg(new_prefix_weight=0, new_prefix_knee=0, new_prefix_own_chars=0)),
         "prefix-router/no-spread": MovingSessions(cfg=cfg(new_prefix_window=0)),
         "prefix-router/no-move": PrefixRouter(cfg(new_prefix_window=0)),
         "prefix-router/previous-default": PrefixRouter(cfg(continuation_tail=0, new_prefix_window=0)),

@@ -673,3 +673,36 @@ def test_a_peers_new_prefix_counts_here_too(following):
                   Placement(short.partition, POOL[0], short.text), Placement(ri.partition, "10.9.9.9:1", ri.text[::-1]))
     d.learn_from(Event("peer", 1, 1, {}, placements))
     assert dict(d.new_prefixes.counts) == {POOL[1]: 1}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_new_sessions_past_a_shared_system_prompt_spread_as_new_prefixes(seed):
+    """Agent sessions, one after another on idle upstreams, share a system prompt and then bring a
+    long task of their own (--new-prefix-own-chars): each such task is a home, so they spread over
+    both upstreams and explain calls the next one a new prefix. Counting only texts that match
+    nothing stored (0), every session stays with the system prompt's first holder: it costs
+    nothing there and the prompt's rebuild anywhere else."""
+    system = "You are an agent with these tools: search, edit, run. " * 6
+
+    def task(i: int) -> str:
+        return f"{chr(ord('a') + i)} task {i}: fix the failing test in module {i}. " * 30
+
+    def placed(d: Director) -> list[str]:
+        got = []
+        for i in range(6):
+            info = RequestInfo(path="/v1/chat/completions")
+            got.append(d.route(info, _turns(system, [task(i)])))
+            d.finished(info.ticket, Outcome.OK)
+        return got
+
+    d = Director(build({"upstreams": POOL}, env={}), seed=seed)
+    d.set_upstreams(POOL)
+    got = placed(d)
+    assert set(got[2:]) == set(POOL), got  # from the third on (two stored sessions branch), spread
+    assert d.explain("/v1/chat/completions", _turns(system, [task(9)]))["new_prefix"] is True
+    # a task under 1,024 characters of its own is not one, however long the prompt with its system part
+    assert d.explain("/v1/chat/completions", _turns(system, [task(9)[:900]]))["new_prefix"] is False
+    old = Director(build({"upstreams": POOL, "new_prefix_own_chars": 0}, env={}), seed=seed)
+    old.set_upstreams(POOL)
+    got = placed(old)
+    assert len(set(got)) == 1, got

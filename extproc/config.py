@@ -287,9 +287,10 @@ class Config:
     new_prefix_window: int = opt(
         16, _number(int, 0, 1 << 16),
         "with --hit-choice cost: a request of --inflight-cost-chars or more characters that matches no stored text (a new "
-        "system prompt, a new document; or a new session with --new-prefix-own-chars of its own past a shared prefix) is weighed with how many of the last N such requests each upstream took "
-        "(--new-prefix-weight, --new-prefix-knee; ties to the fewest), so new prefixes spread over routers' caches, not "
-        "only over their loads; 0: off (README, Choosing the defaults)", POLICY, metavar="N",
+        "system prompt, a new document; or a new session with --new-prefix-own-chars of its own past a shared prefix) "
+        "is weighed with how many of the last N such requests each upstream took (--new-prefix-weight, "
+        "--new-prefix-knee; ties to the fewest), so new prefixes spread over routers' caches, not only over their "
+        "loads; 0: off (README, Choosing the defaults)", POLICY, metavar="N",
     )
     new_prefix_weight: int = opt(
         2, _number(int, 0, 1 << 10),

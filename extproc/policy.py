@@ -30,8 +30,8 @@ Per request (load = in-flight requests per upstream):
 A **new prefix** (a text of ``inflight_cost_chars`` or more that matches no stored text beyond
 chance, ``CHANCE_CHARS``: a new shared system prompt, a new document; or a new session bringing
 ``new_prefix_own_chars`` or more characters of its own past a stored prefix it shares) is weighed
-with the new prefixes each upstream took among the last ``new_prefix_window`` (``lately``, kept by the caller:
-:mod:`extproc.newprefixes`): each one beyond the fewest any upstream took is charged as
+with the new prefixes each upstream took among the last ``new_prefix_window`` (``lately``, kept by
+the caller: :mod:`extproc.newprefixes`): each one beyond the fewest any upstream took is charged as
 ``new_prefix_weight`` requests in flight, and requests in flight are charged only beyond
 ``new_prefix_knee`` (or the least loaded's count, if more; a new prefix that continues a short
 stored prompt keeps its home's allowance too). Ties go to the fewest taken lately, then (with a

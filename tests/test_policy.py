@@ -387,13 +387,13 @@ def test_is_new_prefix_bounds():
     assert not is_new_prefix(Match(0), 100, policy_config(new_prefix_window=0, inflight_cost_chars=100))
 
 
-SHARED = "a system prompt every session starts with " * 5  # 215 characters, past chance
+SHARED = "a system prompt every session starts with " * 5  # 210 characters, past chance
 
 
-def _two_sessions_share(tree: RadixTree, holders: str = "ab") -> None:
+def _two_sessions_share(tree: RadixTree) -> None:
     """Two earlier sessions, each on its own upstream, branch after ``SHARED``: a third new
     session matches the shared prefix and continues neither."""
-    for i, t in enumerate(holders):
+    for i, t in enumerate("ab"):
         tree.insert("m", SHARED + f"{i}. " + "q" * 40, t, 0)
 
 
@@ -425,7 +425,7 @@ def test_a_turn_continuing_its_own_conversation_is_no_new_prefix_however_long():
 def test_a_new_session_past_a_shared_prefix_goes_to_the_router_without_it_when_the_holders_took_the_homes():
     """a and b hold the shared prefix and took a new session each lately; c holds nothing. Past
     the shared prefix the new session is a home: each holder is charged 2 requests (2,048
-    characters) for its home, more than rebuilding the 215 shared characters at c. The last
+    characters) for its home, more than rebuilding the 210 shared characters at c. The last
     round's rule (--new-prefix-own-chars 0) priced load alone: it stayed with the holders."""
     tree = RadixTree()
     _two_sessions_share(tree)

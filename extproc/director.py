@@ -26,7 +26,7 @@ from .config import Config
 from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
 from .newprefixes import NewPrefixes
-from .policy import NEW_SESSIONS, Decision, continues, costs, decide, is_new_prefix, least_loaded, session_kind
+from .policy import NEW_SESSIONS, Decision, continues, costs, decide, least_loaded, session_kind
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
 from .sessions import Ref, Session, SessionBook, apply_note, decide_following, learn_placement, moved_if_due, reference, report
@@ -598,11 +598,12 @@ class Director:
         observed = self.observed_hits()
         # the session the request belongs to, as --move-evicted-sessions would count it (kept as it is)
         outlook = self.book.outlook(ri.partition, ri.text, m, continues(m, self.policy)) if self.book is not None else None
+        new_prefix = False
         if loads:
             rng = random.Random(0)
             d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, rng, insert=False, lately=self.new_prefixes.counts)
             d = moved_if_due(d, outlook is not None and outlook.moves, m, loads, self.policy, rng)
-            upstream, reason = d.upstream, d.reason
+            upstream, reason, new_prefix = d.upstream, d.reason, d.new_prefix
             if self.policy.hit_choice == "cost" and ri.text:
                 terms = costs(m, loads, self.policy, self.new_prefixes.counts if d.new_prefix else None)
         else:
@@ -615,8 +616,9 @@ class Director:
             "matched_characters": m.matched,
             "match_rate": m.matched / len(ri.text) if ri.text else 0.0,
             "continuation": continues(m, self.policy),
-            # weighed with the new prefixes each upstream took lately (--new-prefix-window)
-            "new_prefix": is_new_prefix(m, len(ri.text), self.policy),
+            # the decision weighed the new prefixes each upstream took lately (--new-prefix-window): the
+            # decision's own flag, so a choice by load alone (imbalance) or by another --hit-choice says no
+            "new_prefix": new_prefix,
             "upstreams": [
                 {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy,
                  "new_prefixes_lately": self.new_prefixes.counts.get(v.address, 0),

@@ -658,6 +658,21 @@ def test_new_prefixes_spread_over_equally_loaded_upstreams(seed):
     assert d.explain("/v1/chat/completions", _prompt(21))["new_prefix"] is False
 
 
+def test_explain_calls_a_request_a_new_prefix_only_when_its_decision_weighed_it():
+    """explain's ``new_prefix`` is the decision's own flag: a choice by load alone (imbalance) or by
+    sglang-router's rule weighs no homes, so it must not say the homes were weighed."""
+    tight = Director(build({"upstreams": POOL, "balance_abs_threshold": "0", "balance_rel_threshold": "1.0"}, env={}), seed=1)
+    tight.set_upstreams(POOL)
+    assert tight.explain("/v1/chat/completions", _prompt(1))["new_prefix"] is True  # balanced: the cost rule weighs it
+    tight.route(RequestInfo(path="/v1/chat/completions"), BODY)  # one request in flight, never finished: imbalance
+    e = tight.explain("/v1/chat/completions", _prompt(1))
+    assert e["reason"] == "imbalance" and e["new_prefix"] is False
+    creator = Director(build({"upstreams": POOL, "hit_choice": "creator"}, env={}), seed=1)
+    creator.set_upstreams(POOL)
+    e = creator.explain("/v1/chat/completions", _prompt(1))
+    assert e["reason"] == "cache_miss" and e["new_prefix"] is False
+
+
 @pytest.mark.parametrize("following", [True, False])
 def test_a_peers_new_prefix_counts_here_too(following):
     """Replicas spread new prefixes over one count: a peer's placement of a new long prompt is

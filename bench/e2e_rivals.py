@@ -53,19 +53,22 @@ POLICIES = {
 }
 
 
-def simulate(name: str, policy: str, topo: Topology, clients: int, overhead: tuple[float, float]) -> tuple[list[float], list[float]]:
-    """Hit ratio per seed of one case under one policy, and (prefix-router only) the match rates its
-    ``prefix_router_new_session_match_rate`` would have observed, every seed's together."""
+def simulate(name: str, policy: str, topo: Topology, clients: int, overhead: tuple[float, float]) -> tuple[list[float], list[float], list[float]]:
+    """Hit ratio and request latency p90 (seconds) per seed of one case under one policy, and
+    (prefix-router only) the match rates its ``prefix_router_new_session_match_rate`` would have
+    observed, every seed's together."""
     kwargs, capacity = CASES[name]
     t = replace(topo, capacity_tokens=worker_capacity(capacity, topo))
     if policy == "one-layer":
         t = replace(t, routers=1, workers=topo.routers * topo.workers)
-    hits, rates = [], []
+    hits, latencies, rates = [], [], []
     for seed in SEEDS:
         upper = POLICIES[policy]()
-        hits.append(Sim(_prepared(name, kwargs, seed), upper, t, FAKE_WORKER, seed=seed, clients=clients, overhead=overhead).run()["hit_ratio"])
+        out = Sim(_prepared(name, kwargs, seed), upper, t, FAKE_WORKER, seed=seed, clients=clients, overhead=overhead).run()
+        hits.append(out["hit_ratio"])
+        latencies.append(out["latency_p90_s"])
         rates += getattr(upper, "new_session_rates", [])
-    return hits, rates
+    return hits, latencies, rates
 
 
 def new_sessions(rates: list[float], threshold: float) -> dict | None:
@@ -76,18 +79,20 @@ def new_sessions(rates: list[float], threshold: float) -> dict | None:
     return {"requests": len(rates), "median": statistics.median(rates), "over_router_threshold": sum(r > threshold for r in rates) / len(rates)}
 
 
-def measured(topo: Topology, clients: int) -> dict[str, dict[str, float]]:
-    """What bench.e2e measured through the real stack on this set-up, per case and policy; the
-    default's is its latest measurement (``again``, from a run of the other settings, when the file
-    has one: the default of the run on record may be an earlier one)."""
+def measured(topo: Topology, clients: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """What bench.e2e measured through the real stack on this set-up, per case and policy: hit
+    ratio and request latency p90 (seconds). The default's is its latest measurement (``again``,
+    from a run of the other settings, when the file has one: the default of the run on record may
+    be an earlier one)."""
     path = RESULTS / f"{results_name(topo)}.json"
     if not path.exists():
         return {}
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, tuple[float, float]]] = {}
     for row in json.loads(path.read_text())["summary"]:
         if row["concurrency"] == clients:
-            out[row["workload"]] = {"prefix-router": row["again"]["hit_ratio"] if "again" in row else row["stack_mean"],
-                                    **{k: v["hit_ratio"] for k, v in (*row["rivals"].items(), *row.get("opt_ins", {}).items())}}
+            mine = row["again"] if "again" in row else {"hit_ratio": row["stack_mean"], "latency_p90_s": row["stack_latency_p90_s"]}
+            out[row["workload"]] = {k: (v["hit_ratio"], v["latency_p90_s"])
+                                    for k, v in (("prefix-router", mine), *row["rivals"].items(), *row.get("opt_ins", {}).items())}
     return out
 
 
@@ -110,16 +115,23 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             row = {"workload": name, "concurrency": clients, "policies": {}}
             for policy in POLICIES:
-                lockstep, _ = simulate(name, policy, topo, clients, (0.0, 0.0))
-                overhead, rates = simulate(name, policy, topo, clients, STACK_OVERHEAD_S)
+                lockstep, lockstep_p90, _ = simulate(name, policy, topo, clients, (0.0, 0.0))
+                overhead, overhead_p90, rates = simulate(name, policy, topo, clients, STACK_OVERHEAD_S)
                 if policy == "prefix-router":
                     row["new_sessions"] = new_sessions(rates, topo.router_threshold)
+                stack = real.get(name, {}).get(policy)
                 row["policies"][policy] = {"lockstep": statistics.mean(lockstep), "lockstep_range": [min(lockstep), max(lockstep)],
                                            "overhead": statistics.mean(overhead), "overhead_range": [min(overhead), max(overhead)],
-                                           "stack": real.get(name, {}).get(policy)}
+                                           "stack": stack and stack[0],
+                                           # request latency p90 (mean of the seeds'): the simulator times the workers' model alone,
+                                           # the stack adds its own per-request overhead, so compare policies within a column
+                                           "lockstep_latency_p90_s": statistics.mean(lockstep_p90),
+                                           "overhead_latency_p90_s": statistics.mean(overhead_p90),
+                                           "stack_latency_p90_s": stack and stack[1]}
                 r = row["policies"][policy]
                 print(f"{name} x{clients} {policy}: lockstep {r['lockstep']:.3f}, with overhead {r['overhead']:.3f}, "
-                      f"stack {'-' if r['stack'] is None else format(r['stack'], '.3f')}", flush=True)
+                      f"stack {'-' if r['stack'] is None else format(r['stack'], '.3f')}; latency p90 with overhead "
+                      f"{1000 * r['overhead_latency_p90_s']:.0f} ms", flush=True)
             if row.get("new_sessions"):
                 n = row["new_sessions"]
                 print(f"{name} x{clients} prefix-router's new sessions (with overhead): {n['requests']}, median match rate {n['median']:.2f}, "

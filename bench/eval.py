@@ -436,7 +436,31 @@ def _e2e_rivals_lines(d: dict) -> list[str]:
 
     lines += [f"| {c['workload']} | {c['concurrency']} | " + " | ".join(cell(c["policies"][n]) for n in names) + f" | {rates(c.get('new_sessions'))} |"
               for c in d["cases"]]
+    if d["cases"] and "overhead_latency_p90_s" in d["cases"][0]["policies"][names[0]]:
+        lines += ["", *_e2e_rivals_latency(d["cases"], names)]
     return lines + [""]
+
+
+def _e2e_rivals_latency(cases: list[dict], names: list[str]) -> list[str]:
+    """Request latency p90 of the same runs: is a latency miss through the stack the rule's (its
+    loads) or the machine's? The simulator times only the workers' model, so its figures sit below
+    the stack's (which adds its own overhead to every request): compare within a column."""
+    upper = [n for n in names if n in ("envoy round robin", "envoy least request")]
+
+    def cell(r: dict) -> str:
+        stack = "–" if r.get("stack_latency_p90_s") is None else f"{1000 * r['stack_latency_p90_s']:.0f}"
+        return f"{1000 * r['lockstep_latency_p90_s']:.0f} / {1000 * r['overhead_latency_p90_s']:.0f} / {stack}"
+
+    def ratio(c: dict) -> str:
+        mine = c["policies"]["prefix-router"]["overhead_latency_p90_s"]
+        best = min(upper, key=lambda n: c["policies"][n]["overhead_latency_p90_s"])
+        return f"{mine / c['policies'][best]['overhead_latency_p90_s']:.2f} ({best})"
+
+    return ["Request latency p90 in ms: simulated in lockstep / with the overhead / through the real stack (the simulator times "
+            "the workers' model alone, the stack adds its own overhead to every request: compare within a column). Last column: "
+            "prefix-router's simulated p90 with the overhead over the best upper-layer rival's (the target: at most 1.1).", "",
+            "| workload | concurrency | " + " | ".join(names) + " | prefix-router / best upper-layer |", "|---|---|" + "---|" * (len(names) + 1),
+            *(f"| {c['workload']} | {c['concurrency']} | " + " | ".join(cell(c["policies"][n]) for n in names) + f" | {ratio(c)} |" for c in cases)]
 
 
 def _failed_open(row: dict) -> str:

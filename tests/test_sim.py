@@ -119,6 +119,17 @@ def test_a_closed_loop_keeps_at_most_its_clients_busy():
     assert s["requests"] == len(prepared) and peak == 3
 
 
+def test_a_requests_latency_runs_from_its_arrival_to_its_last_token():
+    """What bench.e2e times through the stack (and bench.e2e_rivals sets beside it): the whole
+    request, its prefill and every output token's decode step, not the time to its first token."""
+    p = prepare(WORKLOADS["multi_turn"](random.Random(4), sessions=1, turns=1))
+    assert len(p) == 1
+    m = ServiceModel()
+    s = Sim(p, Single(), Topology(routers=1, workers=1, capacity_tokens=1 << 24), m, seed=4, clients=1).run()
+    ttft = m.prefill_base + p[0].prompt_tokens * m.prefill_per_token
+    assert s["ttft_p90_s"] == pytest.approx(ttft)
+    assert s["latency_p90_s"] == pytest.approx(ttft + p[0].req.output_tokens * m.decode_step) and p[0].req.output_tokens > 0
+
 def test_the_targets_are_judged_at_their_boundaries():
     from bench.eval import DEFAULT, SINGLE, cells, verdicts
 
@@ -528,12 +539,15 @@ def test_the_report_shows_the_opt_ins_through_the_stack_apart_from_the_rivals(tm
     assert "| workload | concurrency | prefix-router | envoy round robin |" in text and "setting:" not in text
     assert "| sweagent | 12 | 0.337 / 525 | 0.460 / 513 |" in text
     monkeypatch.setattr(er, "RESULTS", tmp_path)
-    (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [{**case, "opt_ins": {"prefix-router --no-move-evicted-sessions": {"hit_ratio": 0.573}}}]}))
-    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router --no-move-evicted-sessions"] == 0.573
-    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router"] == 0.337  # the run's own default
+    opt_in = {"prefix-router --no-move-evicted-sessions": {"hit_ratio": 0.573, "latency_p90_s": 0.518}}
+    (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [{**case, "opt_ins": opt_in}]}))
+    # (hit ratio, latency p90) of each
+    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router --no-move-evicted-sessions"] == (0.573, 0.518)
+    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router"] == (0.337, 0.525)  # the run's own default
+    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["envoy round robin"] == (0.46, 0.513)
     # a run of the other settings measured the default again: that is the default's latest figure
-    (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [{**case, "again": {"hit_ratio": 0.559}}]}))
-    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router"] == 0.559
+    (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [{**case, "again": {"hit_ratio": 0.559, "latency_p90_s": 0.49}}]}))
+    assert er.measured(er.parse_topology("3x3"), 12)["sweagent"]["prefix-router"] == (0.559, 0.49)
 
 
 def test_the_real_stack_check_names_the_call_each_tool_result_answers(monkeypatch):
@@ -617,7 +631,7 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
 
         class Run:
             def run(self):
-                return {"hit_ratio": 0.4 if overhead[1] else 0.3}
+                return {"hit_ratio": 0.4 if overhead[1] else 0.3, "latency_p90_s": (0.25 if overhead[1] else 0.2) + seed / 100}
 
         return Run()
 
@@ -626,7 +640,8 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
     monkeypatch.setattr(er, "RESULTS", tmp_path)
     written = {}
     monkeypatch.setattr(er, "write", lambda name, result: written.update({name: result}) or name)
-    summary = {"workload": "dialogue", "concurrency": 12, "stack_mean": 0.45, "rivals": {"envoy round robin": {"hit_ratio": 0.31}, "one-layer": {"hit_ratio": 0.44}}}
+    summary = {"workload": "dialogue", "concurrency": 12, "stack_mean": 0.45, "stack_latency_p90_s": 0.3,
+               "rivals": {"envoy round robin": {"hit_ratio": 0.31, "latency_p90_s": 0.29}, "one-layer": {"hit_ratio": 0.44, "latency_p90_s": 0.28}}}
     (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [summary, {**summary, "concurrency": 8, "stack_mean": 0.9}]}))
     er.main(["--topology", "3x3", "--clients", "12", "--case", "dialogue"])
     result = written["e2e_rivals-3x3-subset"]
@@ -634,7 +649,13 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
     assert row["workload"] == "dialogue" and row["concurrency"] == 12
     assert row["policies"]["prefix-router"]["stack"] == 0.45 and row["policies"]["envoy round robin"]["stack"] == 0.31
     assert row["policies"]["envoy least request"]["stack"] is None
-    assert row["policies"]["one-layer"] == {"lockstep": 0.3, "lockstep_range": [0.3, 0.3], "overhead": 0.4, "overhead_range": [0.4, 0.4], "stack": 0.44}
+    # request latency p90, each the mean of the seeds', beside the stack's
+    seeds = sum(er.SEEDS) / len(er.SEEDS) / 100
+    assert row["policies"]["one-layer"] == {"lockstep": 0.3, "lockstep_range": [0.3, 0.3], "overhead": 0.4, "overhead_range": [0.4, 0.4], "stack": 0.44,
+                                            "lockstep_latency_p90_s": pytest.approx(0.2 + seeds), "overhead_latency_p90_s": pytest.approx(0.25 + seeds),
+                                            "stack_latency_p90_s": 0.28}
+    assert row["policies"]["prefix-router"]["stack_latency_p90_s"] == 0.3
+    assert row["policies"]["envoy least request"]["stack_latency_p90_s"] is None
     per_worker = er.worker_capacity(er.CASES["dialogue"][1], er.parse_topology("3x3"))
     assert {c[1:3] for c in calls if c[0] == "Single"} == {(1, 9)} and {c[1:3] for c in calls if c[0] != "Single"} == {(3, 3)}
     assert {c[3] for c in calls} == {per_worker} and {c[4] for c in calls} == set(er.SEEDS) and {c[5] for c in calls} == {12}
@@ -680,6 +701,34 @@ def test_the_report_shows_the_rivals_simulated_beside_the_stack(tmp_path, monkey
     assert "| dialogue | 12 | 0.335 / 0.467 / 0.460 | 0.335 / 0.467 / 0.460 | – |" in text
     assert "the share over the routers' 0.5" in text and "the share over the routers' 0.3" in text
 
+
+def test_the_report_sets_each_rules_simulated_latency_beside_the_stacks(tmp_path, monkeypatch):
+    """A ``bench.e2e_rivals`` run with latencies gets a second table: each rule's request latency
+    p90 simulated in lockstep, with the overhead and through the stack, and the default's simulated
+    p90 over the better of round robin's and least request's (one-layer is no upper-layer rival)."""
+    import json
+
+    import bench.eval as ev
+
+    def cell(p90: float, stack: float | None) -> dict:
+        return {"lockstep": 0.5, "lockstep_range": [0.5, 0.5], "overhead": 0.5, "overhead_range": [0.5, 0.5], "stack": 0.5,
+                "lockstep_latency_p90_s": p90 - 0.01, "overhead_latency_p90_s": p90, "stack_latency_p90_s": stack}
+
+    policies = {"prefix-router": cell(0.22, 0.466), "envoy round robin": cell(0.2, 0.294), "envoy least request": cell(0.25, None),
+                "one-layer": cell(0.1, 0.3)}
+    run = {"description": "Closed loop of 24 clients", "topology": {"routers": 4, "workers": 2}, "clients": [24],
+           "cases": [{"workload": "multi_turn", "concurrency": 24, "policies": policies}]}
+    monkeypatch.setattr(ev, "RESULTS", tmp_path)
+    (tmp_path / "e2e_rivals-4x2.json").write_text(json.dumps(run))
+    text = "\n".join(ev._measured_sections())
+    assert "| workload | concurrency | prefix-router | envoy round robin | envoy least request | one-layer | prefix-router / best upper-layer |" in text
+    assert "| multi_turn | 24 | 210 / 220 / 466 | 190 / 200 / 294 | 240 / 250 / – | 90 / 100 / 300 | 1.10 (envoy round robin) |" in text
+    # a run on record from before latencies were kept has no such table
+    for p in policies.values():
+        for k in ("lockstep_latency_p90_s", "overhead_latency_p90_s", "stack_latency_p90_s"):
+            del p[k]
+    (tmp_path / "e2e_rivals-4x2.json").write_text(json.dumps(run))
+    assert "Request latency p90" not in "\n".join(ev._measured_sections())
 
 def test_the_simulated_default_is_the_services_default():
     """Every benchmark's ``prefix-router`` is the service as it ships: it follows sessions when the

@@ -158,7 +158,8 @@ class Sim:
         else:
             for q in self.sessions.values():
                 self._push(q[0].req.start / rate_scale, "arrive", q[0])
-        self.records: list[tuple[float, float, int, int, int]] = []  # (ttft, finish, prompt, cached, output)
+        # (ttft, finish, prompt, cached, output, latency: arrival to last token, what bench.e2e times)
+        self.records: list[tuple[float, float, int, int, int, float]] = []
         self.imbalance: list[float] = []
         self.reasons: Counter = Counter()
         self.rate_scale = rate_scale
@@ -213,14 +214,14 @@ class Sim:
             worker.prefill_until = first_token
             running = self.topo.batch - worker.free
             step = m.decode_step + m.step_over_knee * max(0, running - m.knee)
-            self._push(first_token + p.req.output_tokens * step, "finish", (w, r, p, first_token - arrived, hit))
+            self._push(first_token + p.req.output_tokens * step, "finish", (w, r, p, first_token - arrived, hit, arrived))
 
-    def _finish(self, w: int, r: int, p: Prepared, ttft: float, hit: int) -> None:
+    def _finish(self, w: int, r: int, p: Prepared, ttft: float, hit: int, arrived: float) -> None:
         worker = self.workers[w]
         worker.free += 1
         worker.inflight -= 1
         self.routers[r].inflight -= 1
-        self.records.append((ttft, self.now, p.prompt_tokens, hit, p.req.output_tokens))
+        self.records.append((ttft, self.now, p.prompt_tokens, hit, p.req.output_tokens, self.now - arrived))
         finished = getattr(self.upper, "finished", None)
         if finished:
             self.last_hit = hit  # what the worker reported cached (tokens), for policies that observe it
@@ -236,6 +237,7 @@ class Sim:
 
     def summary(self) -> dict:
         ttfts = sorted(t for t, *_ in self.records)
+        latencies = sorted(r[5] for r in self.records)
         prompt = sum(r[2] for r in self.records)
         cached = sum(r[3] for r in self.records)
         span = max(r[1] for r in self.records)
@@ -246,6 +248,7 @@ class Sim:
             "reuse_bound": self.bound_tokens / prompt if prompt else 0.0,
             "ttft_p50_s": ttfts[n // 2],
             "ttft_p90_s": ttfts[min(n - 1, int(n * 0.9))],
+            "latency_p90_s": latencies[min(n - 1, int(n * 0.9))],
             "throughput_rps": n / span,
             "output_tokens_per_s": sum(r[4] for r in self.records) / span,
             "imbalance_max_over_mean": statistics.mean(self.imbalance) if self.imbalance else 1.0,

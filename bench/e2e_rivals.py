@@ -122,12 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
                 stack = real.get(name, {}).get(policy)
                 row["policies"][policy] = {"lockstep": statistics.mean(lockstep), "lockstep_range": [min(lockstep), max(lockstep)],
                                            "overhead": statistics.mean(overhead), "overhead_range": [min(overhead), max(overhead)],
-                                           "stack": stack and stack[0],
+                                           "stack": None if stack is None else stack[0],
                                            # request latency p90 (mean of the seeds'): the simulator times the workers' model alone,
                                            # the stack adds its own per-request overhead, so compare policies within a column
                                            "lockstep_latency_p90_s": statistics.mean(lockstep_p90),
                                            "overhead_latency_p90_s": statistics.mean(overhead_p90),
-                                           "stack_latency_p90_s": stack and stack[1]}
+                                           "stack_latency_p90_s": None if stack is None else stack[1]}
                 r = row["policies"][policy]
                 print(f"{name} x{clients} {policy}: lockstep {r['lockstep']:.3f}, with overhead {r['overhead']:.3f}, "
                       f"stack {'-' if r['stack'] is None else format(r['stack'], '.3f')}; latency p90 with overhead "

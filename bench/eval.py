@@ -463,6 +463,21 @@ def _e2e_rivals_latency(cases: list[dict], names: list[str]) -> list[str]:
             *(f"| {c['workload']} | {c['concurrency']} | " + " | ".join(cell(c["policies"][n]) for n in names) + f" | {ratio(c)} |" for c in cases)]
 
 
+def _knee_lines(d: dict) -> list[str]:
+    """``bench.knee``: the default's continuation knee against 8 per worker behind each router."""
+    lines = ["## The continuation knee per worker (`python -m bench.knee`)", "",
+             f"The default's `--continuation-knee` against {d['per_worker']} x the workers behind each router, in the default's place with "
+             "every rival of the evaluation: cells meeting both targets (mean hit ratio %).", "",
+             "| topology | knee: default / scaled | tuning: default | tuning: scaled | held-out: default | held-out: scaled |", "|---|---|---|---|---|---|"]
+
+    def cell(t: dict) -> str:
+        return f"{t['both']} of {t['cells']} ({100 * t['mean_hit_ratio']:.1f})"
+
+    lines += [f"| {r['topology']} | {r['default_knee']} / {r['knee']} | {cell(r['default']['tuning'])} | {cell(r['scaled']['tuning'])} | "
+              f"{cell(r['default']['held-out'])} | {cell(r['scaled']['held-out'])} |" for r in d["rows"]]
+    return lines + [""]
+
+
 def _failed_open(row: dict) -> str:
     """A row's share of requests Envoy sent to the fallback route (bench.overhead), or a dash for a
     path without ext_proc or a run from before it was counted."""
@@ -494,6 +509,9 @@ def _measured_sections() -> list[str]:
         lines += [f"| {r['set']} | {r['workload']} | " + " | ".join(f"{r['hit_ratio'][q]:.3f}" for q in policies) + f" | {r['gap_points']:.1f} |"
                   for r in d["summary"]]
         lines.append("")
+    knee = RESULTS / "knee.json"
+    if knee.exists():
+        lines += _knee_lines(_read(knee))
     overhead = RESULTS / "overhead.json"
     if overhead.exists():
         d = _read(overhead)

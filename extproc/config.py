@@ -275,7 +275,8 @@ class Config:
         8, _number(int, 0),
         "with --hit-choice cost: a request that continues an earlier conversation (a next turn, or a turn editing its "
         "history: --continuation-tail) is charged nothing for in-flight requests on the upstreams holding its deepest match "
-        "until they have more than this many (a decode batch's knee); 0: off (README, Choosing the defaults)", POLICY, metavar="N",
+        "until they have more than this many (a decode batch's knee: 8 per worker; behind routers of W workers each, 8 x W: "
+        "README, Routers of more workers); 0: off (README, Choosing the defaults)", POLICY, metavar="N",
     )
     continuation_tail: int = opt(
         64, _number(int, 0),

@@ -822,3 +822,44 @@ def test_the_simulated_rules_spread_new_prefixes_as_the_service_does(make):
         sim = SimpleNamespace(routers=[SimpleNamespace(inflight=0), SimpleNamespace(inflight=0)], now=0.0, rng=random.Random(seed))
         got = [upper.choose(SimpleNamespace(partition="m", sglang_text=chr(ord("A") + i) + f" system prompt {i}. " * 80), sim) for i in range(4)]
         assert sorted(got[:2]) == [0, 1] and sorted(got[2:]) == [0, 1], (seed, got)
+
+
+def test_the_knee_bench_puts_eight_per_worker_in_the_defaults_place(tmp_path, monkeypatch):
+    """``bench.knee``: on routers of W workers the default's rule with ``--continuation-knee`` 8 x W
+    stands in the default's place beside every rival, and each set's cells meeting both targets are
+    counted for both knees; REPORT.md gets the table."""
+    import json
+
+    import bench.eval as ev
+    import bench.knee as kn
+
+    seen = []
+
+    def fake_simulate(sets, rates, policies, topo):
+        got = policies()
+        seen.append(((topo.routers, topo.workers), {k: v.cfg.continuation_knee for k, v in got.items() if hasattr(v, "cfg")}))
+        assert set(ev.HIT_RIVALS) <= set(got) and set(ev.TTFT_RIVALS) <= set(got)
+        rows = []
+        for st in sets:
+            for policy in got:
+                # the default misses the hit target in the tuning set's one cell; the scaled knee meets it
+                hit = 0.45 if (policy == ev.DEFAULT and st == "tuning") else 0.5
+                rows.append({"set": st, "workload": "w", "capacity": "fits", "rate": 1.0, "policy": policy, "seed": 1, "hit_ratio": hit,
+                             "ttft_p90_s": 1.0, "ttft_p50_s": 0.5, "throughput_rps": 1.0, "reuse_bound": 0.9})
+        return rows
+
+    monkeypatch.setattr(ev, "simulate", fake_simulate)
+    written = {}
+    monkeypatch.setattr(kn, "write", lambda name, result: written.update({name: result}) or name)
+    kn.main(["--topology", "2x4", "--topology", "8x1"])
+    result = written["knee-subset"]
+    assert [(s[0], s[1]["knee 32" if s[0] == (2, 4) else "knee 8"], s[1][ev.DEFAULT]) for s in seen] == [((2, 4), 32, 8), ((8, 1), 8, 8)]
+    row = result["rows"][0]
+    assert (row["topology"], row["knee"], row["default_knee"]) == ("2x4", 32, 8)
+    assert row["default"]["tuning"] == {"cells": 1, "both": 0, "hit_ok": 0, "ttft_ok": 1, "mean_hit_ratio": 0.45}
+    assert row["scaled"]["tuning"] == {"cells": 1, "both": 1, "hit_ok": 1, "ttft_ok": 1, "mean_hit_ratio": 0.5}
+    assert row["default"]["held-out"]["both"] == 1 and row["scaled"]["held-out"]["both"] == 1
+    monkeypatch.setattr(ev, "RESULTS", tmp_path)
+    (tmp_path / "knee.json").write_text(json.dumps(result))
+    text = "\n".join(ev._measured_sections())
+    assert "| 2x4 | 8 / 32 | 0 of 1 (45.0) | 1 of 1 (50.0) | 1 of 1 (50.0) | 1 of 1 (50.0) |" in text

@@ -1,6 +1,6 @@
 """The continuation knee scaled to the workers behind each router: is 8 per worker the right knee?
 
-    .venv/bin/python -m bench.knee          → bench/results/knee.json (about 5 minutes)
+    .venv/bin/python -m bench.knee          → bench/results/knee.json (about 10 minutes)
 
 ``--continuation-knee`` (8, chosen by bench.sweep on 4 routers x 2 workers) lets a conversation's
 next turn stay on the router holding its history until that router has more than 8 requests in

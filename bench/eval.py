@@ -445,7 +445,9 @@ def _e2e_rivals_latency(cases: list[dict], names: list[str]) -> list[str]:
     """Request latency p90 of the same runs: is a latency miss through the stack the rule's (its
     loads) or the machine's? The simulator times only the workers' model, so its figures sit below
     the stack's (which adds its own overhead to every request): compare within a column."""
-    upper = [n for n in names if n in ("envoy round robin", "envoy least request")]
+    from .e2e import UPPER_LAYER  # bench.e2e's rivals of the upper layer (not one-layer); here only when reporting
+
+    upper = [n for n in names if n in UPPER_LAYER]
 
     def cell(r: dict) -> str:
         stack = "–" if r.get("stack_latency_p90_s") is None else f"{1000 * r['stack_latency_p90_s']:.0f}"

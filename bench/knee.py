@@ -22,11 +22,11 @@ from extproc.config import DEFAULTS, policy_config
 
 from . import eval as ev
 from .common import write
-from .sim.engine import Topology, parse_topology
+from .sim.engine import ServiceModel, Topology, parse_topology
 from .sim.policies import MovingSessions
 
 TOPOLOGIES = ("4x2", "3x3", "2x4", "8x1")
-PER_WORKER = 8  # a decode batch's knee on one worker (FIELD-NOTES; the simulator's ServiceModel.knee)
+PER_WORKER = ServiceModel.knee  # a decode batch's knee on one worker (FIELD-NOTES, as the simulator models it)
 
 
 def scaled(topo: Topology) -> int:
@@ -58,12 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.knee")
     p.add_argument("--topology", action="append", type=parse_topology, metavar="RxW", help=f"only these (repeatable; default {', '.join(TOPOLOGIES)})")
     a = p.parse_args(argv)
-    default_knee = DEFAULTS.continuation_knee
+    default_knee, sets = DEFAULTS.continuation_knee, list(ev.SETS)
     rows = []
     for topo in a.topology or [parse_topology(t) for t in TOPOLOGIES]:
         knee = scaled(topo)
         agg = ev.cells(ev.simulate(ev.SETS, ev.RATES, policies=partial(policies, knee), topo=topo))
-        sets = list(ev.SETS)
         row = {"topology": f"{topo.routers}x{topo.workers}", "knee": knee, "default_knee": default_knee,
                "default": tally(agg, ev.DEFAULT, sets), "scaled": tally(agg, f"knee {knee}", sets)}
         rows.append(row)

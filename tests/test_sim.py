@@ -130,6 +130,7 @@ def test_a_requests_latency_runs_from_its_arrival_to_its_last_token():
     assert s["ttft_p90_s"] == pytest.approx(ttft)
     assert s["latency_p90_s"] == pytest.approx(ttft + p[0].req.output_tokens * m.decode_step) and p[0].req.output_tokens > 0
 
+
 def test_the_targets_are_judged_at_their_boundaries():
     from bench.eval import DEFAULT, SINGLE, cells, verdicts
 

@@ -1,11 +1,11 @@
 """`make bench`: every benchmark in turn; each writes its JSON to bench/results/.
 
-Single ones: python -m bench.payload | bench.codec | bench.tree | bench.inflight | bench.sweep | bench.eval | bench.knee | bench.observed | bench.e2e | bench.e2e_rivals | bench.e2e_ab | bench.overhead | bench.cpu | bench.attacks |
+Single ones: python -m bench.payload | bench.codec | bench.tree | bench.inflight | bench.sweep | bench.eval | bench.observed | bench.e2e | bench.e2e_rivals | bench.e2e_ab | bench.overhead | bench.cpu | bench.attacks |
 bench.replicas | bench.replicas_e2e | bench.sync |
 bench.litellm (needs `make litellm`)
 """
 
-from . import attacks, codec, cpu, e2e, e2e_ab, e2e_rivals, inflight, knee, litellm, observed, overhead, payload, replicas, replicas_e2e, sweep, sync, tree
+from . import attacks, codec, cpu, e2e, e2e_ab, e2e_rivals, inflight, litellm, observed, overhead, payload, replicas, replicas_e2e, sweep, sync, tree
 from . import eval as routing_eval
 
 for name, run in (
@@ -18,7 +18,6 @@ for name, run in (
     *((f"eval {t}", lambda t=t: routing_eval.main(["--topology", t])) for t in routing_eval.OTHER_TOPOLOGIES),
     *((f"eval {t} threshold {x:g}", lambda t=t, x=x: routing_eval.main(["--topology", t, "--router-cache-threshold", str(x)]))
       for t, x in routing_eval.ROUTER_THRESHOLDS),
-    ("knee", lambda: knee.main([])),  # the continuation knee scaled to the workers per router, on eval's topologies
     ("observed", observed.main),
     ("e2e", lambda: e2e.main([])),
     ("e2e 3x3", lambda: e2e.main(["--topology", "3x3", "--clients", "12"])),  # the independent evaluation's shape

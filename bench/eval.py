@@ -59,9 +59,10 @@ TTFT_RIVALS = ("prefix-router/creator", "prefix-router/sglang-0.3.2", "prefix-ro
                "consistent-hash", "round-robin", "random")
 HIT_SLACK, TTFT_FACTOR = 0.01, 1.1
 # earlier defaults, each put in the default's place in the summary
-ALTERNATES = {"prefix-router/unshared-only": "The previous default, only texts matching nothing stored count as new prefixes (`--new-prefix-own-chars 0`)",
-              "prefix-router/ties-only": "The one before, new prefixes spread over exact ties only (`--new-prefix-weight 0 --new-prefix-knee 0 --new-prefix-own-chars 0`)",
-              "prefix-router/no-spread": "Before it, new prefixes not spread (`--new-prefix-window 0`)",
+ALTERNATES = {"prefix-router/workers-unknown": "The previous default, every router counted as one worker (`--workers-endpoint ''`: its knee 8, not 8 per worker)",
+              "prefix-router/unshared-only": "The one before, only texts matching nothing stored count as new prefixes (`--new-prefix-own-chars 0`)",
+              "prefix-router/ties-only": "Before it, new prefixes spread over exact ties only (`--new-prefix-weight 0 --new-prefix-knee 0 --new-prefix-own-chars 0`)",
+              "prefix-router/no-spread": "Before that, new prefixes not spread (`--new-prefix-window 0`)",
               "prefix-router/no-move": "The default before that, sessions not followed either (`--no-move-evicted-sessions --new-prefix-window 0`)",
               "prefix-router/previous-default": "The one before (only whole prompts continue, `--continuation-tail 0`; sessions not followed)",
               "prefix-router/knee-0": "And before (no continuation term, `--continuation-knee 0`)",
@@ -465,21 +466,6 @@ def _e2e_rivals_latency(cases: list[dict], names: list[str]) -> list[str]:
             *(f"| {c['workload']} | {c['concurrency']} | " + " | ".join(cell(c["policies"][n]) for n in names) + f" | {ratio(c)} |" for c in cases)]
 
 
-def _knee_lines(d: dict) -> list[str]:
-    """``bench.knee``: the default's continuation knee against 8 per worker behind each router."""
-    lines = ["## The continuation knee per worker (`python -m bench.knee`)", "",
-             f"The default's `--continuation-knee` against {d['per_worker']} x the workers behind each router, in the default's place with "
-             "every rival of the evaluation: cells meeting both targets (mean hit ratio %).", "",
-             "| topology | knee: default / scaled | tuning: default | tuning: scaled | held-out: default | held-out: scaled |", "|---|---|---|---|---|---|"]
-
-    def cell(t: dict) -> str:
-        return f"{t['both']} of {t['cells']} ({100 * t['mean_hit_ratio']:.1f})"
-
-    lines += [f"| {r['topology']} | {r['default_knee']} / {r['knee']} | {cell(r['default']['tuning'])} | {cell(r['scaled']['tuning'])} | "
-              f"{cell(r['default']['held-out'])} | {cell(r['scaled']['held-out'])} |" for r in d["rows"]]
-    return lines + [""]
-
-
 def _failed_open(row: dict) -> str:
     """A row's share of requests Envoy sent to the fallback route (bench.overhead), or a dash for a
     path without ext_proc or a run from before it was counted."""
@@ -511,9 +497,6 @@ def _measured_sections() -> list[str]:
         lines += [f"| {r['set']} | {r['workload']} | " + " | ".join(f"{r['hit_ratio'][q]:.3f}" for q in policies) + f" | {r['gap_points']:.1f} |"
                   for r in d["summary"]]
         lines.append("")
-    knee = RESULTS / "knee.json"
-    if knee.exists():
-        lines += _knee_lines(_read(knee))
     overhead = RESULTS / "overhead.json"
     if overhead.exists():
         d = _read(overhead)

@@ -65,7 +65,8 @@ class AdminApi(pb_grpc.AdminServicer):
     def _list(self) -> pb.ListUpstreamsResponse:
         return pb.ListUpstreamsResponse(
             upstreams=[
-                pb.Upstream(address=u.address, healthy=u.healthy, active_ok=u.active_ok, ejected=u.ejected, inflight=u.inflight, tree_characters=u.tree_characters)
+                pb.Upstream(address=u.address, healthy=u.healthy, active_ok=u.active_ok, ejected=u.ejected, inflight=u.inflight, tree_characters=u.tree_characters,
+                            workers=u.workers)
                 for u in self.director.upstreams()
             ],
             configured=self.discovery.entries(),

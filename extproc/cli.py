@@ -124,7 +124,8 @@ def _pairs(d: dict[str, Any]) -> str:
 def render(command: str, data: dict[str, Any]) -> str:
     """What a person reads for one admin reply (``data`` is what ``--json`` prints)."""
     if command == "upstreams":
-        cols = [("address", "UPSTREAM"), ("healthy", "HEALTHY"), ("health_check", "CHECK"), ("ejected", "EJECTED"), ("inflight", "IN FLIGHT"), ("tree_characters", "TREE CHARS")]
+        cols = [("address", "UPSTREAM"), ("healthy", "HEALTHY"), ("health_check", "CHECK"), ("ejected", "EJECTED"), ("inflight", "IN FLIGHT"), ("tree_characters", "TREE CHARS"),
+                ("workers", "WORKERS")]
         return _table(data["upstreams"], cols) + f"\n\nconfigured: {', '.join(data['configured'])}"
     if command == "tree":
         per_upstream = ("characters_per_upstream", "observed_hit_ratio_per_upstream", "learnt_budget_per_upstream")
@@ -140,7 +141,7 @@ def render(command: str, data: dict[str, Any]) -> str:
         if "session" in data:
             head.update({f"session_{k}": v for k, v in data["session"].items()})
         cols = [("address", "UPSTREAM"), ("matched_characters", "MATCHED"), ("inflight", "IN FLIGHT"), ("healthy", "HEALTHY"),
-                ("recompute_characters", "RECOMPUTE"), ("charged_requests", "CHARGED"), ("cost", "COST"),
+                ("workers", "WORKERS"), ("continuation_knee", "KNEE"), ("recompute_characters", "RECOMPUTE"), ("charged_requests", "CHARGED"), ("cost", "COST"),
                 ("observed_hit_ratio", "OBSERVED HITS"), ("observed_responses", "SAMPLED"), ("new_prefixes_lately", "NEW PREFIXES")]
         return _pairs(head) + "\n\n" + _table(data["upstreams"], cols)
     return _pairs(data)
@@ -153,7 +154,7 @@ def _reply_data(command: str, reply: Any) -> dict[str, Any]:
         return {
             "upstreams": [
                 {"address": u.address, "healthy": u.healthy, "health_check": "up" if u.active_ok else "down", "ejected": u.ejected,
-                 "inflight": u.inflight, "tree_characters": u.tree_characters}
+                 "inflight": u.inflight, "tree_characters": u.tree_characters, "workers": u.workers or None}
                 for u in reply.upstreams
             ],
             "configured": list(reply.configured),
@@ -175,6 +176,7 @@ def _reply_data(command: str, reply: Any) -> dict[str, Any]:
             out["session"] = {"new": o.new, "turn": o.turn, "shared": o.shared, "over": o.over, "family_turns": round(o.family_turns, 2),
                               "evicted": o.evicted, "moved": o.moved, "moves": o.moves}
         out["upstreams"] = [{"address": u.address, "matched_characters": u.matched_characters, "inflight": u.inflight, "healthy": u.healthy,
+                             "workers": u.workers or None, "continuation_knee": u.continuation_knee,
                              "recompute_characters": u.recompute_characters, "charged_requests": u.charged_requests, "cost": u.cost,
                              "observed_hit_ratio": round(u.observed_hit_ratio, 4), "observed_responses": u.observed_responses,
                              "new_prefixes_lately": u.new_prefixes_lately}

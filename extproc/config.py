@@ -125,6 +125,11 @@ def _path(v: Any) -> str:
     return s
 
 
+def _path_or_off(v: Any) -> str:
+    """An absolute URL path, or empty for off."""
+    return _path(v) if str(v).strip() else ""
+
+
 def _nats_urls(v: Any) -> str:
     urls = [u.strip() for u in str(v).split(",") if u.strip()]
     if not urls:
@@ -234,6 +239,12 @@ class Config:
     health_failure_threshold: int = opt(3, _number(int, 1), "failed checks in a row that take an upstream out", HEALTH, metavar="N", sglang=True)
     health_success_threshold: int = opt(2, _number(int, 1), "good checks in a row that bring it back", HEALTH, metavar="N", sglang=True)
     health_check_endpoint: str = opt("/health", _path, "the path checked", HEALTH, metavar="PATH", sglang=True)
+    workers_endpoint: str = opt(
+        "/workers", _path_or_off,
+        "the path each check also reads the upstream's healthy workers from (sglang-router's worker list), after a good "
+        "health check: a router of W workers gets W x --continuation-knee; an upstream that does not answer it counts as "
+        "one worker; empty: every upstream counts as one", HEALTH, metavar="PATH",
+    )
     ejection_failure_threshold: int = opt(
         3, _number(int, 1, 1000),
         "failed requests in a row (a broken or timed-out stream, or a 502/503/504 from the router itself; never a "
@@ -275,8 +286,9 @@ class Config:
         8, _number(int, 0),
         "with --hit-choice cost: a request that continues an earlier conversation (a next turn, or a turn editing its "
         "history: --continuation-tail) is charged nothing for in-flight requests on the upstreams holding its deepest match "
-        "until they have more than this many (a decode batch's knee: 8 per worker; behind routers of W workers each, 8 x W: "
-        "README, Routers of more workers); 0: off (README, Choosing the defaults)", POLICY, metavar="N",
+        "until they have more than this many per worker their router balances (a decode batch's knee, FIELD-NOTES; the "
+        "workers as --workers-endpoint reads them, one when unknown: README, Routers of more workers); 0: off (README, "
+        "Choosing the defaults)", POLICY, metavar="N",
     )
     continuation_tail: int = opt(
         64, _number(int, 0),

@@ -26,7 +26,7 @@ from .config import Config
 from .feedback import FeedbackRule, is_stale, next_share, observed_chars
 from .payload import RoutingInput, routing_input
 from .newprefixes import NewPrefixes
-from .policy import NEW_SESSIONS, Decision, continues, costs, decide, least_loaded, session_kind
+from .policy import NEW_SESSIONS, Decision, continues, costs, decide, knee, least_loaded, session_kind
 from .pool import Pool
 from .replicas import Outbox, Peers, Seen, new_epoch, new_replica_id
 from .sessions import Ref, Session, SessionBook, apply_note, decide_following, learn_placement, moved_if_due, reference, report
@@ -90,6 +90,7 @@ class UpstreamView:
     tree_characters: int
     ejected_secs_left: float = 0.0  # until the ejection's back-off ends (then a good check brings it back)
     check_failures: int = 0  # active checks failed in a row
+    workers: int = 0  # healthy workers its router last reported (--workers-endpoint); 0: not known
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,9 +360,11 @@ class Director:
         moved = False
         lately = self.new_prefixes.counts
         if self.book is None:
-            decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False, lately=lately)
+            decision = decide(self.tree, loads, ri.partition, ri.text, 0.0, self.policy, self.rng, insert=False, lately=lately,
+                              workers=self.pool.workers)
         else:
-            decision, info.session, moved = decide_following(self.book, self.tree, loads, ri.partition, ri.text, self.policy, self.rng, lately)
+            decision, info.session, moved = decide_following(self.book, self.tree, loads, ri.partition, ri.text, self.policy, self.rng, lately,
+                                                             self.pool.workers)
             if info.session is not None:
                 info.session_turn = info.session.turns
                 info.for_book = self.book.worth_reading(info.session, len(ri.text))
@@ -568,6 +571,19 @@ class Director:
         cfg = self.cfg
         return up.record_check(ok, cfg.health_failure_threshold, cfg.health_success_threshold, time.monotonic())
 
+    def record_workers(self, address: str, workers: int | None) -> bool:
+        """How many healthy workers an upstream's router reported (``None``: it did not say, and the
+        upstream counts as one worker); whether that changed what the pool knew."""
+        if address not in self.pool.upstreams:
+            return False
+        known = self.pool.workers
+        before = known.get(address)
+        if workers is None:
+            known.pop(address, None)
+        else:
+            known[address] = workers
+        return known.get(address) != before
+
     def addresses(self) -> list[str]:
         return list(self.pool.upstreams)
 
@@ -578,7 +594,7 @@ class Director:
         return [
             UpstreamView(
                 a, u.healthy, u.active_ok, u.ejected, pool.inflight(a), chars.get(a, 0),
-                max(0.0, u.ejected_until - now) if u.ejected else 0.0, u.failures,
+                max(0.0, u.ejected_until - now) if u.ejected else 0.0, u.failures, pool.workers.get(a, 0),
             )
             for a, u in pool.upstreams.items()
         ]
@@ -601,11 +617,12 @@ class Director:
         new_prefix = False
         if loads:
             rng = random.Random(0)
-            d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, rng, insert=False, lately=self.new_prefixes.counts)
+            d = decide(self.tree, loads, ri.partition, ri.text, time.monotonic(), self.policy, rng, insert=False, lately=self.new_prefixes.counts,
+                       workers=self.pool.workers)
             d = moved_if_due(d, outlook is not None and outlook.moves, m, loads, self.policy, rng)
             upstream, reason, new_prefix = d.upstream, d.reason, d.new_prefix
             if self.policy.hit_choice == "cost" and ri.text:
-                terms = costs(m, loads, self.policy, self.new_prefixes.counts if d.new_prefix else None)
+                terms = costs(m, loads, self.policy, self.new_prefixes.counts if d.new_prefix else None, self.pool.workers)
         else:
             upstream, reason = None, "no_healthy_upstream"
         return {
@@ -622,6 +639,7 @@ class Director:
             "upstreams": [
                 {"address": v.address, "matched_characters": m.tenants.get(v.address, 0), "inflight": v.inflight, "healthy": v.healthy,
                  "new_prefixes_lately": self.new_prefixes.counts.get(v.address, 0),
+                 "workers": v.workers, "continuation_knee": knee(self.policy, v.address, self.pool.workers),
                  **dict(zip(("recompute_characters", "charged_requests", "cost"), terms.get(v.address, (0, 0, 0)))),
                  **dict(zip(("observed_hit_ratio", "observed_responses"), observed.get(v.address, (0.0, 0))))}
                 for v in self.upstreams()

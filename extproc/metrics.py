@@ -65,6 +65,12 @@ EXPIRED_TICKETS = Counter(
 )
 EJECTIONS = Counter("prefix_router_upstream_ejections", "Passive ejections after failures seen on real traffic", ["upstream"])
 HEALTH_CHECK_FAILURES = Counter("prefix_router_health_check_failures", "Failed active health checks", ["upstream"])
+WORKERS_READ_FAILURES = Counter(
+    "prefix_router_workers_read_failures",
+    "Reads of an upstream's worker list (--workers-endpoint) that gave no count, by reason (unreachable, status, "
+    "too_large, bad_body): the upstream counts as one worker, or keeps its last count when unreachable",
+    ["upstream", "reason"],
+)
 UPSTREAMS_REFUSED = Counter(
     "prefix_router_upstreams_refused", "Upstream addresses refused by the address policy (--allowed-upstream-cidrs), from any source"
 )
@@ -143,13 +149,20 @@ class StateCollector(Collector):
         chars = GaugeMetricFamily(
             "prefix_router_tree_characters", "Budget held in the tree per upstream (characters, 256 per node)", labels=["upstream"]
         )
+        workers = GaugeMetricFamily(
+            "prefix_router_upstream_workers",
+            "Healthy workers the upstream's router last reported (--workers-endpoint); 0: not known (counted as one)",
+            labels=["upstream"],
+        )
         for u in self.snapshot():
             inflight.add_metric([u.address], u.inflight)
             healthy.add_metric([u.address], 1 if u.healthy else 0)
             chars.add_metric([u.address], u.tree_characters)
+            workers.add_metric([u.address], u.workers)
         yield inflight
         yield healthy
         yield chars
+        yield workers
 
 
 def register_state(snapshot: Callable[[], Iterable[Any]]) -> StateCollector:

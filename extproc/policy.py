@@ -15,8 +15,9 @@ Per request (load = in-flight requests per upstream):
    as a conversation's next turn or an agent's next step does, or its match runs
    ``continuation_tail`` characters into one earlier chain of prompts, as a turn that edits,
    retries or cuts its history does), the upstreams holding the deepest match are charged only for
-   requests beyond ``continuation_knee`` (if that is more): below a batch's knee an extra request
-   costs next to nothing (a decode step is as fast with 8 requests as with 1, FIELD-NOTES), so a
+   requests beyond ``continuation_knee`` for each worker their router balances (``knee``; if that
+   is more): below a batch's knee an extra request costs next to nothing (a decode step is as fast
+   with 8 requests as with 1, FIELD-NOTES, and a router of W workers runs W batches), so a
    small load difference must not move a conversation off its own history, however short. A new
    session that shares only a prefix (a system prompt) with several others stops where their texts
    branch and gets no such allowance: sessions piling onto the first holder would fill its batches
@@ -155,10 +156,12 @@ def decide(
     insert: bool = True,
     match: Match | None = None,
     lately: Mapping[str, int] | None = None,
+    workers: Mapping[str, int] | None = None,
 ) -> Decision:
     """Choose an upstream among ``loads`` (healthy upstreams, registry order) for one request.
     ``match``: the text's match in ``tree`` when the caller made it already. ``lately``: how many of
-    the last new prefixes each upstream took (``new_prefix_window``; none: ties at random)."""
+    the last new prefixes each upstream took (``new_prefix_window``; none: ties at random).
+    ``workers``: how many workers each upstream's router balances (none known: one each)."""
     if not text:
         return Decision(least_loaded(loads, cfg.tie_break, rng), "no_routing_text")
     m = match if match is not None else tree.match(partition, text)
@@ -167,7 +170,7 @@ def decide(
         choice, reason, matched = least_loaded(loads, cfg.tie_break, rng), "imbalance", 0
     elif cfg.hit_choice == "cost":
         new_prefix = lately is not None and is_new_prefix(m, len(text), cfg)
-        choice, reason, matched = _cheapest(m, loads, len(text), cfg, rng, lately if new_prefix else None)
+        choice, reason, matched = _cheapest(m, loads, len(text), cfg, rng, lately if new_prefix else None, workers)
     else:
         matched = m.matched
         holders = [t for t in m.deepest if t in loads]
@@ -210,34 +213,44 @@ def continues(match: Match, cfg: PolicyConfig) -> bool:
     return match.whole or 0 < cfg.continuation_tail <= match.tail
 
 
-def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig, lately: Mapping[str, int] | None = None) -> dict[str, tuple[int, int, int]]:
+def knee(cfg: PolicyConfig, upstream: str, workers: Mapping[str, int] | None) -> int:
+    """The requests in flight that cost a continuing conversation's home nothing: a decode batch's
+    knee (``continuation_knee``) for each worker its router balances (``workers``: as the router
+    reports them; an upstream not known counts as one worker). A router of W workers runs W
+    batches, so it takes W times one worker's requests before an extra one costs anything."""
+    return cfg.continuation_knee * max(1, workers.get(upstream, 1)) if workers else cfg.continuation_knee
+
+
+def costs(match: Match, loads: dict[str, int], cfg: PolicyConfig, lately: Mapping[str, int] | None = None,
+          workers: Mapping[str, int] | None = None) -> dict[str, tuple[int, int, int]]:
     """Each upstream's (recompute characters, requests charged, cost): the terms of the cost rule,
     which the decision weighs and ``explain`` shows. ``lately``: the request is a new prefix, and
-    how many of the last new prefixes each upstream took (see module doc)."""
+    how many of the last new prefixes each upstream took (see module doc). ``workers``: how many
+    workers each upstream's router balances (its ``knee``)."""
     matches, deepest = match.tenants, match.matched
     free = min(loads.values()) + cfg.inflight_slack
-    home = max(free, cfg.continuation_knee) if continues(match, cfg) else free
     homes: Mapping[str, int] = {}
     if lately is not None:  # a new prefix; continuing a short stored prompt, it keeps its home's allowance too
         free = max(free, cfg.new_prefix_knee)
-        home = max(home, free)
         fewest = min(lately.get(t, 0) for t in loads)
         homes = {t: cfg.new_prefix_weight * (lately.get(t, 0) - fewest) for t in loads}
+    continuing = continues(match, cfg)
     out = {}
     for t, n in loads.items():
         own = matches.get(t, 0)
         recompute = deepest - own
-        charged = max(0, n - (home if own == deepest and deepest else free)) + homes.get(t, 0)
+        allowance = max(free, knee(cfg, t, workers)) if continuing and own == deepest and deepest else free
+        charged = max(0, n - allowance) + homes.get(t, 0)
         out[t] = (recompute, charged, recompute + cfg.inflight_cost_chars * charged)
     return out
 
 
 def _cheapest(match: Match, loads: dict[str, int], length: int, cfg: PolicyConfig, rng: random.Random,
-              lately: Mapping[str, int] | None) -> tuple[str, str, int]:
+              lately: Mapping[str, int] | None, workers: Mapping[str, int] | None) -> tuple[str, str, int]:
     """The upstream with the lowest recompute-plus-queue cost; for a new prefix (``lately`` given),
     the homes it took lately charged too, and ties to the upstreams that took the fewest new
     prefixes lately, then (with a knee) to the least loaded of those (see module doc)."""
-    terms = costs(match, loads, cfg, lately)
+    terms = costs(match, loads, cfg, lately, workers)
     best = min(cost for _, _, cost in terms.values())
     cheapest = [t for t, (_, _, cost) in terms.items() if cost == best]
     if lately is not None and len(cheapest) > 1:

@@ -12,7 +12,7 @@ from .upstream import Upstream
 
 
 class Pool:
-    __slots__ = ("upstreams", "tickets", "peer_counts")
+    __slots__ = ("upstreams", "tickets", "peer_counts", "workers")
 
     def __init__(self, inflight_timeout: float, lost_report_grace: float | None = None, ticket_prefix: str = "") -> None:
         self.upstreams: dict[str, Upstream] = {}
@@ -20,12 +20,17 @@ class Pool:
         # In flight per upstream on the other replicas (their last reports, summed), kept by
         # :class:`extproc.replicas.Peers`; empty when the service runs alone.
         self.peer_counts: dict[str, int] = {}
+        # Healthy workers per upstream, as its router last reported them (``--workers-endpoint``):
+        # the policy's knee (``policy.knee``). An upstream missing here counts as one worker.
+        self.workers: dict[str, int] = {}
 
     def set_addresses(self, addresses: list[str]) -> list[str]:
         """Replace the pool, keeping the state of upstreams that stay. Returns the removed ones."""
         new = {a: self.upstreams.get(a) or Upstream(a) for a in addresses}
         removed = [a for a in self.upstreams if a not in new]
         self.upstreams = new
+        for a in removed:
+            self.workers.pop(a, None)
         return removed
 
     def __contains__(self, address: str) -> bool:

@@ -318,16 +318,16 @@ def moved_if_due(decision: Decision, due: bool, match: Match, loads: dict[str, i
 
 def decide_following(
     book: SessionBook, tree: RadixTree, loads: dict[str, int], partition: str, text: str, cfg: PolicyConfig, rng: random.Random,
-    lately: Mapping[str, int] | None = None,
+    lately: Mapping[str, int] | None = None, workers: Mapping[str, int] | None = None,
 ) -> tuple[Decision, Session | None, bool]:
     """The policy's decision (nothing inserted: the caller inserts for the upstream chosen;
-    ``lately``: as for ``policy.decide``), moved off a pile when the book says so; the session the
+    ``lately``, ``workers``: as for ``policy.decide``), moved off a pile when the book says so; the session the
     request belongs to (``None``: none followed), whose ``turns`` its response's report must name
     (:func:`report`); and whether the book moved it."""
     if not text:
-        return decide(tree, loads, partition, text, 0.0, cfg, rng, insert=False), None, False
+        return decide(tree, loads, partition, text, 0.0, cfg, rng, insert=False, workers=workers), None, False
     m = tree.match(partition, text)
-    decision = decide(tree, loads, partition, text, 0.0, cfg, rng, insert=False, match=m, lately=lately)
+    decision = decide(tree, loads, partition, text, 0.0, cfg, rng, insert=False, match=m, lately=lately, workers=workers)
     s = book.follow(partition, text, m, continues(m, cfg))
     if s is None:
         return decision, None, False

@@ -10,6 +10,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
+
+# The most workers one router is believed to balance: a larger count is cut to this, so that a
+# router (or whatever answers at its address) cannot make its knee so large that nothing moves off it.
+MAX_WORKERS = 256
+
+
+def healthy_workers(body: bytes) -> int | None:
+    """The healthy workers in a router's worker list (sglang-router's ``GET /workers``:
+    ``{"workers": [{"url": ..., "is_healthy": true, ...}, ...]}``; an entry that does not say counts
+    as healthy), at most ``MAX_WORKERS``; ``None`` when the body is not such a list."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    workers = data.get("workers") if isinstance(data, dict) else None
+    if not isinstance(workers, list):
+        return None
+    return min(MAX_WORKERS, sum(1 for w in workers if isinstance(w, dict) and w.get("is_healthy", True) is not False))
+
 
 @dataclass(slots=True)
 class Upstream:

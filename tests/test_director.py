@@ -276,6 +276,38 @@ def test_explain_reports_every_field_and_inserts_nothing(director):
     assert director.explain("/v1/chat/completions", body)["reason"] == "no_healthy_upstream"
 
 
+def test_a_routers_reported_workers_set_its_knee_in_decisions_and_in_explain(director):
+    """The health checker's count of an upstream's workers reaches the request path: its continuing
+    conversations stay home up to --continuation-knee per worker, and explain shows both terms."""
+    history = "a conversation's history " * 20  # 500 characters: cheaper to rebuild than one request queued
+    first = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": history}]})
+    info = RequestInfo(path="/v1/chat/completions")
+    home = director.route(info, first)
+    director.finished(info.ticket, Outcome.OK)
+    other = next(a for a in POOL if a != home)
+    knee = director.cfg.continuation_knee
+    assert director.record_workers(home, 3) and not director.record_workers(home, 3)
+    assert not director.record_workers("10.9.9.9:1", 3)  # not in the pool: nothing kept
+    for _ in range(3 * knee):
+        director.pool.tickets.issue(home, 0.0)
+    nxt = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": history}, {"role": "assistant", "content": "ok"},
+                                                   {"role": "user", "content": "and then?"}]})
+    rows = {u["address"]: u for u in director.explain("/v1/chat/completions", nxt)["upstreams"]}
+    assert (rows[home]["workers"], rows[home]["continuation_knee"], rows[home]["charged_requests"]) == (3, 3 * knee, 0)
+    assert (rows[other]["workers"], rows[other]["continuation_knee"]) == (0, knee)  # not known: one worker
+    assert {u.address: u.workers for u in director.upstreams()} == {home: 3, other: 0}
+    info = RequestInfo(path="/v1/chat/completions")
+    assert director.route(info, nxt) == home  # 24 in flight, none elsewhere: still home
+    director.finished(info.ticket, Outcome.OK)
+    assert director.record_workers(home, None)  # the router stopped saying: one worker again
+    info = RequestInfo(path="/v1/chat/completions")
+    assert director.route(info, nxt) == other
+    director.finished(info.ticket, Outcome.OK)
+    director.record_workers(other, 2)
+    director.set_upstreams([home])
+    assert other not in director.pool.workers  # an upstream that left takes its count with it
+
+
 def test_a_duplex_decision_learns_the_body_whether_it_ends_with_data_or_trailers(director):
     text = "a duplex prompt to remember"
     for ending in ("eos", "trailers"):

@@ -138,6 +138,31 @@ def test_a_conversation_continuing_its_own_history_stays_home_below_the_knee():
     assert goes_to({"a": 2, "b": 0}, history[:1200] + " another session") == ("b", False)
 
 
+def test_the_knee_counts_a_batch_for_each_worker_behind_the_home_router():
+    """A router balancing W workers runs W batches: its continuing conversations stay home until it
+    has more than knee x W in flight; an upstream whose workers are not known counts as one."""
+    cfg = policy_config(hit_choice="cost", inflight_cost_chars=1024, inflight_slack=0, continuation_knee=8)
+    history = "a short chat " * 100  # 1,300 characters: one request beyond the allowance moves it
+
+    def goes_to(n, workers):
+        tree = RadixTree()
+        tree.insert("m", history, "a", 0)
+        tree.insert("m", history[:1200] + " a second session", "a", 0)
+        return decide(tree, {"a": n, "b": 0}, "m", history + " next turn", 1.0, cfg, random.Random(0), workers=workers).upstream
+
+    assert [goes_to(n, {"a": 3, "b": 3}) for n in (24, 25, 26)] == ["a", "a", "b"]  # 8 x 3, and one more
+    assert [goes_to(n, {"a": 1, "b": 3}) for n in (9, 10)] == ["a", "b"]  # the home's own count, not the pool's
+    assert [goes_to(n, {"b": 4}) for n in (9, 10)] == ["a", "b"]  # not known: one worker
+    assert [goes_to(n, {"a": 0}) for n in (9, 10)] == ["a", "b"]  # a router reporting none still runs one batch
+    assert goes_to(10, None) == "b"
+    # the terms explain shows: requests charged beyond the home's allowance
+    tree = RadixTree()
+    tree.insert("m", history, "a", 0)
+    m = tree.match("m", history + " next")
+    assert costs(m, {"a": 20, "b": 0}, cfg, workers={"a": 2})["a"][1] == 4
+    assert costs(m, {"a": 20, "b": 0}, cfg)["a"][1] == 12
+
+
 def test_a_decision_says_whether_a_continuation_stayed_home():
     cfg = policy_config(hit_choice="cost", inflight_cost_chars=1024, inflight_slack=0, continuation_knee=8)
     history = "a short chat " * 100

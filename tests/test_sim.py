@@ -3,6 +3,7 @@
 import importlib
 import itertools
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -747,6 +748,34 @@ def test_the_simulated_default_is_the_services_default():
     assert type(policies["prefix-router/no-move"]) is PrefixRouter
     # the earlier defaults are as they were: none spread new prefixes
     assert policies["prefix-router/no-spread"].new_prefixes.window == 0 == policies["prefix-router/no-move"].cfg.new_prefix_window
+    # the default reads each router's workers, as the service does (--workers-endpoint); the earlier
+    # defaults counted every router as one worker, as they shipped
+    assert default.count_workers == bool(DEFAULTS.workers_endpoint)
+    assert not any(policies[n].count_workers for n in ("prefix-router/workers-unknown", "prefix-router/unshared-only", "prefix-router/no-move"))
+    assert policies["prefix-router/workers-unknown"].cfg == default.cfg
+
+
+def test_the_simulated_default_gives_a_router_of_more_workers_a_larger_knee():
+    """A continuing conversation stays on its router up to --continuation-knee per worker there (the
+    simulator's routers report their workers as sglang-router's worker list does); with the workers
+    unknown, up to the knee alone."""
+    from extproc.config import DEFAULTS
+
+    history = "a conversation so far " * 60  # 1,320 characters: one request over the allowance moves it
+    knee = DEFAULTS.continuation_knee
+
+    def goes_to(name, workers, inflight):
+        upper = upper_policies()[name]
+        routers = [SimpleNamespace(inflight=0, workers=list(range(workers))), SimpleNamespace(inflight=0, workers=list(range(workers)))]
+        sim = SimpleNamespace(routers=routers, now=0.0, rng=random.Random(0))
+        first = SimpleNamespace(partition="m", sglang_text=history, body=b"", texts={})
+        home = upper.choose(first, sim)
+        upper.choose(SimpleNamespace(partition="m", sglang_text=history[:1200] + " elsewhere", body=b"", texts={}), sim)
+        routers[home].inflight, routers[1 - home].inflight = inflight, 0
+        return upper.choose(SimpleNamespace(partition="m", sglang_text=history + " next turn", body=b"", texts={}), sim) == home
+
+    assert goes_to("prefix-router", 3, 3 * knee + 1) and not goes_to("prefix-router", 3, 3 * knee + 2)
+    assert goes_to("prefix-router/workers-unknown", 3, knee + 1) and not goes_to("prefix-router/workers-unknown", 3, knee + 2)
 
 
 def test_the_services_threshold_reaches_every_rule_of_this_project():
@@ -820,47 +849,6 @@ def test_the_simulated_rules_spread_new_prefixes_as_the_service_does(make):
 
     for seed in range(8):
         upper = make()
-        sim = SimpleNamespace(routers=[SimpleNamespace(inflight=0), SimpleNamespace(inflight=0)], now=0.0, rng=random.Random(seed))
+        sim = SimpleNamespace(routers=[SimpleNamespace(inflight=0, workers=[0]), SimpleNamespace(inflight=0, workers=[1])], now=0.0, rng=random.Random(seed))
         got = [upper.choose(SimpleNamespace(partition="m", sglang_text=chr(ord("A") + i) + f" system prompt {i}. " * 80), sim) for i in range(4)]
         assert sorted(got[:2]) == [0, 1] and sorted(got[2:]) == [0, 1], (seed, got)
-
-
-def test_the_knee_bench_puts_eight_per_worker_in_the_defaults_place(tmp_path, monkeypatch):
-    """``bench.knee``: on routers of W workers the default's rule with ``--continuation-knee`` 8 x W
-    stands in the default's place beside every rival, and each set's cells meeting both targets are
-    counted for both knees; REPORT.md gets the table."""
-    import json
-
-    import bench.eval as ev
-    import bench.knee as kn
-
-    seen = []
-
-    def fake_simulate(sets, rates, policies, topo):
-        got = policies()
-        seen.append(((topo.routers, topo.workers), {k: v.cfg.continuation_knee for k, v in got.items() if hasattr(v, "cfg")}))
-        assert set(ev.HIT_RIVALS) <= set(got) and set(ev.TTFT_RIVALS) <= set(got)
-        rows = []
-        for st in sets:
-            for policy in got:
-                # the default misses the hit target in the tuning set's one cell; the scaled knee meets it
-                hit = 0.45 if (policy == ev.DEFAULT and st == "tuning") else 0.5
-                rows.append({"set": st, "workload": "w", "capacity": "fits", "rate": 1.0, "policy": policy, "seed": 1, "hit_ratio": hit,
-                             "ttft_p90_s": 1.0, "ttft_p50_s": 0.5, "throughput_rps": 1.0, "reuse_bound": 0.9})
-        return rows
-
-    monkeypatch.setattr(ev, "simulate", fake_simulate)
-    written = {}
-    monkeypatch.setattr(kn, "write", lambda name, result: written.update({name: result}) or name)
-    kn.main(["--topology", "2x4", "--topology", "8x1"])
-    result = written["knee-subset"]
-    assert [(s[0], s[1]["knee 32" if s[0] == (2, 4) else "knee 8"], s[1][ev.DEFAULT]) for s in seen] == [((2, 4), 32, 8), ((8, 1), 8, 8)]
-    row = result["rows"][0]
-    assert (row["topology"], row["knee"], row["default_knee"]) == ("2x4", 32, 8)
-    assert row["default"]["tuning"] == {"cells": 1, "both": 0, "hit_ok": 0, "ttft_ok": 1, "mean_hit_ratio": 0.45}
-    assert row["scaled"]["tuning"] == {"cells": 1, "both": 1, "hit_ok": 1, "ttft_ok": 1, "mean_hit_ratio": 0.5}
-    assert row["default"]["held-out"]["both"] == 1 and row["scaled"]["held-out"]["both"] == 1
-    monkeypatch.setattr(ev, "RESULTS", tmp_path)
-    (tmp_path / "knee.json").write_text(json.dumps(result))
-    text = "\n".join(ev._measured_sections())
-    assert "| 2x4 | 8 / 32 | 0 of 1 (45.0) | 1 of 1 (50.0) | 1 of 1 (50.0) | 1 of 1 (50.0) |" in text

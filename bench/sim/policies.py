@@ -26,20 +26,32 @@ def _loads(sim) -> dict[str, int]:
     return {str(i): r.inflight for i, r in enumerate(sim.routers)}
 
 
+def _workers(sim) -> dict[str, int]:
+    """Each router's workers, as the service reads them from its worker list (--workers-endpoint)."""
+    return {str(i): len(r.workers) for i, r in enumerate(sim.routers)}
+
+
 class PrefixRouter:
-    def __init__(self, cfg: PolicyConfig = policy_config(), form: str = "sglang") -> None:
-        self.cfg, self.form = cfg, form
+    """``count_workers``: the routers' workers known (the default, --workers-endpoint), or every
+    router counted as one worker (``--workers-endpoint ''``, or routers that do not say)."""
+
+    def __init__(self, cfg: PolicyConfig = policy_config(), form: str = "sglang", count_workers: bool = True) -> None:
+        self.cfg, self.form, self.count_workers = cfg, form, count_workers
         self.tree = RadixTree()
         self.new_prefixes = NewPrefixes(cfg.new_prefix_window)  # as the director keeps them (--new-prefix-window)
         self.last_reason = ""
         # what the service's prefix_router_new_session_match_rate observes, decision by decision
         self.new_session_rates: list[float] = []
 
+    def workers(self, sim) -> dict[str, int] | None:
+        return _workers(sim) if self.count_workers else None
+
     def choose(self, p, sim) -> int:
         text = p.sglang_text if self.form == "sglang" else p.texts.get(self.form)
         if text is None:
             text = p.texts[self.form] = routing_input("/v1/chat/completions", p.body, **{**DEFAULTS.parse_options(), "form": self.form}).text
-        d = decide(self.tree, _loads(sim), p.partition, text, sim.now, self.cfg, sim.rng, lately=self.new_prefixes.counts)
+        d = decide(self.tree, _loads(sim), p.partition, text, sim.now, self.cfg, sim.rng, lately=self.new_prefixes.counts,
+                   workers=self.workers(sim))
         self.new_prefixes.took(d.upstream, d.new_prefix)
         self.last_reason = d.reason
         self.last_decision = d
@@ -185,7 +197,7 @@ class TrueCache:
             return int(least_loaded({str(i): loads[i] for i in range(len(loads)) if chars[i] == best}, "random", sim.rng))
         own = self.tree.match(p.partition, p.sglang_text)
         m = Match(max(chars), {str(i): c for i, c in enumerate(chars)}, [], own.whole, own.tail)
-        terms = costs(m, {str(i): n for i, n in enumerate(loads)}, policy_config())
+        terms = costs(m, {str(i): n for i, n in enumerate(loads)}, policy_config(), workers=_workers(sim))
         low = min(cost for _, _, cost in terms.values())
         choice = sim.rng.choice([t for t, (_, _, cost) in terms.items() if cost == low])
         self.tree.insert(p.partition, p.sglang_text, choice, sim.now)
@@ -217,17 +229,19 @@ def upper_policies(service_threshold: float | None = None) -> dict[str, object]:
         "prefix-router/creator": PrefixRouter(cfg(hit_choice="creator")),
         "prefix-router/least-loaded-hit": PrefixRouter(cfg(hit_choice="least_loaded")),
         "prefix-router/sglang-0.3.2": PrefixRouter(cfg(hit_choice="creator", tie_break="first")),
-        # earlier defaults: the last round's (only texts matching nothing stored are new
-        # prefixes), the one before (new prefixes spread over exact ties only), and before it none
-        # spreading new prefixes (--new-prefix-window 0): sessions moved, sessions not
-        # followed (--no-move-evicted-sessions), only whole prompts continuing (no tail), the rule
-        # without its continuation term, and an earlier round's tuning winner, which the held-out
-        # set did not confirm
-        "prefix-router/unshared-only": MovingSessions(cfg=cfg(new_prefix_own_chars=0)),
-        "prefix-router/ties-only": MovingSessions(cfg=cfg(new_prefix_weight=0, new_prefix_knee=0, new_prefix_own_chars=0)),
-        "prefix-router/no-spread": MovingSessions(cfg=cfg(new_prefix_window=0)),
-        "prefix-router/no-move": PrefixRouter(cfg(new_prefix_window=0)),
-        "prefix-router/previous-default": PrefixRouter(cfg(continuation_tail=0, new_prefix_window=0)),
+        # earlier defaults: the last round's (every router counted as one worker, its knee 8 however
+        # many workers it balances: --workers-endpoint ''), the one before (only texts matching
+        # nothing stored are new prefixes), the one before that (new prefixes spread over exact ties
+        # only), and before it none spreading new prefixes (--new-prefix-window 0): sessions moved,
+        # sessions not followed (--no-move-evicted-sessions), only whole prompts continuing (no
+        # tail), the rule without its continuation term, and an earlier round's tuning winner, which
+        # the held-out set did not confirm. Each counted one worker per router, as it shipped.
+        "prefix-router/workers-unknown": MovingSessions(cfg=cfg(), count_workers=False),
+        "prefix-router/unshared-only": MovingSessions(cfg=cfg(new_prefix_own_chars=0), count_workers=False),
+        "prefix-router/ties-only": MovingSessions(cfg=cfg(new_prefix_weight=0, new_prefix_knee=0, new_prefix_own_chars=0), count_workers=False),
+        "prefix-router/no-spread": MovingSessions(cfg=cfg(new_prefix_window=0), count_workers=False),
+        "prefix-router/no-move": PrefixRouter(cfg(new_prefix_window=0), count_workers=False),
+        "prefix-router/previous-default": PrefixRouter(cfg(continuation_tail=0, new_prefix_window=0), count_workers=False),
         "prefix-router/knee-0": PrefixRouter(cfg(continuation_knee=0, continuation_tail=0, new_prefix_window=0)),
         "prefix-router/slack-3": PrefixRouter(cfg(continuation_knee=0, continuation_tail=0, inflight_slack=3, inflight_cost_chars=1536, new_prefix_window=0)),
         # the default with every response read (--observe-sample 1)
@@ -249,8 +263,9 @@ class MovingSessions(PrefixRouter):
     the others (``--observe-sample``).
     ``reads`` counts the responses read, ``decisions`` the requests: the reading's cost."""
 
-    def __init__(self, family_turns: float = 6.0, sample: float = 0.0, seed: int = 0, cfg: PolicyConfig = policy_config()) -> None:
-        super().__init__(cfg)
+    def __init__(self, family_turns: float = 6.0, sample: float = 0.0, seed: int = 0, cfg: PolicyConfig = policy_config(),
+                 count_workers: bool = True) -> None:
+        super().__init__(cfg, count_workers=count_workers)
         self.book = SessionBook(self.cfg.cache_threshold, family_turns)
         self.sample, self.sampler, self.rule = sample, random.Random(seed), FeedbackRule()
         self.pending: dict[int, tuple[Session, int, int, int]] = {}
@@ -258,7 +273,7 @@ class MovingSessions(PrefixRouter):
 
     def choose(self, p, sim) -> int:
         d, session, moved = decide_following(self.book, self.tree, _loads(sim), p.partition, p.sglang_text, self.cfg, sim.rng,
-                                             self.new_prefixes.counts)
+                                             self.new_prefixes.counts, self.workers(sim))
         self.new_prefixes.took(d.upstream, d.new_prefix)
         if p.sglang_text:
             self.tree.insert(p.partition, p.sglang_text, d.upstream, sim.now)

@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from extproc.dev.stack import HOST
+from extproc.dev.stack import HOST, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -48,6 +48,19 @@ def chat_once(c: openai.OpenAI, messages, stream: bool, **headers):
         if chunk.usage:
             cached = chunk.usage.prompt_tokens_details.cached_tokens
     return raw.headers["x-prefix-router-upstream"], cached, text
+
+
+def test_the_service_reads_each_routers_workers_from_the_real_sglang_router(stack):
+    """sglang-router's own worker list (GET /workers) tells the service how many workers each router
+    balances, which sets that router's continuation knee: read within a health check, no read failing."""
+    want = [len(w) for w in stack.ports.workers]
+    assert want and all(n > 1 for n in want)  # one worker each would look like "not known"
+
+    def counts() -> list[float]:
+        return [stack.service_metric(0, "prefix_router_upstream_workers", upstream=a) for a in stack.router_addresses]
+
+    wait_until(lambda: counts() == want, 15, "the routers' worker counts")
+    assert stack.service_metric(0, "prefix_router_workers_read_failures_total") == 0
 
 
 def test_get_without_body_is_routed_to_a_pool_router(stack):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xtproc/api/v1/admin.proto\x12\x0fprefixrouter.v1\"{\n\x08Upstream\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x11\n\tactive_ok\x18\x03 \x01(\x08\x12\x0f\n\x07\x65jected\x18\x04 \x01(\x08\x12\x10\n\x08inflight\x18\x05 \x01(\x03\x12\x17\n\x0ftree_characters\x18\x06 \x01(\x03\"\x16\n\x14ListUpstreamsRequest\"Y\n\x15ListUpstreamsResponse\x12,\n\tupstreams\x18\x01 \x03(\x0b\x32\x19.prefixrouter.v1.Upstream\x12\x12\n\nconfigured\x18\x02 \x03(\t\"(\n\x13SetUpstreamsRequest\x12\x11\n\tupstreams\x18\x01 \x03(\t\"F\n\x0e\x45xplainRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x18\n\x10\x63ontent_encoding\x18\x03 \x01(\t\"\xfa\x01\n\rUpstreamMatch\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x1a\n\x12matched_characters\x18\x02 \x01(\x03\x12\x10\n\x08inflight\x18\x03 \x01(\x03\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x1c\n\x14recompute_characters\x18\x05 \x01(\x03\x12\x18\n\x10\x63harged_requests\x18\x06 \x01(\x03\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x03\x12\x1a\n\x12observed_hit_ratio\x18\x08 \x01(\x01\x12\x1a\n\x12observed_responses\x18\t \x01(\x03\x12\x1b\n\x13new_prefixes_lately\x18\n \x01(\x03\"\xd1\x02\n\x0f\x45xplainResponse\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\t\x12\x17\n\x0ftext_characters\x18\x04 \x01(\x03\x12\x1a\n\x12matched_characters\x18\x05 \x01(\x03\x12\x12\n\nmatch_rate\x18\x06 \x01(\x01\x12\x31\n\tupstreams\x18\x07 \x03(\x0b\x32\x1e.prefixrouter.v1.UpstreamMatch\x12\x16\n\x0eno_text_reason\x18\x08 \x01(\t\x12\x19\n\x11routing_text_head\x18\t \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\n \x01(\x08\x12\x30\n\x07session\x18\x0b \x01(\x0b\x32\x1f.prefixrouter.v1.SessionOutlook\x12\x12\n\nnew_prefix\x18\x0c \x01(\x08\"\x8e\x01\n\x0eSessionOutlook\x12\x0b\n\x03new\x18\x01 \x01(\x08\x12\x0c\n\x04turn\x18\x02 \x01(\x03\x12\x0e\n\x06shared\x18\x03 \x01(\x03\x12\x0c\n\x04over\x18\x04 \x01(\x08\x12\x14\n\x0c\x66\x61mily_turns\x18\x05 \x01(\x01\x12\x0f\n\x07\x65victed\x18\x06 \x01(\x08\x12\r\n\x05moved\x18\x07 \x01(\x08\x12\r\n\x05moves\x18\x08 \x01(\x08\"\x12\n\x10TreeStatsRequest\"\xc9\x04\n\x11TreeStatsResponse\x12\x19\n\x11stored_characters\x18\x01 \x01(\x03\x12\r\n\x05nodes\x18\x02 \x01(\x03\x12^\n\x17\x63haracters_per_upstream\x18\x03 \x03(\x0b\x32=.prefixrouter.v1.TreeStatsResponse.CharactersPerUpstreamEntry\x12\x15\n\rmax_tree_size\x18\x04 \x01(\x03\x12l\n\x1fobserved_hit_ratio_per_upstream\x18\x05 \x03(\x0b\x32\x43.prefixrouter.v1.TreeStatsResponse.ObservedHitRatioPerUpstreamEntry\x12\x63\n\x1alearnt_budget_per_upstream\x18\x06 \x03(\x0b\x32?.prefixrouter.v1.TreeStatsResponse.LearntBudgetPerUpstreamEntry\x1a<\n\x1a\x43haractersPerUpstreamEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x42\n ObservedHitRatioPerUpstreamEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a>\n\x1cLearntBudgetPerUpstreamEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x12\n\x10GetConfigRequest\"(\n\x11GetConfigResponse\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t2\xbb\x03\n\x05\x41\x64min\x12^\n\rListUpstreams\x12%.prefixrouter.v1.ListUpstreamsRequest\x1a&.prefixrouter.v1.ListUpstreamsResponse\x12\\\n\x0cSetUpstreams\x12$.prefixrouter.v1.SetUpstreamsRequest\x1a&.prefixrouter.v1.ListUpstreamsResponse\x12L\n\x07\x45xplain\x12\x1f.prefixrouter.v1.ExplainRequest\x1a .prefixrouter.v1.ExplainResponse\x12R\n\tTreeStats\x12!.prefixrouter.v1.TreeStatsRequest\x1a\".prefixrouter.v1.TreeStatsResponse\x12R\n\tGetConfig\x12!.prefixrouter.v1.GetConfigRequest\x1a\".prefixrouter.v1.GetConfigResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65xtproc/api/v1/admin.proto\x12\x0fprefixrouter.v1\"\x8c\x01\n\x08Upstream\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x11\n\tactive_ok\x18\x03 \x01(\x08\x12\x0f\n\x07\x65jected\x18\x04 \x01(\x08\x12\x10\n\x08inflight\x18\x05 \x01(\x03\x12\x17\n\x0ftree_characters\x18\x06 \x01(\x03\x12\x0f\n\x07workers\x18\x07 \x01(\x03\"\x16\n\x14ListUpstreamsRequest\"Y\n\x15ListUpstreamsResponse\x12,\n\tupstreams\x18\x01 \x03(\x0b\x32\x19.prefixrouter.v1.Upstream\x12\x12\n\nconfigured\x18\x02 \x03(\t\"(\n\x13SetUpstreamsRequest\x12\x11\n\tupstreams\x18\x01 \x03(\t\"F\n\x0e\x45xplainRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x18\n\x10\x63ontent_encoding\x18\x03 \x01(\t\"\xa6\x02\n\rUpstreamMatch\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x1a\n\x12matched_characters\x18\x02 \x01(\x03\x12\x10\n\x08inflight\x18\x03 \x01(\x03\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x1c\n\x14recompute_characters\x18\x05 \x01(\x03\x12\x18\n\x10\x63harged_requests\x18\x06 \x01(\x03\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x03\x12\x1a\n\x12observed_hit_ratio\x18\x08 \x01(\x01\x12\x1a\n\x12observed_responses\x18\t \x01(\x03\x12\x1b\n\x13new_prefixes_lately\x18\n \x01(\x03\x12\x0f\n\x07workers\x18\x0b \x01(\x03\x12\x19\n\x11\x63ontinuation_knee\x18\x0c \x01(\x03\"\xd1\x02\n\x0f\x45xplainResponse\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\t\x12\x17\n\x0ftext_characters\x18\x04 \x01(\x03\x12\x1a\n\x12matched_characters\x18\x05 \x01(\x03\x12\x12\n\nmatch_rate\x18\x06 \x01(\x01\x12\x31\n\tupstreams\x18\x07 \x03(\x0b\x32\x1e.prefixrouter.v1.UpstreamMatch\x12\x16\n\x0eno_text_reason\x18\x08 \x01(\t\x12\x19\n\x11routing_text_head\x18\t \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\n \x01(\x08\x12\x30\n\x07session\x18\x0b \x01(\x0b\x32\x1f.prefixrouter.v1.SessionOutlook\x12\x12\n\nnew_prefix\x18\x0c \x01(\x08\"\x8e\x01\n\x0eSessionOutlook\x12\x0b\n\x03new\x18\x01 \x01(\x08\x12\x0c\n\x04turn\x18\x02 \x01(\x03\x12\x0e\n\x06shared\x18\x03 \x01(\x03\x12\x0c\n\x04over\x18\x04 \x01(\x08\x12\x14\n\x0c\x66\x61mily_turns\x18\x05 \x01(\x01\x12\x0f\n\x07\x65victed\x18\x06 \x01(\x08\x12\r\n\x05moved\x18\x07 \x01(\x08\x12\r\n\x05moves\x18\x08 \x01(\x08\"\x12\n\x10TreeStatsRequest\"\xc9\x04\n\x11TreeStatsResponse\x12\x19\n\x11stored_characters\x18\x01 \x01(\x03\x12\r\n\x05nodes\x18\x02 \x01(\x03\x12^\n\x17\x63haracters_per_upstream\x18\x03 \x03(\x0b\x32=.prefixrouter.v1.TreeStatsResponse.CharactersPerUpstreamEntry\x12\x15\n\rmax_tree_size\x18\x04 \x01(\x03\x12l\n\x1fobserved_hit_ratio_per_upstream\x18\x05 \x03(\x0b\x32\x43.prefixrouter.v1.TreeStatsResponse.ObservedHitRatioPerUpstreamEntry\x12\x63\n\x1alearnt_budget_per_upstream\x18\x06 \x03(\x0b\x32?.prefixrouter.v1.TreeStatsResponse.LearntBudgetPerUpstreamEntry\x1a<\n\x1a\x43haractersPerUpstreamEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x42\n ObservedHitRatioPerUpstreamEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a>\n\x1cLearntBudgetPerUpstreamEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x12\n\x10GetConfigRequest\"(\n\x11GetConfigResponse\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t2\xbb\x03\n\x05\x41\x64min\x12^\n\rListUpstreams\x12%.prefixrouter.v1.ListUpstreamsRequest\x1a&.prefixrouter.v1.ListUpstreamsResponse\x12\\\n\x0cSetUpstreams\x12$.prefixrouter.v1.SetUpstreamsRequest\x1a&.prefixrouter.v1.ListUpstreamsResponse\x12L\n\x07\x45xplain\x12\x1f.prefixrouter.v1.ExplainRequest\x1a .prefixrouter.v1.ExplainResponse\x12R\n\tTreeStats\x12!.prefixrouter.v1.TreeStatsRequest\x1a\".prefixrouter.v1.TreeStatsResponse\x12R\n\tGetConfig\x12!.prefixrouter.v1.GetConfigRequest\x1a\".prefixrouter.v1.GetConfigResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,36 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TREESTATSRESPONSE_OBSERVEDHITRATIOPERUPSTREAMENTRY']._serialized_options = b'8\001'
   _globals['_TREESTATSRESPONSE_LEARNTBUDGETPERUPSTREAMENTRY']._loaded_options = None
   _globals['_TREESTATSRESPONSE_LEARNTBUDGETPERUPSTREAMENTRY']._serialized_options = b'8\001'
-  _globals['_UPSTREAM']._serialized_start=47
-  _globals['_UPSTREAM']._serialized_end=170
-  _globals['_LISTUPSTREAMSREQUEST']._serialized_start=172
-  _globals['_LISTUPSTREAMSREQUEST']._serialized_end=194
-  _globals['_LISTUPSTREAMSRESPONSE']._serialized_start=196
-  _globals['_LISTUPSTREAMSRESPONSE']._serialized_end=285
-  _globals['_SETUPSTREAMSREQUEST']._serialized_start=287
-  _globals['_SETUPSTREAMSREQUEST']._serialized_end=327
-  _globals['_EXPLAINREQUEST']._serialized_start=329
-  _globals['_EXPLAINREQUEST']._serialized_end=399
-  _globals['_UPSTREAMMATCH']._serialized_start=402
-  _globals['_UPSTREAMMATCH']._serialized_end=652
-  _globals['_EXPLAINRESPONSE']._serialized_start=655
-  _globals['_EXPLAINRESPONSE']._serialized_end=992
-  _globals['_SESSIONOUTLOOK']._serialized_start=995
-  _globals['_SESSIONOUTLOOK']._serialized_end=1137
-  _globals['_TREESTATSREQUEST']._serialized_start=1139
-  _globals['_TREESTATSREQUEST']._serialized_end=1157
-  _globals['_TREESTATSRESPONSE']._serialized_start=1160
-  _globals['_TREESTATSRESPONSE']._serialized_end=1745
-  _globals['_TREESTATSRESPONSE_CHARACTERSPERUPSTREAMENTRY']._serialized_start=1553
-  _globals['_TREESTATSRESPONSE_CHARACTERSPERUPSTREAMENTRY']._serialized_end=1613
-  _globals['_TREESTATSRESPONSE_OBSERVEDHITRATIOPERUPSTREAMENTRY']._serialized_start=1615
-  _globals['_TREESTATSRESPONSE_OBSERVEDHITRATIOPERUPSTREAMENTRY']._serialized_end=1681
-  _globals['_TREESTATSRESPONSE_LEARNTBUDGETPERUPSTREAMENTRY']._serialized_start=1683
-  _globals['_TREESTATSRESPONSE_LEARNTBUDGETPERUPSTREAMENTRY']._serialized_end=1745
-  _globals['_GETCONFIGREQUEST']._serialized_start=1747
-  _globals['_GETCONFIGREQUEST']._serialized_end=1765
-  _globals['_GETCONFIGRESPONSE']._serialized_start=1767
-  _globals['_GETCONFIGRESPONSE']._serialized_end=1807
-  _globals['_ADMIN']._serialized_start=1810
-  _globals['_ADMIN']._serialized_end=2253
+  _globals['_UPSTREAM']._serialized_start=48
+  _globals['_UPSTREAM']._serialized_end=188
+  _globals['_LISTUPSTREAMSREQUEST']._serialized_start=190
+  _globals['_LISTUPSTREAMSREQUEST']._serialized_end=212
+  _globals['_LISTUPSTREAMSRESPONSE']._serialized_start=214
+  _globals['_LISTUPSTREAMSRESPONSE']._serialized_end=303
+  _globals['_SETUPSTREAMSREQUEST']._serialized_start=305
+  _globals['_SETUPSTREAMSREQUEST']._serialized_end=345
+  _globals['_EXPLAINREQUEST']._serialized_start=347
+  _globals['_EXPLAINREQUEST']._serialized_end=417
+  _globals['_UPSTREAMMATCH']._serialized_start=420
+  _globals['_UPSTREAMMATCH']._serialized_end=714
+  _globals['_EXPLAINRESPONSE']._serialized_start=717
+  _globals['_EXPLAINRESPONSE']._serialized_end=1054
+  _globals['_SESSIONOUTLOOK']._serialized_start=1057
+  _globals['_SESSIONOUTLOOK']._serialized_end=1199
+  _globals['_TREESTATSREQUEST']._serialized_start=1201
+  _globals['_TREESTATSREQUEST']._serialized_end=1219
+  _globals['_TREESTATSRESPONSE']._serialized_start=1222
+  _globals['_TREESTATSRESPONSE']._serialized_end=1807
+  _globals['_TREESTATSRESPONSE_CHARACTERSPERUPSTREAMENTRY']._serialized_start=1615
+  _globals['_TREESTATSRESPONSE_CHARACTERSPERUPSTREAMENTRY']._serialized_end=1675
+  _globals['_TREESTATSRESPONSE_OBSERVEDHITRATIOPERUPSTREAMENTRY']._serialized_start=1677
+  _globals['_TREESTATSRESPONSE_OBSERVEDHITRATIOPERUPSTREAMENTRY']._serialized_end=1743
+  _globals['_TREESTATSRESPONSE_LEARNTBUDGETPERUPSTREAMENTRY']._serialized_start=1745
+  _globals['_TREESTATSRESPONSE_LEARNTBUDGETPERUPSTREAMENTRY']._serialized_end=1807
+  _globals['_GETCONFIGREQUEST']._serialized_start=1809
+  _globals['_GETCONFIGREQUEST']._serialized_end=1827
+  _globals['_GETCONFIGRESPONSE']._serialized_start=1829
+  _globals['_GETCONFIGRESPONSE']._serialized_end=1869
+  _globals['_ADMIN']._serialized_start=1872
+  _globals['_ADMIN']._serialized_end=2315
 # @@protoc_insertion_point(module_scope)

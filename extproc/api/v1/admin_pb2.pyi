@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Upstream(_message.Message):
-    __slots__ = ("address", "healthy", "active_ok", "ejected", "inflight", "tree_characters")
+    __slots__ = ("address", "healthy", "active_ok", "ejected", "inflight", "tree_characters", "workers")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_OK_FIELD_NUMBER: _ClassVar[int]
     EJECTED_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     TREE_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     address: str
     healthy: bool
     active_ok: bool
     ejected: bool
     inflight: int
     tree_characters: int
-    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., active_ok: _Optional[bool] = ..., ejected: _Optional[bool] = ..., inflight: _Optional[int] = ..., tree_characters: _Optional[int] = ...) -> None: ...
+    workers: int
+    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., active_ok: _Optional[bool] = ..., ejected: _Optional[bool] = ..., inflight: _Optional[int] = ..., tree_characters: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class ListUpstreamsRequest(_message.Message):
     __slots__ = ()
@@ -51,7 +53,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., body: _Optional[bytes] = ..., content_encoding: _Optional[str] = ...) -> None: ...
 
 class UpstreamMatch(_message.Message):
-    __slots__ = ("address", "matched_characters", "inflight", "healthy", "recompute_characters", "charged_requests", "cost", "observed_hit_ratio", "observed_responses", "new_prefixes_lately")
+    __slots__ = ("address", "matched_characters", "inflight", "healthy", "recompute_characters", "charged_requests", "cost", "observed_hit_ratio", "observed_responses", "new_prefixes_lately", "workers", "continuation_knee")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MATCHED_CHARACTERS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,8 @@ class UpstreamMatch(_message.Message):
     OBSERVED_HIT_RATIO_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_RESPONSES_FIELD_NUMBER: _ClassVar[int]
     NEW_PREFIXES_LATELY_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_KNEE_FIELD_NUMBER: _ClassVar[int]
     address: str
     matched_characters: int
     inflight: int
@@ -72,7 +76,9 @@ class UpstreamMatch(_message.Message):
     observed_hit_ratio: float
     observed_responses: int
     new_prefixes_lately: int
-    def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ..., recompute_characters: _Optional[int] = ..., charged_requests: _Optional[int] = ..., cost: _Optional[int] = ..., observed_hit_ratio: _Optional[float] = ..., observed_responses: _Optional[int] = ..., new_prefixes_lately: _Optional[int] = ...) -> None: ...
+    workers: int
+    continuation_knee: int
+    def __init__(self, address: _Optional[str] = ..., matched_characters: _Optional[int] = ..., inflight: _Optional[int] = ..., healthy: _Optional[bool] = ..., recompute_characters: _Optional[int] = ..., charged_requests: _Optional[int] = ..., cost: _Optional[int] = ..., observed_hit_ratio: _Optional[float] = ..., observed_responses: _Optional[int] = ..., new_prefixes_lately: _Optional[int] = ..., workers: _Optional[int] = ..., continuation_knee: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("upstream", "reason", "partition", "text_characters", "matched_characters", "match_rate", "upstreams", "no_text_reason", "routing_text_head", "continuation", "session", "new_prefix")

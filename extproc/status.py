@@ -137,6 +137,7 @@ def document(
                 "ejected": v.ejected,
                 "ejected_secs_left": round(v.ejected_secs_left, 1),
                 "inflight": v.inflight,
+                "workers": v.workers,  # as its router reported them; 0: not known (counted as one)
                 "tree_characters": v.tree_characters,
                 "tree_share": v.tree_characters / held if held else 0.0,
                 "budget": budgets[v.address],

@@ -60,6 +60,7 @@ function drawUpstreams(doc) {
     el("td", {}, el("code", {}, u.address)),
     el("td", {}, upstreamState(u)),
     el("td", { class: "n inflight" }, u.inflight),
+    el("td", { class: "n workers" }, u.workers || "–"),
     el("td", { class: "n" }, chars(u.tree_characters)),
     el("td", { class: "n" }, pct(u.tree_share), el("span", { class: "bar", width: `${Math.round(60 * u.tree_share)}px` })),
     el("td", { class: "n" }, pct(u.budget_used)),

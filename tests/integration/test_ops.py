@@ -182,6 +182,7 @@ def test_admin_cli_commands(stack, tmp_path):
     ups = json.loads(r.stdout)["upstreams"]
     assert [u["address"] for u in ups] == stack.router_addresses
     assert all(isinstance(u["inflight"], int) and u["health_check"] == "up" for u in ups)
+    assert [u["workers"] for u in ups] == [len(w) for w in stack.ports.workers]  # as each sglang-router reports them
     table = cli("upstreams", "--admin-grpc", addr).stdout.splitlines()
     assert table[0].split()[:2] == ["UPSTREAM", "HEALTHY"] and {l.split()[0] for l in table[1:3]} == set(stack.router_addresses)
 
@@ -197,8 +198,11 @@ def test_admin_cli_commands(stack, tmp_path):
     assert (e["session"]["new"], e["session"]["turn"], e["session"]["moves"]) == (False, 2, False)
     chosen = next(u for u in e["upstreams"] if u["address"] == e["upstream"])
     assert chosen["cost"] == min(u["cost"] for u in e["upstreams"]) and chosen["recompute_characters"] == 0
+    from extproc.config import DEFAULTS
+
+    assert all(u["continuation_knee"] == DEFAULTS.continuation_knee * u["workers"] == DEFAULTS.continuation_knee * 2 for u in e["upstreams"])
     text = cli("explain", str(body), "--admin-grpc", addr).stdout
-    assert "reason" in text and "RECOMPUTE" in text and "COST" in text and "session_turn" in text
+    assert "reason" in text and "RECOMPUTE" in text and "COST" in text and "KNEE" in text and "session_turn" in text
 
     r = cli("tree", "--admin-grpc", addr, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["stored_characters"] > 0

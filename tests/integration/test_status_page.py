@@ -76,7 +76,10 @@ def test_the_page_loads_shows_each_upstream_and_replica_and_updates_after_traffi
         wait_until(lambda: all_decisions(pg) == decided, 15, "the page to show the new decisions")
         # a second turn follows its first: some cache hits, and the tree holds text for the routers
         wait_until(lambda: pg.locator('#reasons tr[data-reason="cache_hit"]').count() == 1, 10, "cache hits on the page")
-        assert any(rows.nth(i).locator("td.n").nth(1).inner_text() != "0" for i in range(rows.count()))
+        assert any(rows.nth(i).locator("td.n").nth(2).inner_text() != "0" for i in range(rows.count()))
+        # the workers each sglang-router reports (one each here), read by the health checks
+        wait_until(lambda: [rows.nth(i).locator("td.workers").inner_text() for i in range(rows.count())] == ["1", "1"], 10,
+                   "the page to show each router's workers")
         # what those requests were: the kinds add up to the decisions, and match what replica 0 counted
         # of continuing turns and new sessions. (Which replica sees which turn is Envoy's to choose: with
         # streams alternating, one replica can get every second turn, continuing what the other placed.)

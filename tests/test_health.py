@@ -11,6 +11,18 @@ from extproc.director import Director
 from extproc.health import HealthChecker
 
 
+async def serve(routes: dict) -> tuple[web.AppRunner, str]:
+    """An HTTP server on a free loopback port answering ``routes`` (path: handler); its runner and address."""
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+
 async def test_a_hung_router_delays_no_other_check_and_is_out_within_the_bound():
     # a router that accepts connections and never answers
     async def hang(reader, writer):
@@ -18,16 +30,10 @@ async def test_a_hung_router_delays_no_other_check_and_is_out_within_the_bound()
 
     hung = await asyncio.start_server(hang, "127.0.0.1", 0)
     hung_addr = f"127.0.0.1:{hung.sockets[0].getsockname()[1]}"
-    app = web.Application()
     async def ok(request):
         return web.Response(text="ok")
 
-    app.router.add_get("/health", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    good_addr = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    runner, good_addr = await serve({"/health": ok})
 
     interval, timeout, threshold = 0.1, 0.4, 3
     cfg = build({"upstreams": [good_addr, hung_addr], "health_interval_secs": str(interval),
@@ -90,14 +96,7 @@ async def test_each_good_check_reads_the_routers_workers_and_a_bad_answer_counts
             await asyncio.sleep(5)
         return web.Response(status=answer["status"], body=answer["body"])
 
-    app = web.Application()
-    app.router.add_get("/health", ok)
-    app.router.add_get("/workers", workers)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    addr = f"127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    runner, addr = await serve({"/health": ok, "/workers": workers})
     cfg = build({"upstreams": [addr], "health_check_timeout_secs": "0.3"}, env={})
     director = Director(cfg)
     director.set_upstreams([addr])

@@ -1,4 +1,5 @@
-"""The sweep behind the cost rule's defaults, on the tuning set only: ``--continuation-knee`` x
+"""The sweep behind the cost rule's defaults, on the tuning set only: ``--continuation-knee`` (per
+worker of each router, as the service counts them) x
 ``--continuation-tail`` x ``--inflight-cost-chars`` x ``--inflight-slack``, every tuning workload x
 capacity level x rate x seed (bench.eval's cells), against the same rivals as the evaluation.
 

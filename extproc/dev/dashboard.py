@@ -64,6 +64,9 @@ PANELS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]]]]]] = [
          [(f"sum by (upstream) (increase(prefix_router_upstream_ejections_total[{RATE}]))", "{{upstream}}")]),
         ("Active health-check failures", "short", "failed GETs of the health endpoint",
          [(f"sum by (upstream) (increase(prefix_router_health_check_failures_total[{RATE}]))", "{{upstream}}")]),
+        ("Workers per upstream", "short", "healthy workers each router reports (--workers-endpoint; 0: not known), its knee's multiple; failed reads",
+         [("max by (upstream) (prefix_router_upstream_workers)", "{{upstream}}"),
+          (f"sum by (upstream, reason) (increase(prefix_router_workers_read_failures_total[{RATE}]))", "read failed {{upstream}} {{reason}}")]),
     ]),
     ("Tree", [
         ("Tree size per upstream", "short", "budget held (characters, 256 per node), against --max-tree-size",

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import orjson
 
 from extproc.dev.fakeworker import BLOCK_TOKENS, PrefixCache, token_count
+
+from ..common import percentiles
 from extproc.payload import render_chat_template, routing_input
 from extproc.config import DEFAULTS, policy_config
 from extproc.policy import decide
@@ -236,19 +238,18 @@ class Sim:
         self._start(w)
 
     def summary(self) -> dict:
-        ttfts = sorted(t for t, *_ in self.records)
-        latencies = sorted(r[5] for r in self.records)
+        ttft = percentiles([r[0] for r in self.records], (50, 90))
         prompt = sum(r[2] for r in self.records)
         cached = sum(r[3] for r in self.records)
         span = max(r[1] for r in self.records)
-        n = len(ttfts)
+        n = len(self.records)
         return {
             "requests": n,
             "hit_ratio": cached / prompt if prompt else 0.0,
             "reuse_bound": self.bound_tokens / prompt if prompt else 0.0,
-            "ttft_p50_s": ttfts[n // 2],
-            "ttft_p90_s": ttfts[min(n - 1, int(n * 0.9))],
-            "latency_p90_s": latencies[min(n - 1, int(n * 0.9))],
+            "ttft_p50_s": ttft["p50"],
+            "ttft_p90_s": ttft["p90"],
+            "latency_p90_s": percentiles([r[5] for r in self.records], (90,))["p90"],
             "throughput_rps": n / span,
             "output_tokens_per_s": sum(r[4] for r in self.records) / span,
             "imbalance_max_over_mean": statistics.mean(self.imbalance) if self.imbalance else 1.0,

@@ -13,7 +13,9 @@ for name, run in (
     ("codec", codec.main),
     ("tree", lambda: tree.main([])),
     ("inflight", inflight.main),
-    ("sweep", sweep.main),  # chooses the cost rule's defaults on the tuning set; eval then reports both sets
+    ("sweep", lambda: sweep.main([])),  # chooses the cost rule's defaults on the tuning set; eval then reports both sets
+    # the same grid where the defaults were not chosen: does the choice carry over?
+    *((f"sweep {t}", lambda t=t: sweep.main(["--topology", t])) for t in routing_eval.OTHER_TOPOLOGIES),
     ("eval", lambda: routing_eval.main([])),
     *((f"eval {t}", lambda t=t: routing_eval.main(["--topology", t])) for t in routing_eval.OTHER_TOPOLOGIES),
     *((f"eval {t} threshold {x:g}", lambda t=t, x=x: routing_eval.main(["--topology", t, "--router-cache-threshold", str(x)]))

@@ -56,6 +56,11 @@ def rank(table: list[dict]) -> list[dict]:
     return sorted(table, key=lambda r: (-r["both"], -round(r["mean_hit_deficit_points"], 1), r["mean_ttft_ratio"]))
 
 
+def results_name(topo: Topology) -> str:
+    """``sweep`` on the topology the defaults are chosen on, ``sweep-RxW`` on another."""
+    return "sweep" if topo == Topology() else f"sweep-{topo.routers}x{topo.workers}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.sweep")
     p.add_argument("--topology", default=Topology(), type=parse_topology, metavar="RxW",
@@ -82,8 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = table[0]
     shipped = {k: getattr(DEFAULTS, k) for k in PARAMS}
     print(f"chosen: {({k: chosen[k] for k in PARAMS})}; shipped defaults: {shipped}")
-    shape = f"{topo.routers}x{topo.workers}"
-    path = write("sweep" if topo == Topology() else f"sweep-{shape}", {"benchmark": "sweep", "set": "tuning", "topology": vars(topo), "workloads": list(SETS["tuning"][0]), "seeds": list(SETS["tuning"][1]),
+    path = write(results_name(topo), {"benchmark": "sweep", "set": "tuning", "topology": vars(topo), "workloads": list(SETS["tuning"][0]), "seeds": list(SETS["tuning"][1]),
                            "rates": list(RATES), "chosen": {k: chosen[k] for k in PARAMS}, "shipped": shipped,
                            "table": table})
     print(f"wrote {path}")

@@ -166,6 +166,29 @@ def test_the_sweep_ranks_by_cells_then_hit_to_a_tenth_of_a_point_then_latency():
     assert [x["name"] for x in rank(table)] == ["a tenth more hit", "faster", "more hit, slower", "fewer cells"]
 
 
+def test_the_sweep_runs_on_the_topology_it_is_given(monkeypatch):
+    """``bench.sweep --topology 2x4``: the grid and its rivals simulated on 2 routers of 4 workers,
+    results apart from the choosing sweep's own file."""
+    import bench.sweep as sw
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def recording(sets, rates, policies, topo):
+        seen.append((set(sets), topo))
+        raise Stop
+
+    monkeypatch.setattr(sw, "simulate", recording)
+    for argv, topo in (([], sw.Topology()), (["--topology", "2x4"], sw.Topology(2, 4))):
+        with pytest.raises(Stop):
+            sw.main(argv)
+        assert seen.pop() == ({"tuning"}, topo)  # the tuning set only, on that topology
+    assert sw.results_name(sw.Topology()) == "sweep"
+    assert sw.results_name(sw.Topology(2, 4)) == "sweep-2x4"
+
+
 def test_observed_hits_shrink_the_tree_only_where_the_caches_forgot():
     from bench.sim.policies import ObservedHits
 

@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 import orjson
 
 from extproc.dev.fakeworker import BLOCK_TOKENS, PrefixCache, token_count
-
-from ..common import percentiles
 from extproc.payload import render_chat_template, routing_input
 from extproc.config import DEFAULTS, policy_config
 from extproc.policy import decide
 from extproc.tree import RadixTree
 
+from ..common import percentiles
 from .workloads import Req
 
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import tempfile
 import threading
 import time
 from collections import deque
@@ -62,7 +61,7 @@ from pathlib import Path
 import openai
 import orjson
 
-from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, http_get
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, http_get, work_dir
 from extproc.metrics import RATE_BUCKETS
 
 from .overhead import direct_config, start_envoy
@@ -241,7 +240,8 @@ def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo
     simulated = Sim(prepared, MovingSessions(), replace(topo, capacity_tokens=capacity), FAKE_WORKER,
                     seed=seed, clients=clients).run()
     t0 = time.time()
-    totals = _through_service(prepared, capacity, clients, Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-")), topo=topo)
+    with work_dir(f"bench-e2e-{name}-") as work:
+        totals = _through_service(prepared, capacity, clients, work, topo=topo)
     real = totals["hit_ratio"]
     row = {"workload": name, "concurrency": clients, "seed": seed, "requests": len(prepared), "failed": totals["failed"], "capacity_tokens": capacity,
            "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
@@ -393,11 +393,11 @@ def replay_rival(name_of_rival: str, name: str, kwargs: dict, capacity: int, cli
     rival = {**RIVALS, **OPT_INS, AGAIN: Rival()}[name_of_rival]  # AGAIN: the stack as it ships
     prepared = _prepared(name, kwargs, seed)
     capacity = worker_capacity(capacity, topo)
-    work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-{name}-rival-"))
-    if rival.one_layer or rival.lb_policy:
-        out = _through_plain(rival, prepared, capacity, clients, work, topo)
-    else:
-        out = _through_service(prepared, capacity, clients, work, rival.service_args, topo)
+    with work_dir(f"bench-e2e-{name}-rival-") as work:
+        if rival.one_layer or rival.lb_policy:
+            out = _through_plain(rival, prepared, capacity, clients, work, topo)
+        else:
+            out = _through_service(prepared, capacity, clients, work, rival.service_args, topo)
     print(f"{name} x{clients} seed {seed} {name_of_rival}: hit {out['hit_ratio']:.3f}, latency p90 {out['latency_p90_s'] * 1000:.0f} ms "
           f"({out['failed']} failed)", flush=True)
     return out

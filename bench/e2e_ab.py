@@ -21,9 +21,9 @@ import argparse
 import random
 import shlex
 import statistics
-import tempfile
 from dataclasses import replace
-from pathlib import Path
+
+from extproc.dev.stack import work_dir
 
 from .common import write
 from .e2e import BASE, CASES, SEEDS, _prepared, _through_service, describe_setup, worker_capacity
@@ -35,8 +35,8 @@ DEFAULTS_NAME = "defaults"
 def run_once(case: str, clients: int, seed: int, topo: Topology, service_args: tuple[str, ...]) -> dict:
     """One closed-loop replay of one seed through a fresh stack."""
     kwargs, capacity = CASES[case]
-    work = Path(tempfile.mkdtemp(prefix=f"bench-e2e-ab-{case}-"))
-    out = _through_service(_prepared(case, kwargs, seed), worker_capacity(capacity, topo), clients, work, service_args, topo)
+    with work_dir(f"bench-e2e-ab-{case}-") as work:
+        out = _through_service(_prepared(case, kwargs, seed), worker_capacity(capacity, topo), clients, work, service_args, topo)
     return {"hit_ratio": out["hit_ratio"], "latency_p50_s": out["latency_p50_s"], "latency_p90_s": out["latency_p90_s"],
             "failed": out["failed"], "requests_per_worker": out["requests_per_worker"]}
 

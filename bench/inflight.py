@@ -13,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import openai
 
-from extproc.dev.stack import ENVOY_DIR, Ports, Stack, http_get
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack, http_get, work_dir
 
 from .common import write
 
@@ -66,10 +64,9 @@ async def load(stack: Stack, clients: int, seconds: float) -> int:
 
 
 def main() -> dict:
-    work = Path(tempfile.mkdtemp(prefix="bench-inflight-"))
-    stack = Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=["--output-tokens", "20", "--token-delay", "0.02"], workdir=work)
     errors: dict[str, list[float]] = {}
-    with stack:
+    with work_dir("bench-inflight-") as work, Stack(Ports.free(2, 2), envoy_config=ENVOY_DIR / "duplex.yaml",
+                                                    worker_args=["--output-tokens", "20", "--token-delay", "0.02"], workdir=work) as stack:
         samples = []
 
         async def sample(until: float) -> None:

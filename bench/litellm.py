@@ -25,14 +25,13 @@ from __future__ import annotations
 import concurrent.futures
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import openai
 
 from extproc.dev.litellm import LiteLLM, shipped_config
-from extproc.dev.stack import ENVOY_DIR, Ports, Stack
+from extproc.dev.stack import ENVOY_DIR, Ports, Stack, work_dir
 
 from .common import RESULTS, percentiles, write
 from .sim.workloads import WORKLOADS
@@ -96,10 +95,9 @@ def replay(base_url: str, api_key: str, reqs, concurrency: int = CONCURRENCY) ->
 
 
 def one_run(variant: str, name: str, capacity: int, seed: int, reqs) -> dict:
-    work = Path(tempfile.mkdtemp(prefix=f"bench-litellm-{name}-"))
-    stack = Stack(Ports.free(2, 2, services=2), envoy_config=ENVOY_DIR / "duplex.yaml",
-                  worker_args=["--capacity-tokens", str(capacity), "--output-tokens", "4", "--token-delay", "0.002"], workdir=work)
-    with stack:
+    with work_dir(f"bench-litellm-{name}-") as work, Stack(
+            Ports.free(2, 2, services=2), envoy_config=ENVOY_DIR / "duplex.yaml",
+            worker_args=["--capacity-tokens", str(capacity), "--output-tokens", "4", "--token-delay", "0.002"], workdir=work) as stack:
         if variant == "prefix-router":
             row = replay(stack.base_url, "unused", reqs)
         else:
@@ -113,11 +111,10 @@ def one_run(variant: str, name: str, capacity: int, seed: int, reqs) -> dict:
 
 def hop() -> dict:
     """TTFT p50 of one request at a time (no load): Envoy + prefix-router, and LiteLLM in front."""
-    work = Path(tempfile.mkdtemp(prefix="bench-litellm-hop-"))
-    stack = Stack(Ports.free(2, 2, services=2), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=["--output-tokens", "4"], workdir=work)
     reqs = WORKLOADS["multi_turn"](random.Random(9), sessions=1, turns=40)  # one request at a time
     out = {}
-    with stack:
+    with work_dir("bench-litellm-hop-") as work, Stack(Ports.free(2, 2, services=2), envoy_config=ENVOY_DIR / "duplex.yaml",
+                                                       worker_args=["--output-tokens", "4"], workdir=work) as stack:
         out["envoy+prefix-router"] = replay(stack.base_url, "unused", reqs, 1)["ttft_p50_ms"]
         with LiteLLM(shipped_config(stack.ports.envoy), work) as proxy:
             out["litellm→envoy+prefix-router"] = replay(proxy.base_url, proxy.master_key, reqs, 1)["ttft_p50_ms"]

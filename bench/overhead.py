@@ -34,13 +34,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
 import yaml
 
-from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, find_envoy, free_port, http_get, wait_until
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, find_envoy, free_port, http_get, wait_until, work_dir
 
 from .common import write
 
@@ -110,12 +111,14 @@ def wrk_script(path: Path, body: bytes) -> Path:
     return path
 
 
-def wrk_setup(prefix: str) -> tuple[Path, Path]:
-    """A work folder and the wrk script that POSTs ``BODY``; exits when wrk is missing."""
+@contextmanager
+def wrk_setup(prefix: str) -> Iterator[tuple[Path, Path]]:
+    """A work folder (``work_dir``: gone after a good run) and the wrk script that POSTs ``BODY``;
+    exits when wrk is missing."""
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install wrk")
-    work = Path(tempfile.mkdtemp(prefix=prefix))
-    return work, wrk_script(work / "post.lua", BODY)
+    with work_dir(prefix) as work:
+        yield work, wrk_script(work / "post.lua", BODY)
 
 
 def start_envoy(work: Path, name: str, cfg: dict, admin: int) -> subprocess.Popen:
@@ -129,7 +132,11 @@ def start_envoy(work: Path, name: str, cfg: dict, admin: int) -> subprocess.Pope
 
 
 def main(seconds: int = 10) -> dict:
-    work, script = wrk_setup("bench-overhead-")
+    with wrk_setup("bench-overhead-") as (work, script):
+        return _run(work, script, seconds)
+
+
+def _run(work: Path, script: Path, seconds: int) -> dict:
     ups = [free_port(), free_port()]
     procs: list[subprocess.Popen] = []
 

@@ -30,13 +30,12 @@ import concurrent.futures
 import random
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import openai
 
-from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, wait_until
+from extproc.dev.stack import ENVOY_DIR, HOST, Ports, Stack, free_port, wait_until, work_dir
 
 from . import e2e
 from .common import RESULTS, write
@@ -91,10 +90,9 @@ def hit_ratios() -> list[dict]:
 
 def one_run(name: str, capacity: int, seed: int, repeat: int, n: int, reqs) -> dict:
     """One replay through a fresh stack of ``n`` replicas."""
-    work = Path(tempfile.mkdtemp(prefix=f"bench-replicas-{name}-{n}-"))
-    stack = Stack(Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml",
-                  worker_args=["--capacity-tokens", str(capacity), "--output-tokens", "4"], workdir=work)
-    with stack:
+    with work_dir(f"bench-replicas-{name}-{n}-") as work, Stack(
+            Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml",
+            worker_args=["--capacity-tokens", str(capacity), "--output-tokens", "4"], workdir=work) as stack:
         _wait_synced(stack, n)
         t = time.time()
         prompt, cached, failed = replay(stack, reqs)
@@ -120,10 +118,9 @@ def sessions_runs() -> list[dict]:
     for seed in SESSION_SEEDS:
         prepared = e2e._prepared("sweagent", kwargs, seed)
         for label, (n, args) in SESSION_VARIANTS.items():
-            work = Path(tempfile.mkdtemp(prefix=f"bench-replicas-sessions-{n}-"))
-            stack = Stack(Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=e2e._worker_args(capacity),
-                          workdir=work, service_args=list(args))
-            with stack:
+            with work_dir(f"bench-replicas-sessions-{n}-") as work, Stack(
+                    Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=e2e._worker_args(capacity),
+                    workdir=work, service_args=list(args)) as stack:
                 _wait_synced(stack, n)
                 out = e2e.drive(stack.base_url, prepared, SESSION_CLIENTS)
                 total = lambda name, **labels: int(sum(_metric(stack, i, name, **labels) for i in range(n)))  # noqa: E731
@@ -163,7 +160,11 @@ def _wait_synced(stack: Stack, n: int) -> None:
 
 
 def throughput(seconds: int = 10) -> dict:
-    work, script = wrk_setup("bench-replicas-wrk-")
+    with wrk_setup("bench-replicas-wrk-") as (work, script):
+        return _throughput(work, script, seconds)
+
+
+def _throughput(work: Path, script: Path, seconds: int) -> dict:
     ups = [free_port(), free_port()]
     procs: list[subprocess.Popen] = []
     stacks: list[Stack] = []

@@ -87,14 +87,15 @@ def conversations(base_url: str, sessions: int = 6, turns: int = 3) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .stack import ENVOY_DIR, Ports, Stack
+    from .stack import ENVOY_DIR, Ports, Stack, work_dir
 
     p = argparse.ArgumentParser(prog="python -m extproc.dev.browser", description=__doc__.split("\n\n")[0])
     p.add_argument("--screenshot", default="docs/status.png", help="where to save the page (PNG)")
     a = p.parse_args(argv)
     # buffered, every response read: the picture shows the observed hit ratio too
-    with Stack(Ports.free(routers=2, workers_per_router=2, services=2), envoy_config=ENVOY_DIR / "buffered.yaml",
-               service_args=["--observe-sample", "1"], worker_args=["--output-tokens", "8"]) as stack:
+    with work_dir("prefix-router-screenshot-") as work, Stack(
+            Ports.free(routers=2, workers_per_router=2, services=2), envoy_config=ENVOY_DIR / "buffered.yaml",
+            service_args=["--observe-sample", "1"], worker_args=["--output-tokens", "8"], workdir=work) as stack:
         conversations(stack.base_url, sessions=12, turns=3)
         with page(height=1000) as pg:
             pg.goto(stack.service_admin_url(0) + "/")

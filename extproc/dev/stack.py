@@ -24,6 +24,8 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,6 +227,21 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
+
+
+@contextmanager
+def work_dir(prefix: str) -> Iterator[Path]:
+    """A run's work directory under the system's temporary folder, for its stack's logs and
+    configs. Removed when the run ends well, so a benchmark that starts hundreds of stacks leaves
+    nothing behind; kept, and named on stderr, when it fails, because its logs are what explains
+    the failure. (``python -m extproc.dev.stack`` keeps its logs: it is run to be looked at.)"""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    except BaseException:
+        print(f"kept {path}: the run failed; its logs are there", file=sys.stderr, flush=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass

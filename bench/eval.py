@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.eval --quick    → one seed, two rates (a couple of minutes; not for the report)
     .venv/bin/python -m bench.eval --report-only   → REPORT.md again from eval.json (and e2e.json, overhead.json)
     .venv/bin/python -m bench.eval --topology 3x3  → eval-3x3.json and its section of REPORT.md (set-ups the defaults were not chosen on)
+    .venv/bin/python -m bench.eval --seeds 41,42,43 → eval-4x2-seeds41-42-43.json: both sets on seeds no choice was made on
 
 Topology: 4 SGLang routers x 2 workers (each running up to 32 requests, the costs of an 8B model
 on an H200: bench/sim/engine.py), plus the one-layer reference (one sglang-router over all 8
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -168,17 +170,39 @@ def by_cell(result: dict) -> dict[tuple, dict]:
     return {(c["set"], c["workload"], c["capacity"], c["rate"], c["policy"]): c for c in result["cells"]}
 
 
+def fresh_seeds(seeds: tuple[int, ...] | None) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """The sets, each on ``seeds`` instead of its own when given. Why: the held-out seeds (31–33)
+    have reported every change of the default since the continuation tail, and the tuning seeds
+    chose them; a default that only holds on those draws of the workloads (which sessions, when
+    they arrive, the tie-breaks) is tuned to them. Seeds nothing was chosen on say whether it holds."""
+    return {k: (ws, tuple(seeds) if seeds else own) for k, (ws, own) in SETS.items()}
+
+
+def seeds_suffix(seeds: tuple[int, ...] | None) -> str:
+    """What a results file's name adds for a run on other seeds than the sets' own (``-seeds41-42-43``)."""
+    return f"-seeds{'-'.join(map(str, seeds))}" if seeds else ""
+
+
+def _own_seeds(result: dict) -> tuple[int, ...] | None:
+    """The seeds of a run on other seeds than the sets' own (``--seeds``), else ``None``."""
+    seeds = result.get("fresh_seeds")
+    return tuple(seeds) if seeds else None
+
+
 def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def run(quick: bool, only: list[str] | None, topo: Topology = Topology(), service_threshold: float | None = None) -> dict:
-    sets = {k: (tuple(w for w in ws if not only or w in only), seeds[:1] if quick else seeds) for k, (ws, seeds) in SETS.items()}
+def run(quick: bool, only: list[str] | None, topo: Topology = Topology(), service_threshold: float | None = None,
+        seeds: tuple[int, ...] | None = None) -> dict:
+    """``seeds``: every set on these instead of its own (``fresh_seeds``)."""
+    sets = {k: (tuple(w for w in ws if not only or w in only), own[:1] if quick else own) for k, (ws, own) in fresh_seeds(seeds).items()}
     rates = (1.0, 4.0) if quick else RATES
     rows = simulate(sets, rates, policies=partial(eval_policies, service_threshold), topo=topo)
     agg = cells(rows)
     return {
         "benchmark": "eval", "sets": {k: {"workloads": list(ws), "seeds": list(s)} for k, (ws, s) in sets.items()},
+        "fresh_seeds": list(seeds) if seeds else None,
         "topology": vars(topo), "service_cache_threshold": service_threshold, "service_model": vars(ServiceModel()), "rates": list(rates), "levels": dict(LEVELS),
         "targets": {"hit_slack": HIT_SLACK, "ttft_factor": TTFT_FACTOR, "hit_rivals": list(HIT_RIVALS), "ttft_rivals": list(TTFT_RIVALS)},
         "cells": [{"set": k[0], "workload": k[1], "capacity": k[2], "rate": k[3], "policy": k[4], **v} for k, v in agg.items()],
@@ -301,17 +325,19 @@ def _service(result: dict) -> float | None:
 
 
 def _topology(result: dict) -> str:
-    t, own = _threshold(result), _service(result)
+    t, own, seeds = _threshold(result), _service(result), _own_seeds(result)
     return (f"{result['topology']['routers']} SGLang routers x {result['topology']['workers']} workers"
             + (f", each router at `--cache-threshold {t:g}`" if t is not None else "")
-            + (f", the service at `--cache-threshold {own:g}`" if own is not None else ""))
+            + (f", the service at `--cache-threshold {own:g}`" if own is not None else "")
+            + (f", both sets on fresh seeds {', '.join(map(str, seeds))} (`--seeds`)" if seeds else ""))
 
 
 def _shape(result: dict) -> str:
     """The short label of a run's set-up in the topologies table (``3x3``, ``3x3, routers' threshold
     0.7``, ``3x3, routers' threshold 0.7, the service's 0.7``)."""
-    t, own = _threshold(result), _service(result)
-    return _rxw(result) + (f", routers' threshold {t:g}" if t is not None else "") + (f", the service's {own:g}" if own is not None else "")
+    t, own, seeds = _threshold(result), _service(result), _own_seeds(result)
+    return (_rxw(result) + (f", routers' threshold {t:g}" if t is not None else "") + (f", the service's {own:g}" if own is not None else "")
+            + (f", seeds {', '.join(map(str, seeds))}" if seeds else ""))
 
 
 def _rxw(result: dict) -> str:
@@ -319,19 +345,21 @@ def _rxw(result: dict) -> str:
     return f"{result['topology']['routers']}x{result['topology']['workers']}"
 
 
-def topology_name(topo: Topology, service_threshold: float | None = None) -> str:
+def topology_name(topo: Topology, service_threshold: float | None = None, seeds: tuple[int, ...] | None = None) -> str:
     """The results file of an evaluation on a set-up other than the default's (``eval-3x3``,
     ``eval-3x3-threshold0.7`` with the routers at another --cache-threshold,
-    ``eval-3x3-threshold0.7-service0.7`` with the service at another one too)."""
+    ``eval-3x3-threshold0.7-service0.7`` with the service at another one too,
+    ``eval-4x2-seeds41-42-43`` on other seeds)."""
     own = "" if service_threshold is None else f"-service{service_threshold:g}"
-    return f"eval-{topo.routers}x{topo.workers}{threshold_suffix(topo)}{own}"
+    return f"eval-{topo.routers}x{topo.workers}{threshold_suffix(topo)}{own}{seeds_suffix(seeds)}"
 
 
 def _runs_on_record(benchmark: str) -> list[Path]:
     """A benchmark's results files on other set-ups (``eval-3x3.json``): each topology, then its
-    runs with the routers at another threshold; runs of some cases only (``-subset``) left out."""
+    runs on other seeds and with the routers at another threshold; runs of some cases only
+    (``-subset``) left out."""
     paths = [p for p in RESULTS.glob(f"{benchmark}-*x*.json") if not p.stem.endswith("-subset")]
-    return sorted(paths, key=lambda p: (p.stem.split("-threshold")[0], p.stem))
+    return sorted(paths, key=lambda p: (re.split("-threshold|-seeds", p.stem)[0], p.stem))
 
 
 def _other_topologies() -> list[str]:
@@ -344,7 +372,8 @@ def _other_topologies() -> list[str]:
     main = RESULTS / "eval.json"
     runs = ([_read(main)] if main.exists() else []) + runs
     lines = ["## Other topologies (`python -m bench.eval --topology RxW`)", "",
-             "The same workloads, seeds, capacity levels, rates and targets on set-ups the defaults were not chosen on. "
+             "The same workloads, seeds, capacity levels, rates and targets on set-ups the defaults were not chosen on "
+             "(a row naming seeds: both sets on a fresh draw of them, `--seeds`, which no choice was made on). "
              "Each upper-layer rule in the default's place: cells meeting both targets, of all cells of both sets (mean hit ratio %).", "",
              "| topology | " + " | ".join(IN_PLACE) + " |", "|---|" + "---|" * len(IN_PLACE)]
     for d in runs:
@@ -564,6 +593,17 @@ def plots(result: dict) -> list[Path]:
     return out
 
 
+def parse_seeds(value: str) -> tuple[int, ...]:
+    """``41,42,43`` (a command-line value): distinct non-negative seeds, at least one."""
+    try:
+        seeds = tuple(int(s) for s in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 41,42,43, got {value!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {value!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.eval")
     p.add_argument("--quick", action="store_true", help="one seed, two rates (not for the report)")
@@ -576,19 +616,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--service-cache-threshold", type=float, metavar="X",
                    help="the service's --cache-threshold, for every rule of this project (its default "
                         f"{DEFAULTS.cache_threshold:g}); results go to eval-RxW[-thresholdX]-serviceX.json")
+    p.add_argument("--seeds", type=parse_seeds, metavar="N,N,...",
+                   help="both sets on these seeds instead of their own (tuning 1-3, held-out 31-33): seeds no choice was made on; "
+                        "results go to eval-RxW[...]-seedsN-N.json")
     a = p.parse_args(argv)
     topo = replace(a.topology, router_threshold=a.router_cache_threshold)
-    own = a.service_cache_threshold
+    own, seeds = a.service_cache_threshold, a.seeds
     if a.report_only:
         result = _read(RESULTS / "eval.json")
         (RESULTS / "REPORT.md").write_text(report(result))
         print(f"wrote {RESULTS / 'REPORT.md'}")
         return result
-    result = run(a.quick, a.workload, topo, own)
-    if topo != Topology() or own is not None:
-        write(topology_name(topo, own), result)
+    result = run(a.quick, a.workload, topo, own, seeds)
+    if topo != Topology() or own is not None or seeds:
+        name = topology_name(topo, own, seeds)
+        write(name, result)
         (RESULTS / "REPORT.md").write_text(report(_read(RESULTS / "eval.json")))
-        print(f"wrote {RESULTS / topology_name(topo, own)}.json and its section of {RESULTS / 'REPORT.md'}")
+        print(f"wrote {RESULTS / name}.json and its section of {RESULTS / 'REPORT.md'}")
         print("\n".join(summary_lines(result)))
         return result
     write("eval", result)

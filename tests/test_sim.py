@@ -801,6 +801,36 @@ def test_the_simulated_default_gives_a_router_of_more_workers_a_larger_knee():
     assert goes_to("prefix-router/workers-unknown", 3, knee + 1) and not goes_to("prefix-router/workers-unknown", 3, knee + 2)
 
 
+def test_the_evaluation_runs_both_sets_on_the_seeds_it_is_given(monkeypatch):
+    """``bench.eval --seeds 41,42,43``: every set is simulated on those seeds, not its own, and the
+    run gets a results file and a label naming them (a fresh draw that no choice was made on)."""
+    import argparse
+
+    import bench.eval as ev
+
+    given: list[dict] = []
+
+    def recording(sets, rates, **kw):
+        given.append(sets)
+        return []
+
+    monkeypatch.setattr(ev, "simulate", recording)
+    fresh = ev.run(False, None, seeds=(41, 42, 43))
+    assert {k: seeds for k, (_, seeds) in given[-1].items()} == {"tuning": (41, 42, 43), "held-out": (41, 42, 43)}
+    assert {k: v["seeds"] for k, v in fresh["sets"].items()} == {"tuning": [41, 42, 43], "held-out": [41, 42, 43]}
+    assert {k: ws for k, (ws, _) in given[-1].items()} == {k: ws for k, (ws, _) in ev.SETS.items()}
+    own = ev.run(False, None)
+    assert {k: seeds for k, (_, seeds) in given[-1].items()} == {k: seeds for k, (_, seeds) in ev.SETS.items()}
+    assert ev.topology_name(ev.Topology(), None, (41, 42, 43)) == "eval-4x2-seeds41-42-43"
+    assert ev.topology_name(ev.Topology(3, 3)) == "eval-3x3"
+    assert ev._shape(fresh) == "4x2, seeds 41, 42, 43" and "fresh seeds 41, 42, 43" in ev._topology(fresh)
+    assert ev._shape(own) == "4x2" and "seeds" not in ev._topology(own)
+    assert ev.parse_seeds("41,42,43") == (41, 42, 43)
+    for bad in ("", "41,,42", "x", "41,41", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ev.parse_seeds(bad)
+
+
 def test_the_services_threshold_reaches_every_rule_of_this_project():
     """``bench.eval --service-cache-threshold X`` (an operator raising the service's threshold with
     the routers'): every rule of this project decides at X, the default's session book included,

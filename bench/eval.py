@@ -76,6 +76,8 @@ OTHER_TOPOLOGIES = ("3x3", "2x4", "8x1")
 # ... and with the routers at another --cache-threshold than sglang-router's 0.3, one past a shared
 # system prompt's share of a new session's text, so that new sessions are not all sent to its creator
 ROUTER_THRESHOLDS = (("4x2", 0.7), ("3x3", 0.7), ("2x4", 0.7))
+# ... and on seeds no choice was made on (``--seeds``), every topology
+FRESH_SEEDS = "41,42,43"
 # the upper-layer rules put in the default's place on other topologies
 IN_PLACE = (DEFAULT, "prefix-router/creator", "prefix-router/least-loaded-hit", "least-loaded", "litellm-v1", "consistent-hash", "round-robin")
 HEADLINE = (DEFAULT, "prefix-router/no-move", SINGLE, "prefix-router/creator", "prefix-router/least-loaded-hit", "round-robin", "least-loaded", "consistent-hash",

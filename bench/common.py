@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -46,3 +47,20 @@ def write(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
     return path
+
+
+def parse_seeds(value: str) -> tuple[int, ...]:
+    """``41,42,43`` (a command-line value, ``--seeds``): distinct non-negative seeds, at least one."""
+    try:
+        seeds = tuple(int(s) for s in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 41,42,43, got {value!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {value!r}")
+    return seeds
+
+
+def seeds_suffix(seeds: tuple[int, ...] | None) -> str:
+    """What a results file's name adds for a run on other seeds than its benchmark's own
+    (``-seeds41-42-43``), so it never overwrites the run on record."""
+    return f"-seeds{'-'.join(map(str, seeds))}" if seeds else ""

@@ -7,6 +7,8 @@ with 8 and 16 concurrent clients; hit ratios compared.
                                            → bench/results/e2e-3x3.json (another set-up; about 20 minutes)
     .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --router-cache-threshold 0.7
                                            → bench/results/e2e-3x3-threshold0.7.json (the routers at another threshold)
+    .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --seeds 41,42,43
+                                           → bench/results/e2e-3x3-seeds41-42-43.json (seeds nothing was chosen on)
     .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --opt-ins-only
                                            → the service's other settings (OPT_INS) and its defaults again added to
                                              e2e-3x3.json (about 12 minutes; 2x2's, 22)
@@ -66,7 +68,7 @@ from extproc.metrics import RATE_BUCKETS
 
 from .overhead import direct_config, start_envoy
 
-from .common import RESULTS, write
+from .common import RESULTS, parse_seeds, seeds_suffix, write
 from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
 from .sim.policies import MovingSessions
 from .sim.workloads import WORKLOADS
@@ -108,18 +110,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable)")
     p.add_argument("--router-cache-threshold", type=float, default=BASE.router_threshold, metavar="X",
                    help="every sglang-router's --cache-threshold (its default 0.3); other than that, results go to e2e-RxW-thresholdX.json")
+    p.add_argument("--seeds", type=parse_seeds, metavar="N,N,...",
+                   help=f"these seeds instead of {','.join(map(str, SEEDS))} (seeds nothing was chosen on); results go to e2e-RxW[...]-seedsN-N.json")
     p.add_argument("--opt-ins-only", action="store_true",
                    help="run only the service's other settings (OPT_INS), with the default again beside them, and add them to the results "
                         "file on record for this set-up, its other figures kept")
     a = p.parse_args(argv)
     topo = replace(a.topology, batch=BASE.batch, router_threshold=a.router_cache_threshold)
     if a.opt_ins_only:
+        if a.seeds:
+            p.error("--opt-ins-only adds to the run on record, on its own seeds: not with --seeds")
         return add_opt_ins(topo)
     cases = {k: v for k, v in CASES.items() if not a.case or k in a.case}
+    seeds = a.seeds or SEEDS
     rows = []
     for name, (kwargs, capacity) in cases.items():
         for clients in a.clients:
-            for seed in SEEDS:
+            for seed in seeds:
                 rows.append(replay(name, kwargs, capacity, clients, seed, topo))
                 for rival in (*RIVALS, *OPT_INS):
                     rows[-1][rival] = replay_rival(rival, name, kwargs, capacity, clients, seed, topo)
@@ -152,18 +159,18 @@ def main(argv: list[str] | None = None) -> dict:
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients, random tie-breaks on both sides, the service's defaults; "
                    f"{describe_setup(topo)} "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
-                   f"prompt token); mean of seeds {', '.join(map(str, SEEDS))}. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
+                   f"prompt token); mean of seeds {', '.join(map(str, seeds))}. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
                    f"Targets against the real rivals (hit ratio within {HIT_SLACK_POINTS:g} point of the best, latency p90 at most "
                    f"{LATENCY_FACTOR:g}x the best upper-layer rival's): met in {met} of {len(summary)} cases. Requests failed: {failed}.")
     result = {"benchmark": "e2e", "description": description,
               "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},
               "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS, "latency_factor": LATENCY_FACTOR,
               "rivals": {k: v.describe(topo) for k, v in RIVALS.items()}, "opt_ins": {k: v.describe(topo) for k, v in OPT_INS.items()},
-              "rows": rows, "summary": summary}
+              "seeds": list(seeds), "fresh_seeds": list(a.seeds) if a.seeds else None, "rows": rows, "summary": summary}
     print(description)
     # a run of some of the cases keeps the whole run's file (and REPORT.md's section) intact
     subset = bool(a.case) or ((topo.routers, topo.workers) == (BASE.routers, BASE.workers) and a.clients != CONCURRENCY)
-    print(f"wrote {write(results_name(topo) + ('-subset' if subset else ''), result)}")
+    print(f"wrote {write(results_name(topo, a.seeds) + ('-subset' if subset else ''), result)}")
     return result
 
 
@@ -222,11 +229,13 @@ def describe_setup(topo: Topology) -> str:
     return f"{topo.routers} sglang-routers{at} x {topo.workers} fake workers"
 
 
-def results_name(topo: Topology) -> str:
+def results_name(topo: Topology, seeds: tuple[int, ...] | None = None) -> str:
     """``e2e`` for the 2x2 set-up, ``e2e-3x3`` for another, ``e2e-3x3-threshold0.7`` with the
-    routers at another --cache-threshold."""
+    routers at another --cache-threshold, ``e2e-3x3-seeds41-42-43`` on other seeds (``--seeds``)."""
     t = threshold_suffix(topo)
-    return "e2e" if (topo.routers, topo.workers, t) == (BASE.routers, BASE.workers, "") else f"e2e-{topo.routers}x{topo.workers}{t}"
+    if (topo.routers, topo.workers, t, seeds) == (BASE.routers, BASE.workers, "", None):
+        return "e2e"
+    return f"e2e-{topo.routers}x{topo.workers}{t}{seeds_suffix(seeds)}"
 
 
 def _router_args(topo: Topology) -> list[str]:

@@ -41,7 +41,7 @@ from typing import Callable
 
 from extproc.config import DEFAULTS
 
-from .common import RESULTS, write
+from .common import RESULTS, parse_seeds, seeds_suffix, write
 from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
 from .sim.policies import Single, upper_policies
 from .sim.workloads import WORKLOADS
@@ -180,13 +180,8 @@ def fresh_seeds(seeds: tuple[int, ...] | None) -> dict[str, tuple[tuple[str, ...
     return {k: (ws, tuple(seeds) if seeds else own) for k, (ws, own) in SETS.items()}
 
 
-def seeds_suffix(seeds: tuple[int, ...] | None) -> str:
-    """What a results file's name adds for a run on other seeds than the sets' own (``-seeds41-42-43``)."""
-    return f"-seeds{'-'.join(map(str, seeds))}" if seeds else ""
-
-
 def _own_seeds(result: dict) -> tuple[int, ...] | None:
-    """The seeds of a run on other seeds than the sets' own (``--seeds``), else ``None``."""
+    """The seeds of a run on other seeds than its benchmark's own (``--seeds``), else ``None``."""
     seeds = result.get("fresh_seeds")
     return tuple(seeds) if seeds else None
 
@@ -514,7 +509,9 @@ def _measured_sections() -> list[str]:
         d = _read(path)
         shape, (at, flag) = _rxw(d), _threshold_words(d)
         clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))
-        lines += _e2e_lines(d, f"### The same on {shape}{at} (`python -m bench.e2e --topology {shape} --clients {clients}{flag}`)")
+        seeds = _own_seeds(d)
+        on, seeds_flag = (f", on fresh seeds {', '.join(map(str, seeds))}", f" --seeds {','.join(map(str, seeds))}") if seeds else ("", "")
+        lines += _e2e_lines(d, f"### The same on {shape}{at}{on} (`python -m bench.e2e --topology {shape} --clients {clients}{flag}{seeds_flag}`)")
     for path in _runs_on_record("e2e_rivals"):
         lines += _e2e_rivals_lines(_read(path))
     observed = RESULTS / "observed.json"
@@ -593,17 +590,6 @@ def plots(result: dict) -> list[Path]:
         plt.close(fig)
         out.append(path)
     return out
-
-
-def parse_seeds(value: str) -> tuple[int, ...]:
-    """``41,42,43`` (a command-line value): distinct non-negative seeds, at least one."""
-    try:
-        seeds = tuple(int(s) for s in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds like 41,42,43, got {value!r}") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {value!r}")
-    return seeds
 
 
 def main(argv: list[str] | None = None) -> dict:

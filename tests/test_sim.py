@@ -322,6 +322,47 @@ def test_the_real_stack_check_runs_on_the_topology_it_is_given(monkeypatch):
     assert services == [[], *(list(o.service_args) for o in e2e.OPT_INS.values())]
 
 
+def test_the_real_stack_check_runs_on_the_seeds_it_is_given(monkeypatch, tmp_path):
+    """``bench.e2e --seeds 41,42``: every case replayed on those seeds, the stack's and each rival's,
+    written to a file of its own (the run on record, on the usual seeds, untouched) whose section
+    of the report names them."""
+    import bench.e2e as e2e
+    import bench.eval as ev
+
+    replayed, rivals = [], []
+    run = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
+
+    def replay(name, kwargs, capacity, clients, seed, topo):
+        replayed.append((name, clients, seed))
+        return {"workload": name, "concurrency": clients, "seed": seed, "requests": 10, "failed": 0, "capacity_tokens": capacity,
+                "simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "difference_points": 0.0, "stack_latency_p50_s": 0.1,
+                "stack_latency_p90_s": 0.2, "stack_new_sessions": {"requests": 1, "over_router_threshold": None},
+                "stack_responses_read": 0, "stack_session_moves": 0}
+
+    def replay_rival(rival, name, kwargs, capacity, clients, seed, topo):
+        rivals.append(seed)
+        return dict(run)
+
+    monkeypatch.setattr(e2e, "replay", replay)
+    monkeypatch.setattr(e2e, "replay_rival", replay_rival)
+    monkeypatch.setattr("bench.common.RESULTS", tmp_path)
+    monkeypatch.setattr(ev, "RESULTS", tmp_path)
+    result = e2e.main(["--topology", "3x3", "--clients", "2", "--seeds", "41,42"])
+    assert replayed == [(name, 2, seed) for name in e2e.CASES for seed in (41, 42)]
+    assert set(rivals) == {41, 42} and len(rivals) == len(replayed) * (len(e2e.RIVALS) + len(e2e.OPT_INS))
+    assert result["seeds"] == [41, 42] and "mean of seeds 41, 42." in result["description"]
+    assert [p.name for p in tmp_path.iterdir()] == ["e2e-3x3-seeds41-42.json"]
+    assert e2e.results_name(e2e.Topology(3, 3)) == "e2e-3x3" and e2e.results_name(e2e.BASE) == "e2e"
+    assert e2e.results_name(e2e.BASE, (41, 42)) == "e2e-2x2-seeds41-42"
+    text = "\n".join(ev._measured_sections())
+    assert "### The same on 3x3, on fresh seeds 41, 42 (`python -m bench.e2e --topology 3x3 --clients 2 --seeds 41,42`)" in text
+    # without the option: the benchmark's own seeds, and its usual file
+    replayed.clear()
+    e2e.main(["--topology", "3x3", "--clients", "2", "--case", "dialogue"])
+    assert replayed == [("dialogue", 2, seed) for seed in e2e.SEEDS]
+    assert (tmp_path / "e2e-3x3-subset.json").exists()
+
+
 def test_the_simulated_routers_pin_a_hot_shared_prefix_to_one_worker_below_their_threshold():
     """sglang-router 0.3.2 sends every request whose match rate passes its --cache-threshold to the
     prefix's creator (FIELD-NOTES, "hot shared prefix"): new sessions that are mostly a shared

@@ -172,7 +172,7 @@ def by_cell(result: dict) -> dict[tuple, dict]:
     return {(c["set"], c["workload"], c["capacity"], c["rate"], c["policy"]): c for c in result["cells"]}
 
 
-def fresh_seeds(seeds: tuple[int, ...] | None) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+def sets_on(seeds: tuple[int, ...] | None) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     """The sets, each on ``seeds`` instead of its own when given. Why: the held-out seeds (31–33)
     have reported every change of the default since the continuation tail, and the tuning seeds
     chose them; a default that only holds on those draws of the workloads (which sessions, when
@@ -180,7 +180,7 @@ def fresh_seeds(seeds: tuple[int, ...] | None) -> dict[str, tuple[tuple[str, ...
     return {k: (ws, tuple(seeds) if seeds else own) for k, (ws, own) in SETS.items()}
 
 
-def _own_seeds(result: dict) -> tuple[int, ...] | None:
+def _given_seeds(result: dict) -> tuple[int, ...] | None:
     """The seeds of a run on other seeds than its benchmark's own (``--seeds``), else ``None``."""
     seeds = result.get("fresh_seeds")
     return tuple(seeds) if seeds else None
@@ -192,8 +192,8 @@ def _read(path: Path) -> dict:
 
 def run(quick: bool, only: list[str] | None, topo: Topology = Topology(), service_threshold: float | None = None,
         seeds: tuple[int, ...] | None = None) -> dict:
-    """``seeds``: every set on these instead of its own (``fresh_seeds``)."""
-    sets = {k: (tuple(w for w in ws if not only or w in only), own[:1] if quick else own) for k, (ws, own) in fresh_seeds(seeds).items()}
+    """``seeds``: every set on these instead of its own (``sets_on``)."""
+    sets = {k: (tuple(w for w in ws if not only or w in only), own[:1] if quick else own) for k, (ws, own) in sets_on(seeds).items()}
     rates = (1.0, 4.0) if quick else RATES
     rows = simulate(sets, rates, policies=partial(eval_policies, service_threshold), topo=topo)
     agg = cells(rows)
@@ -322,7 +322,7 @@ def _service(result: dict) -> float | None:
 
 
 def _topology(result: dict) -> str:
-    t, own, seeds = _threshold(result), _service(result), _own_seeds(result)
+    t, own, seeds = _threshold(result), _service(result), _given_seeds(result)
     return (f"{result['topology']['routers']} SGLang routers x {result['topology']['workers']} workers"
             + (f", each router at `--cache-threshold {t:g}`" if t is not None else "")
             + (f", the service at `--cache-threshold {own:g}`" if own is not None else "")
@@ -332,7 +332,7 @@ def _topology(result: dict) -> str:
 def _shape(result: dict) -> str:
     """The short label of a run's set-up in the topologies table (``3x3``, ``3x3, routers' threshold
     0.7``, ``3x3, routers' threshold 0.7, the service's 0.7``)."""
-    t, own, seeds = _threshold(result), _service(result), _own_seeds(result)
+    t, own, seeds = _threshold(result), _service(result), _given_seeds(result)
     return (_rxw(result) + (f", routers' threshold {t:g}" if t is not None else "") + (f", the service's {own:g}" if own is not None else "")
             + (f", seeds {', '.join(map(str, seeds))}" if seeds else ""))
 
@@ -509,7 +509,7 @@ def _measured_sections() -> list[str]:
         d = _read(path)
         shape, (at, flag) = _rxw(d), _threshold_words(d)
         clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))
-        seeds = _own_seeds(d)
+        seeds = _given_seeds(d)
         on, seeds_flag = (f", on fresh seeds {', '.join(map(str, seeds))}", f" --seeds {','.join(map(str, seeds))}") if seeds else ("", "")
         lines += _e2e_lines(d, f"### The same on {shape}{at}{on} (`python -m bench.e2e --topology {shape} --clients {clients}{flag}{seeds_flag}`)")
     for path in _runs_on_record("e2e_rivals"):

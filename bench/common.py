@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -50,17 +51,37 @@ def write(name: str, data: dict) -> Path:
 
 
 def parse_seeds(value: str) -> tuple[int, ...]:
-    """``41,42,43`` (a command-line value, ``--seeds``): distinct non-negative seeds, at least one."""
-    try:
-        seeds = tuple(int(s) for s in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds like 41,42,43, got {value!r}") from None
+    """``41,42,43`` or ``200-299`` (a command-line value, ``--seeds``; a range is inclusive, and
+    both forms mix): distinct non-negative seeds, at least one."""
+    seeds: list[int] = []
+    for part in value.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise argparse.ArgumentTypeError(f"expected seeds like 41,42,43 or 200-299, got {value!r}")
+        seeds += range(int(m[1]), int(m[2] or m[1]) + 1)
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {value!r}")
-    return seeds
+    return tuple(seeds)
+
+
+def _is_range(seeds: tuple[int, ...]) -> bool:
+    """More than three consecutive seeds, written as their first and last."""
+    return len(seeds) > 3 and seeds == tuple(range(seeds[0], seeds[0] + len(seeds)))
 
 
 def seeds_suffix(seeds: tuple[int, ...] | None) -> str:
     """What a results file's name adds for a run on other seeds than its benchmark's own
-    (``-seeds41-42-43``), so it never overwrites the run on record."""
-    return f"-seeds{'-'.join(map(str, seeds))}" if seeds else ""
+    (``-seeds41-42-43``; a range ``-seeds200to299``), so it never overwrites the run on record."""
+    if not seeds:
+        return ""
+    return f"-seeds{seeds[0]}to{seeds[-1]}" if _is_range(seeds) else f"-seeds{'-'.join(map(str, seeds))}"
+
+
+def seeds_flag(seeds: tuple[int, ...]) -> str:
+    """The ``--seeds`` value that gives these seeds again (``41,42,43``; a range ``200-299``)."""
+    return f"{seeds[0]}-{seeds[-1]}" if _is_range(seeds) else ",".join(map(str, seeds))
+
+
+def seeds_words(seeds: tuple[int, ...]) -> str:
+    """The seeds for a report's prose (``41, 42, 43``; a range ``200–299``)."""
+    return f"{seeds[0]}–{seeds[-1]}" if _is_range(seeds) else ", ".join(map(str, seeds))

@@ -321,10 +321,13 @@ def verdict(case: dict) -> dict:
 def _prepared(name: str, kwargs: dict, seed: int) -> list:
     """One case's sessions for one seed, every answer ``OUTPUT_TOKENS`` long (what the fake workers
     send), each a chat a real sglang-router accepts (``with_tool_call_ids``); the simulator sees the
-    same messages as the stack."""
+    same messages as the stack. Each session is named for its seed too (what the session hash
+    hashes, ``x-session-id``): real clients' session ids differ from run to run, and the same names
+    in every seed would give the hash one placement of the sessions, replayed, not a draw per seed."""
     workload = WORKLOADS[name](random.Random(seed), **kwargs)
     for r in workload:
         r.messages = with_tool_call_ids(r.messages)
+        r.session = f"{seed}-{r.session}"
     prepared = prepare(workload)
     for p in prepared:
         p.req.output_tokens = OUTPUT_TOKENS

@@ -41,7 +41,7 @@ from typing import Callable
 
 from extproc.config import DEFAULTS
 
-from .common import RESULTS, parse_seeds, seeds_suffix, write
+from .common import RESULTS, parse_seeds, seeds_flag, seeds_suffix, seeds_words, write
 from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
 from .sim.policies import Single, upper_policies
 from .sim.workloads import WORKLOADS
@@ -448,6 +448,9 @@ def _e2e_rivals_lines(d: dict) -> list[str]:
     """One ``bench.e2e_rivals`` run: each real rival simulated in lockstep and with the stack's
     overhead, beside what the real stack measured."""
     shape, (at, flag) = _rxw(d), _threshold_words(d)
+    if d.get("given_seeds"):
+        seeds = tuple(d["seeds"])
+        at, flag = f"{at}, seeds {seeds_words(seeds)}", f"{flag} --seeds {seeds_flag(seeds)}"
     names = list(d["cases"][0]["policies"]) if d["cases"] else []
     threshold = d["topology"].get("router_threshold", Topology.router_threshold)
     lines = [f"### The real rivals simulated on {shape}{at} (`python -m bench.e2e_rivals --topology {shape} --clients {','.join(map(str, d['clients']))}{flag}`)", "",
@@ -465,7 +468,25 @@ def _e2e_rivals_lines(d: dict) -> list[str]:
               for c in d["cases"]]
     if d["cases"] and "overhead_latency_p90_s" in d["cases"][0]["policies"][names[0]]:
         lines += ["", *_e2e_rivals_latency(d["cases"], names)]
+    if d["cases"] and "paired" in d["cases"][0]:
+        lines += ["", *_e2e_rivals_paired(d["cases"])]
     return lines + [""]
+
+
+def _e2e_rivals_paired(cases: list[dict]) -> list[str]:
+    """Each rival against prefix-router seed by seed, with the overhead: whether a difference is
+    the rule's or the draw's (a mean difference within about two standard errors of 0 is a draw)."""
+    rivals = list(cases[0]["paired"])
+    n = cases[0]["paired"][rivals[0]]["seeds"] if rivals else 0
+
+    def cell(x: dict) -> str:
+        se = "" if x["standard_error_points"] is None else f" ± {x['standard_error_points']:.2f}"
+        return f"{x['mean_points']:+.2f}{se} ({x['ahead']}/{x['behind']})"
+
+    return [f"Paired by seed, with the overhead ({n} seeds): each rival's hit ratio minus prefix-router's, in points, mean ± its "
+            "standard error (seeds where the rival is ahead / behind). Positive: the rival is ahead.", "",
+            "| workload | concurrency | " + " | ".join(rivals) + " |", "|---|---|" + "---|" * len(rivals),
+            *(f"| {c['workload']} | {c['concurrency']} | " + " | ".join(cell(c["paired"][r]) for r in rivals) + " |" for c in cases)]
 
 
 def _e2e_rivals_latency(cases: list[dict], names: list[str]) -> list[str]:

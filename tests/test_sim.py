@@ -719,7 +719,7 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
     seeds = sum(er.SEEDS) / len(er.SEEDS) / 100
     assert row["policies"]["one-layer"] == {"lockstep": 0.3, "lockstep_range": [0.3, 0.3], "overhead": 0.4, "overhead_range": [0.4, 0.4], "stack": 0.44,
                                             "lockstep_latency_p90_s": pytest.approx(0.2 + seeds), "overhead_latency_p90_s": pytest.approx(0.25 + seeds),
-                                            "stack_latency_p90_s": 0.28}
+                                            "stack_latency_p90_s": 0.28, "overhead_by_seed": [0.4] * len(er.SEEDS)}
     assert row["policies"]["prefix-router"]["stack_latency_p90_s"] == 0.3
     assert row["policies"]["envoy least request"]["stack_latency_p90_s"] is None
     per_worker = er.worker_capacity(er.CASES["dialogue"][1], er.parse_topology("3x3"))
@@ -737,6 +737,113 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
     row = written["e2e_rivals-3x3-threshold0.5-subset"]["cases"][0]
     assert row["policies"]["prefix-router"]["stack"] == 0.8 and {c[7] for c in calls} == {0.5}
     assert row["new_sessions"]["over_router_threshold"] == 0  # 0.5 is not over 0.5 (strict, as sglang-router)
+
+
+def test_envoys_session_hash_keeps_each_session_on_one_router_and_spreads_the_sessions():
+    """bench.e2e's "envoy session hash" as the simulator plays it: every turn of a conversation on
+    one router, whatever its text or the load; different conversations on different routers."""
+    from bench.sim.policies import SessionHash
+
+    sim = SimpleNamespace(routers=[None] * 4)
+    where = {}
+    for turn in range(3):
+        for session in range(40):
+            p = SimpleNamespace(req=SimpleNamespace(session=f"s{session}"), sglang_text=f"turn {turn}")
+            where.setdefault(session, set()).add(SessionHash().choose(p, sim))
+    assert all(len(routers) == 1 for routers in where.values())
+    assert set().union(*where.values()) == {0, 1, 2, 3}
+
+
+def test_each_seed_of_the_real_stack_check_draws_the_session_hashs_placement_anew():
+    """bench.e2e's sessions are named for their seed (the ``x-session-id`` the session hash hashes),
+    as real clients' ids differ from run to run: with the same names in every seed, the hash would
+    replay one placement of the sessions, and its seeds would not be draws."""
+    from bench.e2e import _prepared
+    from bench.sim.policies import SessionHash
+
+    sim = SimpleNamespace(routers=[None] * 3)
+    placements = []
+    for seed in (3, 4, 5):
+        prepared = _prepared("multi_turn", {"sessions": 12, "turns": 2}, seed)
+        names = sorted({p.req.session for p in prepared}, key=lambda n: n.split("-", 1)[1])  # the same sessions, in the same order
+        assert len(names) == 12 and all(n.startswith(f"{seed}-") for n in names)
+        placements.append(tuple(SessionHash().choose(next(p for p in prepared if p.req.session == n), sim) for n in names))
+    assert len(set(placements)) == 3
+
+
+def test_the_rivals_simulation_runs_on_the_seeds_it_is_given_and_pairs_each_rival_by_seed(tmp_path, monkeypatch):
+    """``bench.e2e_rivals --seeds A-B``: every run on those seeds, the real stack's figures read
+    from bench.e2e's run on the same seeds, a results file of its own, and each rival's hit ratio
+    minus prefix-router's taken seed by seed (mean, standard error, seeds ahead and behind)."""
+    import json
+    import statistics
+
+    import bench.e2e_rivals as er
+
+    seeds_run = []
+
+    def fake_sim(prepared, policy, topo, model, seed, clients, overhead):
+        seeds_run.append(seed)
+        mine = type(policy) is er.MovingSessions and policy.sample == 0  # the default; its opt-ins are rivals here
+        # prefix-router 0.30 + seed/1000; every rival 0.01 ahead on even seeds, 0.03 behind on odd ones
+        hit = 0.30 + seed / 1000 + (0 if mine else (0.01 if seed % 2 == 0 else -0.03))
+        return SimpleNamespace(run=lambda: {"hit_ratio": hit, "latency_p90_s": 0.2})
+
+    monkeypatch.setattr(er, "Sim", fake_sim)
+    monkeypatch.setattr(er, "_prepared", lambda name, kwargs, seed: [])
+    monkeypatch.setattr(er, "RESULTS", tmp_path)
+    written = {}
+    monkeypatch.setattr(er, "write", lambda name, result: written.update({name: result}) or name)
+    summary = {"workload": "dialogue", "concurrency": 24, "stack_mean": 0.33, "stack_latency_p90_s": 0.3,
+               "rivals": {"one-layer": {"hit_ratio": 0.35, "latency_p90_s": 0.28}}}
+    (tmp_path / "e2e-4x2-seeds200to203.json").write_text(json.dumps({"summary": [summary]}))
+    (tmp_path / "e2e-4x2.json").write_text(json.dumps({"summary": [{**summary, "stack_mean": 0.99}]}))
+    er.main(["--topology", "4x2", "--clients", "24", "--case", "dialogue", "--seeds", "200-203"])
+    assert set(seeds_run) == {200, 201, 202, 203}
+    result = written["e2e_rivals-4x2-seeds200to203-subset"]
+    assert result["seeds"] == [200, 201, 202, 203] and result["given_seeds"]
+    row = result["cases"][0]
+    assert row["policies"]["prefix-router"]["stack"] == 0.33  # the stack's run on the same seeds, not the one on record
+    assert row["policies"]["prefix-router"]["overhead_by_seed"] == pytest.approx([0.5, 0.501, 0.502, 0.503])
+    diffs = [1.0, -3.0, 1.0, -3.0]
+    assert set(row["paired"]) == set(er.POLICIES) - {"prefix-router"}
+    for x in row["paired"].values():
+        assert x["mean_points"] == pytest.approx(-1.0) and x["seeds"] == 4 and (x["ahead"], x["behind"]) == (2, 2)
+        assert x["standard_error_points"] == pytest.approx(statistics.stdev(diffs) / 2)
+    # bench.e2e's upper-layer rivals are all simulated beside one-layer
+    from bench.e2e import RIVALS
+    assert set(er.POLICIES) >= set(RIVALS)
+    # on bench.e2e's own seeds, the file on record's name
+    seeds_run.clear()
+    er.main(["--topology", "4x2", "--clients", "24", "--case", "dialogue"])
+    assert set(seeds_run) == set(er.SEEDS) and "e2e_rivals-4x2-subset" in written
+    assert written["e2e_rivals-4x2-subset"]["cases"][0]["policies"]["prefix-router"]["stack"] == 0.99
+
+
+def test_the_report_pairs_each_rival_with_the_default_seed_by_seed(tmp_path, monkeypatch):
+    """A ``bench.e2e_rivals --seeds`` run's section names its seeds and the command that gives it
+    again, and shows each rival's paired difference; a run without pairs shows no such table."""
+    import json
+
+    import bench.eval as ev
+
+    cell = {"lockstep": 0.3, "lockstep_range": [0.3, 0.3], "overhead": 0.35, "overhead_range": [0.3, 0.4], "stack": None}
+    pair = {"mean_points": 1.53, "standard_error_points": 0.514, "ahead": 63, "behind": 35, "seeds": 100}
+    run = {"description": "Closed loop of 24 clients", "topology": {"routers": 4, "workers": 2}, "clients": [24],
+           "seeds": list(range(200, 300)), "given_seeds": True,
+           "cases": [{"workload": "dialogue", "concurrency": 24, "policies": {"prefix-router": cell, "one-layer": cell},
+                      "paired": {"one-layer": pair}}]}
+    monkeypatch.setattr(ev, "RESULTS", tmp_path)
+    (tmp_path / "e2e_rivals-4x2-seeds200to299.json").write_text(json.dumps(run))
+    unpaired = {k: v for k, v in run["cases"][0].items() if k != "paired"}  # a run from before the pairs
+    (tmp_path / "e2e_rivals-3x3.json").write_text(json.dumps({**run, "topology": {"routers": 3, "workers": 3}, "clients": [12], "seeds": [3, 4, 5],
+                                                               "given_seeds": False, "cases": [unpaired]}))
+    text = "\n".join(ev._measured_sections())
+    assert ("### The real rivals simulated on 4x2, seeds 200–299 "
+            "(`python -m bench.e2e_rivals --topology 4x2 --clients 24 --seeds 200-299`)") in text
+    assert "Paired by seed, with the overhead (100 seeds)" in text and "| dialogue | 24 | +1.53 ± 0.51 (63/35) |" in text
+    assert "### The real rivals simulated on 3x3 (`python -m bench.e2e_rivals --topology 3x3 --clients 12`)" in text
+    assert text.count("Paired by seed") == 1
 
 
 def test_the_report_shows_the_rivals_simulated_beside_the_stack(tmp_path, monkeypatch):
@@ -867,7 +974,9 @@ def test_the_evaluation_runs_both_sets_on_the_seeds_it_is_given(monkeypatch):
     assert ev._shape(fresh) == "4x2, seeds 41, 42, 43" and "fresh seeds 41, 42, 43" in ev._topology(fresh)
     assert ev._shape(own) == "4x2" and "seeds" not in ev._topology(own)
     assert ev.parse_seeds("41,42,43") == (41, 42, 43)
-    for bad in ("", "41,,42", "x", "41,41", "-1"):
+    assert ev.parse_seeds("200-203,7") == (200, 201, 202, 203, 7)
+    assert ev.topology_name(ev.Topology(), None, tuple(range(200, 300))) == "eval-4x2-seeds200to299"
+    for bad in ("", "41,,42", "x", "41,41", "-1", "5-3", "3-", "1-2-3", "3-4,4"):
         with pytest.raises(argparse.ArgumentTypeError):
             ev.parse_seeds(bad)
 

@@ -139,6 +139,16 @@ class ConsistentHash:
         return int.from_bytes(h, "big") % len(sim.routers)
 
 
+class SessionHash:
+    """Envoy's ring hash on the conversation's id (``x-session-id``, which the clients send; bench.e2e's
+    "envoy session hash"): every turn of a session on one router, whatever its prefix or the load.
+    Modulo the routers rather than a ring: the same stickiness, the shares a little more even."""
+
+    def choose(self, p, sim) -> int:
+        h = hashlib.blake2b(str(p.req.session).encode(), digest_size=8).digest()
+        return int.from_bytes(h, "big") % len(sim.routers)
+
+
 class LiteLLM:
     """LiteLLM's prompt-caching routing as of its releases up to about 1.80 ("v1" in FIELD-NOTES):
     SHA-256 of the canonical JSON of ``{"messages": ...}``, stored after a successful response

@@ -680,6 +680,19 @@ def test_envoys_least_request_picks_the_less_loaded_of_two_routers_drawn_at_rand
     assert 2 not in picks and picks.count(1) > 50 and picks.count(0) > 150
 
 
+def _rivals_offline(monkeypatch, results, fake_sim) -> dict:
+    """``bench.e2e_rivals`` with ``fake_sim`` for the simulator, no workload, ``results`` for the
+    results directory it reads; what it would write, by file name."""
+    import bench.e2e_rivals as er
+
+    monkeypatch.setattr(er, "Sim", fake_sim)
+    monkeypatch.setattr(er, "_prepared", lambda name, kwargs, seed: [])
+    monkeypatch.setattr(er, "RESULTS", results)
+    written = {}
+    monkeypatch.setattr(er, "write", lambda name, result: written.update({name: result}) or name)
+    return written
+
+
 def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path, monkeypatch):
     """``bench.e2e_rivals`` simulates each of bench.e2e's real rivals in lockstep and with the
     stack's overhead, on bench.e2e's cases, seeds and cache sizes (per worker, for the topology),
@@ -701,11 +714,7 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
 
         return Run()
 
-    monkeypatch.setattr(er, "Sim", fake_sim)
-    monkeypatch.setattr(er, "_prepared", lambda name, kwargs, seed: [])
-    monkeypatch.setattr(er, "RESULTS", tmp_path)
-    written = {}
-    monkeypatch.setattr(er, "write", lambda name, result: written.update({name: result}) or name)
+    written = _rivals_offline(monkeypatch, tmp_path, fake_sim)
     summary = {"workload": "dialogue", "concurrency": 12, "stack_mean": 0.45, "stack_latency_p90_s": 0.3,
                "rivals": {"envoy round robin": {"hit_ratio": 0.31, "latency_p90_s": 0.29}, "one-layer": {"hit_ratio": 0.44, "latency_p90_s": 0.28}}}
     (tmp_path / "e2e-3x3.json").write_text(json.dumps({"summary": [summary, {**summary, "concurrency": 8, "stack_mean": 0.9}]}))
@@ -789,11 +798,7 @@ def test_the_rivals_simulation_runs_on_the_seeds_it_is_given_and_pairs_each_riva
         hit = 0.30 + seed / 1000 + (0 if mine else (0.01 if seed % 2 == 0 else -0.03))
         return SimpleNamespace(run=lambda: {"hit_ratio": hit, "latency_p90_s": 0.2})
 
-    monkeypatch.setattr(er, "Sim", fake_sim)
-    monkeypatch.setattr(er, "_prepared", lambda name, kwargs, seed: [])
-    monkeypatch.setattr(er, "RESULTS", tmp_path)
-    written = {}
-    monkeypatch.setattr(er, "write", lambda name, result: written.update({name: result}) or name)
+    written = _rivals_offline(monkeypatch, tmp_path, fake_sim)
     summary = {"workload": "dialogue", "concurrency": 24, "stack_mean": 0.33, "stack_latency_p90_s": 0.3,
                "rivals": {"one-layer": {"hit_ratio": 0.35, "latency_p90_s": 0.28}}}
     (tmp_path / "e2e-4x2-seeds200to203.json").write_text(json.dumps({"summary": [summary]}))

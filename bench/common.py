@@ -59,8 +59,8 @@ def parse_seeds(value: str) -> tuple[int, ...]:
         if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
             raise argparse.ArgumentTypeError(f"expected seeds like 41,42,43 or 200-299, got {value!r}")
         seeds += range(int(m[1]), int(m[2] or m[1]) + 1)
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {value!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {value!r}")
     return tuple(seeds)
 
 

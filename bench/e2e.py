@@ -68,7 +68,7 @@ from extproc.metrics import RATE_BUCKETS
 
 from .overhead import direct_config, start_envoy
 
-from .common import RESULTS, parse_seeds, seeds_suffix, write
+from .common import RESULTS, parse_seeds, seeds_suffix, seeds_words, write
 from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
 from .sim.policies import MovingSessions
 from .sim.workloads import WORKLOADS
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients, random tie-breaks on both sides, the service's defaults; "
                    f"{describe_setup(topo)} "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
-                   f"prompt token); mean of seeds {', '.join(map(str, seeds))}. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
+                   f"prompt token); mean of seeds {seeds_words(seeds)}. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
                    f"Targets against the real rivals (hit ratio within {HIT_SLACK_POINTS:g} point of the best, latency p90 at most "
                    f"{LATENCY_FACTOR:g}x the best upper-layer rival's): met in {met} of {len(summary)} cases. Requests failed: {failed}.")
     result = {"benchmark": "e2e", "description": description,

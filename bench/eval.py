@@ -326,7 +326,7 @@ def _topology(result: dict) -> str:
     return (f"{result['topology']['routers']} SGLang routers x {result['topology']['workers']} workers"
             + (f", each router at `--cache-threshold {t:g}`" if t is not None else "")
             + (f", the service at `--cache-threshold {own:g}`" if own is not None else "")
-            + (f", both sets on fresh seeds {', '.join(map(str, seeds))} (`--seeds`)" if seeds else ""))
+            + (f", both sets on fresh seeds {seeds_words(seeds)} (`--seeds`)" if seeds else ""))
 
 
 def _shape(result: dict) -> str:
@@ -334,7 +334,7 @@ def _shape(result: dict) -> str:
     0.7``, ``3x3, routers' threshold 0.7, the service's 0.7``)."""
     t, own, seeds = _threshold(result), _service(result), _given_seeds(result)
     return (_rxw(result) + (f", routers' threshold {t:g}" if t is not None else "") + (f", the service's {own:g}" if own is not None else "")
-            + (f", seeds {', '.join(map(str, seeds))}" if seeds else ""))
+            + (f", seeds {seeds_words(seeds)}" if seeds else ""))
 
 
 def _rxw(result: dict) -> str:
@@ -531,8 +531,8 @@ def _measured_sections() -> list[str]:
         shape, (at, flag) = _rxw(d), _threshold_words(d)
         clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))
         seeds = _given_seeds(d)
-        on, seeds_flag = (f", on fresh seeds {', '.join(map(str, seeds))}", f" --seeds {','.join(map(str, seeds))}") if seeds else ("", "")
-        lines += _e2e_lines(d, f"### The same on {shape}{at}{on} (`python -m bench.e2e --topology {shape} --clients {clients}{flag}{seeds_flag}`)")
+        on, again = (f", on fresh seeds {seeds_words(seeds)}", f" --seeds {seeds_flag(seeds)}") if seeds else ("", "")
+        lines += _e2e_lines(d, f"### The same on {shape}{at}{on} (`python -m bench.e2e --topology {shape} --clients {clients}{flag}{again}`)")
     for path in _runs_on_record("e2e_rivals"):
         lines += _e2e_rivals_lines(_read(path))
     observed = RESULTS / "observed.json"

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
                    f"measurement through real processes ({results_name(topo, a.seeds)}.json, where run).")
     result = {"benchmark": "e2e_rivals", "description": description,
               "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},
-              "clients": list(a.clients), "overhead_s": list(STACK_OVERHEAD_S), "seeds": list(seeds), "given_seeds": bool(a.seeds),
+              "clients": list(a.clients), "overhead_s": list(STACK_OVERHEAD_S), "seeds": list(seeds), "fresh_seeds": list(a.seeds) if a.seeds else None,
               "cases": cases}
     print(description)
     suffix = "-subset" if a.case else ""

@@ -448,8 +448,8 @@ def _e2e_rivals_lines(d: dict) -> list[str]:
     """One ``bench.e2e_rivals`` run: each real rival simulated in lockstep and with the stack's
     overhead, beside what the real stack measured."""
     shape, (at, flag) = _rxw(d), _threshold_words(d)
-    if d.get("given_seeds"):
-        seeds = tuple(d["seeds"])
+    seeds = _given_seeds(d)
+    if seeds:
         at, flag = f"{at}, seeds {seeds_words(seeds)}", f"{flag} --seeds {seeds_flag(seeds)}"
     names = list(d["cases"][0]["policies"]) if d["cases"] else []
     threshold = d["topology"].get("router_threshold", Topology.router_threshold)

@@ -806,7 +806,7 @@ def test_the_rivals_simulation_runs_on_the_seeds_it_is_given_and_pairs_each_riva
     er.main(["--topology", "4x2", "--clients", "24", "--case", "dialogue", "--seeds", "200-203"])
     assert set(seeds_run) == {200, 201, 202, 203}
     result = written["e2e_rivals-4x2-seeds200to203-subset"]
-    assert result["seeds"] == [200, 201, 202, 203] and result["given_seeds"]
+    assert result["seeds"] == result["fresh_seeds"] == [200, 201, 202, 203]
     row = result["cases"][0]
     assert row["policies"]["prefix-router"]["stack"] == 0.33  # the stack's run on the same seeds, not the one on record
     assert row["policies"]["prefix-router"]["overhead_by_seed"] == pytest.approx([0.5, 0.501, 0.502, 0.503])
@@ -835,14 +835,14 @@ def test_the_report_pairs_each_rival_with_the_default_seed_by_seed(tmp_path, mon
     cell = {"lockstep": 0.3, "lockstep_range": [0.3, 0.3], "overhead": 0.35, "overhead_range": [0.3, 0.4], "stack": None}
     pair = {"mean_points": 1.53, "standard_error_points": 0.514, "ahead": 63, "behind": 35, "seeds": 100}
     run = {"description": "Closed loop of 24 clients", "topology": {"routers": 4, "workers": 2}, "clients": [24],
-           "seeds": list(range(200, 300)), "given_seeds": True,
+           "seeds": list(range(200, 300)), "fresh_seeds": list(range(200, 300)),
            "cases": [{"workload": "dialogue", "concurrency": 24, "policies": {"prefix-router": cell, "one-layer": cell},
                       "paired": {"one-layer": pair}}]}
     monkeypatch.setattr(ev, "RESULTS", tmp_path)
     (tmp_path / "e2e_rivals-4x2-seeds200to299.json").write_text(json.dumps(run))
     unpaired = {k: v for k, v in run["cases"][0].items() if k != "paired"}  # a run from before the pairs
     (tmp_path / "e2e_rivals-3x3.json").write_text(json.dumps({**run, "topology": {"routers": 3, "workers": 3}, "clients": [12], "seeds": [3, 4, 5],
-                                                               "given_seeds": False, "cases": [unpaired]}))
+                                                               "fresh_seeds": None, "cases": [unpaired]}))
     text = "\n".join(ev._measured_sections())
     assert ("### The real rivals simulated on 4x2, seeds 200–299 "
             "(`python -m bench.e2e_rivals --topology 4x2 --clients 24 --seeds 200-299`)") in text

@@ -349,8 +349,8 @@ def test_the_real_stack_check_runs_on_the_seeds_it_is_given(monkeypatch, tmp_pat
     monkeypatch.setattr(ev, "RESULTS", tmp_path)
     result = e2e.main(["--topology", "3x3", "--clients", "2", "--seeds", "41,42"])
     assert replayed == [(name, 2, seed) for name in e2e.CASES for seed in (41, 42)]
-    assert set(rivals) == {41, 42} and len(rivals) == len(replayed) * (len(e2e.RIVALS) + len(e2e.OPT_INS))
-    assert result["seeds"] == [41, 42] and "mean of seeds 41, 42." in result["description"]
+    assert set(rivals) == {41, 42} and len(rivals) == 1 + len(replayed) * (len(e2e.RIVALS) + len(e2e.OPT_INS))  # 1: the warm-up
+    assert result["seeds"] == [41, 42] and "mean of seeds 41, 42, after one warm-up run not counted." in result["description"]
     assert [p.name for p in tmp_path.iterdir()] == ["e2e-3x3-seeds41-42.json"]
     assert e2e.results_name(e2e.Topology(3, 3)) == "e2e-3x3" and e2e.results_name(e2e.BASE) == "e2e"
     assert e2e.results_name(e2e.BASE, (41, 42)) == "e2e-2x2-seeds41-42"
@@ -361,6 +361,49 @@ def test_the_real_stack_check_runs_on_the_seeds_it_is_given(monkeypatch, tmp_pat
     e2e.main(["--topology", "3x3", "--clients", "2", "--case", "dialogue"])
     assert replayed == [("dialogue", 2, seed) for seed in e2e.SEEDS]
     assert (tmp_path / "e2e-3x3-subset.json").exists()
+
+
+def test_the_real_stack_check_warms_the_stack_up_before_the_first_run_it_counts(monkeypatch, tmp_path):
+    """The first run of a benchmark process runs cold, and it was always the default's first seed of
+    the first case: bench.e2e first replays that case once through the stack as it ships and throws
+    the figures away, so that no counted run, the default's or a rival's, is the cold one. The same
+    for ``--opt-ins-only``, whose first run is the default again."""
+    import json
+
+    import bench.e2e as e2e
+
+    calls = []
+    slow = {"hit_ratio": 0.1, "latency_p50_s": 9.0, "latency_p90_s": 9.0, "failed": 0}  # a cold run's figures
+    run = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
+
+    def replay(name, kwargs, capacity, clients, seed, topo):
+        calls.append(("default", name, seed))
+        return {"workload": name, "concurrency": clients, "seed": seed, "requests": 10, "failed": 0, "capacity_tokens": capacity,
+                "simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "difference_points": 0.0, "stack_latency_p50_s": 0.1,
+                "stack_latency_p90_s": 0.2, "stack_new_sessions": {"requests": 1, "over_router_threshold": None},
+                "stack_responses_read": 0, "stack_session_moves": 0}
+
+    def replay_rival(rival, name, kwargs, capacity, clients, seed, topo):
+        calls.append((rival, name, seed))
+        return dict(slow if len(calls) == 1 else run)
+
+    monkeypatch.setattr(e2e, "replay", replay)
+    monkeypatch.setattr(e2e, "replay_rival", replay_rival)
+    monkeypatch.setattr("bench.common.RESULTS", tmp_path)
+    monkeypatch.setattr(e2e, "RESULTS", tmp_path)
+    result = e2e.main(["--topology", "3x3", "--clients", "2", "--case", "dialogue", "--case", "sweagent", "--seeds", "41,42"])
+    assert calls[0] == (e2e.AGAIN, "dialogue", 41) and calls[1] == ("default", "dialogue", 41)
+    assert len(calls) == 1 + 4 * (1 + len(e2e.RIVALS) + len(e2e.OPT_INS))  # one warm-up, then every counted run
+    for s in result["summary"]:  # the cold run's figures are in no row and no mean
+        assert all(v["latency_p90_s"] == 0.2 for v in (*s["rivals"].values(), *s["opt_ins"].values()))
+    assert "warm" in result["description"]
+    # --opt-ins-only: its first counted run is the default again, so it warms up first too
+    calls.clear()
+    on_record = {**result, "rows": result["rows"], "summary": result["summary"]}
+    (tmp_path / "e2e-3x3.json").write_text(json.dumps(on_record))
+    again = e2e.main(["--topology", "3x3", "--opt-ins-only"])
+    assert calls[0] == (e2e.AGAIN, "dialogue", 41) and calls[1] == (e2e.AGAIN, "dialogue", 41)
+    assert all(s["again"]["latency_p90_s"] == 0.2 for s in again["summary"])
 
 
 def test_the_simulated_routers_pin_a_hot_shared_prefix_to_one_worker_below_their_threshold():
@@ -566,7 +609,8 @@ def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_ne
     ran.clear()
     e2e.main(["--topology", "3x3", "--opt-ins-only"])
     merged = written["e2e-3x3"]
-    assert sorted(ran) == sorted((o, "dialogue", 12, s, 3) for s in e2e.SEEDS for o in (e2e.AGAIN, no_move, every))
+    warm = (e2e.AGAIN, "dialogue", 12, e2e.SEEDS[0], 3)  # the warm-up, not counted (its own test)
+    assert ran[0] == warm and sorted(ran[1:]) == sorted((o, "dialogue", 12, s, 3) for s in e2e.SEEDS for o in (e2e.AGAIN, no_move, every))
     assert list(merged["summary"][0]["opt_ins"]) == [no_move, every]
     assert merged["summary"][0]["opt_ins"][every]["hit_ratio"] == pytest.approx(0.9 + mean_seed)
     assert merged["summary"][0]["again"]["hit_ratio"] == pytest.approx(0.5 + mean_seed)  # the default, beside them

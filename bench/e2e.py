@@ -181,7 +181,7 @@ def warm_up(name: str, kwargs: dict, capacity: int, clients: int, seed: int, top
     that counts. Why: the first run of a benchmark process runs cold, and it was always the
     default's first seed of the first case. In the 15 runs on record before this warm-up, that run's
     latency p90 stood a median 37 ms (−24 to +186) above the median of the rivals' runs on the same
-    sessions right after it; in every later run the default stood a median −2 ms from them. So one
+    sessions right after it; the default's later runs stood a median −2 ms from them. So one
     latency verdict per benchmark run was the cold start's, always against the default."""
     print(f"warm-up: {name} x{clients} seed {seed} through the stack, not counted", flush=True)
     replay_rival(AGAIN, name, kwargs, capacity, clients, seed, topo)

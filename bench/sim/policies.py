@@ -128,6 +128,12 @@ class LeastRequest:
         return a if sim.routers[a].inflight <= sim.routers[b].inflight else b
 
 
+def _hashed(key: str, routers: int) -> int:
+    """The router a hash of ``key`` picks: a stable hash (Python's ``hash()`` is salted per process)."""
+    h = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(h, "big") % routers
+
+
 class ConsistentHash:
     """Hash of the routing text's first ``k`` characters (a common gateway option)."""
 
@@ -135,8 +141,7 @@ class ConsistentHash:
         self.k = k
 
     def choose(self, p, sim) -> int:
-        h = hashlib.blake2b(p.sglang_text[: self.k].encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        return int.from_bytes(h, "big") % len(sim.routers)
+        return _hashed(p.sglang_text[: self.k], len(sim.routers))
 
 
 class SessionHash:
@@ -145,8 +150,7 @@ class SessionHash:
     Modulo the routers rather than a ring: the same stickiness, the shares a little more even."""
 
     def choose(self, p, sim) -> int:
-        h = hashlib.blake2b(str(p.req.session).encode(), digest_size=8).digest()
-        return int.from_bytes(h, "big") % len(sim.routers)
+        return _hashed(str(p.req.session), len(sim.routers))
 
 
 class LiteLLM:

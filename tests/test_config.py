@@ -138,3 +138,23 @@ def test_addresses():
     assert resolve_all("[::1]:80") == ["[::1]:80"]
     with pytest.raises(AddressError):
         resolve_all("no-such-host.invalid:80")
+
+
+def test_the_readme_rule_in_one_paragraph_names_the_defaults_as_they_ship():
+    """The README sums the decision up in one paragraph with its figures written out (the issue
+    asked for a rule that fits one); a default changed without the paragraph would leave readers
+    a rule the service does not run."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("**The rule in one paragraph.**")
+    para = " ".join(readme[start:readme.index("\n\n", start)].split())
+    d = {name: f.default for name, f in OPTIONS.items()}
+    for phrase in (
+        f"plus {d['inflight_cost_chars']:,} for each request it has in flight beyond the least loaded upstream's",
+        f"only beyond {d['continuation_knee']} requests in flight per worker of their router",
+        f"brings {d['new_prefix_own_chars']:,} characters of its own past a shared system prompt",
+        f"is charged load only beyond {d['new_prefix_knee']},",
+        f"plus {d['new_prefix_weight']} requests for each new prefix its upstream took among the last {d['new_prefix_window']}",
+        f"have run {d['move_family_turns']:g} turns on average",
+    ):
+        assert phrase in para, phrase
+    assert d["hit_choice"] == "cost" and d["move_evicted_sessions"] and d["inflight_slack"] == 0 and d["workers_endpoint"]

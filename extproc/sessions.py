@@ -48,10 +48,13 @@ from .tree import Match, RadixTree
 # 65,536 sessions of 2-3 KB prompts).
 MAX_SESSIONS = 65536
 MAX_FAMILIES = 4096
-# Prompts sessions have left (their next turn came), remembered for a peer's late note: a report
-# read on one replica often reaches the others after the session's next turn was decided.
-MAX_LEFT = 4096
-LEFT_PER_PROMPT = 4  # sessions remembered per prompt left (agents replaying one script share prompts)
+# Sessions remembered under the prompt they left (their next turn came), for a peer's late note: a
+# report read on one replica often reaches the others after the session's next turn was decided.
+# Bounded in sessions, not prompts (as many references as 4,096 prompts of 4 held before): agents
+# replaying one script in step leave one prompt together, and a note that comes after all of them
+# stepped on must still find its own; up to 64 a prompt, so that a note scans at most 64 anchors.
+MAX_LEFT = 16384
+LEFT_PER_PROMPT = 64
 # A prompt is looked up by its length and its last characters, not by a hash of all of it: hashing
 # a 100,000-character prompt twice per request would cost five times the decision itself. Sessions
 # replaying one script apart from their first words (agents on the same step of different tasks)
@@ -118,6 +121,7 @@ class SessionBook:
         self.kept = 0  # sessions in ``sessions``
         self.families: OrderedDict[int, list[int]] = OrderedDict()  # family -> [sessions, turns]
         self.left: OrderedDict[int, list[Session]] = OrderedDict()  # key of a prompt left -> the sessions that left it
+        self.left_kept = 0  # sessions in ``left``
 
     def _known(self, partition: str, text: str, match: Match) -> tuple[int, list[Session] | None, Session | None]:
         """The session whose latest prompt the request extends whole, with its key and bucket."""
@@ -210,10 +214,14 @@ class SessionBook:
 
     def _left(self, key: int, s: Session) -> None:
         gone = self.left.pop(key, None) or []
+        self.left_kept -= len(gone)
         gone.append(s)
-        self.left[key] = gone[-LEFT_PER_PROMPT:]
-        if len(self.left) > self.max_left:
-            self.left.popitem(last=False)
+        gone = gone[-min(LEFT_PER_PROMPT, self.max_left):]
+        self.left[key] = gone  # the newest prompt left, so the bound drops the others first
+        self.left_kept += len(gone)
+        while self.left_kept > self.max_left:
+            _, dropped = self.left.popitem(last=False)
+            self.left_kept -= len(dropped)
 
     def find(self, ref: Ref) -> Session | None:
         """The session a peer names (``ref``): the one the book keeps under that prompt, or, for a

@@ -195,6 +195,40 @@ def test_a_peer_names_a_session_by_its_latest_prompt_and_a_late_note_still_finds
     assert len(book.left) == 2
 
 
+def test_a_late_note_finds_its_session_among_many_agents_replaying_one_script_in_step():
+    """Agents replaying one script on different tasks (bench.e2e's SWE-agent case: 12 copies of one
+    trajectory started together) leave prompts of one key together. A report read on another
+    replica reaches this one after all of them took their next step: its note must still find its
+    own session. (The book kept 4 sessions a prompt: the notes of the first 6 of 10 found none,
+    counted as unknown, and a peer could move a session twice.)"""
+    f = Fleet()
+    script = " the same step of the same script " * 40
+    tasks = [f"[task {i}]" for i in range(10)]  # one length: one key per step for all ten
+    refs = [reference(P, turn1(t + script), f.send(turn1(t + script))[1]) for t in tasks]
+    sessions = [f.send(turn1(t + script) + " step two " * 10)[1] for t in tasks]  # every one steps on before any note
+    assert len({id(s) for s in sessions}) == 10
+    for ref, s in zip(refs, sessions):
+        assert f.book.find(ref) is s
+        assert apply_note(f.book, ref, "moved") and s.moved
+
+
+def test_the_prompts_sessions_left_are_bounded_in_sessions_however_many_share_a_prompt():
+    """The late-note memory holds at most ``max_left`` sessions in all, the newest kept: many
+    agents on one prompt cannot grow it past the bound, nor push out the latest to leave."""
+    book, tree, rng = SessionBook(0.3, 2.0, max_left=3), RadixTree(), random.Random(0)
+    script = " the same step of the same script " * 40
+    refs = []
+    for i in range(8):
+        first = f"[task {i}]" + script
+        for t in (first, first + " step two " * 10):
+            d, s, _ = decide_following(book, tree, {"a": 0}, P, t, CFG, rng)
+            tree.insert(P, t, d.upstream, 0.0)
+            if t == first:
+                refs.append((reference(P, first, s), s))
+    assert sum(len(b) for b in book.left.values()) == book.left_kept == 3
+    assert [book.find(ref) is s for ref, s in refs] == [False] * 5 + [True] * 3
+
+
 def test_sessions_replaying_one_script_apart_from_their_first_words_are_kept_apart():
     """Agents on the same steps of different tasks: prompts of one length ending alike."""
     f = Fleet()

@@ -57,6 +57,7 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         return add_opt_ins(topo)
     cases = {k: v for k, v in CASES.items() if not a.case or k in a.case}
     seeds = a.seeds or SEEDS
-    first = next(iter(cases))
-    warm_up(first, *cases[first], a.clients[0], seeds[0], topo)
+    first, clients, seed = next(iter(cases)), a.clients[0], seeds[0]
+    warm_up(first, clients, seed, lambda: replay_rival(AGAIN, first, *cases[first], clients, seed, topo))
     rows = []
     for name, (kwargs, capacity) in cases.items():
         for clients in a.clients:
@@ -176,15 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def warm_up(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology) -> None:
-    """One replay of a case through the stack as it ships, its figures thrown away, before any run
-    that counts. Why: the first run of a benchmark process runs cold, and it was always the
+def warm_up(name: str, clients: int, seed: int, run: Callable[[], object]) -> None:
+    """One replay of a case through the stack as it ships (``run``), its figures thrown away, before
+    any run that counts (here and in bench.e2e_ab). Why: the first run of a benchmark process runs cold, and it was always the
     default's first seed of the first case. In the 15 runs on record before this warm-up, that run's
     latency p90 stood a median 37 ms (−24 to +186) above the median of the rivals' runs on the same
     sessions right after it; the default's later runs stood a median −2 ms from them. So one
     latency verdict per benchmark run was the cold start's, always against the default."""
     print(f"warm-up: {name} x{clients} seed {seed} through the stack, not counted", flush=True)
-    replay_rival(AGAIN, name, kwargs, capacity, clients, seed, topo)
+    run()
 
 
 def _means(rows: list[dict], name: str) -> dict[str, float]:
@@ -208,8 +209,8 @@ def add_opt_ins(topo: Topology) -> dict:
     result = orjson.loads(path.read_bytes())
     names = (AGAIN, *OPT_INS)
     if result["rows"]:
-        row = result["rows"][0]
-        warm_up(row["workload"], *CASES[row["workload"]], row["concurrency"], row["seed"], topo)
+        name, clients, seed = (result["rows"][0][k] for k in ("workload", "concurrency", "seed"))
+        warm_up(name, clients, seed, lambda: replay_rival(AGAIN, name, *CASES[name], clients, seed, topo))
     for row in result["rows"]:
         kwargs, capacity = CASES[row["workload"]]
         for o in names:

@@ -26,7 +26,7 @@ from dataclasses import replace
 from extproc.dev.stack import work_dir
 
 from .common import write
-from .e2e import BASE, CASES, SEEDS, _prepared, _through_service, describe_setup, worker_capacity
+from .e2e import BASE, CASES, SEEDS, _prepared, _through_service, describe_setup, warm_up, worker_capacity
 from .sim.engine import Topology, parse_topology
 
 DEFAULTS_NAME = "defaults"
@@ -82,9 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     against = tuple(shlex.split(a.against))
     pairs: list[tuple[dict, dict]] = []
     rows = []
-    # the first run of a process runs cold (bench.e2e's warm_up): one replay that counts for neither side
-    print(f"warm-up: {a.case} x{a.clients} seed {SEEDS[0]} through the stack, not counted", flush=True)
-    run_once(a.case, a.clients, SEEDS[0], topo, ())
+    # the first run of a process runs cold: one replay that counts for neither side
+    warm_up(a.case, a.clients, SEEDS[0], lambda: run_once(a.case, a.clients, SEEDS[0], topo, ()))
     for rep in range(a.repeats):
         for seed in SEEDS:
             first_defaults = (rep + seed) % 2 == 1  # alternate which side meets the machine first

@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         return add_opt_ins(topo)
     cases = {k: v for k, v in CASES.items() if not a.case or k in a.case}
     seeds = a.seeds or SEEDS
-    first, clients, seed = next(iter(cases)), a.clients[0], seeds[0]
-    warm_up(first, clients, seed, lambda: replay_rival(AGAIN, first, *cases[first], clients, seed, topo))
+    _warm_up_as_it_ships(next(iter(cases)), a.clients[0], seeds[0], topo)
     rows = []
     for name, (kwargs, capacity) in cases.items():
         for clients in a.clients:
@@ -188,6 +187,11 @@ def warm_up(name: str, clients: int, seed: int, run: Callable[[], object]) -> No
     run()
 
 
+def _warm_up_as_it_ships(name: str, clients: int, seed: int, topo: Topology) -> None:
+    """``warm_up`` with the default's replay of one case (``AGAIN``), as both entry points here need."""
+    warm_up(name, clients, seed, lambda: replay_rival(AGAIN, name, *CASES[name], clients, seed, topo))
+
+
 def _means(rows: list[dict], name: str) -> dict[str, float]:
     """A rival's hit ratio and latencies, mean over the seeds' ``rows``."""
     return {k: statistics.mean(r[name][k] for r in rows) for k in ("hit_ratio", "latency_p50_s", "latency_p90_s")}
@@ -209,8 +213,7 @@ def add_opt_ins(topo: Topology) -> dict:
     result = orjson.loads(path.read_bytes())
     names = (AGAIN, *OPT_INS)
     if result["rows"]:
-        name, clients, seed = (result["rows"][0][k] for k in ("workload", "concurrency", "seed"))
-        warm_up(name, clients, seed, lambda: replay_rival(AGAIN, name, *CASES[name], clients, seed, topo))
+        _warm_up_as_it_ships(*(result["rows"][0][k] for k in ("workload", "concurrency", "seed")), topo)
     for row in result["rows"]:
         kwargs, capacity = CASES[row["workload"]]
         for o in names:

@@ -5,7 +5,8 @@
 
 Envoy spreads ext_proc streams over the replicas: here request i goes to replica i mod N (round
 robin), so a conversation's turns are decided by different replicas. Each replica runs the
-project's own policy code over its own tree and its own in-flight counts:
+project's own policy code over its own tree and its own in-flight counts, knowing each router's
+workers as the service reads them (``--workers-endpoint``):
 
 - ``synced`` (``--sync-url``): a replica's placements and in-flight changes reach its peers
   ``delay`` seconds later (0, 1, 10, 100 ms), as the sync link delivers them; each replica's load
@@ -43,6 +44,7 @@ from extproc.tree import RadixTree
 from .common import write
 from .eval import capacities
 from .sim.engine import ServiceModel, Sim, Topology, prepare
+from .sim.policies import router_workers
 from .sim.workloads import WORKLOADS
 
 SEEDS = (7, 8, 9)
@@ -103,7 +105,8 @@ class Replicas:
         loads = {r: self.own[i][r] + self.heard[i][r] for r in routers}
         note = None
         if self.books is None:
-            d = decide(self.trees[i], loads, p.partition, p.sglang_text, sim.now, self.cfg, sim.rng, lately=self.spread[i].counts)
+            d = decide(self.trees[i], loads, p.partition, p.sglang_text, sim.now, self.cfg, sim.rng, lately=self.spread[i].counts,
+                       workers=router_workers(sim))
         else:
             d, note = self._following(i, p, loads, sim)
         self.spread[i].took(d.upstream, d.new_prefix)
@@ -121,7 +124,7 @@ class Replicas:
         """The default's decision at replica ``i`` (its book), the read its response gets, and the
         note of a move for the peers."""
         book, text = self.books[i], p.sglang_text
-        d, s, moved = decide_following(book, self.trees[i], loads, p.partition, text, self.cfg, sim.rng, self.spread[i].counts)
+        d, s, moved = decide_following(book, self.trees[i], loads, p.partition, text, self.cfg, sim.rng, self.spread[i].counts, router_workers(sim))
         if text:
             self.trees[i].insert(p.partition, text, d.upstream, sim.now)
         if s is None:

@@ -1091,6 +1091,34 @@ def test_replicas_sharing_their_books_move_sessions_as_one_replica_does():
     assert runs["not shared"][1] == 0 and runs["not shared"][0] < runs["one"][0] - 0.02
 
 
+def test_a_replica_of_bench_replicas_decides_as_the_default_with_the_routers_workers_known():
+    """bench.replicas measures the default as it ships: one replica (no peers; with a book and
+    without) makes the decisions the simulator's rule makes with each router's workers known (--workers-endpoint),
+    not those of the rule that counts every router as one worker (on 2 routers of 4 workers,
+    where the continuation knee is 32 requests a router, not 8)."""
+    from bench.replicas import Replicas
+    from bench.sim.policies import MovingSessions
+
+    prepared = prepare(WORKLOADS["multi_turn"](random.Random(1)))
+    unique = len({k for p in prepared for k in p.keys}) * 16
+    topo = Topology(routers=2, workers=4, capacity_tokens=unique // 4)
+
+    def decisions(upper) -> list[int]:
+        got: list[int] = []
+        choose = upper.choose
+        upper.choose = lambda p, sim: got.append(choose(p, sim)) or got[-1]
+        Sim(prepared, upper, topo, ServiceModel(), seed=1, rate_scale=4.0).run()
+        return got
+
+    replica = decisions(Replicas(1, None))
+    assert replica == decisions(PrefixRouter())
+    assert replica != decisions(PrefixRouter(count_workers=False))
+    # and with its book, as the simulated default following sessions
+    booked = decisions(Replicas(1, None, True))
+    assert booked == decisions(MovingSessions())
+    assert booked != decisions(MovingSessions(count_workers=False))
+
+
 @pytest.mark.parametrize("make", [lambda: upper_policies()["prefix-router"], PrefixRouter], ids=["default", "no-move"])
 def test_the_simulated_rules_spread_new_prefixes_as_the_service_does(make):
     """Two idle routers and new long prompts one after another: the simulator's rules keep the

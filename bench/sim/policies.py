@@ -26,7 +26,7 @@ def _loads(sim) -> dict[str, int]:
     return {str(i): r.inflight for i, r in enumerate(sim.routers)}
 
 
-def _workers(sim) -> dict[str, int]:
+def router_workers(sim) -> dict[str, int]:
     """Each router's workers, as the service reads them from its worker list (--workers-endpoint)."""
     return {str(i): len(r.workers) for i, r in enumerate(sim.routers)}
 
@@ -44,7 +44,7 @@ class PrefixRouter:
         self.new_session_rates: list[float] = []
 
     def workers(self, sim) -> dict[str, int] | None:
-        return _workers(sim) if self.count_workers else None
+        return router_workers(sim) if self.count_workers else None
 
     def choose(self, p, sim) -> int:
         text = p.sglang_text if self.form == "sglang" else p.texts.get(self.form)
@@ -211,7 +211,7 @@ class TrueCache:
             return int(least_loaded({str(i): loads[i] for i in range(len(loads)) if chars[i] == best}, "random", sim.rng))
         own = self.tree.match(p.partition, p.sglang_text)
         m = Match(max(chars), {str(i): c for i, c in enumerate(chars)}, [], own.whole, own.tail)
-        terms = costs(m, {str(i): n for i, n in enumerate(loads)}, policy_config(), workers=_workers(sim))
+        terms = costs(m, {str(i): n for i, n in enumerate(loads)}, policy_config(), workers=router_workers(sim))
         low = min(cost for _, _, cost in terms.values())
         choice = sim.rng.choice([t for t, (_, _, cost) in terms.items() if cost == low])
         self.tree.insert(p.partition, p.sglang_text, choice, sim.now)

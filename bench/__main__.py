@@ -17,7 +17,7 @@ for name, run in (
     # the same grid where the defaults were not chosen: does the choice carry over?
     *((f"sweep {t}", lambda t=t: sweep.main(["--topology", t])) for t in routing_eval.OTHER_TOPOLOGIES),
     ("eval", lambda: routing_eval.main([])),
-    *((f"eval {t}", lambda t=t: routing_eval.main(["--topology", t])) for t in routing_eval.OTHER_TOPOLOGIES),
+    *((f"eval {t}", lambda t=t: routing_eval.main(["--topology", t])) for t in (*routing_eval.OTHER_TOPOLOGIES, *routing_eval.UNSEEN_TOPOLOGIES)),
     *((f"eval {t} threshold {x:g}", lambda t=t, x=x: routing_eval.main(["--topology", t, "--router-cache-threshold", str(x)]))
       for t, x in routing_eval.ROUTER_THRESHOLDS),
     *((f"eval {t} seeds {routing_eval.FRESH_SEEDS}", lambda t=t: routing_eval.main(["--topology", t, "--seeds", routing_eval.FRESH_SEEDS]))

@@ -73,6 +73,9 @@ ALTERNATES = {"prefix-router/workers-unknown": "The previous default, every rout
 # set-ups the defaults were not chosen on (`make bench` runs each): the independent evaluation's
 # 3 routers x 3 workers, fewer bigger routers, many one-worker routers
 OTHER_TOPOLOGIES = ("3x3", "2x4", "8x1")
+# ... and two run once, after every choice of the default was made, and never looked at for one:
+# more routers of two workers, and the independent evaluation's three routers grown to four workers
+UNSEEN_TOPOLOGIES = ("6x2", "3x4")
 # ... and with the routers at another --cache-threshold than sglang-router's 0.3, one past a shared
 # system prompt's share of a new session's text, so that new sessions are not all sent to its creator
 ROUTER_THRESHOLDS = (("4x2", 0.7), ("3x3", 0.7), ("2x4", 0.7))

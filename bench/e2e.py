@@ -12,6 +12,8 @@ with 8 and 16 concurrent clients; hit ratios compared.
     .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --opt-ins-only
                                            → the service's other settings (OPT_INS) and its defaults again added to
                                              e2e-3x3.json (about 12 minutes; 2x2's, 22)
+    .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --serial-prefill
+                                           → bench/results/e2e-3x3-serial.json (workers running one prefill at a time)
 
 The cases (``CASES``): multi-turn chats, structural edits, shared-prefix groups and short dialogues,
 then two held-out ones the defaults were never tuned on, the SWE-agent trace and the longer
@@ -47,6 +49,11 @@ stack and sit beside the rivals in the results, never among them: the targets ju
 just them, with the default again beside them (``AGAIN``: latency through the stack drifts between
 runs), on the cases, clients and seeds of the run on record, and adds them to its file, so the
 figures already quoted from it stay as measured.
+
+``--serial-prefill``: the fake workers run one prefill at a time (``FakeWorkers``), as a GPU runs its
+prefill batches and as bench.eval's service model does, and the simulator replays them so. Why: with
+prefills side by side (the records on file) load costs a worker nothing but its fixed decode time,
+so a rule that piles sessions on one worker pays no latency for it here, while it does on a GPU.
 """
 
 from __future__ import annotations
@@ -93,8 +100,33 @@ HIT_SLACK_POINTS, LATENCY_FACTOR = 1.0, 1.1
 OUTPUT_TOKENS = 8
 TOKEN_DELAY = 0.02  # s per output token at the fake workers
 PREFILL_DELAY = 0.00005  # s per uncached prompt token
-FAKE_WORKER = ServiceModel(prefill_base=0.0, prefill_per_token=PREFILL_DELAY, decode_step=TOKEN_DELAY, knee=1 << 30, step_over_knee=0.0,
-                           serial_prefill=False)
+
+
+@dataclass(frozen=True)
+class FakeWorkers:
+    """How the fake workers run, in the stack and in the simulator alike. ``serial_prefill``
+    (``--serial-prefill``): one prefill at a time per worker, as a GPU runs its prefill batches and
+    as bench.eval's service model does, so requests piled on one worker wait for their first token;
+    by default prefills run side by side and load costs nothing but the decode's fixed time (the
+    records on file)."""
+
+    serial_prefill: bool = False
+
+    def model(self) -> ServiceModel:
+        return ServiceModel(prefill_base=0.0, prefill_per_token=PREFILL_DELAY, decode_step=TOKEN_DELAY, knee=1 << 30, step_over_knee=0.0,
+                            serial_prefill=self.serial_prefill)
+
+    def args(self, capacity: int) -> list[str]:
+        return ["--capacity-tokens", str(capacity), "--output-tokens", str(OUTPUT_TOKENS), "--token-delay", str(TOKEN_DELAY),
+                "--prefill-delay-per-token", str(PREFILL_DELAY), *(["--serial-prefill"] if self.serial_prefill else [])]
+
+    @property
+    def suffix(self) -> str:
+        """What a results file's name gains (``e2e-3x3-serial``)."""
+        return "-serial" if self.serial_prefill else ""
+
+
+SIDE_BY_SIDE = FakeWorkers()  # the records on file
 
 
 def worker_capacity(capacity: int, topo: Topology) -> int:
@@ -113,25 +145,28 @@ def main(argv: list[str] | None = None) -> dict:
                    help="every sglang-router's --cache-threshold (its default 0.3); other than that, results go to e2e-RxW-thresholdX.json")
     p.add_argument("--seeds", type=parse_seeds, metavar="N,N,...",
                    help=f"these seeds instead of {','.join(map(str, SEEDS))} (seeds nothing was chosen on); results go to e2e-RxW[...]-seedsN-N.json")
+    p.add_argument("--serial-prefill", action="store_true",
+                   help="fake workers that run one prefill at a time (FakeWorkers); results go to e2e-RxW[...]-serial.json")
     p.add_argument("--opt-ins-only", action="store_true",
                    help="run only the service's other settings (OPT_INS), with the default again beside them, and add them to the results "
                         "file on record for this set-up, its other figures kept")
     a = p.parse_args(argv)
     topo = replace(a.topology, batch=BASE.batch, router_threshold=a.router_cache_threshold)
+    workers = FakeWorkers(serial_prefill=a.serial_prefill)
     if a.opt_ins_only:
         if a.seeds:
             p.error("--opt-ins-only adds to the run on record, on its own seeds: not with --seeds")
-        return add_opt_ins(topo)
+        return add_opt_ins(topo, workers)
     cases = {k: v for k, v in CASES.items() if not a.case or k in a.case}
     seeds = a.seeds or SEEDS
-    _warm_up_as_it_ships(next(iter(cases)), a.clients[0], seeds[0], topo)
+    _warm_up_as_it_ships(next(iter(cases)), a.clients[0], seeds[0], topo, workers)
     rows = []
     for name, (kwargs, capacity) in cases.items():
         for clients in a.clients:
             for seed in seeds:
-                rows.append(replay(name, kwargs, capacity, clients, seed, topo))
+                rows.append(replay(name, kwargs, capacity, clients, seed, topo, workers))
                 for rival in (*RIVALS, *OPT_INS):
-                    rows[-1][rival] = replay_rival(rival, name, kwargs, capacity, clients, seed, topo)
+                    rows[-1][rival] = replay_rival(rival, name, kwargs, capacity, clients, seed, topo, workers)
     summary = []
     for name in cases:
         for clients in a.clients:
@@ -161,18 +196,18 @@ def main(argv: list[str] | None = None) -> dict:
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients, random tie-breaks on both sides, the service's defaults; "
                    f"{describe_setup(topo)} "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
-                   f"prompt token); mean of seeds {seeds_words(seeds)}, after one warm-up run not counted. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
+                   f"prompt token{', one prefill at a time per worker' if workers.serial_prefill else ''}); mean of seeds {seeds_words(seeds)}, after one warm-up run not counted. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
                    f"Targets against the real rivals (hit ratio within {HIT_SLACK_POINTS:g} point of the best, latency p90 at most "
                    f"{LATENCY_FACTOR:g}x the best upper-layer rival's): met in {met} of {len(summary)} cases. Requests failed: {failed}.")
     result = {"benchmark": "e2e", "description": description,
               "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},
-              "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS, "latency_factor": LATENCY_FACTOR,
+              "serial_prefill": workers.serial_prefill, "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS, "latency_factor": LATENCY_FACTOR,
               "rivals": {k: v.describe(topo) for k, v in RIVALS.items()}, "opt_ins": {k: v.describe(topo) for k, v in OPT_INS.items()},
               "seeds": list(seeds), "fresh_seeds": list(a.seeds) if a.seeds else None, "rows": rows, "summary": summary}
     print(description)
     # a run of some of the cases keeps the whole run's file (and REPORT.md's section) intact
     subset = bool(a.case) or ((topo.routers, topo.workers) == (BASE.routers, BASE.workers) and a.clients != CONCURRENCY)
-    print(f"wrote {write(results_name(topo, a.seeds) + ('-subset' if subset else ''), result)}")
+    print(f"wrote {write(results_name(topo, a.seeds, workers) + ('-subset' if subset else ''), result)}")
     return result
 
 
@@ -187,9 +222,9 @@ def warm_up(name: str, clients: int, seed: int, run: Callable[[], object]) -> No
     run()
 
 
-def _warm_up_as_it_ships(name: str, clients: int, seed: int, topo: Topology) -> None:
+def _warm_up_as_it_ships(name: str, clients: int, seed: int, topo: Topology, workers: FakeWorkers = SIDE_BY_SIDE) -> None:
     """``warm_up`` with the default's replay of one case (``AGAIN``), as both entry points here need."""
-    warm_up(name, clients, seed, lambda: replay_rival(AGAIN, name, *CASES[name], clients, seed, topo))
+    warm_up(name, clients, seed, lambda: replay_rival(AGAIN, name, *CASES[name], clients, seed, topo, workers))
 
 
 def _means(rows: list[dict], name: str) -> dict[str, float]:
@@ -204,20 +239,20 @@ def _opt_in_means(rows: list[dict], name: str) -> dict[str, float]:
             "session_moves": statistics.mean(r[name].get("session_moves", 0) for r in rows)}
 
 
-def add_opt_ins(topo: Topology) -> dict:
+def add_opt_ins(topo: Topology, workers: FakeWorkers = SIDE_BY_SIDE) -> dict:
     """The other settings (``OPT_INS``) and the default again (``AGAIN``) through the stack, on the cases,
     concurrencies and seeds of the results file on record for ``topo``, put into its rows and
     summary (replacing settings measured before); the rest of the file, and so every figure quoted
     from it, stays as it was measured."""
-    path = RESULTS / f"{results_name(topo)}.json"
+    path = RESULTS / f"{results_name(topo, workers=workers)}.json"
     result = orjson.loads(path.read_bytes())
     names = (AGAIN, *OPT_INS)
     if result["rows"]:
-        _warm_up_as_it_ships(*(result["rows"][0][k] for k in ("workload", "concurrency", "seed")), topo)
+        _warm_up_as_it_ships(*(result["rows"][0][k] for k in ("workload", "concurrency", "seed")), topo, workers)
     for row in result["rows"]:
         kwargs, capacity = CASES[row["workload"]]
         for o in names:
-            row[o] = replay_rival(o, row["workload"], kwargs, capacity, row["concurrency"], row["seed"], topo)
+            row[o] = replay_rival(o, row["workload"], kwargs, capacity, row["concurrency"], row["seed"], topo, workers)
     for s in result["summary"]:
         mine = [r for r in result["rows"] if r["workload"] == s["workload"] and r["concurrency"] == s["concurrency"]]
         s["again"] = _opt_in_means(mine, AGAIN)
@@ -229,7 +264,7 @@ def add_opt_ins(topo: Topology) -> dict:
     result["opt_ins"] = {k: v.describe(topo) for k, v in OPT_INS.items()}
     failed = sum(r[o]["failed"] for r in result["rows"] for o in names)
     result["opt_ins_failed"] = failed
-    print(f"other settings' requests failed: {failed}; wrote {write(results_name(topo), result)}")
+    print(f"other settings' requests failed: {failed}; wrote {write(results_name(topo, workers=workers), result)}")
     return result
 
 
@@ -249,28 +284,29 @@ def describe_setup(topo: Topology) -> str:
     return f"{topo.routers} sglang-routers{at} x {topo.workers} fake workers"
 
 
-def results_name(topo: Topology, seeds: tuple[int, ...] | None = None) -> str:
+def results_name(topo: Topology, seeds: tuple[int, ...] | None = None, workers: FakeWorkers = SIDE_BY_SIDE) -> str:
     """``e2e`` for the 2x2 set-up, ``e2e-3x3`` for another, ``e2e-3x3-threshold0.7`` with the
-    routers at another --cache-threshold, ``e2e-3x3-seeds41-42-43`` on other seeds (``--seeds``)."""
+    routers at another --cache-threshold, ``e2e-3x3-seeds41-42-43`` on other seeds (``--seeds``),
+    ``e2e-3x3-serial`` with workers running one prefill at a time (``--serial-prefill``)."""
     t = threshold_suffix(topo)
-    if (topo.routers, topo.workers, t, seeds) == (BASE.routers, BASE.workers, "", None):
+    if (topo.routers, topo.workers, t, seeds, workers) == (BASE.routers, BASE.workers, "", None, SIDE_BY_SIDE):
         return "e2e"
-    return f"e2e-{topo.routers}x{topo.workers}{t}{seeds_suffix(seeds)}"
+    return f"e2e-{topo.routers}x{topo.workers}{t}{seeds_suffix(seeds)}{workers.suffix}"
 
 
 def _router_args(topo: Topology) -> list[str]:
     return ["--cache-threshold", f"{topo.router_threshold:g}"] if threshold_suffix(topo) else []
 
 
-def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE) -> dict:
+def replay(name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE, workers: FakeWorkers = SIDE_BY_SIDE) -> dict:
     """One seed of one case at one concurrency: simulate, then replay the same sessions through the stack."""
     prepared = _prepared(name, kwargs, seed)
     capacity = worker_capacity(capacity, topo)
-    simulated = Sim(prepared, MovingSessions(), replace(topo, capacity_tokens=capacity), FAKE_WORKER,
+    simulated = Sim(prepared, MovingSessions(), replace(topo, capacity_tokens=capacity), workers.model(),
                     seed=seed, clients=clients).run()
     t0 = time.time()
     with work_dir(f"bench-e2e-{name}-") as work:
-        totals = _through_service(prepared, capacity, clients, work, topo=topo)
+        totals = _through_service(prepared, capacity, clients, work, topo=topo, workers=workers)
     real = totals["hit_ratio"]
     row = {"workload": name, "concurrency": clients, "seed": seed, "requests": len(prepared), "failed": totals["failed"], "capacity_tokens": capacity,
            "simulated_hit_ratio": simulated["hit_ratio"], "stack_hit_ratio": real, "difference_points": 100 * (real - simulated["hit_ratio"]),
@@ -368,11 +404,6 @@ def with_tool_call_ids(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _worker_args(capacity: int) -> list[str]:
-    return ["--capacity-tokens", str(capacity), "--output-tokens", str(OUTPUT_TOKENS), "--token-delay", str(TOKEN_DELAY),
-            "--prefill-delay-per-token", str(PREFILL_DELAY)]
-
-
 def _sessions(prepared) -> deque[list]:
     by_session: dict[str, list] = {}
     for p in prepared:
@@ -420,25 +451,27 @@ def drive(base_url: str, prepared, clients: int, session_header: bool = False) -
             "latency_p50_s": latencies[n // 2], "latency_p90_s": latencies[min(n - 1, int(n * 0.9))]}
 
 
-def replay_rival(name_of_rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE) -> dict:
+def replay_rival(name_of_rival: str, name: str, kwargs: dict, capacity: int, clients: int, seed: int, topo: Topology = BASE,
+                 workers: FakeWorkers = SIDE_BY_SIDE) -> dict:
     """The same sessions through a rival made of real processes (``RIVALS``)."""
     rival = {**RIVALS, **OPT_INS, AGAIN: Rival()}[name_of_rival]  # AGAIN: the stack as it ships
     prepared = _prepared(name, kwargs, seed)
     capacity = worker_capacity(capacity, topo)
     with work_dir(f"bench-e2e-{name}-rival-") as work:
         if rival.one_layer or rival.lb_policy:
-            out = _through_plain(rival, prepared, capacity, clients, work, topo)
+            out = _through_plain(rival, prepared, capacity, clients, work, topo, workers)
         else:
-            out = _through_service(prepared, capacity, clients, work, rival.service_args, topo)
+            out = _through_service(prepared, capacity, clients, work, rival.service_args, topo, workers)
     print(f"{name} x{clients} seed {seed} {name_of_rival}: hit {out['hit_ratio']:.3f}, latency p90 {out['latency_p90_s'] * 1000:.0f} ms "
           f"({out['failed']} failed)", flush=True)
     return out
 
 
-def _through_service(prepared, capacity: int, clients: int, work: Path, service_args: tuple[str, ...] = (), topo: Topology = BASE) -> dict:
+def _through_service(prepared, capacity: int, clients: int, work: Path, service_args: tuple[str, ...] = (), topo: Topology = BASE,
+                     workers: FakeWorkers = SIDE_BY_SIDE) -> dict:
     """The sessions through the whole stack: envoy/duplex.yaml, the service (with ``service_args``),
-    the sglang-routers over their fake workers (``topo``)."""
-    stack = Stack(Ports.free(topo.routers, topo.workers), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=_worker_args(capacity), workdir=work,
+    the sglang-routers over their fake workers (``topo``, ``workers``)."""
+    stack = Stack(Ports.free(topo.routers, topo.workers), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=workers.args(capacity), workdir=work,
                   service_args=list(service_args), router_args=_router_args(topo))
     with stack:
         out = _drive_counted(stack, stack.base_url, prepared, clients)
@@ -474,11 +507,12 @@ def requests_per_worker(stack: Stack) -> list[int]:
             for r in range(len(stack.ports.workers)) for u in stack.worker_urls(r)]
 
 
-def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Path, topo: Topology = BASE) -> dict:
+def _through_plain(rival: Rival, prepared, capacity: int, clients: int, work: Path, topo: Topology = BASE,
+                   workers: FakeWorkers = SIDE_BY_SIDE) -> dict:
     """The sessions through a rival without the service: one sglang-router over every worker, or a
     plain Envoy over the routers."""
     n = topo.routers * topo.workers
-    stack = Stack(Ports.free(1, n) if rival.one_layer else Ports.free(topo.routers, topo.workers), worker_args=_worker_args(capacity), workdir=work,
+    stack = Stack(Ports.free(1, n) if rival.one_layer else Ports.free(topo.routers, topo.workers), worker_args=workers.args(capacity), workdir=work,
                   router_args=_router_args(topo))
     envoy = None
     try:

@@ -8,6 +8,9 @@
                                            → bench/results/e2e_rivals-3x3-threshold0.5.json (every router at 0.5)
     .venv/bin/python -m bench.e2e_rivals --topology 4x2 --clients 24 --seeds 200-299
                                            → bench/results/e2e_rivals-4x2-seeds200to299.json (about 10 minutes)
+    .venv/bin/python -m bench.e2e_rivals --topology 3x3 --clients 12 --serial-prefill
+                                           → bench/results/e2e_rivals-3x3-serial.json (workers running one prefill
+                                             at a time, against bench.e2e --serial-prefill's run)
 
 bench.e2e checks the simulator against the real stack for prefix-router's rule only; its rivals
 (round robin, least request and the session hash over the routers, the service's other rules, the
@@ -41,7 +44,7 @@ from functools import partial
 from extproc.config import policy_config
 
 from .common import RESULTS, parse_seeds, seeds_suffix, seeds_words, write
-from .e2e import BASE, CASES, FAKE_WORKER, SEEDS, _prepared, describe_setup, parse_clients, results_name, worker_capacity
+from .e2e import BASE, CASES, SEEDS, SIDE_BY_SIDE, FakeWorkers, _prepared, describe_setup, parse_clients, results_name, worker_capacity
 from .sim.engine import Sim, Topology, parse_topology, threshold_suffix
 from .sim.policies import LeastRequest, MovingSessions, PrefixRouter, RoundRobin, SessionHash, Single
 
@@ -72,7 +75,7 @@ POLICIES = {
 
 
 def simulate(name: str, policy: str, topo: Topology, clients: int, overhead: tuple[float, float],
-             seeds: tuple[int, ...] = SEEDS) -> tuple[list[float], list[float], list[float]]:
+             seeds: tuple[int, ...] = SEEDS, workers: FakeWorkers = SIDE_BY_SIDE) -> tuple[list[float], list[float], list[float]]:
     """Hit ratio and request latency p90 (seconds) per seed of one case under one policy, and
     (prefix-router only) the match rates its ``prefix_router_new_session_match_rate`` would have
     observed, every seed's together."""
@@ -83,7 +86,7 @@ def simulate(name: str, policy: str, topo: Topology, clients: int, overhead: tup
     hits, latencies, rates = [], [], []
     for seed in seeds:
         upper = POLICIES[policy]()
-        out = Sim(_prepared(name, kwargs, seed), upper, t, FAKE_WORKER, seed=seed, clients=clients, overhead=overhead).run()
+        out = Sim(_prepared(name, kwargs, seed), upper, t, workers.model(), seed=seed, clients=clients, overhead=overhead).run()
         hits.append(out["hit_ratio"])
         latencies.append(out["latency_p90_s"])
         rates += getattr(upper, "new_session_rates", [])
@@ -108,12 +111,13 @@ def paired(mine: list[float], theirs: list[float]) -> dict:
             "ahead": sum(d > 0 for d in diffs), "behind": sum(d < 0 for d in diffs), "seeds": len(diffs)}
 
 
-def measured(topo: Topology, clients: int, seeds: tuple[int, ...] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+def measured(topo: Topology, clients: int, seeds: tuple[int, ...] | None = None,
+             workers: FakeWorkers = SIDE_BY_SIDE) -> dict[str, dict[str, tuple[float, float]]]:
     """What bench.e2e measured through the real stack on this set-up, per case and policy: hit
     ratio and request latency p90 (seconds). The default's is its latest measurement (``again``,
     from a run of the other settings, when the file has one: the default of the run on record may
     be an earlier one). ``seeds``: the run on those seeds (``bench.e2e --seeds``), if there is one."""
-    path = RESULTS / f"{results_name(topo, seeds)}.json"
+    path = RESULTS / f"{results_name(topo, seeds, workers)}.json"
     if not path.exists():
         return {}
     out: dict[str, dict[str, tuple[float, float]]] = {}
@@ -137,19 +141,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=parse_seeds, metavar="N,N,...|A-B",
                    help=f"these seeds instead of bench.e2e's {','.join(map(str, SEEDS))} (a range: A-B), each rival paired with "
                         "prefix-router seed by seed; results go to e2e_rivals-RxW-seeds....json")
+    p.add_argument("--serial-prefill", action="store_true",
+                   help="fake workers that run one prefill at a time (bench.e2e's FakeWorkers), against bench.e2e --serial-prefill's run; "
+                        "results go to e2e_rivals-RxW[...]-serial.json")
     a = p.parse_args(argv)
+    workers = FakeWorkers(serial_prefill=a.serial_prefill)
     seeds = a.seeds or SEEDS
     topo = replace(a.topology, batch=BASE.batch, router_threshold=a.router_cache_threshold)
     cases = []
     for clients in a.clients:
-        real = measured(topo, clients, a.seeds)
+        real = measured(topo, clients, a.seeds, workers)
         for name in CASES:
             if a.case and name not in a.case:
                 continue
             row = {"workload": name, "concurrency": clients, "policies": {}}
             for policy in POLICIES:
-                lockstep, lockstep_p90, _ = simulate(name, policy, topo, clients, (0.0, 0.0), seeds)
-                overhead, overhead_p90, rates = simulate(name, policy, topo, clients, STACK_OVERHEAD_S, seeds)
+                lockstep, lockstep_p90, _ = simulate(name, policy, topo, clients, (0.0, 0.0), seeds, workers)
+                overhead, overhead_p90, rates = simulate(name, policy, topo, clients, STACK_OVERHEAD_S, seeds, workers)
                 if policy == "prefix-router":
                     row["new_sessions"] = new_sessions(rates, topo.router_threshold)
                 stack = real.get(name, {}).get(policy)
@@ -176,15 +184,16 @@ def main(argv: list[str] | None = None) -> dict:
     on = f"other seeds, {seeds_words(seeds)} (`--seeds`)" if a.seeds else f"seeds ({seeds_words(seeds)})"
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients on {describe_setup(topo)}, bench.e2e's cases, "
                    f"cache sizes and {on}, each figure the mean of the seeds'; the simulator in lockstep and with "
-                   f"{STACK_OVERHEAD_S[0] * 1000:g}-{STACK_OVERHEAD_S[1] * 1000:g} ms of overhead per request, against bench.e2e's "
-                   f"measurement through real processes ({results_name(topo, a.seeds)}.json, where run).")
+                   f"{STACK_OVERHEAD_S[0] * 1000:g}-{STACK_OVERHEAD_S[1] * 1000:g} ms of overhead per request"
+                   f"{', the fake workers running one prefill at a time' if workers.serial_prefill else ''}, against bench.e2e's "
+                   f"measurement through real processes ({results_name(topo, a.seeds, workers)}.json, where run).")
     result = {"benchmark": "e2e_rivals", "description": description,
               "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},
               "clients": list(a.clients), "overhead_s": list(STACK_OVERHEAD_S), "seeds": list(seeds), "fresh_seeds": list(a.seeds) if a.seeds else None,
-              "cases": cases}
+              "serial_prefill": workers.serial_prefill, "cases": cases}
     print(description)
     suffix = "-subset" if a.case else ""
-    print(f"wrote {write(f'e2e_rivals-{topo.routers}x{topo.workers}{threshold_suffix(topo)}{seeds_suffix(a.seeds)}{suffix}', result)}")
+    print(f"wrote {write(f'e2e_rivals-{topo.routers}x{topo.workers}{threshold_suffix(topo)}{seeds_suffix(a.seeds)}{workers.suffix}{suffix}', result)}")
     return result
 
 

@@ -312,11 +312,15 @@ def _threshold(result: dict) -> float | None:
     return None if t == Topology.router_threshold else t
 
 
-def _threshold_words(result: dict) -> tuple[str, str]:
-    """A run's routers' threshold for a section title, and the flag that reproduces it ("" twice at
-    sglang-router's default)."""
+def _setup_words(result: dict) -> tuple[str, str]:
+    """A real-stack run's set-up beyond its shape, for a section title, and the flags that reproduce
+    it: the routers' threshold ("" twice at sglang-router's default), fake workers running one
+    prefill at a time (``--serial-prefill``)."""
     t = _threshold(result)
-    return (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
+    at, flag = (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
+    if result.get("serial_prefill"):
+        at, flag = f"{at}, workers running one prefill at a time", f"{flag} --serial-prefill"
+    return at, flag
 
 
 def _service(result: dict) -> float | None:
@@ -450,7 +454,7 @@ def _e2e_lines(d: dict, title: str) -> list[str]:
 def _e2e_rivals_lines(d: dict) -> list[str]:
     """One ``bench.e2e_rivals`` run: each real rival simulated in lockstep and with the stack's
     overhead, beside what the real stack measured."""
-    shape, (at, flag) = _rxw(d), _threshold_words(d)
+    shape, (at, flag) = _rxw(d), _setup_words(d)
     seeds = _given_seeds(d)
     if seeds:
         at, flag = f"{at}, seeds {seeds_words(seeds)}", f"{flag} --seeds {seeds_flag(seeds)}"
@@ -531,7 +535,7 @@ def _measured_sections() -> list[str]:
         lines += _e2e_lines(_read(e2e), "## The simulator against the real stack (`python -m bench.e2e`)")
     for path in _runs_on_record("e2e"):
         d = _read(path)
-        shape, (at, flag) = _rxw(d), _threshold_words(d)
+        shape, (at, flag) = _rxw(d), _setup_words(d)
         clients = ",".join(str(c) for c in dict.fromkeys(r["concurrency"] for r in d["summary"]))
         seeds = _given_seeds(d)
         on, again = (f", on fresh seeds {seeds_words(seeds)}", f" --seeds {seeds_flag(seeds)}") if seeds else ("", "")

@@ -119,7 +119,7 @@ def sessions_runs() -> list[dict]:
         prepared = e2e._prepared("sweagent", kwargs, seed)
         for label, (n, args) in SESSION_VARIANTS.items():
             with work_dir(f"bench-replicas-sessions-{n}-") as work, Stack(
-                    Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=e2e._worker_args(capacity),
+                    Ports.free(2, 2, services=n), envoy_config=ENVOY_DIR / "duplex.yaml", worker_args=e2e.SIDE_BY_SIDE.args(capacity),
                     workdir=work, service_args=list(args)) as stack:
                 _wait_synced(stack, n)
                 out = e2e.drive(stack.base_url, prepared, SESSION_CLIENTS)

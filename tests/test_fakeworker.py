@@ -105,3 +105,47 @@ def test_http2_preface_probes_log_no_traceback(tmp_path):
         proc.terminate()
         proc.wait(10)
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("serial", [True, False], ids=["serial", "side-by-side"])
+async def test_serial_prefill_runs_one_prefill_at_a_time(serial):
+    """``--serial-prefill``: four requests arriving together prefill one after another (as a GPU
+    runs one prefill batch at a time, the simulator's ``serial_prefill``); without it they prefill
+    side by side. Counted, not timed: the prefills in progress at once."""
+    import asyncio
+
+    running, most = 0, 0
+
+    async def compute(seconds: float) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            running -= 1
+
+    w = FakeWorker("w0", output_tokens=1, prefill_delay_per_token=1e-6, serial_prefill=serial)
+    w._compute = compute
+    client = TestClient(TestServer(w.app()))
+    await client.start_server()
+    try:
+        bodies = [{"model": "m", "messages": [{"role": "user", "content": f"{i} " * 200}]} for i in range(4)]
+        answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=b) for b in bodies))
+        assert all(a.status == 200 for a in answers)
+    finally:
+        await client.close()
+    assert most == (1 if serial else 4)
+
+
+def test_bench_e2e_starts_its_workers_serial_only_when_asked():
+    """bench.e2e's ``--serial-prefill`` reaches the workers it starts: their command line makes a
+    worker that runs one prefill at a time, and the default's makes one that does not."""
+    from bench.e2e import SIDE_BY_SIDE, FakeWorkers
+    from extproc.dev.fakeworker import worker_from_args
+
+    def serial(args: list[str]) -> bool:
+        return worker_from_args(["--port", "1", *args])[0]._prefill_turn is not None
+
+    assert serial(FakeWorkers(serial_prefill=True).args(6000)) and not serial(SIDE_BY_SIDE.args(6000))
+    assert FakeWorkers(serial_prefill=True).model().serial_prefill and not SIDE_BY_SIDE.model().serial_prefill

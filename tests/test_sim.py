@@ -332,14 +332,14 @@ def test_the_real_stack_check_runs_on_the_seeds_it_is_given(monkeypatch, tmp_pat
     replayed, rivals = [], []
     run = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
 
-    def replay(name, kwargs, capacity, clients, seed, topo):
+    def replay(name, kwargs, capacity, clients, seed, topo, workers=None):
         replayed.append((name, clients, seed))
         return {"workload": name, "concurrency": clients, "seed": seed, "requests": 10, "failed": 0, "capacity_tokens": capacity,
                 "simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "difference_points": 0.0, "stack_latency_p50_s": 0.1,
                 "stack_latency_p90_s": 0.2, "stack_new_sessions": {"requests": 1, "over_router_threshold": None},
                 "stack_responses_read": 0, "stack_session_moves": 0}
 
-    def replay_rival(rival, name, kwargs, capacity, clients, seed, topo):
+    def replay_rival(rival, name, kwargs, capacity, clients, seed, topo, workers=None):
         rivals.append(seed)
         return dict(run)
 
@@ -376,14 +376,14 @@ def test_the_real_stack_check_warms_the_stack_up_before_the_first_run_it_counts(
     slow = {"hit_ratio": 0.1, "latency_p50_s": 9.0, "latency_p90_s": 9.0, "failed": 0}  # a cold run's figures
     run = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
 
-    def replay(name, kwargs, capacity, clients, seed, topo):
+    def replay(name, kwargs, capacity, clients, seed, topo, workers=None):
         calls.append(("default", name, seed))
         return {"workload": name, "concurrency": clients, "seed": seed, "requests": 10, "failed": 0, "capacity_tokens": capacity,
                 "simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "difference_points": 0.0, "stack_latency_p50_s": 0.1,
                 "stack_latency_p90_s": 0.2, "stack_new_sessions": {"requests": 1, "over_router_threshold": None},
                 "stack_responses_read": 0, "stack_session_moves": 0}
 
-    def replay_rival(rival, name, kwargs, capacity, clients, seed, topo):
+    def replay_rival(rival, name, kwargs, capacity, clients, seed, topo, workers=None):
         calls.append((rival, name, seed))
         return dict(slow if len(calls) == 1 else run)
 
@@ -538,15 +538,21 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
            "stack_responses_read": 0, "stack_session_moves": 0}
     rival = {"hit_ratio": 0.5, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0}
     shares = itertools.cycle([0.7, None, 0.5])  # the seeds' new sessions over the routers' threshold (None: not a bucket bound)
-    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, **row,
-                                                                                        "stack_new_sessions": {"over_router_threshold": next(shares)}})
-    monkeypatch.setattr(e2e, "replay_rival", lambda *a: dict(rival))
+    workers = []  # how the fake workers ran, replay by replay (the stack's and each rival's)
+    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo, w: workers.append(w) or {
+        "workload": name, "concurrency": clients, **row, "stack_new_sessions": {"over_router_threshold": next(shares)}})
+    monkeypatch.setattr(e2e, "replay_rival", lambda *a: workers.append(a[-1]) or dict(rival))
     written = []
     monkeypatch.setattr(e2e, "write", lambda name, result: written.append(name) or name)
     for argv in ([], ["--case", "dialogue"], ["--clients", "8"], ["--topology", "3x3", "--clients", "12"],
                  ["--topology", "3x3", "--clients", "12", "--case", "dialogue"], ["--topology", "3x3", "--clients", "12", "--router-cache-threshold", "0.7"]):
         e2e.main(argv)
     assert written == ["e2e", "e2e-subset", "e2e-subset", "e2e-3x3", "e2e-3x3-subset", "e2e-3x3-threshold0.7"]
+    assert set(workers) == {e2e.SIDE_BY_SIDE}
+    # --serial-prefill: every replay on workers that run one prefill at a time, in a file of its own
+    workers.clear()
+    e2e.main(["--topology", "3x3", "--clients", "12", "--serial-prefill"])
+    assert written[-1] == "e2e-3x3-serial" and set(workers) == {e2e.FakeWorkers(serial_prefill=True)}
     # failed requests (which make a case meaningless) are counted where the result is described
     results = []
     monkeypatch.setattr(e2e, "write", lambda name, result: results.append(result) or name)
@@ -575,11 +581,11 @@ def test_the_services_opt_ins_run_through_the_stack_beside_the_rivals_and_are_ne
     assert all(r.service_args[-1] == "--no-move-evicted-sessions" for r in e2e.RIVALS.values() if r.service_args)
     row = {"simulated_hit_ratio": 0.5, "stack_hit_ratio": 0.5, "stack_latency_p50_s": 0.1, "stack_latency_p90_s": 0.2, "failed": 0,
            "stack_new_sessions": {"over_router_threshold": None}, "stack_responses_read": 5, "stack_session_moves": 2}
-    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo: {"workload": name, "concurrency": clients, "seed": seed,
+    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo, workers: {"workload": name, "concurrency": clients, "seed": seed,
                                                                                         "requests": 20, **row})
     ran = []
 
-    def rival(name, case, kwargs, cap, clients, seed, topo):
+    def rival(name, case, kwargs, cap, clients, seed, topo, workers):
         ran.append((name, case, clients, seed, topo.routers))
         hit = 0.9 if name in e2e.OPT_INS else 0.5  # an opt-in far better than every rival
         return {"hit_ratio": hit + seed / 1000, "latency_p50_s": 0.1, "latency_p90_s": 0.2, "failed": 0, "responses_read": seed, "session_moves": 1}
@@ -747,7 +753,8 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
     calls = []
 
     def fake_sim(prepared, policy, topo, model, seed, clients, overhead):
-        calls.append((type(policy).__name__, topo.routers, topo.workers, topo.capacity_tokens, seed, clients, overhead, topo.router_threshold))
+        calls.append((type(policy).__name__, topo.routers, topo.workers, topo.capacity_tokens, seed, clients, overhead, topo.router_threshold,
+                      model.serial_prefill))
         if hasattr(policy, "new_session_rates"):  # what prefix-router's decisions would have observed
             policy.new_session_rates += [0.31, 0.2, 0.5] if overhead[1] else [0.9]
 
@@ -789,6 +796,14 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
     row = written["e2e_rivals-3x3-threshold0.5-subset"]["cases"][0]
     assert row["policies"]["prefix-router"]["stack"] == 0.8 and {c[7] for c in calls} == {0.5}
     assert row["new_sessions"]["over_router_threshold"] == 0  # 0.5 is not over 0.5 (strict, as sglang-router)
+    assert {c[8] for c in calls} == {False}  # the fake workers as the records ran them: prefills side by side
+    # workers running one prefill at a time: simulated so, beside bench.e2e --serial-prefill's run
+    calls.clear()
+    (tmp_path / "e2e-3x3-serial.json").write_text(json.dumps({"summary": [{**summary, "stack_mean": 0.7}]}))
+    er.main(["--topology", "3x3", "--clients", "12", "--case", "dialogue", "--serial-prefill"])
+    result = written["e2e_rivals-3x3-serial-subset"]
+    assert result["cases"][0]["policies"]["prefix-router"]["stack"] == 0.7 and {c[8] for c in calls} == {True}
+    assert result["serial_prefill"] and "one prefill at a time" in result["description"]
 
 
 def test_envoys_session_hash_keeps_each_session_on_one_router_and_spreads_the_sessions():

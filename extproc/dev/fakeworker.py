@@ -97,13 +97,19 @@ class FakeWorker:
         output_tokens: int = 8,
         token_delay: float = 0.0,
         prefill_delay_per_token: float = 0.0,
+        serial_prefill: bool = False,
     ) -> None:
+        """``serial_prefill``: one prefill at a time, the others waiting their turn (their cache
+        looked up on arrival, as the simulator's ``ServiceModel(serial_prefill=True)`` does): a GPU
+        runs one prefill batch at a time, so requests piled on one worker queue for their first
+        token, where side-by-side prefills would let load cost nothing (FIELD-NOTES)."""
         self.name = name
         self.model = model
         self.cache = PrefixCache(capacity_tokens)
         self.output_tokens = output_tokens
         self.token_delay = token_delay
         self.prefill_delay_per_token = prefill_delay_per_token
+        self._prefill_turn = asyncio.Lock() if serial_prefill else None
         self.stats = WorkerStats()
 
     # -- the simulated engine --------------------------------------------------------------------
@@ -114,8 +120,16 @@ class FakeWorker:
         self.stats.prompt_tokens += prompt
         self.stats.cached_tokens += cached
         if self.prefill_delay_per_token:
-            await asyncio.sleep((prompt - cached) * self.prefill_delay_per_token)
+            if self._prefill_turn is None:
+                await self._compute((prompt - cached) * self.prefill_delay_per_token)
+            else:
+                async with self._prefill_turn:
+                    await self._compute((prompt - cached) * self.prefill_delay_per_token)
         return prompt, cached
+
+    async def _compute(self, seconds: float) -> None:
+        """The time a prefill takes: only waited, there is no model."""
+        await asyncio.sleep(seconds)
 
     def _tokens(self, n: int) -> list[str]:
         return [f" tok{i}" for i in range(n)]
@@ -278,8 +292,8 @@ class QuietProbes(logging.Filter):
         return not (isinstance(exc, http_exceptions.BadHttpMessage) and "PRI" in str(exc))
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.getLogger("aiohttp.server").addFilter(QuietProbes())
+def worker_from_args(argv: list[str] | None = None) -> tuple[FakeWorker, argparse.Namespace]:
+    """The worker the command line describes, and the options (host and port among them)."""
     p = argparse.ArgumentParser(prog="prefix-router-fake-worker", description="A fake SGLang worker with a simulated prefix cache (no GPU).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
@@ -289,8 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=8, help="tokens per response at most (default 8)")
     p.add_argument("--token-delay", type=float, default=0.0, help="seconds per output token (default 0)")
     p.add_argument("--prefill-delay-per-token", type=float, default=0.0, help="seconds per uncached prompt token (default 0)")
+    p.add_argument("--serial-prefill", action="store_true", help="one prefill at a time, the others queued (default: side by side)")
     a = p.parse_args(argv)
-    worker = FakeWorker(a.name or f"{a.host}:{a.port}", a.model, a.capacity_tokens, a.output_tokens, a.token_delay, a.prefill_delay_per_token)
+    return FakeWorker(a.name or f"{a.host}:{a.port}", a.model, a.capacity_tokens, a.output_tokens, a.token_delay, a.prefill_delay_per_token,
+                      a.serial_prefill), a
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("aiohttp.server").addFilter(QuietProbes())
+    worker, a = worker_from_args(argv)
     web.run_app(worker.app(), host=a.host, port=a.port, print=None, access_log=None, handle_signals=True)
     return 0
 

@@ -27,6 +27,8 @@ for name, run in (
     ("e2e 3x3", lambda: e2e.main(["--topology", "3x3", "--clients", "12"])),  # the independent evaluation's shape
     ("e2e 4x2", lambda: e2e.main(["--topology", "4x2", "--clients", "24"])),  # the independent evaluation's second shape
     ("e2e 2x4", lambda: e2e.main(["--topology", "2x4", "--clients", "16"])),  # the simulator's weakest shape, no default chosen on it
+    # the same with workers that run one prefill at a time, as a GPU does: load costs latency there
+    ("e2e 3x3 serial prefill", lambda: e2e.main(["--topology", "3x3", "--clients", "12", "--serial-prefill"])),
     ("e2e 3x3 threshold 0.7", lambda: e2e.main(["--topology", "3x3", "--clients", "12", "--router-cache-threshold", "0.7"])),
     ("e2e_rivals", lambda: e2e_rivals.main(["--topology", "2x2", "--clients", "8,16"])),  # after e2e: reads what it measured
     ("e2e_rivals 3x3", lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12"])),
@@ -35,6 +37,9 @@ for name, run in (
     # the four set-ups of bench.e2e on a hundred seeds, each rival paired with the default seed by seed
     *((f"e2e_rivals {t} x{c} seeds {e2e_rivals.MANY_SEEDS}", lambda t=t, c=c: e2e_rivals.main(["--topology", t, "--clients", c, "--seeds", e2e_rivals.MANY_SEEDS]))
       for t, c in (("2x2", "8,16"), ("3x3", "12"), ("4x2", "24"), ("2x4", "16"))),
+    ("e2e_rivals 3x3 serial prefill", lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--serial-prefill"])),
+    (f"e2e_rivals 3x3 serial prefill seeds {e2e_rivals.MANY_SEEDS}",
+     lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--serial-prefill", "--seeds", e2e_rivals.MANY_SEEDS])),
     *((f"e2e_rivals 3x3 threshold {x}", lambda x=x: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--router-cache-threshold", x]))
       for x in ("0.5", "0.7")),
     # the default against the last round's rule, run after run, where the real stack's noise hid it

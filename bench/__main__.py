@@ -38,8 +38,9 @@ for name, run in (
     *((f"e2e_rivals {t} x{c} seeds {e2e_rivals.MANY_SEEDS}", lambda t=t, c=c: e2e_rivals.main(["--topology", t, "--clients", c, "--seeds", e2e_rivals.MANY_SEEDS]))
       for t, c in (("2x2", "8,16"), ("3x3", "12"), ("4x2", "24"), ("2x4", "16"))),
     ("e2e_rivals 3x3 serial prefill", lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--serial-prefill"])),
-    (f"e2e_rivals 3x3 serial prefill seeds {e2e_rivals.MANY_SEEDS}",
-     lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--serial-prefill", "--seeds", e2e_rivals.MANY_SEEDS])),
+    *((f"e2e_rivals {t} x{c} serial prefill seeds {e2e_rivals.MANY_SEEDS}",
+       lambda t=t, c=c: e2e_rivals.main(["--topology", t, "--clients", c, "--serial-prefill", "--seeds", e2e_rivals.MANY_SEEDS]))
+      for t, c in (("3x3", "12"), ("4x2", "24"), ("2x4", "16"))),
     *((f"e2e_rivals 3x3 threshold {x}", lambda x=x: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--router-cache-threshold", x]))
       for x in ("0.5", "0.7")),
     # the default against the last round's rule, run after run, where the real stack's noise hid it

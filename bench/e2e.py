@@ -125,6 +125,11 @@ class FakeWorkers:
         """What a results file's name gains (``e2e-3x3-serial``)."""
         return "-serial" if self.serial_prefill else ""
 
+    @property
+    def words(self) -> str:
+        """What a run's description says of them beyond the records' workers."""
+        return ", one prefill at a time per worker" if self.serial_prefill else ""
+
 
 SIDE_BY_SIDE = FakeWorkers()  # the records on file
 
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients, random tie-breaks on both sides, the service's defaults; "
                    f"{describe_setup(topo)} "
                    f"(cache per worker in the table, {OUTPUT_TOKENS} output tokens at {TOKEN_DELAY * 1000:g} ms each, {PREFILL_DELAY * 1e6:g} µs per uncached "
-                   f"prompt token{', one prefill at a time per worker' if workers.serial_prefill else ''}); mean of seeds {seeds_words(seeds)}, after one warm-up run not counted. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
+                   f"prompt token{workers.words}); mean of seeds {seeds_words(seeds)}, after one warm-up run not counted. Tolerance: {TOLERANCE_POINTS:g} points; {within} of {len(summary)} cases within. "
                    f"Targets against the real rivals (hit ratio within {HIT_SLACK_POINTS:g} point of the best, latency p90 at most "
                    f"{LATENCY_FACTOR:g}x the best upper-layer rival's): met in {met} of {len(summary)} cases. Requests failed: {failed}.")
     result = {"benchmark": "e2e", "description": description,

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     description = (f"Closed loop of {' and '.join(map(str, a.clients))} clients on {describe_setup(topo)}, bench.e2e's cases, "
                    f"cache sizes and {on}, each figure the mean of the seeds'; the simulator in lockstep and with "
                    f"{STACK_OVERHEAD_S[0] * 1000:g}-{STACK_OVERHEAD_S[1] * 1000:g} ms of overhead per request"
-                   f"{', the fake workers running one prefill at a time' if workers.serial_prefill else ''}, against bench.e2e's "
+                   f"{workers.words}, against bench.e2e's "
                    f"measurement through real processes ({results_name(topo, a.seeds, workers)}.json, where run).")
     result = {"benchmark": "e2e_rivals", "description": description,
               "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},

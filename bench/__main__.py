@@ -20,6 +20,8 @@ for name, run in (
     *((f"eval {t}", lambda t=t: routing_eval.main(["--topology", t])) for t in (*routing_eval.OTHER_TOPOLOGIES, *routing_eval.UNSEEN_TOPOLOGIES)),
     *((f"eval {t} threshold {x:g}", lambda t=t, x=x: routing_eval.main(["--topology", t, "--router-cache-threshold", str(x)]))
       for t, x in routing_eval.ROUTER_THRESHOLDS),
+    *((f"eval {t} batch {b} {' '.join(more)}", lambda t=t, b=b, more=more: routing_eval.main(["--topology", t, "--batch", str(b), *more]))
+      for t, b, more in routing_eval.BATCHES),
     *((f"eval {t} seeds {routing_eval.FRESH_SEEDS}", lambda t=t: routing_eval.main(["--topology", t, "--seeds", routing_eval.FRESH_SEEDS]))
       for t in ("4x2", *routing_eval.OTHER_TOPOLOGIES)),
     ("observed", observed.main),

@@ -14,6 +14,8 @@ with 8 and 16 concurrent clients; hit ratios compared.
                                              e2e-3x3.json (about 12 minutes; 2x2's, 22)
     .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --serial-prefill
                                            → bench/results/e2e-3x3-serial.json (workers running one prefill at a time)
+    .venv/bin/python -m bench.e2e --topology 3x3 --clients 12 --batch 4
+                                           → bench/results/e2e-3x3-batch4.json (workers running 4 requests at once)
 
 The cases (``CASES``): multi-turn chats, structural edits, shared-prefix groups and short dialogues,
 then two held-out ones the defaults were never tuned on, the SWE-agent trace and the longer
@@ -54,6 +56,9 @@ figures already quoted from it stay as measured.
 prefill batches and as bench.eval's service model does, and the simulator replays them so. Why: with
 prefills side by side (the records on file) load costs a worker nothing but its fixed decode time,
 so a rule that piles sessions on one worker pays no latency for it here, while it does on a GPU.
+``--batch N``: each fake worker runs at most N requests at once and the rest wait for a slot
+(SGLang's ``--max-running-requests``), simulated so too: a pile on one worker then queues whole
+requests, not only prefills.
 """
 
 from __future__ import annotations
@@ -108,9 +113,16 @@ class FakeWorkers:
     (``--serial-prefill``): one prefill at a time per worker, as a GPU runs its prefill batches and
     as bench.eval's service model does, so requests piled on one worker wait for their first token;
     by default prefills run side by side and load costs nothing but the decode's fixed time (the
-    records on file)."""
+    records on file). ``batch`` (``--batch N``): each worker runs at most N requests at once, from
+    prefill to last token, the rest waiting for a slot (SGLang's ``--max-running-requests``, the
+    simulator's ``Topology.batch``); 0, by default: no limit."""
 
     serial_prefill: bool = False
+    batch: int = 0
+
+    def topology(self, topo: Topology) -> Topology:
+        """``topo`` with these workers' batch (none: as many as ``BASE`` allows, no limit)."""
+        return replace(topo, batch=self.batch or BASE.batch)
 
     def model(self) -> ServiceModel:
         return ServiceModel(prefill_base=0.0, prefill_per_token=PREFILL_DELAY, decode_step=TOKEN_DELAY, knee=1 << 30, step_over_knee=0.0,
@@ -118,17 +130,18 @@ class FakeWorkers:
 
     def args(self, capacity: int) -> list[str]:
         return ["--capacity-tokens", str(capacity), "--output-tokens", str(OUTPUT_TOKENS), "--token-delay", str(TOKEN_DELAY),
-                "--prefill-delay-per-token", str(PREFILL_DELAY), *(["--serial-prefill"] if self.serial_prefill else [])]
+                "--prefill-delay-per-token", str(PREFILL_DELAY), *(["--serial-prefill"] if self.serial_prefill else []),
+                *(["--max-running-requests", str(self.batch)] if self.batch else [])]
 
     @property
     def suffix(self) -> str:
-        """What a results file's name gains (``e2e-3x3-serial``)."""
-        return "-serial" if self.serial_prefill else ""
+        """What a results file's name gains (``e2e-3x3-serial``, ``e2e-3x3-batch4``)."""
+        return ("-serial" if self.serial_prefill else "") + (f"-batch{self.batch}" if self.batch else "")
 
     @property
     def words(self) -> str:
         """What a run's description says of them beyond the records' workers."""
-        return ", one prefill at a time per worker" if self.serial_prefill else ""
+        return (", one prefill at a time per worker" if self.serial_prefill else "") + (f", {self.batch} requests at once per worker" if self.batch else "")
 
 
 SIDE_BY_SIDE = FakeWorkers()  # the records on file
@@ -152,12 +165,17 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"these seeds instead of {','.join(map(str, SEEDS))} (seeds nothing was chosen on); results go to e2e-RxW[...]-seedsN-N.json")
     p.add_argument("--serial-prefill", action="store_true",
                    help="fake workers that run one prefill at a time (FakeWorkers); results go to e2e-RxW[...]-serial.json")
+    p.add_argument("--batch", type=int, default=0, metavar="N",
+                   help="fake workers that run at most N requests at once, the rest waiting for a slot (FakeWorkers; default 0: no "
+                        "limit); results go to e2e-RxW[...]-batchN.json")
     p.add_argument("--opt-ins-only", action="store_true",
                    help="run only the service's other settings (OPT_INS), with the default again beside them, and add them to the results "
                         "file on record for this set-up, its other figures kept")
     a = p.parse_args(argv)
-    topo = replace(a.topology, batch=BASE.batch, router_threshold=a.router_cache_threshold)
-    workers = FakeWorkers(serial_prefill=a.serial_prefill)
+    if a.batch < 0:
+        p.error("--batch must be 0 (no limit) or more")
+    workers = FakeWorkers(serial_prefill=a.serial_prefill, batch=a.batch)
+    topo = replace(workers.topology(a.topology), router_threshold=a.router_cache_threshold)
     if a.opt_ins_only:
         if a.seeds:
             p.error("--opt-ins-only adds to the run on record, on its own seeds: not with --seeds")
@@ -206,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
                    f"{LATENCY_FACTOR:g}x the best upper-layer rival's): met in {met} of {len(summary)} cases. Requests failed: {failed}.")
     result = {"benchmark": "e2e", "description": description,
               "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},
-              "serial_prefill": workers.serial_prefill, "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS, "latency_factor": LATENCY_FACTOR,
+              "serial_prefill": workers.serial_prefill, "batch": workers.batch, "tolerance_points": TOLERANCE_POINTS, "hit_slack_points": HIT_SLACK_POINTS, "latency_factor": LATENCY_FACTOR,
               "rivals": {k: v.describe(topo) for k, v in RIVALS.items()}, "opt_ins": {k: v.describe(topo) for k, v in OPT_INS.items()},
               "seeds": list(seeds), "fresh_seeds": list(a.seeds) if a.seeds else None, "rows": rows, "summary": summary}
     print(description)

@@ -11,6 +11,9 @@
     .venv/bin/python -m bench.e2e_rivals --topology 3x3 --clients 12 --serial-prefill
                                            → bench/results/e2e_rivals-3x3-serial.json (workers running one prefill
                                              at a time, against bench.e2e --serial-prefill's run)
+    .venv/bin/python -m bench.e2e_rivals --topology 3x3 --clients 12 --batch 4
+                                           → bench/results/e2e_rivals-3x3-batch4.json (workers running 4 requests
+                                             at once, against bench.e2e --batch 4's run)
 
 bench.e2e checks the simulator against the real stack for prefix-router's rule only; its rivals
 (round robin, least request and the session hash over the routers, the service's other rules, the
@@ -144,10 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--serial-prefill", action="store_true",
                    help="fake workers that run one prefill at a time (bench.e2e's FakeWorkers), against bench.e2e --serial-prefill's run; "
                         "results go to e2e_rivals-RxW[...]-serial.json")
+    p.add_argument("--batch", type=int, default=0, metavar="N",
+                   help="fake workers that run at most N requests at once (bench.e2e's FakeWorkers; default 0: no limit), against "
+                        "bench.e2e --batch N's run; results go to e2e_rivals-RxW[...]-batchN.json")
     a = p.parse_args(argv)
-    workers = FakeWorkers(serial_prefill=a.serial_prefill)
+    if a.batch < 0:
+        p.error("--batch must be 0 (no limit) or more")
+    workers = FakeWorkers(serial_prefill=a.serial_prefill, batch=a.batch)
     seeds = a.seeds or SEEDS
-    topo = replace(a.topology, batch=BASE.batch, router_threshold=a.router_cache_threshold)
+    topo = replace(workers.topology(a.topology), router_threshold=a.router_cache_threshold)
     cases = []
     for clients in a.clients:
         real = measured(topo, clients, a.seeds, workers)
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "e2e_rivals", "description": description,
               "topology": {"routers": topo.routers, "workers": topo.workers, "router_threshold": topo.router_threshold},
               "clients": list(a.clients), "overhead_s": list(STACK_OVERHEAD_S), "seeds": list(seeds), "fresh_seeds": list(a.seeds) if a.seeds else None,
-              "serial_prefill": workers.serial_prefill, "cases": cases}
+              "serial_prefill": workers.serial_prefill, "batch": workers.batch, "cases": cases}
     print(description)
     suffix = "-subset" if a.case else ""
     print(f"wrote {write(f'e2e_rivals-{topo.routers}x{topo.workers}{threshold_suffix(topo)}{seeds_suffix(a.seeds)}{workers.suffix}{suffix}', result)}")

@@ -42,7 +42,7 @@ from typing import Callable
 from extproc.config import DEFAULTS
 
 from .common import RESULTS, parse_seeds, seeds_flag, seeds_suffix, seeds_words, write
-from .sim.engine import ServiceModel, Sim, Topology, parse_topology, prepare, threshold_suffix
+from .sim.engine import ServiceModel, Sim, Topology, batch_suffix, parse_topology, prepare, threshold_suffix
 from .sim.policies import Single, upper_policies
 from .sim.workloads import WORKLOADS
 
@@ -79,6 +79,12 @@ UNSEEN_TOPOLOGIES = ("6x2", "3x4")
 # ... and with the routers at another --cache-threshold than sglang-router's 0.3, one past a shared
 # system prompt's share of a new session's text, so that new sessions are not all sent to its creator
 ROUTER_THRESHOLDS = (("4x2", 0.7), ("3x3", 0.7), ("2x4", 0.7))
+# ... and with workers that run fewer requests at once than the simulator's 32 (``--batch``): at the
+# continuation knee of 8, and under it, where a router's pile on one worker queues (the independent
+# evaluation's workers had a batch limit; README, "Small batches")
+BATCHES = (("3x3", 8, ()), ("3x3", 4, ()), ("4x2", 8, ()),
+           # ... and the lever that helped the routers' piles elsewhere, tried at the smallest batch
+           ("3x3", 4, ("--router-cache-threshold", "0.7", "--service-cache-threshold", "0.7")))
 # ... and on seeds no choice was made on (``--seeds``), every topology
 FRESH_SEEDS = "41,42,43"
 # the upper-layer rules put in the default's place on other topologies
@@ -315,12 +321,20 @@ def _threshold(result: dict) -> float | None:
 def _setup_words(result: dict) -> tuple[str, str]:
     """A real-stack run's set-up beyond its shape, for a section title, and the flags that reproduce
     it: the routers' threshold ("" twice at sglang-router's default), fake workers running one
-    prefill at a time (``--serial-prefill``)."""
+    prefill at a time (``--serial-prefill``), or a few requests at once (``--batch``)."""
     t = _threshold(result)
     at, flag = (f", every router at `--cache-threshold {t:g}`", f" --router-cache-threshold {t:g}") if t is not None else ("", "")
     if result.get("serial_prefill"):
         at, flag = f"{at}, workers running one prefill at a time", f"{flag} --serial-prefill"
+    if result.get("batch"):
+        at, flag = f"{at}, workers running {result['batch']} requests at once", f"{flag} --batch {result['batch']}"
     return at, flag
+
+
+def _batch(result: dict) -> int | None:
+    """The requests each worker of a run runs at once, when not the simulator's default."""
+    b = result["topology"].get("batch", Topology.batch)
+    return None if b == Topology.batch else b
 
 
 def _service(result: dict) -> float | None:
@@ -329,8 +343,9 @@ def _service(result: dict) -> float | None:
 
 
 def _topology(result: dict) -> str:
-    t, own, seeds = _threshold(result), _service(result), _given_seeds(result)
+    t, own, seeds, batch = _threshold(result), _service(result), _given_seeds(result), _batch(result)
     return (f"{result['topology']['routers']} SGLang routers x {result['topology']['workers']} workers"
+            + (f" running {batch} requests at once each (`--batch {batch}`)" if batch is not None else "")
             + (f", each router at `--cache-threshold {t:g}`" if t is not None else "")
             + (f", the service at `--cache-threshold {own:g}`" if own is not None else "")
             + (f", both sets on fresh seeds {seeds_words(seeds)} (`--seeds`)" if seeds else ""))
@@ -338,9 +353,9 @@ def _topology(result: dict) -> str:
 
 def _shape(result: dict) -> str:
     """The short label of a run's set-up in the topologies table (``3x3``, ``3x3, routers' threshold
-    0.7``, ``3x3, routers' threshold 0.7, the service's 0.7``)."""
-    t, own, seeds = _threshold(result), _service(result), _given_seeds(result)
-    return (_rxw(result) + (f", routers' threshold {t:g}" if t is not None else "") + (f", the service's {own:g}" if own is not None else "")
+    0.7``, ``3x3, routers' threshold 0.7, the service's 0.7``, ``3x3, batch 4``)."""
+    t, own, seeds, batch = _threshold(result), _service(result), _given_seeds(result), _batch(result)
+    return (_rxw(result) + (f", batch {batch}" if batch is not None else "") + (f", routers' threshold {t:g}" if t is not None else "") + (f", the service's {own:g}" if own is not None else "")
             + (f", seeds {seeds_words(seeds)}" if seeds else ""))
 
 
@@ -353,9 +368,10 @@ def topology_name(topo: Topology, service_threshold: float | None = None, seeds:
     """The results file of an evaluation on a set-up other than the default's (``eval-3x3``,
     ``eval-3x3-threshold0.7`` with the routers at another --cache-threshold,
     ``eval-3x3-threshold0.7-service0.7`` with the service at another one too,
-    ``eval-4x2-seeds41-42-43`` on other seeds)."""
+    ``eval-4x2-seeds41-42-43`` on other seeds, ``eval-3x3-batch4`` with workers running another
+    number of requests at once)."""
     own = "" if service_threshold is None else f"-service{service_threshold:g}"
-    return f"eval-{topo.routers}x{topo.workers}{threshold_suffix(topo)}{own}{seeds_suffix(seeds)}"
+    return f"eval-{topo.routers}x{topo.workers}{batch_suffix(topo)}{threshold_suffix(topo)}{own}{seeds_suffix(seeds)}"
 
 
 def _runs_on_record(benchmark: str) -> list[Path]:
@@ -363,7 +379,7 @@ def _runs_on_record(benchmark: str) -> list[Path]:
     runs on other seeds and with the routers at another threshold; runs of some cases only
     (``-subset``) left out."""
     paths = [p for p in RESULTS.glob(f"{benchmark}-*x*.json") if not p.stem.endswith("-subset")]
-    return sorted(paths, key=lambda p: (re.split("-threshold|-seeds", p.stem)[0], p.stem))
+    return sorted(paths, key=lambda p: (re.split("-threshold|-seeds|-batch", p.stem)[0], p.stem))
 
 
 def _other_topologies() -> list[str]:
@@ -635,8 +651,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=parse_seeds, metavar="N,N,...",
                    help="both sets on these seeds instead of their own (tuning 1-3, held-out 31-33): seeds no choice was made on; "
                         "results go to eval-RxW[...]-seedsN-N.json")
+    p.add_argument("--batch", type=int, default=Topology.batch, metavar="N",
+                   help=f"requests each simulated worker runs at once, the rest queued (default {Topology.batch}); other than that, results "
+                        "go to eval-RxW-batchN.json")
     a = p.parse_args(argv)
-    topo = replace(a.topology, router_threshold=a.router_cache_threshold)
+    if a.batch < 1:
+        p.error("--batch must be at least 1")
+    topo = replace(a.topology, router_threshold=a.router_cache_threshold, batch=a.batch)
     own, seeds = a.service_cache_threshold, a.seeds
     if a.report_only:
         result = _read(RESULTS / "eval.json")

@@ -138,6 +138,43 @@ async def test_serial_prefill_runs_one_prefill_at_a_time(serial):
     assert most == (1 if serial else 4)
 
 
+@pytest.mark.parametrize("limit", [0, 2], ids=["no-limit", "two"])
+async def test_max_running_requests_makes_the_rest_wait_for_a_slot(limit):
+    """``--max-running-requests N``: of five requests arriving together (streamed and not, OpenAI's
+    and ``/generate``), N run at once, from their prefill to their last token, and the others wait
+    for a slot (SGLang's batch limit, the simulator's ``Topology.batch``); without it all five run.
+    Counted, not timed: the requests between prefill and answer at once."""
+    import asyncio
+
+    most = 0
+    w = FakeWorker("w0", output_tokens=2, token_delay=0.02, max_running_requests=limit)
+    prefill = w._prefill
+
+    async def counted(text: str):
+        nonlocal most
+        most = max(most, w.stats.running)
+        return await prefill(text)
+
+    w._prefill = counted
+    client = TestClient(TestServer(w.app()))
+    await client.start_server()
+    try:
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hello " * 50}]}
+        sends = [client.post("/v1/chat/completions", json=chat), client.post("/v1/chat/completions", json={**chat, "stream": True}),
+                 client.post("/v1/completions", json={"model": "m", "prompt": "hello " * 50}),
+                 client.post("/generate", json={"text": "hello " * 50}), client.post("/v1/chat/completions", json=chat)]
+        answers = await asyncio.gather(*sends)
+        assert [a.status for a in answers] == [200] * 5
+        assert all([await a.read() for a in answers])
+        info = await (await client.get("/get_server_info")).json()
+        stats = await (await client.get("/stats")).json()
+    finally:
+        await client.close()
+    assert most == (limit or 5)
+    assert stats["running"] == stats["inflight"] == 0
+    assert info["max_running_requests"] == (limit or None)
+
+
 def test_bench_e2e_starts_its_workers_serial_only_when_asked():
     """bench.e2e's ``--serial-prefill`` reaches the workers it starts: their command line makes a
     worker that runs one prefill at a time, and the default's makes one that does not."""
@@ -149,3 +186,6 @@ def test_bench_e2e_starts_its_workers_serial_only_when_asked():
 
     assert serial(FakeWorkers(serial_prefill=True).args(6000)) and not serial(SIDE_BY_SIDE.args(6000))
     assert FakeWorkers(serial_prefill=True).model().serial_prefill and not SIDE_BY_SIDE.model().serial_prefill
+    # --batch N: the workers' own limit, none by default
+    assert worker_from_args(["--port", "1", *FakeWorkers(batch=4).args(6000)])[0].max_running_requests == 4
+    assert worker_from_args(["--port", "1", *SIDE_BY_SIDE.args(6000)])[0].max_running_requests == 0

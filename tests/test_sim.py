@@ -553,6 +553,15 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
     workers.clear()
     e2e.main(["--topology", "3x3", "--clients", "12", "--serial-prefill"])
     assert written[-1] == "e2e-3x3-serial" and set(workers) == {e2e.FakeWorkers(serial_prefill=True)}
+    # --batch N: every replay on workers running N requests at once, simulated so, in a file of its own
+    workers.clear()
+    topos = []
+    monkeypatch.setattr(e2e, "replay", lambda name, kwargs, cap, clients, seed, topo, w: workers.append(w) or topos.append(topo) or {
+        "workload": name, "concurrency": clients, **row, "stack_new_sessions": {"over_router_threshold": next(shares)}})
+    e2e.main(["--topology", "3x3", "--clients", "12", "--batch", "4"])
+    assert written[-1] == "e2e-3x3-batch4" and set(workers) == {e2e.FakeWorkers(batch=4)} and {t.batch for t in topos} == {4}
+    e2e.main(["--topology", "3x3", "--clients", "12"])
+    assert {t.batch for t in topos[-len(e2e.CASES) * len(e2e.SEEDS):]} == {e2e.BASE.batch}  # no limit, as the workers have none
     # failed requests (which make a case meaningless) are counted where the result is described
     results = []
     monkeypatch.setattr(e2e, "write", lambda name, result: results.append(result) or name)
@@ -804,6 +813,21 @@ def test_the_rivals_simulated_sit_next_to_what_the_real_stack_measured(tmp_path,
     result = written["e2e_rivals-3x3-serial-subset"]
     assert result["cases"][0]["policies"]["prefix-router"]["stack"] == 0.7 and {c[8] for c in calls} == {True}
     assert result["serial_prefill"] and "one prefill at a time" in result["description"]
+    # workers running a few requests at once: simulated so, beside bench.e2e --batch N's run
+    calls.clear()
+    batches = []
+    real_sim = fake_sim
+
+    def batch_sim(prepared, policy, topo, *a, **kw):
+        batches.append(topo.batch)
+        return real_sim(prepared, policy, topo, *a, **kw)
+
+    monkeypatch.setattr(er, "Sim", batch_sim)
+    (tmp_path / "e2e-3x3-batch4.json").write_text(json.dumps({"summary": [{**summary, "stack_mean": 0.6}]}))
+    er.main(["--topology", "3x3", "--clients", "12", "--case", "dialogue", "--batch", "4"])
+    result = written["e2e_rivals-3x3-batch4-subset"]
+    assert result["cases"][0]["policies"]["prefix-router"]["stack"] == 0.6 and set(batches) == {4}
+    assert result["batch"] == 4 and "4 requests at once per worker" in result["description"]
 
 
 def test_envoys_session_hash_keeps_each_session_on_one_router_and_spreads_the_sessions():
@@ -1069,6 +1093,66 @@ def test_the_services_threshold_reaches_every_rule_of_this_project():
     assert ev._shape(run) == "3x3, routers' threshold 0.7, the service's 0.7"
     assert "the service at `--cache-threshold 0.7`" in ev._topology(run)
     assert ev._shape({"topology": vars(ev.Topology(3, 3))}) == "3x3"
+
+
+def test_bench_eval_runs_workers_of_another_batch_when_asked(tmp_path, monkeypatch):
+    """``bench.eval --batch N``: every worker of both set-ups (the upper layer's routers and the
+    one-layer reference) runs N requests at once and queues the rest, and the run gets a results
+    file and a label of its own; without the option, the simulator's 32."""
+    import bench.common as common
+    import bench.eval as ev
+
+    taken = []
+    monkeypatch.setattr(ev, "run", lambda quick, only, topo, own, seeds: taken.append(topo) or {"topology": vars(topo), "verdicts": []})
+    monkeypatch.setattr(ev, "summary_lines", lambda result: [])
+    monkeypatch.setattr(ev, "report", lambda result: "")
+    monkeypatch.setattr(ev, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    (tmp_path / "eval.json").write_text("{}")
+    ev.main(["--topology", "3x3", "--batch", "4"])
+    assert taken[-1] == ev.Topology(3, 3, batch=4) and (tmp_path / "eval-3x3-batch4.json").exists()
+    ev.main(["--topology", "3x3"])
+    assert taken[-1].batch == 32 and (tmp_path / "eval-3x3.json").exists()
+    with pytest.raises(SystemExit):
+        ev.main(["--batch", "0"])
+    # both set-ups of a cell run at the batch asked
+    seen = set()
+    real = ev.Sim
+
+    def recording(prepared, upper, topo, *a, **kw):
+        seen.add((topo.routers, topo.workers, topo.batch))
+        return real(prepared, upper, topo, *a, **kw)
+
+    monkeypatch.setattr(ev, "Sim", recording)
+    monkeypatch.setitem(ev.WORKLOADS, "tiny", lambda rng: WORKLOADS["multi_turn"](rng, sessions=4, turns=2))
+    pick = {"prefix-router": upper_policies()["prefix-router"], ev.SINGLE: ev.Single()}
+    ev.unit(("tiny", 1, (1.0,), lambda: dict(pick), ev.Topology(3, 3, batch=4)))
+    assert seen == {(3, 3, 4), (1, 9, 4)}
+    # the names and labels
+    assert ev.topology_name(ev.Topology(3, 3, batch=4, router_threshold=0.7), None, (41, 42, 43)) == "eval-3x3-batch4-threshold0.7-seeds41-42-43"
+    run = {"topology": vars(ev.Topology(3, 3, batch=4))}
+    assert ev._shape(run) == "3x3, batch 4" and "running 4 requests at once each (`--batch 4`)" in ev._topology(run)
+    assert "batch" not in ev._shape({"topology": vars(ev.Topology(3, 3))}) + ev._topology({"topology": vars(ev.Topology(3, 3))})
+
+
+def test_a_small_batch_makes_requests_wait_for_a_slot():
+    """The simulated worker runs ``Topology.batch`` requests at once: with a batch of one, requests
+    arriving together on one worker start one after another, so the later ones wait for a whole
+    request (their first token after the first request's last), where a batch of 32 starts them all."""
+    reqs = [Req(f"s{i}", [{"role": "user", "content": f"question {i} " * 20}], 32) for i in range(4)]
+    for r in reqs:
+        r.start = 0.0
+    p = prepare(reqs)
+
+    class One:
+        def choose(self, p, sim):
+            return 0
+
+    wide = Sim(p, One(), Topology(1, 1, batch=32), ServiceModel(serial_prefill=False)).run()
+    narrow = Sim(p, One(), Topology(1, 1, batch=1), ServiceModel(serial_prefill=False)).run()
+    one_request = wide["latency_p90_s"]
+    assert wide["ttft_p90_s"] < one_request / 4
+    assert narrow["ttft_p90_s"] > 2 * one_request
 
 
 def _agents(rng: random.Random, copies: int = 8, steps: int = 10) -> list:

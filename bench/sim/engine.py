@@ -54,6 +54,12 @@ def threshold_suffix(topo: Topology) -> str:
     return "" if topo.router_threshold == Topology.router_threshold else f"-threshold{topo.router_threshold:g}"
 
 
+def batch_suffix(topo: Topology) -> str:
+    """What a results file's name adds for workers running another number of requests at once than
+    the simulator's default (``-batch4``); nothing for the default."""
+    return "" if topo.batch == Topology.batch else f"-batch{topo.batch}"
+
+
 def parse_topology(value: str) -> Topology:
     """``RxW`` (a command-line value): R routers of W workers each, both at least 1."""
     try:

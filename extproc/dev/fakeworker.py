@@ -19,6 +19,8 @@ import math
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
@@ -85,7 +87,8 @@ class WorkerStats:
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    inflight: int = 0
+    inflight: int = 0  # arrived and not answered yet
+    running: int = 0  # of those, holding a slot (the rest wait for one: --max-running-requests)
 
 
 class FakeWorker:
@@ -98,11 +101,15 @@ class FakeWorker:
         token_delay: float = 0.0,
         prefill_delay_per_token: float = 0.0,
         serial_prefill: bool = False,
+        max_running_requests: int = 0,
     ) -> None:
         """``serial_prefill``: one prefill at a time, the others waiting their turn (their cache
         looked up on arrival, as the simulator's ``ServiceModel(serial_prefill=True)`` does): a GPU
         runs one prefill batch at a time, so requests piled on one worker queue for their first
-        token, where side-by-side prefills would let load cost nothing (FIELD-NOTES)."""
+        token, where side-by-side prefills would let load cost nothing (FIELD-NOTES).
+        ``max_running_requests``: at most this many requests run at once (SGLang's flag of that
+        name; 0: no limit), each from its prefill to its last token; the others wait for a slot
+        before their cache is looked up, as the simulator's ``Topology.batch`` does."""
         self.name = name
         self.model = model
         self.cache = PrefixCache(capacity_tokens)
@@ -110,6 +117,8 @@ class FakeWorker:
         self.token_delay = token_delay
         self.prefill_delay_per_token = prefill_delay_per_token
         self._prefill_turn = asyncio.Lock() if serial_prefill else None
+        self.max_running_requests = max_running_requests
+        self._slots = asyncio.Semaphore(max_running_requests) if max_running_requests > 0 else None
         self.stats = WorkerStats()
 
     # -- the simulated engine --------------------------------------------------------------------
@@ -126,6 +135,16 @@ class FakeWorker:
                 async with self._prefill_turn:
                     await self._compute((prompt - cached) * self.prefill_delay_per_token)
         return prompt, cached
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        """One of the ``max_running_requests`` slots, held from the prefill to the last token."""
+        async with self._slots or nullcontext():
+            self.stats.running += 1
+            try:
+                yield
+            finally:
+                self.stats.running -= 1
 
     async def _compute(self, seconds: float) -> None:
         """The time a prefill takes: only waited, there is no model."""
@@ -171,7 +190,8 @@ class FakeWorker:
         return web.json_response({"is_generation": True, "served_model_name": self.model})
 
     async def server_info(self, request: web.Request) -> web.Response:
-        return web.json_response({"worker": self.name, "served_model_name": self.model, "fake": True})
+        return web.json_response({"worker": self.name, "served_model_name": self.model, "fake": True,
+                                  "max_running_requests": self.max_running_requests or None})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -181,7 +201,8 @@ class FakeWorker:
     async def get_stats(self, request: web.Request) -> web.Response:
         s = self.stats
         return web.json_response(
-            {"worker": self.name, "requests": s.requests, "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens, "inflight": s.inflight}
+            {"worker": self.name, "requests": s.requests, "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens, "inflight": s.inflight,
+             "running": s.running}
         )
 
     async def _json(self, request: web.Request) -> dict:
@@ -215,46 +236,47 @@ class FakeWorker:
     async def _openai(self, request: web.Request, body: dict, prompt_text: str, *, chat: bool) -> web.StreamResponse:
         self.stats.inflight += 1
         try:
-            prompt, cached = await self._prefill(prompt_text)
-            n = self._max_tokens(body)
-            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-            created = int(time.time())
-            model = body.get("model") if isinstance(body.get("model"), str) else self.model
-            obj = "chat.completion" if chat else "text_completion"
-            headers = {"x-fake-worker": self.name}
-            if not body.get("stream"):
-                for _ in range(n):
+            async with self._running():
+                prompt, cached = await self._prefill(prompt_text)
+                n = self._max_tokens(body)
+                rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+                created = int(time.time())
+                model = body.get("model") if isinstance(body.get("model"), str) else self.model
+                obj = "chat.completion" if chat else "text_completion"
+                headers = {"x-fake-worker": self.name}
+                if not body.get("stream"):
+                    for _ in range(n):
+                        if self.token_delay:
+                            await asyncio.sleep(self.token_delay)
+                    text = "".join(self._tokens(n))
+                    choice = {"index": 0, "finish_reason": "length" if n else "stop", "logprobs": None}
+                    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                    return web.json_response(
+                        {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": self.name,
+                         "choices": [choice], "usage": self._usage(prompt, cached, n)},
+                        headers=headers,
+                    )
+                resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
+                await resp.prepare(request)
+                chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+                async def send(payload: dict) -> None:
+                    await resp.write(b"data: " + orjson.dumps(payload) + b"\n\n")
+
+                for i, tok in enumerate(self._tokens(n)):
                     if self.token_delay:
                         await asyncio.sleep(self.token_delay)
-                text = "".join(self._tokens(n))
-                choice = {"index": 0, "finish_reason": "length" if n else "stop", "logprobs": None}
-                choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-                return web.json_response(
-                    {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": self.name,
-                     "choices": [choice], "usage": self._usage(prompt, cached, n)},
-                    headers=headers,
-                )
-            resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **headers})
-            await resp.prepare(request)
-            chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-
-            async def send(payload: dict) -> None:
-                await resp.write(b"data: " + orjson.dumps(payload) + b"\n\n")
-
-            for i, tok in enumerate(self._tokens(n)):
-                if self.token_delay:
-                    await asyncio.sleep(self.token_delay)
-                delta = {"role": "assistant", "content": tok} if i == 0 else {"content": tok}
-                choice = {"index": 0, "finish_reason": "length" if i == n - 1 else None}
-                choice.update({"delta": delta} if chat else {"text": tok})
-                await send({"id": rid, "object": chunk_obj, "created": created, "model": model, "system_fingerprint": self.name, "choices": [choice]})
-            opts = body.get("stream_options")
-            if isinstance(opts, dict) and opts.get("include_usage"):
-                await send({"id": rid, "object": chunk_obj, "created": created, "model": model, "system_fingerprint": self.name,
-                            "choices": [], "usage": self._usage(prompt, cached, n)})
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
+                    delta = {"role": "assistant", "content": tok} if i == 0 else {"content": tok}
+                    choice = {"index": 0, "finish_reason": "length" if i == n - 1 else None}
+                    choice.update({"delta": delta} if chat else {"text": tok})
+                    await send({"id": rid, "object": chunk_obj, "created": created, "model": model, "system_fingerprint": self.name, "choices": [choice]})
+                opts = body.get("stream_options")
+                if isinstance(opts, dict) and opts.get("include_usage"):
+                    await send({"id": rid, "object": chunk_obj, "created": created, "model": model, "system_fingerprint": self.name,
+                                "choices": [], "usage": self._usage(prompt, cached, n)})
+                await resp.write(b"data: [DONE]\n\n")
+                await resp.write_eof()
+                return resp
         finally:
             self.stats.inflight -= 1
 
@@ -266,19 +288,20 @@ class FakeWorker:
             text = " ".join(map(str, ids)) if isinstance(ids, list) else ""
         self.stats.inflight += 1
         try:
-            prompt, cached = await self._prefill(text)
-            n = self._max_tokens(body)
-            for _ in range(n):
-                if self.token_delay:
-                    await asyncio.sleep(self.token_delay)
-            return web.json_response(
-                {
-                    "text": "".join(self._tokens(n)),
-                    "meta_info": {"prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": n, "worker": self.name,
-                                  "finish_reason": {"type": "length", "length": n}},
-                },
-                headers={"x-fake-worker": self.name},
-            )
+            async with self._running():
+                prompt, cached = await self._prefill(text)
+                n = self._max_tokens(body)
+                for _ in range(n):
+                    if self.token_delay:
+                        await asyncio.sleep(self.token_delay)
+                return web.json_response(
+                    {
+                        "text": "".join(self._tokens(n)),
+                        "meta_info": {"prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": n, "worker": self.name,
+                                      "finish_reason": {"type": "length", "length": n}},
+                    },
+                    headers={"x-fake-worker": self.name},
+                )
         finally:
             self.stats.inflight -= 1
 
@@ -304,9 +327,13 @@ def worker_from_args(argv: list[str] | None = None) -> tuple[FakeWorker, argpars
     p.add_argument("--token-delay", type=float, default=0.0, help="seconds per output token (default 0)")
     p.add_argument("--prefill-delay-per-token", type=float, default=0.0, help="seconds per uncached prompt token (default 0)")
     p.add_argument("--serial-prefill", action="store_true", help="one prefill at a time, the others queued (default: side by side)")
+    p.add_argument("--max-running-requests", type=int, default=0, metavar="N",
+                   help="requests run at once, from prefill to last token; the rest wait for a slot (default 0: no limit)")
     a = p.parse_args(argv)
+    if a.max_running_requests < 0:
+        p.error("--max-running-requests must be 0 (no limit) or more")
     return FakeWorker(a.name or f"{a.host}:{a.port}", a.model, a.capacity_tokens, a.output_tokens, a.token_delay, a.prefill_delay_per_token,
-                      a.serial_prefill), a
+                      a.serial_prefill, a.max_running_requests), a
 
 
 def main(argv: list[str] | None = None) -> int:

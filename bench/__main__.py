@@ -31,6 +31,8 @@ for name, run in (
     ("e2e 2x4", lambda: e2e.main(["--topology", "2x4", "--clients", "16"])),  # the simulator's weakest shape, no default chosen on it
     # the same with workers that run one prefill at a time, as a GPU does: load costs latency there
     ("e2e 3x3 serial prefill", lambda: e2e.main(["--topology", "3x3", "--clients", "12", "--serial-prefill"])),
+    # ... and with workers that run 4 requests at once, the rest waiting for a slot
+    ("e2e 3x3 batch 4", lambda: e2e.main(["--topology", "3x3", "--clients", "12", "--batch", "4"])),
     ("e2e 3x3 threshold 0.7", lambda: e2e.main(["--topology", "3x3", "--clients", "12", "--router-cache-threshold", "0.7"])),
     ("e2e_rivals", lambda: e2e_rivals.main(["--topology", "2x2", "--clients", "8,16"])),  # after e2e: reads what it measured
     ("e2e_rivals 3x3", lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12"])),
@@ -40,6 +42,9 @@ for name, run in (
     *((f"e2e_rivals {t} x{c} seeds {e2e_rivals.MANY_SEEDS}", lambda t=t, c=c: e2e_rivals.main(["--topology", t, "--clients", c, "--seeds", e2e_rivals.MANY_SEEDS]))
       for t, c in (("2x2", "8,16"), ("3x3", "12"), ("4x2", "24"), ("2x4", "16"))),
     ("e2e_rivals 3x3 serial prefill", lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--serial-prefill"])),
+    ("e2e_rivals 3x3 batch 4", lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--batch", "4"])),
+    (f"e2e_rivals 3x3 batch 4 seeds {e2e_rivals.MANY_SEEDS}",
+     lambda: e2e_rivals.main(["--topology", "3x3", "--clients", "12", "--batch", "4", "--seeds", e2e_rivals.MANY_SEEDS])),
     *((f"e2e_rivals {t} x{c} serial prefill seeds {e2e_rivals.MANY_SEEDS}",
        lambda t=t, c=c: e2e_rivals.main(["--topology", t, "--clients", c, "--serial-prefill", "--seeds", e2e_rivals.MANY_SEEDS]))
       for t, c in (("3x3", "12"), ("4x2", "24"), ("2x4", "16"))),

@@ -81,7 +81,7 @@ UNSEEN_TOPOLOGIES = ("6x2", "3x4")
 ROUTER_THRESHOLDS = (("4x2", 0.7), ("3x3", 0.7), ("2x4", 0.7))
 # ... and with workers that run fewer requests at once than the simulator's 32 (``--batch``): at the
 # continuation knee of 8, and under it, where a router's pile on one worker queues (the independent
-# evaluation's workers had a batch limit; README, "Small batches")
+# evaluation's workers had a batch limit; README, "Workers that run few requests at once")
 BATCHES = (("3x3", 8, ()), ("3x3", 4, ()), ("4x2", 8, ()),
            # ... and the lever that helped the routers' piles elsewhere, tried at the smallest batch
            ("3x3", 4, ("--router-cache-threshold", "0.7", "--service-cache-threshold", "0.7")))

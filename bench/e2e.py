@@ -147,6 +147,24 @@ class FakeWorkers:
 SIDE_BY_SIDE = FakeWorkers()  # the records on file
 
 
+def add_worker_options(p: argparse.ArgumentParser, benchmark: str) -> None:
+    """The options that say how the fake workers run (``FakeWorkers``), for bench.e2e and for
+    bench.e2e_rivals, which simulates them beside bench.e2e's run on the same workers;
+    ``benchmark``: the results files' prefix."""
+    p.add_argument("--serial-prefill", action="store_true",
+                   help=f"fake workers that run one prefill at a time (FakeWorkers); results go to {benchmark}-RxW[...]-serial.json")
+    p.add_argument("--batch", type=int, default=0, metavar="N",
+                   help="fake workers that run at most N requests at once, the rest waiting for a slot (FakeWorkers; default 0: no "
+                        f"limit); results go to {benchmark}-RxW[...]-batchN.json")
+
+
+def workers_from(p: argparse.ArgumentParser, a: argparse.Namespace) -> FakeWorkers:
+    """The fake workers the options of :func:`add_worker_options` ask for."""
+    if a.batch < 0:
+        p.error("--batch must be 0 (no limit) or more")
+    return FakeWorkers(serial_prefill=a.serial_prefill, batch=a.batch)
+
+
 def worker_capacity(capacity: int, topo: Topology) -> int:
     """A case's cache per worker (given for ``BASE``) on ``topo``: the same cache in the whole stack."""
     return capacity * BASE.routers * BASE.workers // (topo.routers * topo.workers)
@@ -163,18 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
                    help="every sglang-router's --cache-threshold (its default 0.3); other than that, results go to e2e-RxW-thresholdX.json")
     p.add_argument("--seeds", type=parse_seeds, metavar="N,N,...",
                    help=f"these seeds instead of {','.join(map(str, SEEDS))} (seeds nothing was chosen on); results go to e2e-RxW[...]-seedsN-N.json")
-    p.add_argument("--serial-prefill", action="store_true",
-                   help="fake workers that run one prefill at a time (FakeWorkers); results go to e2e-RxW[...]-serial.json")
-    p.add_argument("--batch", type=int, default=0, metavar="N",
-                   help="fake workers that run at most N requests at once, the rest waiting for a slot (FakeWorkers; default 0: no "
-                        "limit); results go to e2e-RxW[...]-batchN.json")
+    add_worker_options(p, "e2e")
     p.add_argument("--opt-ins-only", action="store_true",
                    help="run only the service's other settings (OPT_INS), with the default again beside them, and add them to the results "
                         "file on record for this set-up, its other figures kept")
     a = p.parse_args(argv)
-    if a.batch < 0:
-        p.error("--batch must be 0 (no limit) or more")
-    workers = FakeWorkers(serial_prefill=a.serial_prefill, batch=a.batch)
+    workers = workers_from(p, a)
     topo = replace(workers.topology(a.topology), router_threshold=a.router_cache_threshold)
     if a.opt_ins_only:
         if a.seeds:

@@ -47,7 +47,8 @@ from functools import partial
 from extproc.config import policy_config
 
 from .common import RESULTS, parse_seeds, seeds_suffix, seeds_words, write
-from .e2e import BASE, CASES, SEEDS, SIDE_BY_SIDE, FakeWorkers, _prepared, describe_setup, parse_clients, results_name, worker_capacity
+from .e2e import (BASE, CASES, SEEDS, SIDE_BY_SIDE, FakeWorkers, _prepared, add_worker_options, describe_setup, parse_clients, results_name,
+                  worker_capacity, workers_from)
 from .sim.engine import Sim, Topology, parse_topology, threshold_suffix
 from .sim.policies import LeastRequest, MovingSessions, PrefixRouter, RoundRobin, SessionHash, Single
 
@@ -144,16 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=parse_seeds, metavar="N,N,...|A-B",
                    help=f"these seeds instead of bench.e2e's {','.join(map(str, SEEDS))} (a range: A-B), each rival paired with "
                         "prefix-router seed by seed; results go to e2e_rivals-RxW-seeds....json")
-    p.add_argument("--serial-prefill", action="store_true",
-                   help="fake workers that run one prefill at a time (bench.e2e's FakeWorkers), against bench.e2e --serial-prefill's run; "
-                        "results go to e2e_rivals-RxW[...]-serial.json")
-    p.add_argument("--batch", type=int, default=0, metavar="N",
-                   help="fake workers that run at most N requests at once (bench.e2e's FakeWorkers; default 0: no limit), against "
-                        "bench.e2e --batch N's run; results go to e2e_rivals-RxW[...]-batchN.json")
+    add_worker_options(p, "e2e_rivals")  # against bench.e2e's run on the same workers
     a = p.parse_args(argv)
-    if a.batch < 0:
-        p.error("--batch must be 0 (no limit) or more")
-    workers = FakeWorkers(serial_prefill=a.serial_prefill, batch=a.batch)
+    workers = workers_from(p, a)
     seeds = a.seeds or SEEDS
     topo = replace(workers.topology(a.topology), router_threshold=a.router_cache_threshold)
     cases = []

@@ -562,6 +562,8 @@ def test_a_real_stack_run_of_some_cases_leaves_the_whole_runs_file_alone(monkeyp
     assert written[-1] == "e2e-3x3-batch4" and set(workers) == {e2e.FakeWorkers(batch=4)} and {t.batch for t in topos} == {4}
     e2e.main(["--topology", "3x3", "--clients", "12"])
     assert {t.batch for t in topos[-len(e2e.CASES) * len(e2e.SEEDS):]} == {e2e.BASE.batch}  # no limit, as the workers have none
+    with pytest.raises(SystemExit):
+        e2e.main(["--batch", "-1"])
     # failed requests (which make a case meaningless) are counted where the result is described
     results = []
     monkeypatch.setattr(e2e, "write", lambda name, result: results.append(result) or name)

@@ -319,14 +319,16 @@ def describe_setup(topo: Topology) -> str:
     return f"{topo.routers} sglang-routers{at} x {topo.workers} fake workers"
 
 
-def results_name(topo: Topology, seeds: tuple[int, ...] | None = None, workers: FakeWorkers = SIDE_BY_SIDE) -> str:
+def results_name(topo: Topology, seeds: tuple[int, ...] | None = None, workers: FakeWorkers = SIDE_BY_SIDE, benchmark: str = "e2e") -> str:
     """``e2e`` for the 2x2 set-up, ``e2e-3x3`` for another, ``e2e-3x3-threshold0.7`` with the
     routers at another --cache-threshold, ``e2e-3x3-seeds41-42-43`` on other seeds (``--seeds``),
-    ``e2e-3x3-serial`` with workers running one prefill at a time (``--serial-prefill``)."""
+    ``e2e-3x3-serial`` with workers running one prefill at a time (``--serial-prefill``),
+    ``e2e-3x3-batch4`` with workers running 4 requests at once (``--batch 4``). ``benchmark``:
+    ``e2e_rivals`` for bench.e2e_rivals' files, which name the 2x2 set-up too."""
     t = threshold_suffix(topo)
-    if (topo.routers, topo.workers, t, seeds, workers) == (BASE.routers, BASE.workers, "", None, SIDE_BY_SIDE):
+    if benchmark == "e2e" and (topo.routers, topo.workers, t, seeds, workers) == (BASE.routers, BASE.workers, "", None, SIDE_BY_SIDE):
         return "e2e"
-    return f"e2e-{topo.routers}x{topo.workers}{t}{seeds_suffix(seeds)}{workers.suffix}"
+    return f"{benchmark}-{topo.routers}x{topo.workers}{t}{seeds_suffix(seeds)}{workers.suffix}"
 
 
 def _router_args(topo: Topology) -> list[str]:

@@ -46,10 +46,10 @@ from functools import partial
 
 from extproc.config import policy_config
 
-from .common import RESULTS, parse_seeds, seeds_suffix, seeds_words, write
+from .common import RESULTS, parse_seeds, seeds_words, write
 from .e2e import (BASE, CASES, SEEDS, SIDE_BY_SIDE, FakeWorkers, _prepared, add_worker_options, describe_setup, parse_clients, results_name,
                   worker_capacity, workers_from)
-from .sim.engine import Sim, Topology, parse_topology, threshold_suffix
+from .sim.engine import Sim, Topology, parse_topology
 from .sim.policies import LeastRequest, MovingSessions, PrefixRouter, RoundRobin, SessionHash, Single
 
 # What a real stack adds to each request beyond the fake workers' own time, seconds: measured here
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
               "serial_prefill": workers.serial_prefill, "batch": workers.batch, "cases": cases}
     print(description)
     suffix = "-subset" if a.case else ""
-    print(f"wrote {write(f'e2e_rivals-{topo.routers}x{topo.workers}{threshold_suffix(topo)}{seeds_suffix(a.seeds)}{workers.suffix}{suffix}', result)}")
+    print(f"wrote {write(results_name(topo, a.seeds, workers, 'e2e_rivals') + suffix, result)}")
     return result
 
 

@@ -355,8 +355,8 @@ def _shape(result: dict) -> str:
     """The short label of a run's set-up in the topologies table (``3x3``, ``3x3, routers' threshold
     0.7``, ``3x3, routers' threshold 0.7, the service's 0.7``, ``3x3, batch 4``)."""
     t, own, seeds, batch = _threshold(result), _service(result), _given_seeds(result), _batch(result)
-    return (_rxw(result) + (f", batch {batch}" if batch is not None else "") + (f", routers' threshold {t:g}" if t is not None else "") + (f", the service's {own:g}" if own is not None else "")
-            + (f", seeds {seeds_words(seeds)}" if seeds else ""))
+    return (_rxw(result) + (f", batch {batch}" if batch is not None else "") + (f", routers' threshold {t:g}" if t is not None else "")
+            + (f", the service's {own:g}" if own is not None else "") + (f", seeds {seeds_words(seeds)}" if seeds else ""))
 
 
 def _rxw(result: dict) -> str:
